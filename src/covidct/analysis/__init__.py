@@ -1,0 +1,1 @@
+"""Scan-level analysis: lungs, lesion burden, severity."""

@@ -1,0 +1,122 @@
+"""Slice segmentation sets in the COVID-SemiSeg layout.
+
+```
+FOLDER/
+  images/<id>.<png|jpg|...>
+  masks/<id>.png     0 background, 1 GGO, 2 consolidation (medseg-512: 3 = pleural effusion)
+  masks4/<id>.png    optional: 0 background, 1 GGO, 2 consolidation, 3 pleural effusion
+  lung/<id>.png      optional: 0/1 lung field
+  manifest.csv       optional: a ``split`` column is honoured by ``split=``
+```
+Label maps carry the class index as the pixel value.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from covidct.errors import InputError
+from covidct.io.image import list_images, load_grey, load_label_map
+
+#: Lesion label values shared by every model and report.
+LESION_CLASSES: tuple[str, ...] = ("background", "ggo", "consolidation", "effusion")
+#: Display colours (RGB): GGO red, consolidation blue, effusion green.
+LESION_COLOURS: dict[str, tuple[int, int, int]] = {
+    "ggo": (255, 0, 0),
+    "consolidation": (0, 90, 255),
+    "effusion": (0, 200, 0),
+    "lung": (255, 220, 0),
+}
+
+
+@dataclass
+class SegSample:
+    """One slice: grey image ``(H, W)`` float32 0..255, lesion labels ``(H, W)`` uint8 in
+    0..3 (3 only when ``has_effusion``), optional lung mask ``(H, W)`` uint8 0/1."""
+
+    id: str
+    image_path: Path
+    image: np.ndarray
+    labels: np.ndarray
+    lung: np.ndarray | None
+    has_effusion: bool
+
+
+class SegFolder:
+    """A folder in the COVID-SemiSeg layout; indexable, yields :class:`SegSample`."""
+
+    def __init__(self, root: str | Path, *, split: str | None = None, ids: list[str] | None = None) -> None:
+        self.root = Path(root)
+        images_dir = self.root / "images"
+        if not images_dir.is_dir():
+            raise InputError(self.root, "not a segmentation folder: no images/ subfolder")
+        masks_dir = self.root / "masks"
+        masks4_dir = self.root / "masks4"
+        if not masks_dir.is_dir() and not masks4_dir.is_dir():
+            raise InputError(self.root, "not a segmentation folder: no masks/ or masks4/ subfolder")
+        self.has_masks4 = masks4_dir.is_dir()
+        self.has_lung = (self.root / "lung").is_dir()
+        images = {p.stem: p for p in list_images(images_dir)}
+        if split is not None:
+            wanted = self._manifest_ids(split)
+            images = {k: v for k, v in images.items() if k in wanted}
+        if ids is not None:
+            images = {k: images[k] for k in ids if k in images}
+        self.ids = [k for k in images if (masks4_dir if self.has_masks4 else masks_dir).joinpath(k + ".png").exists()]
+        if not self.ids:
+            raise InputError(self.root, "no image with a matching mask found")
+        self._images = images
+        # Effusion is labelled when masks4/ exists, or when masks/ itself uses label 3 (medseg-512).
+        self.has_effusion = self.has_masks4 or self._masks_use_label3()
+        self.groups = self._manifest_groups()
+
+    def _manifest_groups(self) -> list[str]:
+        """A key per slice naming its source slice (manifest ``infnet_id``), so that one slice
+        stored in two folders (COVID-SemiSeg crop and MedSeg frame) lands in one split."""
+        manifest = self.root / "manifest.csv"
+        groups = {k: k for k in self.ids}
+        if manifest.exists():
+            with open(manifest, newline="", encoding="utf-8") as fh:
+                for r in csv.DictReader(fh):
+                    stem = Path(r.get("image", "")).stem
+                    if stem in groups and r.get("infnet_id"):
+                        groups[stem] = f"infnet:{r['infnet_id']}"
+        return [groups[k] for k in self.ids]
+
+    def _manifest_ids(self, split: str) -> set[str]:
+        manifest = self.root / "manifest.csv"
+        if not manifest.exists():
+            raise InputError(manifest, "split requested but there is no manifest.csv")
+        with open(manifest, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        if not rows or "split" not in rows[0] or "image" not in rows[0]:
+            raise InputError(manifest, "manifest.csv needs 'image' and 'split' columns")
+        return {Path(r["image"]).stem for r in rows if r["split"] == split}
+
+    def _masks_use_label3(self) -> bool:
+        for k in self.ids:
+            if (load_label_map(self.root / "masks" / f"{k}.png") == 3).any():
+                return True
+        return False
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> SegSample:
+        k = self.ids[index]
+        image, _ = load_grey(self._images[k])
+        labels = load_label_map(self.root / ("masks4" if self.has_masks4 else "masks") / f"{k}.png")
+        if labels.max() > 3:
+            raise InputError(self.root / "masks" / f"{k}.png", f"label value {labels.max()} is not a class index (0..3)")
+        if not self.has_effusion:
+            labels = np.where(labels == 3, 0, labels).astype(np.uint8)
+        lung = None
+        if self.has_lung and (self.root / "lung" / f"{k}.png").exists():
+            lung = (load_label_map(self.root / "lung" / f"{k}.png") > 0).astype(np.uint8)
+        if labels.shape != image.shape:
+            raise InputError(self._images[k], f"mask size {labels.shape} differs from the image {image.shape}")
+        return SegSample(k, self._images[k], image, labels, lung, self.has_effusion)

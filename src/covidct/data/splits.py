@@ -1,0 +1,41 @@
+"""Splits that never put one patient in two parts."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Hashable, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def group_split(
+    items: Sequence[T],
+    groups: Sequence[Hashable | None],
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> tuple[list[T], list[T]]:
+    """Split ``items`` into (train, val) so that items of one group stay together.
+
+    Items whose group is ``None`` form a group of their own each. Groups are shuffled with
+    ``seed`` and taken into validation until it holds about ``val_fraction`` of the items.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError("val_fraction must be between 0 and 1")
+    buckets: dict[Hashable, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        buckets[("__single__", i) if g is None else g].append(i)
+    keys = sorted(buckets, key=str)
+    random.Random(seed).shuffle(keys)
+    target = val_fraction * len(items)
+    val_idx: list[int] = []
+    for k in keys:
+        if len(val_idx) >= target:
+            break
+        val_idx.extend(buckets[k])
+    val_set = set(val_idx)
+    train = [it for i, it in enumerate(items) if i not in val_set]
+    val = [it for i, it in enumerate(items) if i in val_set]
+    return train, val

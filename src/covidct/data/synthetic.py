@@ -1,0 +1,79 @@
+"""Synthetic CT: a chest-like HU phantom and a writer for DICOM series, used by the demo when no
+real data are present and by the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def phantom_hu(n_slices: int = 6, size: int = 64, seed: int = 0) -> np.ndarray:
+    """A chest-like HU phantom: air outside, soft-tissue body, two air-filled lungs with a
+    denser lesion in one of them."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    c = size / 2
+    body = ((yy - c) / (0.42 * size)) ** 2 + ((xx - c) / (0.46 * size)) ** 2 < 1
+    left = ((yy - c) / (0.28 * size)) ** 2 + ((xx - 0.32 * size) / (0.12 * size)) ** 2 < 1
+    right = ((yy - c) / (0.28 * size)) ** 2 + ((xx - 0.68 * size) / (0.12 * size)) ** 2 < 1
+    lesion = ((yy - c) / (0.08 * size)) ** 2 + ((xx - 0.68 * size) / (0.06 * size)) ** 2 < 1
+    vol = np.full((n_slices, size, size), -1000.0)
+    for k in range(n_slices):
+        sl = np.where(body, 40.0, -1000.0)
+        sl[left | right] = -850.0
+        if k >= n_slices // 2:
+            sl[lesion] = -300.0
+        vol[k] = sl + rng.normal(0, 10, (size, size))
+    return np.clip(vol, -1024, None).astype(np.float32)
+
+
+def write_ct_series(folder: Path, hu: np.ndarray, *, spacing=(2.0, 0.7, 0.7), series_uid: str | None = None,
+                    modality: str = "CT", shuffle_names: bool = True, compress: bool = False,
+                    slope: float = 1.0, intercept: float = -1024.0) -> list[Path]:
+    """Write ``hu`` (slices, rows, cols; slice 0 = head) as one DICOM file per slice."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid = series_uid or generate_uid()
+    study_uid = generate_uid()
+    paths = []
+    n = hu.shape[0]
+    order = np.random.default_rng(1).permutation(n) if shuffle_names else np.arange(n)
+    for k in range(n):
+        stored = np.round((hu[k] - intercept) / slope).astype(np.uint16)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.Modality = modality
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.PatientID = "PHANTOM"
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [-100.0, -120.0, -float(k) * spacing[0]]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [spacing[1], spacing[2]]
+        ds.SliceThickness = spacing[0]
+        ds.SliceLocation = -float(k) * spacing[0]
+        ds.Rows, ds.Columns = hu.shape[1:]
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 0
+        ds.RescaleSlope = slope
+        ds.RescaleIntercept = intercept
+        ds.PixelData = stored.tobytes()
+        if compress:
+            ds.compress(RLELossless, stored)
+        path = folder / f"IM{order[k]:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

@@ -1,0 +1,289 @@
+"""``covidct train seg``: lesion (+ lung) segmentation training on CPU.
+
+Validation comes from the first ``--data`` folder (a seeded share of its slices, grouped by source
+slice); slices of other folders that share a source slice with the validation set are left out
+of training. The best epoch by mean pooled validation Dice (infection, GGO, consolidation; lung
+for ``--labels lung``) is written to ``-o FILE``; ``<FILE stem>_run/`` keeps ``last.pt`` (resume),
+``log.csv``, ``curve.png`` and ``config.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from covidct.data.segmentation import SegFolder, SegSample
+from covidct.data.splits import group_split
+from covidct.data.transforms import seg_train_transform
+from covidct.engine.evaluate_seg import evaluate_folder
+from covidct.engine.infer import SegPredictor
+from covidct.errors import CovidctError
+from covidct.io.window import to_model_input
+from covidct.metrics.plots import save_figure
+from covidct.models.checkpoint import save_checkpoint
+from covidct.models.segmentation import SegModelConfig, build_seg_model
+
+LABEL_SETS: dict[str, tuple[str, ...]] = {
+    "masks": ("background", "ggo", "consolidation"),
+    "masks4": ("background", "ggo", "consolidation", "effusion"),
+    "lung": (),
+}
+
+
+@dataclass
+class SegTrainConfig:
+    """Training settings (saved in the checkpoint and ``config.json``)."""
+
+    data: list[str]
+    labels: str = "masks4"
+    lung_head: bool = True
+    arch: str = "unet"
+    encoder: str = "efficientnet-lite0"
+    decoder_channels: tuple[int, ...] = (96, 48, 24, 16, 8)
+    input_size: int = 320
+    imagenet: bool = True
+    epochs: int = 120
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 3
+    val_fraction: float = 0.2
+    seed: int = 0
+    lung_weight: float = 0.5
+    elastic: bool = True
+    threads: int = 0
+    half: bool = True
+
+    def model_config(self) -> SegModelConfig:
+        return SegModelConfig(arch=self.arch, encoder=self.encoder, decoder_channels=tuple(self.decoder_channels),
+                              lesion_classes=LABEL_SETS[self.labels], lung_head=self.lung_head or self.labels == "lung",
+                              input_size=self.input_size)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_training_data(cfg: SegTrainConfig) -> tuple[list[SegSample], list[SegSample]]:
+    """(train, val) samples; see the module docstring for how validation is drawn."""
+    if cfg.labels not in LABEL_SETS:
+        raise CovidctError(None, f"--labels must be one of {sorted(LABEL_SETS)}")
+    folders = [SegFolder(d) for d in cfg.data]
+    first = folders[0]
+    idx_train, idx_val = group_split(list(range(len(first))), first.groups, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    val_groups = {first.groups[i] for i in idx_val}
+    train = [first[i] for i in idx_train]
+    val = [first[i] for i in idx_val]
+    for folder in folders[1:]:
+        train += [folder[i] for i in range(len(folder)) if folder.groups[i] not in val_groups]
+    need_lung = cfg.lung_head or cfg.labels == "lung"
+    if need_lung and any(s.lung is None for s in train):
+        raise CovidctError(cfg.data[0], "lung head requested but some slices have no lung/ mask (use --no-lung-head)")
+    return train, val
+
+
+class _Augmented(torch.utils.data.Dataset):
+    def __init__(self, samples: list[SegSample], transform, lesion_classes: tuple[str, ...]) -> None:
+        self.samples = samples
+        self.transform = transform
+        self.n_lesion = len(lesion_classes)
+        self.drop_effusion = "effusion" not in lesion_classes
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        s = self.samples[i]
+        labels = s.labels.copy()
+        if self.drop_effusion:
+            labels[labels == 3] = 0
+        lung = s.lung if s.lung is not None else np.zeros_like(labels)
+        out = self.transform(image=to_model_input(s.image, is_hu=False), masks=[labels, lung])
+        img = torch.from_numpy(np.ascontiguousarray(out["image"], dtype=np.float32))[None]
+        lab, lng = out["masks"]
+        return img, torch.from_numpy(np.asarray(lab, np.int64)), torch.from_numpy(np.asarray(lng, np.float32)), float(s.has_effusion)
+
+
+def soft_dice_loss(probs: torch.Tensor, onehot: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - Dice over the batch, per channel, averaged (channels absent from the batch still count
+    through ``eps``)."""
+    dims = (0, 2, 3)
+    inter = (probs * onehot).sum(dims)
+    den = probs.sum(dims) + onehot.sum(dims)
+    return 1.0 - ((2 * inter + eps) / (den + eps)).mean()
+
+
+def seg_loss(logits: torch.Tensor, labels: torch.Tensor, lung: torch.Tensor, n_lesion: int, lung_head: bool,
+             lung_weight: float) -> torch.Tensor:
+    """Cross-entropy + soft Dice on lesion classes (foreground only), BCE + Dice on the lung."""
+    loss = logits.new_zeros(())
+    if n_lesion:
+        lesion = logits[:, :n_lesion]
+        loss = loss + F.cross_entropy(lesion, labels)
+        probs = torch.softmax(lesion, dim=1)
+        onehot = F.one_hot(labels.clamp(max=n_lesion - 1), n_lesion).permute(0, 3, 1, 2).float()
+        loss = loss + soft_dice_loss(probs[:, 1:], onehot[:, 1:])
+    if lung_head:
+        lg = logits[:, n_lesion]
+        loss = loss + lung_weight * (F.binary_cross_entropy_with_logits(lg, lung)
+                                     + soft_dice_loss(torch.sigmoid(lg)[:, None], lung[:, None]))
+    return loss
+
+
+def selection_score(result: dict[str, Any], labels: str) -> float:
+    d = result["dice"]
+    keys = ("lung",) if labels == "lung" else ("infection", "ggo", "consolidation")
+    vals = [d[k] for k in keys if d.get(k) is not None]
+    return float(np.mean(vals)) if vals else 0.0
+
+
+def plot_curves(log_rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in log_rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.plot(ep, [r["train_loss"] for r in log_rows])
+    a1.set_xlabel("epoch"); a1.set_ylabel("training loss"); a1.set_yscale("log")
+    for key in ("val_dice_infection", "val_dice_ggo", "val_dice_consolidation", "val_dice_lung"):
+        vals = [r.get(key) for r in log_rows]
+        if any(v not in (None, "") for v in vals):
+            a2.plot(ep, [np.nan if v in (None, "") else v for v in vals], label=key.replace("val_dice_", ""))
+    a2.set_xlabel("epoch"); a2.set_ylabel("validation Dice (pooled)"); a2.legend(); a2.set_ylim(0, 1)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)
+    plt.close(fig)
+
+
+def _write_log(rows: list[dict[str, Any]], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Train, select on validation, write the best model to ``output``; returns its metrics."""
+    output = Path(output)
+    run_dir = output.with_name(output.stem + "_run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    train, val = load_training_data(cfg)
+    mcfg = cfg.model_config()
+    model = build_seg_model(mcfg, imagenet=cfg.imagenet)
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, len(train) // cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    warm = cfg.warmup_epochs * steps_per_epoch
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + np.cos(np.pi * (step - warm) / max(1, total - warm))) * 0.98 + 0.02
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    (run_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": mcfg.to_dict(),
+                                                     "n_train": len(train), "n_val": len(val),
+                                                     "val_ids": [s.id for s in val]}, indent=2))
+    start_epoch, best, best_result, log_rows, elapsed = 0, -1.0, None, [], 0.0
+    last = run_dir / "last.pt"
+    if resume and last.exists():
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        if state["train_config"] == asdict(cfg):
+            model.load_state_dict(state["model"]); opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start_epoch, best, best_result = state["epoch"] + 1, state["best"], state["best_result"]
+            log_rows, elapsed = state["log"], state["elapsed"]
+            torch.set_rng_state(state["torch_rng"]); np.random.set_state(state["numpy_rng"]); random.setstate(state["py_rng"])
+            print(f"resuming from {last} at epoch {start_epoch}")
+    ds = _Augmented(train, seg_train_transform(cfg.input_size, elastic=cfg.elastic, seed=cfg.seed + start_epoch), mcfg.lesion_classes)
+    gen = torch.Generator().manual_seed(cfg.seed + start_epoch)
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=gen)
+    val_folder = _SampleList(val)
+    n_lesion = len(mcfg.lesion_classes)
+    bar = tqdm(range(start_epoch, cfg.epochs), desc="train seg", unit="epoch", disable=not progress,
+               initial=start_epoch, total=cfg.epochs)
+    for epoch in bar:
+        t0 = time.time()
+        model.train()
+        losses = []
+        for img, lab, lung, _ in loader:
+            img = img.to(memory_format=torch.channels_last)
+            loss = seg_loss(model(img), lab, lung, n_lesion, mcfg.lung_head, cfg.lung_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+        model.eval()
+        result = evaluate_folder(SegPredictor(model), val_folder, progress=False, compute_hd95=False)
+        score = selection_score(result, cfg.labels)
+        elapsed += time.time() - t0
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"],
+               **{f"val_dice_{k}": ("" if v is None else v) for k, v in result["dice"].items()},
+               "val_score": score, "seconds": round(elapsed, 1)}
+        log_rows.append(row)
+        if score > best:
+            best, best_result = score, {k: v for k, v in result.items() if k != "details"}
+            _save_model(output, model, mcfg, cfg, best_result, epoch, elapsed, len(train), [s.id for s in val])
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{score:.3f}", best=f"{best:.3f}")
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "epoch": epoch, "best": best, "best_result": best_result, "log": log_rows, "elapsed": elapsed,
+                    "train_config": asdict(cfg), "torch_rng": torch.get_rng_state(),
+                    "numpy_rng": np.random.get_state(), "py_rng": random.getstate()}, last.with_suffix(".tmp"))
+        os.replace(last.with_suffix(".tmp"), last)
+        _write_log(log_rows, run_dir / "log.csv")
+    if log_rows:
+        plot_curves(log_rows, run_dir / "curve.png")
+    return {"best_score": best, "validation": best_result, "seconds": round(elapsed, 1), "output": str(output),
+            "run_dir": str(run_dir)}
+
+
+def _save_model(output: Path, model, mcfg: SegModelConfig, cfg: SegTrainConfig, result: dict, epoch: int,
+                elapsed: float, n_train: int, val_ids: list[str]) -> None:
+    from covidct.data.segmentation import LESION_COLOURS
+
+    classes = list(mcfg.lesion_classes) + (["lung"] if mcfg.lung_head else [])
+    save_checkpoint(
+        output, task="seg", config=mcfg.to_dict(), state_dict=model.state_dict(), half=cfg.half,
+        classes=classes, colours={k: list(v) for k, v in LESION_COLOURS.items() if k in classes},
+        input_size=mcfg.input_size,
+        normalization="grey [0,1]: HU through the lung window (L-600/W1500), 8-bit images /255; "
+                      "then (x-0.449)/0.226 inside the network",
+        train_config={**asdict(cfg), "decoder_channels": list(cfg.decoder_channels)},
+        metrics={"validation": result, "epoch": epoch, "train_seconds": round(elapsed, 1),
+                 "n_train": n_train, "n_val": len(val_ids), "val_ids": val_ids},
+    )
+
+
+class _SampleList:
+    """A list of samples with the SegFolder interface the evaluator uses."""
+
+    def __init__(self, samples: list[SegSample]) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> SegSample:
+        return self.samples[i]

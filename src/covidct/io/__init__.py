@@ -1,0 +1,55 @@
+"""Readers for what hospitals and public sets have: DICOM (series or file), NIfTI, images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from covidct.errors import InputError
+from covidct.io.dicom import read_dicom_file, read_dicom_series, scan_series
+from covidct.io.image import is_image, list_images, load_grey, load_label_map, read_image, read_image_folder
+from covidct.io.nifti import is_nifti, read_nifti, write_nifti
+from covidct.io.volume import KINDS, Volume
+from covidct.io.window import PRESETS, Window, apply_window, get_window, to_model_input
+
+__all__ = [
+    "KINDS", "PRESETS", "Volume", "Window", "apply_window", "get_window", "is_image", "is_nifti",
+    "list_images", "load_grey", "load_label_map", "read", "read_dicom_file", "read_dicom_series",
+    "read_image", "read_image_folder", "read_nifti", "scan_series", "to_model_input", "write_nifti",
+]
+
+
+def _looks_dicom(path: Path) -> bool:
+    if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def read(path: str | Path, *, series_uid: str | None = None, require_ct: bool = True) -> Volume:
+    """Read any supported input, deciding by what it is.
+
+    * folder with DICOM files -> :func:`read_dicom_series`; folder of images -> :func:`read_image_folder`
+    * ``.nii`` / ``.nii.gz`` -> :func:`read_nifti`
+    * DICOM file (by extension or ``DICM`` preamble) -> :func:`read_dicom_file`
+    * anything else -> :func:`read_image` (decoded by content)
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such file or folder")
+    if path.is_dir():
+        if not any(p.is_file() for p in path.rglob("*")):
+            raise InputError(path, "folder is empty")
+        if list_images(path) and not any(_looks_dicom(p) for p in path.iterdir() if p.is_file()):
+            return read_image_folder(path)
+        return read_dicom_series(path, series_uid=series_uid, require_ct=require_ct)
+    if path.stat().st_size == 0:
+        raise InputError(path, "file is empty")
+    if is_nifti(path):
+        return read_nifti(path)
+    if _looks_dicom(path):
+        return read_dicom_file(path, require_ct=require_ct)
+    return read_image(path)

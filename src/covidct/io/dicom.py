@@ -1,0 +1,220 @@
+"""DICOM readers: a single file or a folder holding one series.
+
+Slices are ordered head -> feet: by descending position along the slice normal
+(``ImagePositionPatient`` projected on ``row x column`` direction); ``InstanceNumber`` is used
+when positions are missing. Stored values go through the modality LUT
+(``RescaleSlope``/``RescaleIntercept``) to Hounsfield units. Compressed transfer syntaxes
+(JPEG Lossless, JPEG 2000, RLE, ...) decode through pylibjpeg's plugins or GDCM if installed.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from covidct.errors import InputError
+from covidct.io.volume import Volume
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _pydicom():
+    import pydicom  # local: keeps `import covidct` light
+
+    return pydicom
+
+
+def read_header(path: Path) -> Any:
+    """The dataset of a DICOM file without its pixel data; ``InputError`` if it is not DICOM."""
+    pydicom = _pydicom()
+    try:
+        return pydicom.dcmread(str(path), stop_before_pixels=True)
+    except pydicom.errors.InvalidDicomError:
+        raise InputError(path, "not a DICOM file (no DICM preamble)") from None
+    except Exception as exc:  # truncated files raise many kinds of errors
+        raise InputError(path, f"unreadable DICOM file ({type(exc).__name__}: {exc})") from None
+
+
+def _check_ct(ds: Any, path: Path, require_ct: bool) -> None:
+    modality = str(getattr(ds, "Modality", "") or "")
+    if require_ct and modality and modality != "CT":
+        raise InputError(path, f"modality is {modality}, not CT")
+
+
+def _pixels_hu(path: Path) -> tuple[np.ndarray, Any]:
+    """Decode one file's pixels and apply the modality LUT (-> HU for CT)."""
+    pydicom = _pydicom()
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        ds = pydicom.dcmread(str(path))
+    except Exception as exc:
+        raise InputError(path, f"unreadable DICOM file ({type(exc).__name__}: {exc})") from None
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise InputError(path, "DICOM file has no pixel data")
+    try:
+        raw = ds.pixel_array
+    except Exception as exc:
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", syntax)
+        raise InputError(path, f"cannot decode pixel data (transfer syntax {name}): {exc}") from None
+    if raw.ndim != 2:
+        raise InputError(path, f"expected a single-frame 2-D image, got pixel array of shape {raw.shape}")
+    hu = np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
+    return hu, ds
+
+
+def _direction(ds: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    iop = getattr(ds, "ImageOrientationPatient", None)
+    if iop is None or len(iop) != 6:
+        row, col = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    else:
+        row, col = np.array(iop[:3], dtype=float), np.array(iop[3:], dtype=float)
+    return row, col, np.cross(row, col)
+
+
+def _pixel_spacing(ds: Any) -> tuple[float, float]:
+    ps = getattr(ds, "PixelSpacing", None)
+    if ps is None or len(ps) != 2:
+        return 1.0, 1.0
+    return float(ps[0]), float(ps[1])
+
+
+def _metadata(ds: Any) -> dict[str, Any]:
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    return {
+        "modality": str(getattr(ds, "Modality", "") or "") or None,
+        "series_uid": str(getattr(ds, "SeriesInstanceUID", "") or "") or None,
+        "series_description": str(getattr(ds, "SeriesDescription", "") or "") or None,
+        "transfer_syntax": getattr(syntax, "name", None) if syntax else None,
+        "manufacturer": str(getattr(ds, "Manufacturer", "") or "") or None,
+    }
+
+
+def _affine(first: Any, positions: list[np.ndarray], spacing_rc: tuple[float, float]) -> np.ndarray:
+    row, col, normal = _direction(first)
+    affine = np.eye(4)
+    affine[:3, 0] = row * spacing_rc[1]  # i runs along a row (column index)
+    affine[:3, 1] = col * spacing_rc[0]  # j runs down a column (row index)
+    if len(positions) > 1:
+        affine[:3, 2] = (positions[-1] - positions[0]) / (len(positions) - 1)
+    else:
+        affine[:3, 2] = normal * float(getattr(first, "SliceThickness", 1.0) or 1.0)
+    affine[:3, 3] = positions[0]
+    return _LPS_TO_RAS @ affine
+
+
+def read_dicom_file(path: str | Path, *, require_ct: bool = True) -> Volume:
+    """Read one single-frame DICOM file as a one-slice volume in HU."""
+    path = Path(path)
+    header = read_header(path)
+    _check_ct(header, path, require_ct)
+    hu, ds = _pixels_hu(path)
+    spacing_rc = _pixel_spacing(ds)
+    thickness = float(getattr(ds, "SliceThickness", 1.0) or 1.0)
+    pos = np.array(getattr(ds, "ImagePositionPatient", [0.0, 0.0, 0.0]), dtype=float)
+    meta = _metadata(ds)
+    return Volume(
+        array=hu[None],
+        kind="dicom",
+        source=path,
+        is_hu=meta["modality"] in (None, "CT"),
+        spacing=(thickness, *spacing_rc),
+        affine=_affine(ds, [pos], spacing_rc),
+        files=[str(path)],
+        metadata=meta,
+    )
+
+
+def scan_series(folder: str | Path) -> tuple[dict[str, list[tuple[Path, Any]]], int]:
+    """Group the DICOM files below ``folder`` by SeriesInstanceUID.
+
+    Returns ``({series_uid: [(path, header), ...]}, n_skipped)``; files that are not DICOM are
+    skipped and counted.
+    """
+    folder = Path(folder)
+    series: dict[str, list[tuple[Path, Any]]] = defaultdict(list)
+    skipped = 0
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            ds = read_header(path)
+        except InputError:
+            skipped += 1
+            continue
+        if "ImagePositionPatient" not in ds and "InstanceNumber" not in ds and "Rows" not in ds:
+            skipped += 1  # DICOMDIR, structured reports, ...
+            continue
+        series[str(getattr(ds, "SeriesInstanceUID", "") or "unknown")].append((path, ds))
+    return dict(series), skipped
+
+
+def _sort_key_factory(normal: np.ndarray):
+    def key(item: tuple[Path, Any]) -> tuple[float, float]:
+        _, ds = item
+        ipp = getattr(ds, "ImagePositionPatient", None)
+        position = float(np.dot(np.array(ipp, dtype=float), normal)) if ipp is not None else 0.0
+        instance = float(getattr(ds, "InstanceNumber", 0) or 0)
+        return (-position, instance)
+
+    return key
+
+
+def read_dicom_series(
+    folder: str | Path, *, series_uid: str | None = None, require_ct: bool = True
+) -> Volume:
+    """Read a folder holding one DICOM series into a ``(slices, rows, columns)`` HU volume.
+
+    A folder with several series needs ``series_uid``; mixed sizes or orientations inside one
+    series are rejected.
+    """
+    folder = Path(folder)
+    groups, skipped = scan_series(folder)
+    if not groups:
+        raise InputError(folder, "no DICOM files found")
+    if series_uid is None:
+        if len(groups) > 1:
+            sizes = ", ".join(f"{uid} ({len(items)} files)" for uid, items in groups.items())
+            raise InputError(folder, f"folder holds {len(groups)} DICOM series, pass one: {sizes}")
+        series_uid = next(iter(groups))
+    if series_uid not in groups:
+        raise InputError(folder, f"no series with SeriesInstanceUID {series_uid}")
+    items = groups[series_uid]
+    first = items[0][1]
+    _check_ct(first, items[0][0], require_ct)
+    _, _, normal = _direction(first)
+    shapes = {(int(getattr(ds, "Rows", 0)), int(getattr(ds, "Columns", 0))) for _, ds in items}
+    if len(shapes) > 1:
+        raise InputError(folder, f"mixed series: slices of different sizes {sorted(shapes)}")
+    orientations = {tuple(round(float(v), 4) for v in getattr(ds, "ImageOrientationPatient", []) or []) for _, ds in items}
+    if len(orientations) > 1:
+        raise InputError(folder, "mixed series: slices with different ImageOrientationPatient")
+    items = sorted(items, key=_sort_key_factory(normal))
+    positions = [np.array(getattr(ds, "ImagePositionPatient", [0, 0, i]), dtype=float) for i, (_, ds) in enumerate(items)]
+    if len(positions) > 1:
+        gaps = np.abs(np.diff([float(np.dot(p, normal)) for p in positions]))
+        if np.any(gaps < 1e-3):
+            raise InputError(folder, "mixed series: two slices share one position (duplicate or multi-phase series)")
+    arrays = []
+    for path, _ in items:
+        hu, _ = _pixels_hu(path)
+        arrays.append(hu)
+    spacing_rc = _pixel_spacing(first)
+    if len(positions) > 1:
+        slice_spacing = float(np.median(np.abs(np.diff([float(np.dot(p, normal)) for p in positions]))))
+    else:
+        slice_spacing = float(getattr(first, "SliceThickness", 1.0) or 1.0)
+    meta = _metadata(first)
+    return Volume(
+        array=np.stack(arrays).astype(np.float32, copy=False),
+        kind="dicom-series",
+        source=folder,
+        is_hu=meta["modality"] in (None, "CT"),
+        spacing=(slice_spacing, *spacing_rc),
+        affine=_affine(first, positions, spacing_rc),
+        files=[str(p) for p, _ in items],
+        n_skipped=skipped,
+        metadata=meta,
+    )

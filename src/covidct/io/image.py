@@ -1,0 +1,119 @@
+"""2-D image slices (PNG, JPG, BMP, TIFF) of any PIL mode, as one-slice volumes.
+
+Colour images become grey with ITU-R 601 luma; alpha is dropped (composited on black where it is
+not opaque); 16-bit and float images keep their values. Files are opened by content, not by
+extension (many ``.png`` files in public sets are JPEG).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from covidct.errors import InputError
+from covidct.io.volume import Volume
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def is_image(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def load_grey(path: str | Path) -> tuple[np.ndarray, str]:
+    """Decode an image file into a 2-D float32 grey array; returns ``(array, PIL mode)``."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+                rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
+                alpha = rgba[..., 3:4] / 255.0
+                rgb = rgba[..., :3] * alpha
+                arr = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+            elif mode in ("RGB", "P", "CMYK", "YCbCr", "HSV", "LAB"):
+                rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
+                arr = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+            elif mode == "1":
+                arr = np.asarray(im.convert("L"), dtype=np.float32)
+            else:  # L, I;16*, I, F
+                arr = np.asarray(im, dtype=np.float32)
+    except FileNotFoundError:
+        raise InputError(path, "file not found") from None
+    except UnidentifiedImageError:
+        raise InputError(path, "not an image file PIL can decode") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(path, f"corrupt or truncated image ({exc})") from None
+    if arr.ndim == 3:  # multi-channel modes we did not map
+        arr = arr.mean(axis=2)
+    if arr.ndim != 2 or arr.size == 0:
+        raise InputError(path, f"expected a 2-D image, got shape {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.float32), mode
+
+
+def load_label_map(path: str | Path) -> np.ndarray:
+    """A label-map PNG (pixel value = class index) as uint8 ``(H, W)``."""
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im if im.mode in ("L", "P", "1") else im.convert("L"))
+    except FileNotFoundError:
+        raise InputError(path, "file not found") from None
+    except Exception as exc:
+        raise InputError(path, f"unreadable label map ({exc})") from None
+    return arr.astype(np.uint8)
+
+
+def read_image(path: str | Path) -> Volume:
+    path = Path(path)
+    arr, mode = load_grey(path)
+    return Volume(
+        array=arr[None],
+        kind="image",
+        source=path,
+        is_hu=False,
+        spacing=None,
+        files=[str(path)],
+        metadata={"modality": None, "image_mode": mode},
+    )
+
+
+def natural_key(path: Path) -> list:
+    """Sort key that orders ``slice2`` before ``slice10``."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path.name)]
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    return sorted((p for p in Path(folder).iterdir() if p.is_file() and is_image(p)), key=natural_key)
+
+
+def read_image_folder(folder: str | Path) -> Volume:
+    """A folder of same-size slice images (natural name order) as one stack."""
+    folder = Path(folder)
+    paths = list_images(folder)
+    skipped = sum(1 for p in folder.iterdir() if p.is_file()) - len(paths)
+    if not paths:
+        raise InputError(folder, "no image files found")
+    slices = []
+    for p in paths:
+        arr, mode = load_grey(p)
+        if slices and arr.shape != slices[0].shape:
+            raise InputError(p, f"slice size {arr.shape} differs from the first slice {slices[0].shape}")
+        slices.append(arr)
+    return Volume(
+        array=np.stack(slices),
+        kind="image-folder",
+        source=folder,
+        is_hu=False,
+        spacing=None,
+        files=[str(p) for p in paths],
+        n_skipped=skipped,
+        metadata={"modality": None, "image_mode": mode},
+    )

@@ -1,0 +1,82 @@
+"""The one object every reader returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: Kinds of input a reader can report.
+KINDS = ("dicom-series", "dicom", "nifti", "image", "image-folder")
+
+
+@dataclass
+class Volume:
+    """A CT volume or a stack of 2-D slices.
+
+    Attributes:
+        array: ``(slices, rows, columns)`` float32. Hounsfield units when ``is_hu``, else the
+            stored grey values (8-bit images: 0..255).
+        kind: one of :data:`KINDS`.
+        source: the file or folder read.
+        is_hu: whether ``array`` holds Hounsfield units.
+        spacing: ``(slice, row, column)`` spacing in mm, or ``None`` when the source has none
+            (plain images).
+        affine: 4x4 NIfTI-style (RAS) matrix mapping voxel index ``(column i, row j, slice k)``
+            to millimetres. Identity for images. ``array[k, j, i]`` is voxel ``(i, j, k)``.
+        files: the file behind each slice, in slice order (a NIfTI or an image file repeats).
+        n_skipped: files in a folder that were not read (not DICOM / not an image).
+        metadata: source metadata (modality, series UID, window, ...).
+    """
+
+    array: np.ndarray
+    kind: str
+    source: Path
+    is_hu: bool
+    spacing: tuple[float, float, float] | None
+    affine: np.ndarray = field(default_factory=lambda: np.eye(4))
+    files: list[str] = field(default_factory=list)
+    n_skipped: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(slices, rows, columns)``."""
+        return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.array.shape[0])
+
+    @property
+    def n_files(self) -> int:
+        return len(set(self.files))
+
+    def voxel_volume_ml(self) -> float | None:
+        """Volume of one voxel in millilitres, or ``None`` without spacing."""
+        if self.spacing is None:
+            return None
+        return float(np.prod(self.spacing)) / 1000.0
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready description (what ``covidct info`` prints)."""
+        out: dict[str, Any] = {
+            "path": str(self.source),
+            "kind": self.kind,
+            "shape": list(self.shape),
+            "spacing_mm": None if self.spacing is None else [round(float(s), 6) for s in self.spacing],
+            "is_hu": self.is_hu,
+            "hu_min": float(self.array.min()) if self.is_hu else None,
+            "hu_max": float(self.array.max()) if self.is_hu else None,
+            "value_min": float(self.array.min()),
+            "value_max": float(self.array.max()),
+            "modality": self.metadata.get("modality"),
+            "files_read": self.n_files,
+            "files_skipped": self.n_skipped,
+        }
+        for key in ("series_uid", "transfer_syntax", "image_mode"):
+            if key in self.metadata:
+                out[key] = self.metadata[key]
+        return out

@@ -1,0 +1,92 @@
+"""Self-describing checkpoints: a model file rebuilds its network with no argument by hand.
+
+A checkpoint is a ``torch.save``-d dict::
+
+    {"format": "covidct-checkpoint", "format_version": 1, "task": "seg" | ...,
+     "config": {...architecture...}, "state_dict": {...}, "classes": [...], "colours": {...},
+     "input_size": int, "normalization": str, "train_config": {...}, "metrics": {...},
+     "versions": {...}, "created": iso-time}
+
+It loads with ``weights_only=True`` (plain types and tensors only).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from covidct.errors import CovidctError
+
+FORMAT = "covidct-checkpoint"
+FORMAT_VERSION = 1
+
+
+def package_versions() -> dict[str, str]:
+    import covidct
+
+    out = {"covidct": covidct.__version__, "torch": str(torch.__version__), "python": platform.python_version()}
+    for name in ("torchvision", "segmentation_models_pytorch", "timm", "albumentations", "numpy"):
+        try:
+            out[name] = str(__import__(name).__version__)
+        except Exception:  # noqa: BLE001 - optional packages
+            pass
+    return out
+
+
+def save_checkpoint(path: str | Path, *, task: str, config: dict, state_dict: dict[str, torch.Tensor],
+                    half: bool = False, **fields: Any) -> Path:
+    """Write a checkpoint atomically; ``half=True`` stores floating tensors as fp16."""
+    path = Path(path)
+    if half:
+        state_dict = {k: (v.half() if v.is_floating_point() else v) for k, v in state_dict.items()}
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "task": task,
+        "config": config,
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
+        "versions": package_versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **fields,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint dict (on the CPU); ``CovidctError`` if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CovidctError(path, "model file not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise CovidctError(path, f"not a readable model file ({type(exc).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CovidctError(path, "not a covidct checkpoint")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise CovidctError(path, f"checkpoint format {payload['format_version']} is newer than this covidct")
+    return payload
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

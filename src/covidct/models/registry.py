@@ -1,0 +1,71 @@
+"""Shipped models (``covidct/weights/*.pt``) and loading by name or path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from covidct.errors import CovidctError
+from covidct.models.checkpoint import read_checkpoint
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+#: Default shipped model per task.
+DEFAULTS: dict[str, str] = {"seg": "seg-effl0-unet"}
+
+
+def shipped_files() -> list[Path]:
+    return sorted(WEIGHTS_DIR.glob("*.pt")) if WEIGHTS_DIR.is_dir() else []
+
+
+def resolve_model(spec: str | Path | None, *, task: str) -> Path:
+    """A shipped model name, a file path, or ``None`` for the task's default."""
+    if spec is None:
+        if task not in DEFAULTS:
+            raise CovidctError(None, f"no shipped default model for task {task!r}; pass --model")
+        spec = DEFAULTS[task]
+    path = Path(spec)
+    if path.suffix == ".pt" and path.exists():
+        return path
+    shipped = WEIGHTS_DIR / f"{spec}.pt"
+    if shipped.exists():
+        return shipped
+    if path.exists():
+        return path
+    names = ", ".join(p.stem for p in shipped_files()) or "none"
+    raise CovidctError(spec, f"no such model file or shipped model (shipped: {names})")
+
+
+def model_entry(path: Path, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``covidct models --json`` entry of one checkpoint."""
+    payload = payload or read_checkpoint(path)
+    return {
+        "name": path.stem,
+        "task": payload["task"],
+        "classes": list(payload.get("classes", [])),
+        "file": str(path),
+        "input_size": payload.get("input_size"),
+        "metrics": payload.get("metrics", {}),
+    }
+
+
+def list_models() -> list[dict[str, Any]]:
+    return [model_entry(p) for p in shipped_files()]
+
+
+def load_seg_model(spec: str | Path | None = None):
+    """``(SegmentationNet in eval mode, checkpoint dict)`` from a shipped name or a file."""
+    from covidct.models.segmentation import SegModelConfig, build_seg_model
+
+    path = resolve_model(spec, task="seg")
+    payload = read_checkpoint(path)
+    if payload["task"] != "seg":
+        raise CovidctError(path, f"is a {payload['task']!r} model, not a segmentation model")
+    model = build_seg_model(SegModelConfig.from_dict(payload["config"]))
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CovidctError(path, f"weights do not fit the architecture it describes ({str(exc).splitlines()[0]})") from None
+    model.eval()
+    payload["path"] = str(path)
+    return model, payload

@@ -1,0 +1,90 @@
+"""Lesion + lung segmentation network: one face over smp's U-Net / FPN and the encoder registry.
+
+The network returns ``len(lesion_classes)`` softmax logits (background, GGO, consolidation,
+effusion) followed, when ``lung_head`` is on, by one sigmoid logit for the lung field. Input is
+``(B, 1, H, W)`` in ``[0, 1]`` (see :mod:`covidct.io.window`); the network normalises it itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from covidct.models.encoders import (
+    IMAGENET_GREY_MEAN, IMAGENET_GREY_STD, OFFLINE_IMAGENET, load_imagenet_encoder, smp_encoder_name,
+)
+
+ARCHITECTURES = ("unet", "fpn")
+
+
+@dataclass
+class SegModelConfig:
+    """Everything needed to rebuild a segmentation network (saved in every checkpoint)."""
+
+    arch: str = "unet"
+    encoder: str = "efficientnet-lite0"
+    decoder_channels: tuple[int, ...] = (96, 48, 24, 16, 8)
+    lesion_classes: tuple[str, ...] = ("background", "ggo", "consolidation", "effusion")
+    lung_head: bool = True
+    input_size: int = 320
+    in_channels: int = 1
+    input_mean: float = IMAGENET_GREY_MEAN
+    input_std: float = IMAGENET_GREY_STD
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["decoder_channels"] = list(self.decoder_channels)
+        d["lesion_classes"] = list(self.lesion_classes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SegModelConfig":
+        d = dict(d)
+        d["decoder_channels"] = tuple(d.get("decoder_channels", cls.decoder_channels))
+        d["lesion_classes"] = tuple(d.get("lesion_classes", ("background", "ggo", "consolidation", "effusion")))
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class SegmentationNet(nn.Module):
+    """smp decoder + encoder with built-in input normalisation."""
+
+    def __init__(self, config: SegModelConfig, net: nn.Module) -> None:
+        super().__init__()
+        self.config = config
+        self.net = net
+        self.register_buffer("mean", torch.tensor(config.input_mean), persistent=False)
+        self.register_buffer("std", torch.tensor(config.input_std), persistent=False)
+
+    @property
+    def n_lesion_classes(self) -> int:
+        return len(self.config.lesion_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def build_seg_model(config: SegModelConfig | None = None, *, imagenet: bool = False, **overrides) -> SegmentationNet:
+    """Build the network; ``imagenet=True`` initialises the encoder from offline ImageNet weights."""
+    import segmentation_models_pytorch as smp
+
+    config = config or SegModelConfig()
+    if overrides:
+        config = SegModelConfig.from_dict({**config.to_dict(), **overrides})
+    if config.arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {config.arch!r}; choose one of {ARCHITECTURES}")
+    n_out = len(config.lesion_classes) + (1 if config.lung_head else 0)
+    encoder_name = smp_encoder_name(config.encoder)
+    if config.arch == "unet":
+        net = smp.Unet(encoder_name=encoder_name, encoder_weights=None, in_channels=config.in_channels,
+                       classes=n_out, decoder_channels=tuple(config.decoder_channels))
+    else:
+        net = smp.FPN(encoder_name=encoder_name, encoder_weights=None, in_channels=config.in_channels, classes=n_out)
+    if imagenet:
+        if config.encoder not in OFFLINE_IMAGENET:
+            raise ValueError(f"no offline ImageNet weights for encoder {config.encoder}; "
+                             f"use one of {sorted(OFFLINE_IMAGENET)} or random init")
+        load_imagenet_encoder(net.encoder, config.encoder, config.in_channels)
+    return SegmentationNet(config, net)

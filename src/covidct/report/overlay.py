@@ -1,0 +1,74 @@
+"""Overlay pictures: lesions in colour (GGO red, consolidation blue, effusion green), the lung
+outline in yellow, a legend and the disclaimer line."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from covidct.data.segmentation import LESION_CLASSES, LESION_COLOURS
+
+FOOTER = "covidct - research software, not for diagnosis"
+
+
+def overlay_rgb(grey01: np.ndarray, labels: np.ndarray, lung: np.ndarray | None = None, *, alpha: float = 0.45) -> np.ndarray:
+    """``(H, W, 3)`` uint8: the grey slice with lesion colours blended in and the lung outlined."""
+    from skimage.segmentation import find_boundaries
+
+    base = np.repeat((np.clip(grey01, 0, 1) * 255).astype(np.float32)[..., None], 3, axis=2)
+    for value, name in enumerate(LESION_CLASSES):
+        if value == 0:
+            continue
+        m = labels == value
+        if m.any():
+            base[m] = (1 - alpha) * base[m] + alpha * np.array(LESION_COLOURS[name], np.float32)
+    if lung is not None and lung.any():
+        base[find_boundaries(lung.astype(bool), mode="inner")] = LESION_COLOURS["lung"]
+    return base.astype(np.uint8)
+
+
+def with_legend(rgb: np.ndarray, *, names: tuple[str, ...] = ("ggo", "consolidation", "effusion", "lung"),
+                title: str | None = None, min_width: int = 320) -> Image.Image:
+    """Add a legend strip (and optional title) under an overlay; small slices are upscaled."""
+    im = Image.fromarray(rgb)
+    if im.width < min_width:
+        scale = min_width / im.width
+        im = im.resize((min_width, max(1, round(im.height * scale))), Image.NEAREST)
+    strip = 18 * (2 + (1 if title else 0))
+    canvas = Image.new("RGB", (im.width, im.height + strip), (0, 0, 0))
+    canvas.paste(im, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    y = im.height + 3
+    x = 4
+    labels = {"ggo": "GGO", "consolidation": "consolidation", "effusion": "effusion", "lung": "lung outline"}
+    for name in names:
+        draw.rectangle([x, y + 2, x + 10, y + 12], fill=tuple(LESION_COLOURS[name]))
+        draw.text((x + 14, y), labels[name], fill=(255, 255, 255))
+        x += 20 + 7 * len(labels[name])
+    y += 18
+    if title:
+        draw.text((4, y), title, fill=(255, 255, 255))
+        y += 18
+    draw.text((4, y), FOOTER, fill=(200, 200, 200))
+    return canvas
+
+
+def save_png(image: Image.Image | np.ndarray, path: str | Path) -> Path:
+    """Write a PNG atomically."""
+    path = Path(path)
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

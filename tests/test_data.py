@@ -1,0 +1,92 @@
+"""Dataset layouts, patient-level splits, the data-root setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import need_data
+from covidct.data import (
+    BINARY_CLASSES, THREE_CLASSES, SegFolder, canonical_label, data_root, detect_layout, group_split, load_records,
+)
+from covidct.errors import InputError
+
+
+def test_seg_folder(seg_folder):
+    f = SegFolder(seg_folder)
+    assert len(f) == 6 and f.has_masks4 and f.has_effusion and f.has_lung
+    s = f[0]
+    assert s.image.shape == s.labels.shape == s.lung.shape
+    assert set(np.unique(s.labels)) <= {0, 1, 2, 3} and 3 in s.labels
+    assert len(SegFolder(seg_folder, split="test")) == 2
+    assert f.groups == [f"infnet:{i}" for i in f.ids]
+
+
+def test_seg_folder_without_masks4_has_no_effusion(tmp_path):
+    from conftest import make_seg_folder
+
+    f = SegFolder(make_seg_folder(tmp_path / "s", masks4=False))
+    assert not f.has_effusion and all(3 not in f[i].labels for i in range(len(f)))
+    with pytest.raises(InputError, match="no images/"):
+        SegFolder(tmp_path)
+
+
+def _img(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(path)
+
+
+def test_layouts(tmp_path):
+    # COVIDx-CT names
+    for name in ("NCP_96_1328_0032.png", "CP_12_3_0001.png", "Normal_5_1_0010.png", "Normal_5_1_0011.png"):
+        _img(tmp_path / "covidx" / name)
+    recs = load_records(tmp_path / "covidx", classes=THREE_CLASSES)
+    assert detect_layout(tmp_path / "covidx") == "covidx"
+    assert sorted(r.label for r in recs) == ["COVID-19", "Common pneumonia", "Control", "Control"]
+    assert {r.patient for r in recs} == {"96", "12", "5"}
+    # folder per class, mapped to binary
+    for cls in ("COVID", "NonCOVID"):
+        _img(tmp_path / "fpc" / cls / "a.png")
+    recs = load_records(tmp_path / "fpc", classes=BINARY_CLASSES)
+    assert detect_layout(tmp_path / "fpc") == "folder-per-class" and sorted(r.label for r in recs) == ["COVID", "NonCOVID"]
+    # split.csv
+    _img(tmp_path / "csv" / "x" / "1.png")
+    _img(tmp_path / "csv" / "x" / "2.png")
+    (tmp_path / "csv" / "split.csv").write_text("path,label,split\nx/1.png,COVID,train\nx/2.png,NonCOVID,test\n")
+    assert [r.label for r in load_records(tmp_path / "csv", split="test")] == ["NonCOVID"]
+    with pytest.raises(InputError):
+        load_records(tmp_path / "csv" / "x" / "none")
+    assert canonical_label("CAP", THREE_CLASSES) == "Common pneumonia"
+    assert canonical_label("Normal", BINARY_CLASSES) == "NonCOVID"
+
+
+def test_group_split_keeps_patients_together():
+    items = list(range(100))
+    groups = [i // 7 for i in items]
+    train, val = group_split(items, groups, val_fraction=0.25, seed=3)
+    assert len(train) + len(val) == 100 and 20 <= len(val) <= 32
+    assert not {i // 7 for i in train} & {i // 7 for i in val}
+    assert group_split(items, groups, val_fraction=0.25, seed=3) == (train, val)
+
+
+def test_data_root_setting(monkeypatch, tmp_path):
+    monkeypatch.setenv("COVIDCT_DATA", str(tmp_path))
+    assert data_root() == tmp_path
+
+
+@pytest.mark.realdata
+def test_real_layouts():
+    ucsd = load_records(need_data("ucsd-covid-ct"), classes=BINARY_CLASSES)
+    assert len(ucsd) == 543 and sum(r.label == "COVID" for r in ucsd) == 251
+    assert {r.split for r in ucsd} == {"train", "val"}
+    md = load_records(need_data("covid-ct-md"), classes=THREE_CLASSES)
+    counts = {c: sum(r.label == c for r in md) for c in THREE_CLASSES}
+    assert counts == {"Control": 154, "Common pneumonia": 30, "COVID-19": 80}
+    semiseg = SegFolder(need_data("covid-semiseg"))
+    assert len(semiseg) == 50 and semiseg.has_effusion
+    medseg = SegFolder(need_data("medseg-512"))
+    assert len(medseg) == 52 and medseg.has_effusion
+    assert set(semiseg.groups) <= set(medseg.groups)

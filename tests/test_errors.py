@@ -1,0 +1,88 @@
+"""Every kind of bad input: one line on stderr naming the file, exit 2, no traceback, input untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import phantom_hu, write_ct_series
+from covidct.cli import main
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "covidct.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def _bad_inputs(tmp_path):
+    cases = {}
+    cases["missing"] = (tmp_path / "nope.dcm", "no such file")
+    (tmp_path / "empty").mkdir()
+    cases["empty folder"] = (tmp_path / "empty", "empty")
+    png = tmp_path / "trunc.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(png)
+    png.write_bytes(png.read_bytes()[:200])
+    cases["truncated png"] = (png, "truncated")
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"this is not an image at all" * 10)
+    cases["corrupt image"] = (junk, "not an image")
+    paths = write_ct_series(tmp_path / "ct", phantom_hu(1, 32))
+    dcm = tmp_path / "trunc.dcm"
+    dcm.write_bytes(paths[0].read_bytes()[:400])
+    cases["truncated dicom"] = (dcm, "")
+    import pydicom
+
+    ds = pydicom.dcmread(paths[0])
+    del ds.PixelData
+    nopix = tmp_path / "nopixels.dcm"
+    ds.save_as(nopix)
+    cases["no pixel data"] = (nopix, "no pixel data")
+    mr = write_ct_series(tmp_path / "mr", phantom_hu(1, 32), modality="MR")[0]
+    cases["non-CT"] = (mr, "modality is MR")
+    import nibabel as nib
+
+    nii = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8), np.int16), np.eye(4)), nii)
+    cases["2-D nifti"] = (nii, "3-D")
+    return cases
+
+
+def test_bad_inputs_give_one_line_exit_2(tmp_path, capsys):
+    for name, (path, reason) in _bad_inputs(tmp_path).items():
+        before = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        code = main(["info", str(path)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, name
+        assert len(err.splitlines()) == 1, (name, err)
+        assert str(path) in err and reason.lower() in err.lower(), (name, err)
+        if before:
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
+def test_subprocess_has_no_traceback(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    res = _run_cli("info", str(bad))
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().startswith("covidct: error:") and str(bad) in res.stderr
+
+
+def test_bad_confusion_matrix(capsys):
+    assert main(["metrics", "--confusion", "1,2;3"]) == 2
+    assert "square" in capsys.readouterr().err
+    assert main(["metrics", "--confusion", "1,2;3,4", "--classes", "a,b,c"]) == 2
+
+
+def test_missing_model_file(tmp_path, seg_folder, capsys):
+    assert main(["evaluate", "seg", "--model", str(tmp_path / "none.pt"), "--data", str(seg_folder)]) == 2
+    err = capsys.readouterr().err
+    assert "none.pt" in err and len(err.strip().splitlines()) == 1
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    assert main(["evaluate", "seg", "--model", str(junk), "--data", str(seg_folder)]) == 2
+    assert "junk.pt" in capsys.readouterr().err

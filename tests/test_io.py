@@ -1,0 +1,133 @@
+"""Readers on generated data and on the real COVID-CT-MD files."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import need_data, phantom_hu, write_ct_series, write_nifti
+from covidct.errors import InputError
+from covidct.io import apply_window, get_window, read, read_dicom_series, to_model_input, write_nifti as write_on_grid
+
+
+def test_dicom_series_sorted_head_to_feet_and_in_hu(tmp_path):
+    hu = phantom_hu(5, 32)
+    write_ct_series(tmp_path / "s", hu, slope=2.0, intercept=-2048.0)
+    vol = read(tmp_path / "s")
+    assert vol.kind == "dicom-series" and vol.is_hu
+    assert vol.shape == (5, 32, 32)
+    assert vol.spacing == pytest.approx((2.0, 0.7, 0.7))
+    # file names were shuffled; slice order must follow position (head first), values in HU
+    np.testing.assert_allclose(vol.array, hu, atol=1.01)
+    # affine: k steps 2 mm towards the feet (RAS z decreases), i/j flip sign from LPS to RAS
+    assert vol.affine[2, 2] == pytest.approx(-2.0)
+    assert vol.affine[0, 0] == pytest.approx(-0.7)
+
+
+def test_dicom_compressed_rle_series_decodes(tmp_path):
+    hu = phantom_hu(3, 32)
+    write_ct_series(tmp_path / "rle", hu, compress=True)
+    vol = read(tmp_path / "rle")
+    assert "RLE" in vol.metadata["transfer_syntax"]
+    np.testing.assert_allclose(vol.array, hu, atol=1.01)
+
+
+def test_single_dicom_file(tmp_path):
+    paths = write_ct_series(tmp_path / "s", phantom_hu(2, 32))
+    vol = read(paths[0])
+    assert vol.kind == "dicom" and vol.shape == (1, 32, 32)
+    assert vol.summary()["hu_min"] < -900
+
+
+def test_series_with_non_dicom_files_counts_skipped(tmp_path):
+    write_ct_series(tmp_path / "s", phantom_hu(3, 32))
+    (tmp_path / "s" / "notes.txt").write_text("hello")
+    vol = read(tmp_path / "s")
+    assert vol.n_skipped == 1 and vol.n_files == 3
+
+
+def test_mixed_series_rejected(tmp_path):
+    write_ct_series(tmp_path / "m", phantom_hu(2, 32), series_uid="1.2.3")
+    write_ct_series(tmp_path / "m" / "other", phantom_hu(2, 32), series_uid="1.2.4")
+    with pytest.raises(InputError, match="2 DICOM series"):
+        read(tmp_path / "m")
+    assert read_dicom_series(tmp_path / "m", series_uid="1.2.4").shape == (2, 32, 32)
+    write_ct_series(tmp_path / "sizes", phantom_hu(2, 32), series_uid="1.2.5")
+    write_ct_series(tmp_path / "sizes" / "b", phantom_hu(2, 40), series_uid="1.2.5")
+    with pytest.raises(InputError, match="different sizes"):
+        read(tmp_path / "sizes")
+
+
+def test_nifti_keeps_affine_and_layout(tmp_path):
+    hu = phantom_hu(4, 24)
+    affine = write_nifti(tmp_path / "v.nii.gz", hu)
+    vol = read(tmp_path / "v.nii.gz")
+    assert vol.kind == "nifti" and vol.is_hu and vol.shape == (4, 24, 24)
+    np.testing.assert_allclose(vol.affine, affine)
+    assert vol.spacing == pytest.approx((2.0, 0.8, 0.8))
+    np.testing.assert_array_equal(vol.array, hu.astype(np.int16))
+    # writing a mask back lands on the same grid
+    out = write_on_grid((vol.array > -500).astype(np.uint8), vol, tmp_path / "mask.nii.gz")
+    back = read(out)
+    np.testing.assert_allclose(back.affine, affine)
+    assert back.shape == vol.shape
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "I;16", "P"])
+def test_image_modes_read_as_grey(tmp_path, mode):
+    grey = np.tile(np.arange(0, 250, 10, dtype=np.uint8), (8, 1))
+    if mode == "I;16":
+        im = Image.fromarray(grey.astype(np.uint16) * 200)
+    elif mode == "P":
+        im = Image.fromarray(grey).convert("P")
+    else:
+        im = Image.fromarray(grey).convert(mode)
+    path = tmp_path / f"x_{mode.replace(';', '')}.png"
+    im.save(path)
+    vol = read(path)
+    assert vol.kind == "image" and vol.shape == (1, 8, 25) and not vol.is_hu
+    row = vol.array[0, 0]
+    assert np.all(np.diff(row) > 0), "grey ramp must stay increasing"
+    scale = 200 if mode == "I;16" else 1
+    assert row[-1] == pytest.approx(240 * scale, rel=0.02)
+
+
+def test_image_opened_by_content_not_extension(tmp_path):
+    Image.fromarray(np.full((10, 12), 77, np.uint8)).save(tmp_path / "fake.png", format="JPEG")
+    assert read(tmp_path / "fake.png").array.mean() == pytest.approx(77, abs=2)
+
+
+def test_windowing():
+    assert get_window("lung").low == -1350 and get_window("lung").high == 150
+    assert get_window("40,400").width == 400
+    w = apply_window(np.array([-2000.0, -600.0, 500.0]), "lung")
+    np.testing.assert_allclose(w, [0.0, 0.5, 1.0])
+    np.testing.assert_allclose(to_model_input(np.array([0.0, 255.0]), is_hu=False), [0.0, 1.0])
+    with pytest.raises(ValueError):
+        get_window("soft")
+
+
+@pytest.mark.realdata
+def test_real_p001_jpeg_lossless_series():
+    folder = need_data("covid-ct-md", "P001")
+    vol = read(folder)
+    assert vol.shape == (148, 512, 512)
+    assert "JPEG Lossless" in vol.metadata["transfer_syntax"]
+    corner = vol.array[:, :20, :20]
+    assert -1100 < np.median(corner) < -900  # air
+    assert vol.spacing == pytest.approx((2.0, 0.748047, 0.748047), abs=1e-5)
+    # slice order = the dataset's label order (instance number 1..148, head -> feet)
+    with open(need_data("covid-ct-md", "slice_labels.csv"), newline="") as fh:
+        files = [r["file"].split("/")[-1] for r in csv.DictReader(fh) if r["patient_id"] == "P001"]
+    assert [f.split("/")[-1] for f in vol.files] == files
+
+
+@pytest.mark.realdata
+def test_real_cap001_nifti_spacing():
+    vol = read(need_data("covid-ct-md", "cap001.nii.gz"))
+    assert vol.shape == (168, 256, 256)
+    assert vol.spacing == pytest.approx((2.0, 1.17969, 1.17969), abs=1e-4)
+    assert vol.is_hu and vol.array.min() <= -1000

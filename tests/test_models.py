@@ -1,0 +1,55 @@
+"""Networks, offline ImageNet weights, self-describing checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from covidct.errors import CovidctError
+from covidct.models import SegModelConfig, build_seg_model, read_checkpoint, save_checkpoint
+from covidct.models.encoders import imagenet_state_dict
+from covidct.models.registry import load_seg_model
+
+TINY = SegModelConfig(encoder="resnet18", decoder_channels=(32, 16, 16, 8, 8), input_size=64)
+
+
+def test_forward_shape_lesions_plus_lung():
+    net = build_seg_model(TINY).eval()
+    with torch.inference_mode():
+        out = net(torch.rand(2, 1, 64, 64))
+    assert out.shape == (2, 5, 64, 64)
+    net = build_seg_model(TINY, lesion_classes=("background", "ggo", "consolidation"), lung_head=False, arch="fpn")
+    with torch.inference_mode():
+        assert net.eval()(torch.rand(1, 1, 64, 64)).shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match="unknown encoder"):
+        build_seg_model(TINY, encoder="vgg99")
+
+
+def test_offline_imagenet_weights_load_into_encoder():
+    weights = imagenet_state_dict("efficientnet-lite0")
+    net = build_seg_model(SegModelConfig(encoder="efficientnet-lite0", input_size=64), imagenet=True)
+    stem = net.net.encoder.model.conv_stem.weight
+    assert stem.shape[1] == 1
+    torch.testing.assert_close(stem, weights["conv_stem.weight"].sum(dim=1, keepdim=True))
+    block = net.net.encoder.model.blocks[1][0].conv_pw.weight
+    torch.testing.assert_close(block, weights["blocks.1.0.conv_pw.weight"])
+    with pytest.raises(ValueError, match="no offline ImageNet"):
+        build_seg_model(TINY, imagenet=True)
+
+
+def test_checkpoint_rebuilds_without_hyperparameters(tmp_path):
+    net = build_seg_model(TINY).eval()
+    path = save_checkpoint(tmp_path / "m.pt", task="seg", config=TINY.to_dict(), state_dict=net.state_dict(), half=True,
+                           classes=["background", "ggo", "consolidation", "effusion", "lung"], input_size=64,
+                           metrics={"validation": {"dice": {"infection": 0.5}}})
+    payload = read_checkpoint(path)
+    assert payload["versions"]["torch"] == torch.__version__
+    assert payload["state_dict"]["net.segmentation_head.0.weight"].dtype == torch.float16
+    loaded, meta = load_seg_model(path)
+    assert loaded.config == TINY and meta["input_size"] == 64
+    x = torch.rand(1, 1, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), net(x), atol=2e-2, rtol=1e-2)
+    save_checkpoint(tmp_path / "c.pt", task="cls", config={}, state_dict={})
+    with pytest.raises(CovidctError, match="not a segmentation model"):
+        load_seg_model(tmp_path / "c.pt")
