@@ -74,3 +74,18 @@ def need_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data not found at {path} (set COVIDCT_DATA)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_seg_model(tmp_path_factory) -> Path:
+    """An untrained tiny segmentation model file (for pipeline plumbing tests)."""
+    import torch
+
+    from covidct.models import SegModelConfig, build_seg_model, save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = SegModelConfig(encoder="resnet18", decoder_channels=(32, 16, 16, 8, 8), input_size=64)
+    net = build_seg_model(cfg)
+    path = tmp_path_factory.mktemp("models") / "tiny.pt"
+    return save_checkpoint(path, task="seg", config=cfg.to_dict(), state_dict=net.state_dict(),
+                           classes=[*cfg.lesion_classes, "lung"], input_size=64)

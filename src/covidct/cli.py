@@ -90,7 +90,7 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
     cfg = SegTrainConfig(
         data=[str(d) for d in args.data], labels=args.labels, lung_head=not args.no_lung_head, arch=args.arch,
         encoder=args.encoder, input_size=args.input_size, imagenet=not args.random_init, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction, seed=args.seed, threads=args.threads,
+        batch_size=args.batch_size, lr=args.lr, encoder_lr_scale=args.encoder_lr_scale, val_fraction=args.val_fraction, seed=args.seed, threads=args.threads,
         decoder_channels=tuple(int(c) for c in args.decoder_channels.split(",")),
     )
     result = train_seg(cfg, args.output, resume=not args.no_resume)
@@ -112,11 +112,109 @@ def _cmd_evaluate_seg(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_cls(args: argparse.Namespace) -> int:
+    from covidct.engine.train_cls import ClsTrainConfig, train_cls
+    from covidct.report.json_io import to_json
+
+    if not Path(args.data).is_dir():
+        raise CovidctError(args.data, "no such folder")
+    cfg = ClsTrainConfig(data=str(args.data), n_classes=args.classes, encoder=args.encoder, init=args.init,
+                         input_size=args.input_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         seed=args.seed)
+    print(to_json(train_cls(cfg, args.output), disclaimer=False))
+    return 0
+
+
+def _cmd_evaluate_cls(args: argparse.Namespace) -> int:
+    from covidct.engine.evaluate_cls import evaluate_cls
+    from covidct.metrics import plot_confusion
+    from covidct.report.json_io import write_json
+
+    t0 = time.time()
+    result = evaluate_cls(args.model, args.data, split=args.split)
+    report = result["_report"]
+    print(report.confusion_text())
+    print(f"\noverall accuracy: {report.overall_accuracy:.4f}")
+    auc = result["auc"]
+    print("ROC AUC: " + (f"{auc:.4f}" if isinstance(auc, float) else ", ".join(f"{k} {v:.4f}" for k, v in auc.items())))
+    print(f"\n{report.table()}\n")
+    print(f"{result['n_images']} images, {result['images_per_second']} images/s")
+    print(f"Evaluation took {time.time() - t0:.1f} s")
+    if args.plot:
+        plot_confusion(report.confusion, report.classes, args.plot)
+    if args.json:
+        write_json({k: v for k, v in result.items() if not k.startswith("_")}, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from covidct.engine.explain import class_activation_map
+    from covidct.io import read, to_model_input
+    from covidct.models.registry import load_cls_model
+    from covidct.report.overlay import heatmap_rgb, save_png, with_legend
+
+    vol = read(args.image)
+    model, payload = load_cls_model(args.model)
+    classes = list(model.config.classes)
+    if args.target and args.target not in classes:
+        raise CovidctError("--class", f"{args.target!r} is not one of {classes}")
+    index = classes.index(args.target) if args.target else None
+    k = vol.n_slices // 2 if args.slice is None else args.slice
+    grey = to_model_input(vol.array[k], is_hu=vol.is_hu)
+    cam, probs = class_activation_map(model, grey, class_index=index, method=args.method)
+    title = f"{args.method} for {classes[index if index is not None else -1]}; " + ", ".join(
+        f"{c} {p:.2f}" for c, p in zip(classes, probs))
+    save_png(with_legend(heatmap_rgb(grey, cam), names=(), title=title), args.output)
+    print(title)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _cmd_evaluate_cam(args: argparse.Namespace) -> int:
+    from covidct.data.segmentation import SegFolder
+    from covidct.engine.explain import evaluate_weak_masks
+    from covidct.models.registry import load_cls_model
+    from covidct.report.json_io import write_json
+
+    model, _ = load_cls_model(args.model)
+    result = evaluate_weak_masks(model, SegFolder(args.data), threshold=args.threshold, method=args.method)
+    pooled, per_image = result["details"]["pooled"]["infection"], result["details"]["mean_per_image"]["infection"]
+    print(f"weakly-supervised infection masks ({args.method}, threshold {args.threshold}) on {result['n_images']} slices")
+    for name, row in (("pooled", pooled), ("mean per image", per_image)):
+        print(f"{name:>15}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
+    print(f"rand error: {result['rand_error']:.4f}")
+    if args.json:
+        write_json(result, args.json)
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from covidct.report.slices import predict_to_folder
 
     summary = predict_to_folder(args.paths, args.output, model_spec=args.model)
     print(f"wrote {3 * len(summary['slices'])} files for {len(summary['slices'])} slices to {args.output}")
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from covidct.report.json_io import to_json
+    from covidct.report.scan_report import analyze
+
+    report = analyze(args.path, args.output, model_spec=args.model, device=args.device, series_uid=args.series)
+    if args.json:
+        print(to_json(report))
+        return 0
+    les = report["lesions"]
+    lung = report["lung_volume_ml"]
+    print(f"lung volume: {'n/a' if lung is None else f'{lung:.0f} mL'}")
+    for name in ("ggo", "consolidation", "effusion", "total"):
+        ml = les[name]["volume_ml"]
+        print(f"{name:>14}: {'' if ml is None else f'{ml:8.1f} mL '}{les[name]['percent_of_lung']:6.2f} % of lung")
+    print(f"severity score (zone-based): {report['severity_score']}/{report['severity_score_max']}")
+    print(f"answer: {report['diagnosis']['label']} (p={report['diagnosis']['probabilities']['lesions_present']:.3f})")
+    print(f"wrote {args.output}/report.html, report.json, lesions.nii.gz, lungs.nii.gz, overlays/ in {report['seconds']} s")
+    print(DISCLAIMER)
     return 0
 
 
@@ -156,12 +254,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, default=120)
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--lr", type=float, default=2e-3)
+    s.add_argument("--encoder-lr-scale", type=float, default=1.0, help="encoder learning rate = lr x this")
     s.add_argument("--val-fraction", type=float, default=0.2)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     s.add_argument("--no-resume", action="store_true")
     s.add_argument("-o", "--output", required=True, help="model file to write (.pt)")
     s.set_defaults(func=_cmd_train_seg)
+
+    s = train.add_parser("cls", help="slice classifier (binary COVID / NonCOVID or 3-class)")
+    s.add_argument("--data", required=True, help="classification folder (split.csv, COVID-CT-MD, COVIDx-CT names, folder per class)")
+    s.add_argument("--classes", type=int, choices=(2, 3), default=2)
+    s.add_argument("--encoder", default="efficientnet-lite0")
+    s.add_argument("--init", default="imagenet", help="random, imagenet, or a covidct segmentation model file")
+    s.add_argument("--input-size", type=int, default=224)
+    s.add_argument("--epochs", type=int, default=30)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-o", "--output", required=True)
+    s.set_defaults(func=_cmd_train_cls)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a model on a data folder").add_subparsers(dest="task", required=True)
     s = evaluate.add_parser("seg", help="segmentation on a COVID-SemiSeg-layout folder")
@@ -171,6 +283,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tta", action="store_true", help="average with a horizontally flipped pass")
     s.add_argument("--json", metavar="OUT", help="write the results as JSON")
     s.set_defaults(func=_cmd_evaluate_seg)
+
+    s = evaluate.add_parser("cls", help="classifier on a classification folder")
+    s.add_argument("--model", help="shipped model name or .pt file")
+    s.add_argument("--data", required=True)
+    s.add_argument("--split", help="only records of this split (split.csv layouts)")
+    s.add_argument("--json", metavar="OUT")
+    s.add_argument("--plot", metavar="PNG", help="confusion-matrix picture")
+    s.set_defaults(func=_cmd_evaluate_cls)
+
+    s = evaluate.add_parser("cam", help="weakly-supervised infection masks from class activation maps")
+    s.add_argument("--model", help="classifier: shipped name or .pt file")
+    s.add_argument("--data", required=True, help="folder in the COVID-SemiSeg layout")
+    s.add_argument("--threshold", type=float, default=0.5, help="relative CAM threshold")
+    s.add_argument("--method", choices=("gradcam", "gradcam++", "layercam"), default="gradcam")
+    s.add_argument("--json", metavar="OUT")
+    s.set_defaults(func=_cmd_evaluate_cam)
+
+    s = sub.add_parser("explain", help="class activation map of a classifier over an image")
+    s.add_argument("image")
+    s.add_argument("-o", "--output", required=True, help="PNG to write")
+    s.add_argument("--model", help="classifier: shipped name or .pt file")
+    s.add_argument("--class", dest="target", help="class to explain (default: the positive / last class)")
+    s.add_argument("--method", choices=("gradcam", "gradcam++", "layercam"), default="gradcam")
+    s.add_argument("--slice", type=int, help="slice of a volume (default: the middle one)")
+    s.set_defaults(func=_cmd_explain)
+
+    s = sub.add_parser("analyze", help="scan-level analysis: lungs, lesions, burden, severity, report")
+    s.add_argument("path", help="DICOM series folder or file, NIfTI volume, image, or folder of images")
+    s.add_argument("-o", "--output", required=True, help="output folder")
+    s.add_argument("--model", help="segmentation model: shipped name or .pt file")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--series", help="SeriesInstanceUID when the folder holds several series")
+    s.add_argument("--json", action="store_true", help="print report.json to stdout")
+    s.set_defaults(func=_cmd_analyze)
 
     s = sub.add_parser("predict", help="segment slices: label maps, lung masks, overlays")
     s.add_argument("paths", nargs="+")

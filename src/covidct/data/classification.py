@@ -147,3 +147,27 @@ def load_records(root: str | Path, *, split: str | None = None, classes: tuple[s
         except ValueError as exc:
             raise InputError(root, str(exc)) from None
     return records
+
+
+class RecordImages:
+    """Loads the grey ``[0, 1]`` image of a :class:`ClsRecord`; volumes are read once and cached."""
+
+    def __init__(self, max_volumes: int = 2) -> None:
+        self._volumes: dict[Path, object] = {}
+        self.max_volumes = max_volumes
+
+    def __call__(self, record: ClsRecord):
+        from covidct.io import read, to_model_input
+        from covidct.io.image import load_grey
+
+        if record.slice_index is None:
+            arr, _ = load_grey(record.path)
+            return to_model_input(arr, is_hu=False)
+        vol = self._volumes.get(record.path)
+        if vol is None:
+            if len(self._volumes) >= self.max_volumes:
+                self._volumes.pop(next(iter(self._volumes)))
+            vol = self._volumes[record.path] = read(record.path)
+        if not 0 <= record.slice_index < vol.n_slices:
+            raise InputError(record.path, f"slice {record.slice_index} outside the volume's {vol.n_slices} slices")
+        return to_model_input(vol.array[record.slice_index], is_hu=vol.is_hu)

@@ -9,7 +9,6 @@ for ``--labels lung``) is written to ``-o FILE``; ``<FILE stem>_run/`` keeps ``l
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import random
@@ -26,6 +25,7 @@ from tqdm import tqdm
 from covidct.data.segmentation import SegFolder, SegSample
 from covidct.data.splits import group_split
 from covidct.data.transforms import seg_train_transform
+from covidct.engine.common import seed_everything, warmup_cosine, write_log
 from covidct.engine.evaluate_seg import evaluate_folder
 from covidct.engine.infer import SegPredictor
 from covidct.errors import CovidctError
@@ -56,6 +56,7 @@ class SegTrainConfig:
     epochs: int = 120
     batch_size: int = 8
     lr: float = 2e-3
+    encoder_lr_scale: float = 1.0
     weight_decay: float = 1e-4
     warmup_epochs: int = 3
     val_fraction: float = 0.2
@@ -69,12 +70,6 @@ class SegTrainConfig:
         return SegModelConfig(arch=self.arch, encoder=self.encoder, decoder_channels=tuple(self.decoder_channels),
                               lesion_classes=LABEL_SETS[self.labels], lung_head=self.lung_head or self.labels == "lung",
                               input_size=self.input_size)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def load_training_data(cfg: SegTrainConfig) -> tuple[list[SegSample], list[SegSample]]:
@@ -170,15 +165,6 @@ def plot_curves(log_rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def _write_log(rows: list[dict[str, Any]], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-
-
 def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, progress: bool = True) -> dict[str, Any]:
     """Train, select on validation, write the best model to ``output``; returns its metrics."""
     output = Path(output)
@@ -191,17 +177,16 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
     mcfg = cfg.model_config()
     model = build_seg_model(mcfg, imagenet=cfg.imagenet)
     model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    encoder_params = list(model.net.encoder.parameters())
+    encoder_ids = {id(p) for p in encoder_params}
+    other_params = [p for p in model.parameters() if id(p) not in encoder_ids]
+    opt = torch.optim.AdamW([{"params": encoder_params, "lr": cfg.lr * cfg.encoder_lr_scale},
+                             {"params": other_params, "lr": cfg.lr}], weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(train) // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     warm = cfg.warmup_epochs * steps_per_epoch
 
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + np.cos(np.pi * (step - warm) / max(1, total - warm))) * 0.98 + 0.02
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, warm))
     (run_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": mcfg.to_dict(),
                                                      "n_train": len(train), "n_val": len(val),
                                                      "val_ids": [s.id for s in val]}, indent=2))
@@ -239,7 +224,7 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
         result = evaluate_folder(SegPredictor(model), val_folder, progress=False, compute_hd95=False)
         score = selection_score(result, cfg.labels)
         elapsed += time.time() - t0
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"],
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": opt.param_groups[1]["lr"],
                **{f"val_dice_{k}": ("" if v is None else v) for k, v in result["dice"].items()},
                "val_score": score, "seconds": round(elapsed, 1)}
         log_rows.append(row)
@@ -252,7 +237,7 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
                     "train_config": asdict(cfg), "torch_rng": torch.get_rng_state(),
                     "numpy_rng": np.random.get_state(), "py_rng": random.getstate()}, last.with_suffix(".tmp"))
         os.replace(last.with_suffix(".tmp"), last)
-        _write_log(log_rows, run_dir / "log.csv")
+        write_log(log_rows, run_dir / "log.csv")
     if log_rows:
         plot_curves(log_rows, run_dir / "curve.png")
     return {"best_score": best, "validation": best_result, "seconds": round(elapsed, 1), "output": str(output),

@@ -10,7 +10,7 @@ from covidct.models.checkpoint import read_checkpoint
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 #: Default shipped model per task.
-DEFAULTS: dict[str, str] = {"seg": "seg-effl0-unet"}
+DEFAULTS: dict[str, str] = {"seg": "seg-effl0-unet", "cls": "cls-effl0-ucsd"}
 
 
 def shipped_files() -> list[Path]:
@@ -61,6 +61,26 @@ def load_seg_model(spec: str | Path | None = None):
     if payload["task"] != "seg":
         raise CovidctError(path, f"is a {payload['task']!r} model, not a segmentation model")
     model = build_seg_model(SegModelConfig.from_dict(payload["config"]))
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CovidctError(path, f"weights do not fit the architecture it describes ({str(exc).splitlines()[0]})") from None
+    model.eval()
+    payload["path"] = str(path)
+    return model, payload
+
+
+def load_cls_model(spec: str | Path | None = None):
+    """``(ClassificationNet in eval mode, checkpoint dict)``; the checkpoint's ``temperature``
+    (calibration) is in the dict."""
+    from covidct.models.classification import ClsModelConfig, build_cls_model
+
+    path = resolve_model(spec, task="cls")
+    payload = read_checkpoint(path)
+    if payload["task"] != "cls":
+        raise CovidctError(path, f"is a {payload['task']!r} model, not a classifier")
+    model = build_cls_model(ClsModelConfig.from_dict(payload["config"]))
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()}
     try:
         model.load_state_dict(state)

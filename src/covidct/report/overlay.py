@@ -72,3 +72,13 @@ def save_png(image: Image.Image | np.ndarray, path: str | Path) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def heatmap_rgb(grey01: np.ndarray, heat01: np.ndarray, *, alpha: float = 0.45) -> np.ndarray:
+    """The grey slice with a jet-coloured heat map blended in (``(H, W, 3)`` uint8)."""
+    from matplotlib import colormaps
+
+    base = np.repeat(np.clip(grey01, 0, 1)[..., None], 3, axis=2)
+    colour = colormaps["jet"](np.clip(heat01, 0, 1))[..., :3]
+    weight = alpha * np.clip(heat01, 0, 1)[..., None]
+    return ((1 - weight) * base * 255 + weight * colour * 255).astype(np.uint8)

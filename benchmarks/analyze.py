@@ -1,0 +1,81 @@
+"""Scan-level benchmark on a COVID-CT-MD-layout folder (patients.csv + slice_labels.csv + series).
+
+For every patient: ``covidct analyze`` end to end in a child process (wall time, peak RSS of that
+child), lesion burden, severity, and the slice-level AUC of ``slices[].infection_probability``
+against ``slice_labels.csv`` (all patients pooled, and per patient where both classes occur).
+
+    python benchmarks/analyze.py --data ../shared/data/covid-ct-md [--model NAME|FILE] [--out out/bench-analyze]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def main() -> int:
+    from covidct.metrics import roc_auc
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--model")
+    ap.add_argument("--out", default="out/bench-analyze")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    data = Path(args.data)
+    with open(data / "patients.csv", newline="") as fh:
+        patients = list(csv.DictReader(fh))
+    with open(data / "slice_labels.csv", newline="") as fh:
+        labels: dict[str, dict[int, int]] = {}
+        for r in csv.DictReader(fh):
+            labels.setdefault(r["patient_id"], {})[int(r["slice_index"])] = int(r["infection"])
+    rows, all_y, all_p = [], [], []
+    for p in patients:
+        out = Path(args.out) / p["patient_id"]
+        cmd = [sys.executable, "-m", "covidct.cli", "analyze", str(data / p["path"]), "-o", str(out)]
+        if args.model:
+            cmd += ["--model", args.model]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _, err = proc.communicate()
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            print(f"{p['patient_id']}: analyze failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
+            continue
+        rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+        rep = json.loads((out / "report.json").read_text())
+        y = [labels[p["patient_id"]].get(s["index"], 0) for s in rep["slices"]]
+        pr = [s["infection_probability"] for s in rep["slices"]]
+        all_y += y
+        all_p += pr
+        rows.append({
+            "patient": p["patient_id"], "diagnosis": p["diagnosis"], "shape": rep["input"]["shape"],
+            "seconds": round(wall, 1), "peak_rss_mb_so_far": round(rss_mb), "lung_ml": rep["lung_volume_ml"],
+            "ggo_pct": rep["lesions"]["ggo"]["percent_of_lung"], "cons_pct": rep["lesions"]["consolidation"]["percent_of_lung"],
+            "total_pct": rep["lesions"]["total"]["percent_of_lung"], "effusion_ml": rep["lesions"]["effusion"]["volume_ml"],
+            "severity": rep["severity_score"], "answer": rep["diagnosis"]["label"],
+            "slice_auc": round(roc_auc(y, pr), 4) if 0 < sum(y) < len(y) else None,
+        })
+    keys = list(rows[0]) if rows else []
+    print(" | ".join(keys))
+    for r in rows:
+        print(" | ".join(str(r[k]) for k in keys))
+    pooled = roc_auc(all_y, all_p)
+    print(f"slice-level infection AUC, all patients pooled: {pooled:.4f} ({sum(all_y)} positive / {len(all_y)} slices)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"patients": rows, "pooled_slice_auc": pooled}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Segmentation benchmark: evaluates (trains nothing) the shipped model on a folder in the
+COVID-SemiSeg layout, then measures slices/s and peak memory at 512x512 on this CPU for the shipped
+model and for a plain reference U-Net (ResNet-34 encoder, smp default decoder, 512 input), in one run.
+
+    python benchmarks/segmentation.py --data ../shared/data/covid-semiseg [--model NAME|FILE] [--split train]
+
+Prints the evaluation table and a speed table; ``--json OUT`` writes everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np
+import torch
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def speed(predictor, n: int = 48, size: int = 512, batch: int = 8) -> dict:
+    """Slices/s for ``n`` random 512x512 slices through the full predictor (resize in and out,
+    softmax, argmax)."""
+    rng = np.random.default_rng(0)
+    slices = [rng.random((size, size), dtype=np.float32) for _ in range(n)]
+    predictor.batch_size = batch
+    predictor.predict(slices[:batch])  # warm-up
+    t0 = time.perf_counter()
+    predictor.predict(slices)
+    dt = time.perf_counter() - t0
+    return {"slices_per_second": round(n / dt, 2), "seconds": round(dt, 2)}
+
+
+def main() -> int:
+    from covidct.data.segmentation import SegFolder
+    from covidct.engine.evaluate_seg import evaluate_folder, format_table
+    from covidct.engine.infer import SegPredictor
+    from covidct.models import SegModelConfig, build_seg_model
+    from covidct.models.registry import load_seg_model
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--model")
+    ap.add_argument("--split")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model, payload = load_seg_model(args.model)
+    shipped = SegPredictor(model)
+    folder = SegFolder(args.data, split=args.split)
+    result = evaluate_folder(shipped, folder, progress=False)
+    print(f"== {payload['path']} on {args.data} ({len(folder)} slices)")
+    print(format_table(result))
+
+    rss0 = peak_rss_mb()
+    rows = {"shipped": {**speed(shipped), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+                        "input_size": model.config.input_size}}
+    rows["shipped"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    reference = build_seg_model(SegModelConfig(encoder="resnet34", decoder_channels=(256, 128, 64, 32, 16), input_size=512))
+    ref = SegPredictor(reference)
+    rows["reference_unet_resnet34_512"] = {**speed(ref), "params_m": round(sum(p.numel() for p in reference.parameters()) / 1e6, 2),
+                                           "input_size": 512, "peak_rss_mb": round(peak_rss_mb(), 1)}
+    print(f"\n== speed at 512x512, {args.threads} threads (peak RSS before speed runs {rss0:.0f} MB)")
+    print(f"{'model':<32}{'slices/s':>10}{'params (M)':>12}{'input':>8}{'peak RSS MB':>13}")
+    for name, r in rows.items():
+        print(f"{name:<32}{r['slices_per_second']:>10}{r['params_m']:>12}{r['input_size']:>8}{r['peak_rss_mb']:>13}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"evaluation": {k: v for k, v in result.items() if k != "details"}, "speed": rows}, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Lesion burden and a zone-based severity score.
+
+Zones: each lung (right, left) cut into upper / middle / lower thirds of its cranio-caudal extent
+-> 6 zones. We have no lobe segmentation, so the score is **zone-based**, not the lobar CT
+severity score: each zone scores 0-5 by the share of it that is involved (0: none, 1: <5 %,
+2: 5-25 %, 3: 25-50 %, 4: 50-75 %, 5: >75 %), summed to 0-30.
+
+Percentage of opacity (PO) = lesion (GGO + consolidation) volume / lung volume; percentage of
+high opacity (PHO) = lesion voxels above ``HIGH_OPACITY_HU`` (-200 HU) / lung volume (HU inputs only).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from covidct.analysis.lungs import LEFT, RIGHT
+
+HIGH_OPACITY_HU = -200.0
+ZONE_NAMES = ("upper", "middle", "lower")
+SIDE_NAMES = {RIGHT: "right", LEFT: "left"}
+BINS = (0.0, 5.0, 25.0, 50.0, 75.0)
+
+
+def involvement_score(percent: float) -> int:
+    """0-5 bin of a zone's involvement percentage."""
+    if percent <= 0.0:
+        return 0
+    return 1 + sum(percent > b for b in BINS[1:])
+
+
+def _ml(n_voxels: int, voxel_ml: float | None) -> float | None:
+    return None if voxel_ml is None else round(n_voxels * voxel_ml, 3)
+
+
+def _pct(part: int, whole: int) -> float:
+    return round(100.0 * part / whole, 4) if whole else 0.0
+
+
+def lesion_burden(lesions: np.ndarray, lung_sides: np.ndarray, zones: np.ndarray, *, voxel_ml: float | None,
+                  hu: np.ndarray | None = None) -> dict:
+    """Volumes and shares per lesion type, per side and zone, PO/PHO and the zone severity score.
+
+    ``lesions``: 0 none, 1 GGO, 2 consolidation, 3 effusion; ``lung_sides``: 0 outside, 1 right,
+    2 left, already including the GGO/consolidation it encloses (effusion lies outside the lung and
+    is measured on its own)."""
+    lung = lung_sides > 0
+    infected = np.isin(lesions, (1, 2)) & lung
+    n_lung = int(lung.sum())
+    types = {"ggo": (lesions == 1) & lung, "consolidation": (lesions == 2) & lung, "effusion": lesions == 3, "total": infected}
+    out: dict = {"lung_volume_ml": _ml(n_lung, voxel_ml), "lung_voxels": n_lung, "lesions": {}}
+    for name, m in types.items():
+        n = int(m.sum())
+        out["lesions"][name] = {"volume_ml": _ml(n, voxel_ml), "voxels": n, "percent_of_lung": _pct(n, n_lung)}
+    out["percent_opacity"] = _pct(int(infected.sum()), n_lung)
+    out["percent_high_opacity"] = _pct(int((infected & (hu > HIGH_OPACITY_HU)).sum()), n_lung) if hu is not None else None
+    per_zone = {}
+    score = 0
+    for side, side_name in SIDE_NAMES.items():
+        side_mask = lung_sides == side
+        out.setdefault("sides", {})[side_name] = {
+            "lung_volume_ml": _ml(int(side_mask.sum()), voxel_ml),
+            **{name: _pct(int((m & side_mask).sum()), int(side_mask.sum())) for name, m in types.items() if name != "effusion"},
+        }
+        for z, zone_name in enumerate(ZONE_NAMES):
+            zm = side_mask & (zones == z)
+            pct = _pct(int((infected & zm).sum()), int(zm.sum()))
+            s = involvement_score(pct)
+            score += s
+            per_zone[f"{side_name}_{zone_name}"] = {
+                "percent_involved": pct, "score": s,
+                "ggo_percent": _pct(int((types["ggo"] & zm).sum()), int(zm.sum())),
+                "consolidation_percent": _pct(int((types["consolidation"] & zm).sum()), int(zm.sum())),
+            }
+    out["zones"] = per_zone
+    out["severity_score"] = score
+    out["severity_score_max"] = 30
+    out["severity_method"] = "zone-based: 6 zones (left/right x upper/middle/lower thirds), 0-5 each"
+    return out

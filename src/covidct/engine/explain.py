@@ -1,0 +1,86 @@
+"""Class activation maps for covidct classifiers (pytorch-grad-cam), and weak lesion masks from them.
+
+Methods: ``gradcam`` (Grad-CAM; with a global-average-pooling + linear head it is the CAM of Zhou et
+al. up to the ReLU and the normalisation), ``gradcam++`` and ``layercam``. The target layer is the
+last feature map of the backbone (EfficientNet: ``bn2``; ResNet: ``layer4``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from covidct.models.classification import ClassificationNet
+
+METHODS = ("gradcam", "gradcam++", "layercam")
+
+
+def target_layer(model: ClassificationNet) -> torch.nn.Module:
+    net = model.net
+    for name in ("bn2", "layer4", "conv_head"):
+        if hasattr(net, name):
+            return getattr(net, name)
+    raise ValueError(f"no known last feature layer in {type(net).__name__}")
+
+
+def class_activation_map(model: ClassificationNet, image01: np.ndarray, *, class_index: int | None = None,
+                         method: str = "gradcam") -> tuple[np.ndarray, np.ndarray]:
+    """``(cam, probabilities)``: ``cam`` in ``[0, 1]`` on the image's own grid for ``class_index``
+    (default: the positive / last class)."""
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}")
+    cls = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "layercam": LayerCAM}[method]
+    size = model.config.input_size
+    x = F.interpolate(torch.as_tensor(np.asarray(image01, np.float32))[None, None], size=(size, size),
+                      mode="bilinear", align_corners=False)
+    model.eval()
+    with torch.no_grad():
+        probs = torch.softmax(model(x), dim=1)[0].numpy()
+    index = len(model.config.classes) - 1 if class_index is None else class_index
+    with cls(model=model, target_layers=[target_layer(model)]) as cam:
+        heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(index)])[0]
+    heat = F.interpolate(torch.as_tensor(heat)[None, None], size=image01.shape, mode="bilinear", align_corners=False)[0, 0]
+    heat = heat.numpy()
+    if heat.max() > 0:
+        heat = heat / heat.max()
+    return heat.astype(np.float32), probs
+
+
+def cam_to_mask(cam: np.ndarray, *, threshold: float = 0.5, region: np.ndarray | None = None) -> np.ndarray:
+    """A weak lesion mask: CAM at or above ``threshold`` (relative to its maximum), kept inside
+    ``region`` (e.g. the lung) when given."""
+    mask = cam >= threshold
+    if region is not None:
+        mask &= region.astype(bool)
+    return mask
+
+
+def evaluate_weak_masks(model: ClassificationNet, folder, *, threshold: float = 0.5, method: str = "gradcam",
+                        progress: bool = True) -> dict:
+    """Score CAM-derived infection masks against a COVID-SemiSeg-layout folder with the
+    segmentation metrics (pooled and per image). The reference lung field (``lung/``) is used as
+    the region when present."""
+    from tqdm import tqdm
+
+    from covidct.io.window import to_model_input
+    from covidct.metrics.segmentation import SegmentationMetrics
+
+    metrics = SegmentationMetrics(compute_hd95=True)
+    for i in tqdm(range(len(folder)), desc="weak masks", unit="slice", disable=not progress):
+        s = folder[i]
+        grey = to_model_input(s.image, is_hu=False)
+        cam, _ = class_activation_map(model, grey, method=method)
+        pred = cam_to_mask(cam, threshold=threshold, region=s.lung)
+        truth = np.isin(s.labels, (1, 2))
+        metrics.update("infection", pred, truth, prob=cam, image_id=s.id)
+        metrics.update_labels(pred.astype(np.uint8), truth.astype(np.uint8))
+    agg = metrics.aggregate()
+    return {"n_images": len(folder), "threshold": threshold, "method": method,
+            "dice": {"infection": agg["pooled"]["infection"]["dice"]},
+            "dice_mean_per_image": {"infection": agg["mean_per_image"]["infection"]["dice"]},
+            "iou": {"infection": agg["pooled"]["infection"]["iou"]}, "rand_error": agg["rand_error"],
+            "details": {"pooled": agg["pooled"], "mean_per_image": agg["mean_per_image"]}}

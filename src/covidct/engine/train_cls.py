@@ -1,0 +1,158 @@
+"""``covidct train cls``: slice classifier (binary or 3-class) on CPU.
+
+Validation: the folder's own ``val`` split when it has one (UCSD ``split.csv``), else a seeded
+patient-grouped share of the training records. The best epoch (validation AUC, ties by accuracy) is
+kept; then a temperature is fitted on the validation logits (calibration) and stored in the checkpoint
+with the validation accuracy, F1, AUC and ECE before and after scaling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from covidct.data.classification import BINARY_CLASSES, THREE_CLASSES, ClsRecord, RecordImages, load_records
+from covidct.data.cls_transforms import cls_train_transform
+from covidct.data.splits import group_split
+from covidct.engine.common import seed_everything, warmup_cosine, write_log
+from covidct.engine.evaluate_cls import evaluate_records, expected_calibration_error
+from covidct.errors import CovidctError
+from covidct.models.checkpoint import save_checkpoint
+from covidct.models.classification import ClsModelConfig, build_cls_model
+
+
+@dataclass
+class ClsTrainConfig:
+    data: str
+    n_classes: int = 2
+    encoder: str = "efficientnet-lite0"
+    init: str = "imagenet"  # random | imagenet | path to a covidct segmentation checkpoint
+    input_size: int = 224
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.05
+    val_fraction: float = 0.2
+    seed: int = 0
+    half: bool = True
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        if self.n_classes == 2:
+            return BINARY_CLASSES
+        if self.n_classes == 3:
+            return THREE_CLASSES
+        raise CovidctError(None, "--classes must be 2 or 3")
+
+
+def split_records(records: list[ClsRecord], cfg: ClsTrainConfig) -> tuple[list[ClsRecord], list[ClsRecord]]:
+    if any(r.split == "val" for r in records):
+        return [r for r in records if r.split == "train"], [r for r in records if r.split == "val"]
+    train_pool = [r for r in records if r.split in (None, "train")]
+    return group_split(train_pool, [r.patient for r in train_pool], val_fraction=cfg.val_fraction, seed=cfg.seed)
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, images: list[np.ndarray], labels: list[int], transform) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        img = self.transform(image=self.images[i])["image"]
+        return torch.from_numpy(np.ascontiguousarray(img, np.float32))[None], self.labels[i]
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Temperature minimising the validation NLL (LBFGS on log T)."""
+    log_t = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=100)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(np.clip(log_t.exp().item(), 0.05, 20.0))
+
+
+def _summary(res: dict[str, Any]) -> dict[str, Any]:
+    auc = res["auc"]
+    return {"accuracy": round(res["overall_accuracy"], 6),
+            "auc": round(auc, 6) if isinstance(auc, float) else {k: round(v, 6) for k, v in auc.items()},
+            "f1": {c: round(v["f1"], 6) for c, v in res["per_class"].items()}, "ece": round(res["ece"], 6)}
+
+
+def train_cls(cfg: ClsTrainConfig, output: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    output = Path(output)
+    run_dir = output.with_name(output.stem + "_run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    classes = cfg.classes
+    records = load_records(cfg.data, classes=classes)
+    train, val = split_records(records, cfg)
+    if not train or not val:
+        raise CovidctError(cfg.data, "need both training and validation records")
+    loader = RecordImages()
+    images = [loader(r) for r in tqdm(train, desc="load", unit="image", disable=not progress)]
+    labels = [classes.index(r.label) for r in train]
+    counts = np.bincount(labels, minlength=len(classes)).astype(float)
+    weights = torch.tensor(counts.sum() / (len(classes) * np.maximum(counts, 1)), dtype=torch.float32)
+    mcfg = ClsModelConfig(encoder=cfg.encoder, classes=classes, input_size=cfg.input_size)
+    model = build_cls_model(mcfg, init=cfg.init)
+    ds = _Images(images, labels, cls_train_transform(cfg.input_size, seed=cfg.seed))
+    dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                     generator=torch.Generator().manual_seed(cfg.seed))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = max(1, len(dl)) * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, max(1, len(dl))))
+    (run_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": mcfg.to_dict(),
+                                                     "n_train": len(train), "n_val": len(val)}, indent=2))
+    best_key, best_state, log_rows, elapsed = (-1.0, -1.0), None, [], 0.0
+    bar = tqdm(range(cfg.epochs), desc="train cls", unit="epoch", disable=not progress)
+    for epoch in bar:
+        t0 = time.time()
+        model.train()
+        losses = []
+        for x, y in dl:
+            loss = F.cross_entropy(model(x), y, weight=weights, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+        res = evaluate_records(model, val, progress=False)
+        auc = res["auc"] if isinstance(res["auc"], float) else float(np.nanmean(list(res["auc"].values())))
+        elapsed += time.time() - t0
+        log_rows.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": res["overall_accuracy"],
+                         "val_auc": auc, "seconds": round(elapsed, 1)})
+        key = (auc, res["overall_accuracy"])
+        if key > best_key:
+            best_key, best_state, best_epoch = key, {k: v.clone() for k, v in model.state_dict().items()}, epoch
+        bar.set_postfix(loss=f"{log_rows[-1]['train_loss']:.3f}", auc=f"{auc:.3f}", acc=f"{res['overall_accuracy']:.3f}")
+        write_log(log_rows, run_dir / "log.csv")
+    model.load_state_dict(best_state)
+    before = evaluate_records(model, val, progress=False)
+    logits = torch.log(torch.as_tensor(before["_probabilities"]).clamp_min(1e-8))
+    temperature = fit_temperature(logits, torch.as_tensor(before["_labels"]))
+    after = evaluate_records(model, val, temperature=temperature, progress=False)
+    metrics = {"validation": _summary(before), "validation_calibrated": _summary(after), "epoch": best_epoch,
+               "train_seconds": round(elapsed, 1), "n_train": len(train), "n_val": len(val)}
+    save_checkpoint(output, task="cls", config=mcfg.to_dict(), state_dict=model.state_dict(), half=cfg.half,
+                    classes=list(classes), input_size=cfg.input_size, temperature=temperature,
+                    normalization="grey [0,1] (HU: lung window; 8-bit /255), resized to input_size; (x-0.449)/0.226 inside",
+                    train_config=asdict(cfg), metrics=metrics)
+    return {"output": str(output), "temperature": temperature, **metrics}

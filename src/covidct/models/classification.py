@@ -1,0 +1,103 @@
+"""Slice classifiers (binary COVID / NonCOVID or 3-class Control / Common pneumonia / COVID-19) on timm
+backbones, one grey input channel. Encoders: the same names as segmentation (``resnet18``,
+``efficientnet-lite0`` ...); initialisation from offline ImageNet weights, or from the encoder of a
+trained covidct segmentation model (same encoder name)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from covidct.models.encoders import IMAGENET_GREY_MEAN, IMAGENET_GREY_STD, OFFLINE_IMAGENET, imagenet_state_dict
+
+TIMM_NAMES: dict[str, str] = {
+    "resnet18": "resnet18", "resnet34": "resnet34", "resnet50": "resnet50",
+    "efficientnet-b0": "efficientnet_b0", "efficientnet-b1": "efficientnet_b1",
+    "efficientnet-b2": "efficientnet_b2", "efficientnet-b3": "efficientnet_b3",
+    "efficientnet-lite0": "tf_efficientnet_lite0", "efficientnet-lite1": "tf_efficientnet_lite1",
+    "efficientnet-lite2": "tf_efficientnet_lite2",
+}
+
+
+@dataclass
+class ClsModelConfig:
+    """Everything needed to rebuild a classifier (saved in its checkpoint)."""
+
+    encoder: str = "efficientnet-lite0"
+    classes: tuple[str, ...] = ("NonCOVID", "COVID")
+    input_size: int = 224
+    dropout: float = 0.2
+    input_mean: float = IMAGENET_GREY_MEAN
+    input_std: float = IMAGENET_GREY_STD
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["classes"] = list(self.classes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ClsModelConfig":
+        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        d["classes"] = tuple(d.get("classes", ("NonCOVID", "COVID")))
+        return cls(**d)
+
+
+class ClassificationNet(nn.Module):
+    """timm backbone with built-in input normalisation; returns class logits."""
+
+    def __init__(self, config: ClsModelConfig, net: nn.Module) -> None:
+        super().__init__()
+        self.config = config
+        self.net = net
+        self.register_buffer("mean", torch.tensor(config.input_mean), persistent=False)
+        self.register_buffer("std", torch.tensor(config.input_std), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def _load_backbone(net: nn.Module, weights: dict[str, torch.Tensor]) -> int:
+    """Copy matching tensors (the classifier excluded); a 3-channel stem is summed to 1 channel."""
+    target = net.state_dict()
+    n = 0
+    for key, tensor in weights.items():
+        if key not in target or key.startswith(("classifier.", "fc.")):
+            continue
+        if tensor.ndim == 4 and tensor.shape[1] == 3 and target[key].shape[1] == 1:
+            tensor = tensor.sum(dim=1, keepdim=True)
+        if tuple(tensor.shape) == tuple(target[key].shape):
+            target[key] = tensor
+            n += 1
+    net.load_state_dict(target)
+    return n
+
+
+def build_cls_model(config: ClsModelConfig | None = None, *, init: str = "random") -> ClassificationNet:
+    """``init``: ``random``, ``imagenet`` (offline weights), or a path to a covidct segmentation
+    checkpoint whose encoder is the same network."""
+    import timm
+
+    config = config or ClsModelConfig()
+    if config.encoder not in TIMM_NAMES:
+        raise ValueError(f"unknown encoder {config.encoder!r}; choose one of {sorted(TIMM_NAMES)}")
+    net = timm.create_model(TIMM_NAMES[config.encoder], pretrained=False, num_classes=len(config.classes),
+                            in_chans=1, drop_rate=config.dropout)
+    if init == "imagenet":
+        if config.encoder not in OFFLINE_IMAGENET:
+            raise ValueError(f"no offline ImageNet weights for {config.encoder}")
+        _load_backbone(net, imagenet_state_dict(config.encoder))
+    elif init != "random":
+        from covidct.models.checkpoint import read_checkpoint
+
+        payload = read_checkpoint(init)
+        if payload["task"] != "seg" or payload["config"].get("encoder") != config.encoder:
+            raise ValueError(f"{init}: not a segmentation model with encoder {config.encoder}")
+        state = payload["state_dict"]
+        # timm-universal encoders (tu-*) nest the timm model under .model; smp's ResNets do not
+        prefix = "net.encoder.model." if any(k.startswith("net.encoder.model.") for k in state) else "net.encoder."
+        weights = {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
+        if _load_backbone(net, weights) == 0:
+            raise ValueError(f"{init}: no encoder tensor fits {config.encoder}")
+    return ClassificationNet(config, net)

@@ -1,0 +1,160 @@
+"""``covidct analyze``: scan-level outputs (NIfTI label maps, overlays, report.json, report.html)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from covidct import DISCLAIMER, __version__
+from covidct.analysis.scan import ScanResult, analyze_volume
+from covidct.engine.infer import SegPredictor
+from covidct.io import Volume, read, to_model_input, write_nifti
+from covidct.report.json_io import write_json
+from covidct.report.overlay import overlay_rgb, save_png, with_legend
+
+N_OVERLAYS = 6
+
+
+def _png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _slice_chart(slices: list[dict]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx = [s["index"] for s in slices]
+    fig, ax = plt.subplots(figsize=(8, 2.6))
+    ax.plot(idx, [s["infection_probability"] for s in slices], label="infection probability")
+    ax2 = ax.twinx()
+    ax2.fill_between(idx, [s["lesion_percent"] for s in slices], color="tab:red", alpha=0.25, label="lesion % of lung")
+    ax.set_xlabel("slice (0 = head)"); ax.set_ylabel("probability"); ax2.set_ylabel("lesion % of lung")
+    ax.set_ylim(0, 1.02)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _write_atomic(data: bytes, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def build_report(vol: Volume, result: ScanResult, models: list[dict], seconds: float) -> dict[str, Any]:
+    b = result.burden
+    return {
+        "input": {"path": str(vol.source), "kind": vol.kind, "shape": list(vol.shape),
+                  "spacing_mm": None if vol.spacing is None else [round(float(s), 6) for s in vol.spacing],
+                  "is_hu": vol.is_hu, "files_read": vol.n_files, "series_uid": vol.metadata.get("series_uid")},
+        "lung_volume_ml": b["lung_volume_ml"],
+        "lung_method": result.lung_method,
+        "lesions": {k: {"volume_ml": v["volume_ml"], "percent_of_lung": v["percent_of_lung"], "voxels": v["voxels"]}
+                    for k, v in b["lesions"].items()},
+        "percent_opacity": b["percent_opacity"],
+        "percent_high_opacity": b["percent_high_opacity"],
+        "severity_score": b["severity_score"],
+        "severity_score_max": b["severity_score_max"],
+        "severity_method": b["severity_method"],
+        "sides": b.get("sides", {}),
+        "zones": b["zones"],
+        "most_affected_slice": int(np.argmax([s["lesion_percent"] for s in result.slices])) if result.slices else None,
+        "diagnosis": result.diagnosis,
+        "slices": result.slices,
+        "models": models,
+        "covidct_version": __version__,
+        "timings": result.timings,
+        "seconds": round(seconds, 2),
+    }
+
+
+def _html(report: dict, overlays: list[tuple[int, bytes]], chart: bytes) -> str:
+    def img(data: bytes, alt: str) -> str:
+        return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+    def ml(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.1f}"
+
+    les = report["lesions"]
+    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{ml(v['volume_ml'])}</td><td>{v['percent_of_lung']:.2f}</td></tr>"
+                   for name, v in les.items())
+    zones = "".join(f"<tr><td>{html.escape(z)}</td><td>{v['percent_involved']:.2f}</td><td>{v['score']}</td></tr>"
+                    for z, v in report["zones"].items())
+    inp = report["input"]
+    figs = "".join(f"<figure>{img(data, f'slice {k}')}<figcaption>slice {k}</figcaption></figure>" for k, data in overlays)
+    lung_ml = report["lung_volume_ml"]
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>covidct report</title>
+<style>
+body{{font-family:sans-serif;margin:1.5em;max-width:1100px}} .warn{{background:#fff3cd;border:1px solid #c9a100;padding:.7em;font-weight:bold}}
+table{{border-collapse:collapse;margin:.5em 0}} td,th{{border:1px solid #bbb;padding:.25em .6em;text-align:right}} td:first-child{{text-align:left}}
+figure{{display:inline-block;margin:.3em}} figure img{{max-width:340px}} .kv td{{text-align:left}}
+</style></head><body>
+<p class="warn">{html.escape(DISCLAIMER)}</p>
+<h1>covidct scan report</h1>
+<table class="kv">
+<tr><td>input</td><td>{html.escape(inp['path'])} ({html.escape(inp['kind'])}, {inp['shape']}, spacing {inp['spacing_mm']} mm)</td></tr>
+<tr><td>lung volume</td><td>{'n/a' if lung_ml is None else f'{lung_ml:.0f} mL'} ({html.escape(report['lung_method'])})</td></tr>
+<tr><td>percentage of opacity</td><td>{report['percent_opacity']:.2f} %</td></tr>
+<tr><td>percentage of high opacity</td><td>{'n/a' if report['percent_high_opacity'] is None else f"{report['percent_high_opacity']:.2f} %"}</td></tr>
+<tr><td>severity score</td><td>{report['severity_score']} / {report['severity_score_max']} ({html.escape(report['severity_method'])})</td></tr>
+<tr><td>answer</td><td>{html.escape(report['diagnosis']['label'])} (p = {report['diagnosis']['probabilities']['lesions_present']:.3f}; {html.escape(report['diagnosis']['rule'])})</td></tr>
+</table>
+<h2>Lesions</h2><table><tr><th>type</th><th>volume (mL)</th><th>% of lung</th></tr>{rows}</table>
+<h2>Zones</h2><table><tr><th>zone</th><th>% involved</th><th>score (0-5)</th></tr>{zones}</table>
+<h2>Slices</h2>{img(chart, 'slice chart')}
+<h2>Most affected slices</h2><p>GGO red, consolidation blue, effusion green, lung outline yellow.</p>{figs}
+<p><small>covidct {html.escape(report['covidct_version'])}; models: {html.escape(', '.join(m['name'] for m in report['models']))}; {report['seconds']} s</small></p>
+</body></html>
+"""
+
+
+def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | None = None, progress: bool = True,
+            device: str = "cpu", series_uid: str | None = None) -> dict[str, Any]:
+    """Analyse one scan and write every output into ``outdir``; returns the report dict."""
+    from covidct.models.checkpoint import file_sha256
+    from covidct.models.registry import load_seg_model
+
+    t0 = time.perf_counter()
+    vol = read(path, series_uid=series_uid)
+    model, payload = load_seg_model(model_spec)
+    models = [{"name": Path(payload["path"]).stem, "task": "seg", "sha256": file_sha256(payload["path"])}]
+    result = analyze_volume(vol, SegPredictor(model, device=device), progress=progress)
+    report = build_report(vol, result, models, time.perf_counter() - t0)
+
+    outdir = Path(outdir)
+    (outdir / "overlays").mkdir(parents=True, exist_ok=True)
+    write_nifti(result.lesions, vol, outdir / "lesions.nii.gz")
+    write_nifti(result.lungs, vol, outdir / "lungs.nii.gz")
+    order = np.argsort([-s["lesion_percent"] for s in result.slices])[:N_OVERLAYS]
+    order = [int(k) for k in order if result.slices[k]["lesion_percent"] > 0] or [vol.n_slices // 2]
+    overlays = []
+    for k in sorted(order):
+        grey = to_model_input(vol.array[k], is_hu=vol.is_hu)
+        pic = with_legend(overlay_rgb(grey, result.lesions[k], result.lungs[k] > 0),
+                          title=f"slice {k}: lesions {result.slices[k]['lesion_percent']:.1f}% of lung")
+        save_png(pic, outdir / "overlays" / f"slice_{k:04d}.png")
+        overlays.append((k, _png_bytes(pic)))
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    write_json(report, outdir / "report.json")
+    _write_atomic(_html(report, overlays, _slice_chart(result.slices)).encode("utf-8"), outdir / "report.html")
+    return report

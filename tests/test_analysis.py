@@ -1,0 +1,122 @@
+"""Scan-level analysis on generated volumes: lungs, burden, severity, outputs on the input grid."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import need_data, phantom_hu, write_ct_series, write_nifti
+from covidct.analysis.lungs import LEFT, RIGHT, segment_lungs_hu, zone_index
+from covidct.analysis.severity import involvement_score, lesion_burden
+from covidct.cli import main
+from covidct.io import read
+
+
+def test_classical_lungs_on_phantom_with_sides(tmp_path):
+    write_ct_series(tmp_path / "s", phantom_hu(8, 96), spacing=(5.0, 3.0, 3.0))
+    vol = read(tmp_path / "s")
+    res = segment_lungs_hu(vol.array, spacing=vol.spacing, affine=vol.affine)
+    right, left = res.labels == RIGHT, res.labels == LEFT
+    assert right.any() and left.any()
+    # DICOM columns run towards the patient's left: the right lung is on the low-column side
+    assert np.nonzero(right)[2].mean() < np.nonzero(left)[2].mean()
+    # the body (soft tissue) and outside air are not lung
+    assert not res.labels[:, 0, :].any() and not res.labels[:, 48, 48].any()
+    expected_ml = 2 * np.pi * (0.28 * 96) * (0.12 * 96) * 9.0 * 8 * 5.0 / 1000
+    assert res.volume_ml == pytest.approx(expected_ml, rel=0.15)
+    zones = zone_index(res.labels)
+    assert set(np.unique(zones[res.labels > 0])) == {0, 1, 2}
+
+
+def test_small_gas_pocket_is_not_lung():
+    hu = phantom_hu(8, 96)
+    hu[:, 80:86, 44:52] = -1000  # a gas pocket inside the body, below the lungs
+    res = segment_lungs_hu(hu, spacing=(5.0, 3.0, 3.0))
+    assert not res.labels[:, 80:86, 44:52].any()
+
+
+def test_severity_bins_and_burden():
+    assert [involvement_score(p) for p in (0, 3, 5, 10, 30, 60, 80)] == [0, 1, 1, 2, 3, 4, 5]
+    sides = np.zeros((3, 10, 20), np.uint8)
+    sides[:, :, :10] = RIGHT
+    sides[:, :, 10:] = LEFT
+    lesions = np.zeros_like(sides)
+    lesions[0, :5, :10] = 1  # half of the right upper zone: GGO
+    lesions[2, :, 15:] = 2   # half of the left lower zone: consolidation
+    hu = np.full(sides.shape, -800.0)
+    hu[2, :, 15:] = 20.0
+    b = lesion_burden(lesions, sides, zone_index(sides), voxel_ml=0.5, hu=hu)
+    assert b["lung_volume_ml"] == pytest.approx(300.0)
+    assert b["lesions"]["ggo"]["volume_ml"] == pytest.approx(25.0)
+    assert b["lesions"]["total"]["percent_of_lung"] == pytest.approx(100 * 100 / 600, abs=1e-3)
+    assert b["percent_high_opacity"] == pytest.approx(100 * 50 / 600, abs=1e-3)
+    assert b["zones"]["right_upper"]["score"] == 3 and b["zones"]["left_lower"]["score"] == 3
+    assert b["severity_score"] == 6
+
+
+def _check_outputs(out, vol, report):
+    for name in ("lesions.nii.gz", "lungs.nii.gz"):
+        img = nib.load(out / name)
+        assert img.shape == (vol.shape[2], vol.shape[1], vol.shape[0])
+        np.testing.assert_allclose(img.affine, vol.affine, atol=1e-4)
+    for key in ("input", "lung_volume_ml", "lesions", "percent_opacity", "percent_high_opacity", "severity_score",
+                "diagnosis", "slices", "models", "seconds"):
+        assert key in report
+    assert set(report["lesions"]) >= {"ggo", "consolidation", "effusion", "total"}
+    assert len(report["slices"]) == vol.n_slices
+    assert {"index", "infection_probability", "lesion_percent"} <= set(report["slices"][0])
+    assert report["models"][0]["sha256"] and "label" in report["diagnosis"]
+    html = (out / "report.html").read_text()
+    assert html.index("not for diagnosis") < html.index("<h1>") and "data:image/png;base64," in html
+    assert list((out / "overlays").glob("*.png"))
+
+
+def test_analyze_dicom_series_outputs_on_input_grid(tmp_path, tiny_seg_model, capsys):
+    write_ct_series(tmp_path / "s", phantom_hu(6, 96), spacing=(5.0, 3.0, 3.0))
+    vol = read(tmp_path / "s")
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "s"), "-o", str(out), "--model", str(tiny_seg_model)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    _check_outputs(out, vol, report)
+    assert report["lung_volume_ml"] > 100 and report["input"]["kind"] == "dicom-series"
+    lungs = nib.load(out / "lungs.nii.gz").get_fdata().transpose(2, 1, 0)
+    assert set(np.unique(lungs)) == {0, 1, 2}
+
+
+def test_analyze_nifti_keeps_affine(tmp_path, tiny_seg_model):
+    write_nifti(tmp_path / "v.nii.gz", phantom_hu(5, 80), spacing=(5.0, 3.0, 3.0))
+    vol = read(tmp_path / "v.nii.gz")
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "v.nii.gz"), "-o", str(out), "--model", str(tiny_seg_model)]) == 0
+    _check_outputs(out, vol, json.loads((out / "report.json").read_text()))
+
+
+def test_analyze_image_uses_learned_lungs(tmp_path, tiny_seg_model):
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 60), dtype=np.uint8)).save(tmp_path / "x.png")
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "x.png"), "-o", str(out), "--model", str(tiny_seg_model)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["input"]["kind"] == "image" and report["lung_volume_ml"] is None
+    assert "learned" in report["lung_method"]
+
+
+def test_analyze_bad_input_leaves_no_output(tmp_path, tiny_seg_model, capsys):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "empty"), "-o", str(out), "--model", str(tiny_seg_model)]) == 2
+    assert not out.exists()
+    assert "empty" in capsys.readouterr().err
+
+
+@pytest.mark.realdata
+def test_real_normal_lungs():
+    vol = read(need_data("covid-ct-md", "cap001.nii.gz"))
+    res = segment_lungs_hu(vol.array, spacing=vol.spacing, affine=vol.affine)
+    assert 2500 < res.volume_ml < 9000
+    r, l = (res.labels == RIGHT).sum(), (res.labels == LEFT).sum()
+    assert 0.5 < r / l < 2.0
