@@ -120,3 +120,14 @@ def test_real_normal_lungs():
     assert 2500 < res.volume_ml < 9000
     r, l = (res.labels == RIGHT).sum(), (res.labels == LEFT).sum()
     assert 0.5 < r / l < 2.0
+
+
+def test_analyze_folder_with_two_series_takes_the_largest(tmp_path, tiny_seg_model, capsys):
+    write_ct_series(tmp_path / "study" / "a", phantom_hu(6, 80), spacing=(5.0, 3.0, 3.0), series_uid="1.2.840.1")
+    write_ct_series(tmp_path / "study" / "b", phantom_hu(3, 80), spacing=(5.0, 3.0, 3.0), series_uid="1.2.840.2")
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "study"), "-o", str(out), "--model", str(tiny_seg_model)]) == 0
+    assert "analysed the largest, 1.2.840.1" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["input"]["series_chosen"] == "1.2.840.1" and report["input"]["shape"][0] == 6
+    assert [s["n_files"] for s in report["input"]["series_available"]] == [6, 3]

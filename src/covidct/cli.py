@@ -189,6 +189,50 @@ def _cmd_evaluate_cam(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_lesions(args: argparse.Namespace) -> int:
+    from covidct.engine.lesions import LesionTrainConfig, train_lesions
+    from covidct.report.json_io import to_json
+
+    for d in args.data:
+        if not Path(d).is_dir():
+            raise CovidctError(d, "no such folder")
+    model = {"backbone": args.backbone, "mask_mode": args.mask_mode, "input_size": args.input_size,
+             "truncate_last_stage": args.truncate_last_stage}
+    cfg = LesionTrainConfig(data=[str(d) for d in args.data], model=model, epochs=args.epochs,
+                            batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    print(to_json(train_lesions(cfg, args.output), disclaimer=False))
+    return 0
+
+
+def _cmd_train_maskcls(args: argparse.Namespace) -> int:
+    from covidct.engine.train_maskcls import MaskClsTrainConfig, train_maskcls
+    from covidct.report.json_io import to_json
+
+    if not Path(args.data).is_dir():
+        raise CovidctError(args.data, "no such folder")
+    cfg = MaskClsTrainConfig(data=str(args.data), lesion_model=args.lesion_model, n_classes=args.classes,
+                             top_n=args.top_n, s_width=args.s_width, epochs=args.epochs, seed=args.seed)
+    print(to_json(train_maskcls(cfg, args.output), disclaimer=False))
+    return 0
+
+
+def _cmd_evaluate_lesions(args: argparse.Namespace) -> int:
+    from covidct.engine.lesions import evaluate_lesions
+    from covidct.report.json_io import write_json
+
+    t0 = time.time()
+    result = evaluate_lesions(args.model, args.data, split=args.split)
+    print(f"{'class':<16}{'AP50':>10}{'AP75':>10}{'mAP':>10}")
+    rows = [("all", {k: result[k] for k in ("ap50", "ap75", "map")}), *result["per_class"].items()]
+    for name, r in rows:
+        print(f"{name:<16}" + "".join(f"{'n/a' if r[k] is None else f'{r[k]:.4f}':>10}" for k in ("ap50", "ap75", "map")))
+    print(f"{result['n_images']} images, {result['images_per_second']} images/s")
+    print(f"Evaluation took {time.time() - t0:.1f} s")
+    if args.json:
+        write_json(result, args.json)
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from covidct.report.slices import predict_to_folder
 
@@ -207,6 +251,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         return 0
     les = report["lesions"]
     lung = report["lung_volume_ml"]
+    if "series_chosen" in report["input"]:
+        n = len(report["input"]["series_available"])
+        print(f"folder holds {n} series: analysed the largest, {report['input']['series_chosen']} (choose with --series)")
     print(f"lung volume: {'n/a' if lung is None else f'{lung:.0f} mL'}")
     for name in ("ggo", "consolidation", "effusion", "total"):
         ml = les[name]["volume_ml"]
@@ -275,6 +322,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True)
     s.set_defaults(func=_cmd_train_cls)
 
+    s = train.add_parser("lesions", help="Mask R-CNN lesion instances (COVID-CT-Mask-Net stage 1)")
+    s.add_argument("--data", action="append", required=True, help="COVID-SemiSeg-layout folder (repeatable)")
+    s.add_argument("--mask-mode", choices=("ggo", "merge", "both"), default="both")
+    s.add_argument("--backbone", choices=("resnet18", "resnet34", "resnet50"), default="resnet18")
+    s.add_argument("--truncate-last-stage", action="store_true")
+    s.add_argument("--input-size", type=int, default=320)
+    s.add_argument("--epochs", type=int, default=40)
+    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-o", "--output", required=True)
+    s.set_defaults(func=_cmd_train_lesions)
+
+    s = train.add_parser("maskcls", help="COVID-CT-Mask-Net classifier (S on the top-N RoIs of a lesion model)")
+    s.add_argument("--data", required=True)
+    s.add_argument("--lesion-model", help="trained lesion model: shipped name or file")
+    s.add_argument("--classes", type=int, choices=(2, 3), default=2)
+    s.add_argument("--top-n", type=int, default=32, help="RoIs per image (N of the N x 5 tensor)")
+    s.add_argument("--s-width", type=int, default=128)
+    s.add_argument("--train", choices=("s",), default="s", help="what to train: s = the classification module only")
+    s.add_argument("--epochs", type=int, default=300)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-o", "--output", required=True)
+    s.set_defaults(func=_cmd_train_maskcls)
+
     evaluate = sub.add_parser("evaluate", help="evaluate a model on a data folder").add_subparsers(dest="task", required=True)
     s = evaluate.add_parser("seg", help="segmentation on a COVID-SemiSeg-layout folder")
     s.add_argument("--model", help="shipped model name or .pt file (default: the shipped segmentation model)")
@@ -291,6 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", metavar="OUT")
     s.add_argument("--plot", metavar="PNG", help="confusion-matrix picture")
     s.set_defaults(func=_cmd_evaluate_cls)
+
+    s = evaluate.add_parser("lesions", help="Mask R-CNN lesion AP on a COVID-SemiSeg-layout folder")
+    s.add_argument("--model", help="shipped name or .pt file")
+    s.add_argument("--data", required=True)
+    s.add_argument("--split")
+    s.add_argument("--json", metavar="OUT")
+    s.set_defaults(func=_cmd_evaluate_lesions)
 
     s = evaluate.add_parser("cam", help="weakly-supervised infection masks from class activation maps")
     s.add_argument("--model", help="classifier: shipped name or .pt file")

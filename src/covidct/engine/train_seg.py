@@ -72,18 +72,23 @@ class SegTrainConfig:
                               input_size=self.input_size)
 
 
-def load_training_data(cfg: SegTrainConfig) -> tuple[list[SegSample], list[SegSample]]:
+def split_seg_folders(data: list[str], *, val_fraction: float, seed: int) -> tuple[list[SegSample], list[SegSample]]:
     """(train, val) samples; see the module docstring for how validation is drawn."""
-    if cfg.labels not in LABEL_SETS:
-        raise CovidctError(None, f"--labels must be one of {sorted(LABEL_SETS)}")
-    folders = [SegFolder(d) for d in cfg.data]
+    folders = [SegFolder(d) for d in data]
     first = folders[0]
-    idx_train, idx_val = group_split(list(range(len(first))), first.groups, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    idx_train, idx_val = group_split(list(range(len(first))), first.groups, val_fraction=val_fraction, seed=seed)
     val_groups = {first.groups[i] for i in idx_val}
     train = [first[i] for i in idx_train]
     val = [first[i] for i in idx_val]
     for folder in folders[1:]:
         train += [folder[i] for i in range(len(folder)) if folder.groups[i] not in val_groups]
+    return train, val
+
+
+def load_training_data(cfg: SegTrainConfig) -> tuple[list[SegSample], list[SegSample]]:
+    if cfg.labels not in LABEL_SETS:
+        raise CovidctError(None, f"--labels must be one of {sorted(LABEL_SETS)}")
+    train, val = split_seg_folders(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     need_lung = cfg.lung_head or cfg.labels == "lung"
     if need_lung and any(s.lung is None for s in train):
         raise CovidctError(cfg.data[0], "lung head requested but some slices have no lung/ mask (use --no-lung-head)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from covidct.errors import InputError
-from covidct.io.dicom import read_dicom_file, read_dicom_series, scan_series
+from covidct.io.dicom import list_series, read_dicom_file, read_dicom_series, scan_series
 from covidct.io.image import is_image, list_images, load_grey, load_label_map, read_image, read_image_folder
 from covidct.io.nifti import is_nifti, read_nifti, write_nifti
 from covidct.io.volume import KINDS, Volume
@@ -13,7 +13,7 @@ from covidct.io.window import PRESETS, Window, apply_window, get_window, to_mode
 
 __all__ = [
     "KINDS", "PRESETS", "Volume", "Window", "apply_window", "get_window", "is_image", "is_nifti",
-    "list_images", "load_grey", "load_label_map", "read", "read_dicom_file", "read_dicom_series",
+    "list_images", "list_series", "load_grey", "load_label_map", "read", "read_dicom_file", "read_dicom_series",
     "read_image", "read_image_folder", "read_nifti", "scan_series", "to_model_input", "write_nifti",
 ]
 

@@ -218,3 +218,11 @@ def read_dicom_series(
         n_skipped=skipped,
         metadata=meta,
     )
+
+
+def list_series(folder: str | Path) -> list[dict[str, Any]]:
+    """The DICOM series below ``folder``, largest first: ``[{"series_uid", "n_files", "description"}]``."""
+    groups, _ = scan_series(folder)
+    out = [{"series_uid": uid, "n_files": len(items),
+            "description": str(getattr(items[0][1], "SeriesDescription", "") or "")} for uid, items in groups.items()]
+    return sorted(out, key=lambda r: -r["n_files"])

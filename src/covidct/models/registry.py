@@ -10,7 +10,7 @@ from covidct.models.checkpoint import read_checkpoint
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 #: Default shipped model per task.
-DEFAULTS: dict[str, str] = {"seg": "seg-effl0-unet", "cls": "cls-effl0-ucsd"}
+DEFAULTS: dict[str, str] = {"seg": "seg-effl0-unet", "cls": "cls-effl0-ucsd", "lesions": "lesions-r18-maskrcnn"}
 
 
 def shipped_files() -> list[Path]:
@@ -72,15 +72,50 @@ def load_seg_model(spec: str | Path | None = None):
 
 
 def load_cls_model(spec: str | Path | None = None):
-    """``(ClassificationNet in eval mode, checkpoint dict)``; the checkpoint's ``temperature``
+    """``(classifier in eval mode, checkpoint dict)`` for ``cls`` and ``maskcls`` checkpoints; ``temperature``
     (calibration) is in the dict."""
     from covidct.models.classification import ClsModelConfig, build_cls_model
 
     path = resolve_model(spec, task="cls")
     payload = read_checkpoint(path)
+    if payload["task"] == "maskcls":
+        return load_maskcls_model(path, payload)
     if payload["task"] != "cls":
         raise CovidctError(path, f"is a {payload['task']!r} model, not a classifier")
     model = build_cls_model(ClsModelConfig.from_dict(payload["config"]))
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CovidctError(path, f"weights do not fit the architecture it describes ({str(exc).splitlines()[0]})") from None
+    model.eval()
+    payload["path"] = str(path)
+    return model, payload
+
+
+def load_lesion_model(spec: str | Path | None = None):
+    """``(LesionNet in eval mode, checkpoint dict)``: anchors, RoI settings and classes come from the file."""
+    from covidct.models.lesions import LesionModelConfig, build_lesion_model
+
+    path = resolve_model(spec, task="lesions")
+    payload = read_checkpoint(path)
+    if payload["task"] != "lesions":
+        raise CovidctError(path, f"is a {payload['task']!r} model, not a lesion (Mask R-CNN) model")
+    model = build_lesion_model(LesionModelConfig.from_dict(payload["config"]))
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CovidctError(path, f"weights do not fit the architecture it describes ({str(exc).splitlines()[0]})") from None
+    model.eval()
+    payload["path"] = str(path)
+    return model, payload
+
+
+def load_maskcls_model(path: Path, payload: dict):
+    from covidct.models.maskcls import MaskClsConfig, build_maskcls_model
+
+    model = build_maskcls_model(MaskClsConfig.from_dict(payload["config"]))
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()}
     try:
         model.load_state_dict(state)
