@@ -52,15 +52,35 @@ def list_models() -> list[dict[str, Any]]:
     return [model_entry(p) for p in shipped_files()]
 
 
-def load_seg_model(spec: str | Path | None = None):
-    """``(SegmentationNet in eval mode, checkpoint dict)`` from a shipped name or a file."""
+def _builders() -> dict[str, Any]:
+    """task -> function(config dict) -> network."""
+    from covidct.models.classification import ClsModelConfig, build_cls_model
+    from covidct.models.lesions import LesionModelConfig, build_lesion_model
+    from covidct.models.maskcls import MaskClsConfig, build_maskcls_model
     from covidct.models.segmentation import SegModelConfig, build_seg_model
 
-    path = resolve_model(spec, task="seg")
+    return {
+        "seg": lambda c: build_seg_model(SegModelConfig.from_dict(c)),
+        "cls": lambda c: build_cls_model(ClsModelConfig.from_dict(c)),
+        "lesions": lambda c: build_lesion_model(LesionModelConfig.from_dict(c)),
+        "maskcls": lambda c: build_maskcls_model(MaskClsConfig.from_dict(c)),
+    }
+
+
+TASK_NAMES = {"seg": "segmentation model", "cls": "classifier", "lesions": "lesion (Mask R-CNN) model",
+              "maskcls": "Mask-Net classifier"}
+
+
+def load_model(spec: str | Path | None, *, task: str, accept: tuple[str, ...] | None = None):
+    """``(network in eval mode, checkpoint dict)`` from a shipped name, a file, or ``None`` (the
+    task's shipped default). The network is rebuilt from the checkpoint alone; ``accept`` lists the
+    checkpoint tasks that may stand in for ``task``."""
+    path = resolve_model(spec, task=task)
     payload = read_checkpoint(path)
-    if payload["task"] != "seg":
-        raise CovidctError(path, f"is a {payload['task']!r} model, not a segmentation model")
-    model = build_seg_model(SegModelConfig.from_dict(payload["config"]))
+    accept = accept or (task,)
+    if payload["task"] not in accept:
+        raise CovidctError(path, f"is a {payload['task']!r} model, not a {TASK_NAMES[task]}")
+    model = _builders()[payload["task"]](payload["config"])
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()}
     try:
         model.load_state_dict(state)
@@ -69,58 +89,19 @@ def load_seg_model(spec: str | Path | None = None):
     model.eval()
     payload["path"] = str(path)
     return model, payload
+
+
+def load_seg_model(spec: str | Path | None = None):
+    """``(SegmentationNet, checkpoint dict)``."""
+    return load_model(spec, task="seg")
 
 
 def load_cls_model(spec: str | Path | None = None):
-    """``(classifier in eval mode, checkpoint dict)`` for ``cls`` and ``maskcls`` checkpoints; ``temperature``
-    (calibration) is in the dict."""
-    from covidct.models.classification import ClsModelConfig, build_cls_model
-
-    path = resolve_model(spec, task="cls")
-    payload = read_checkpoint(path)
-    if payload["task"] == "maskcls":
-        return load_maskcls_model(path, payload)
-    if payload["task"] != "cls":
-        raise CovidctError(path, f"is a {payload['task']!r} model, not a classifier")
-    model = build_cls_model(ClsModelConfig.from_dict(payload["config"]))
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CovidctError(path, f"weights do not fit the architecture it describes ({str(exc).splitlines()[0]})") from None
-    model.eval()
-    payload["path"] = str(path)
-    return model, payload
+    """``(classifier, checkpoint dict)`` for ``cls`` and ``maskcls`` checkpoints; the calibration
+    ``temperature`` is in the dict."""
+    return load_model(spec, task="cls", accept=("cls", "maskcls"))
 
 
 def load_lesion_model(spec: str | Path | None = None):
-    """``(LesionNet in eval mode, checkpoint dict)``: anchors, RoI settings and classes come from the file."""
-    from covidct.models.lesions import LesionModelConfig, build_lesion_model
-
-    path = resolve_model(spec, task="lesions")
-    payload = read_checkpoint(path)
-    if payload["task"] != "lesions":
-        raise CovidctError(path, f"is a {payload['task']!r} model, not a lesion (Mask R-CNN) model")
-    model = build_lesion_model(LesionModelConfig.from_dict(payload["config"]))
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CovidctError(path, f"weights do not fit the architecture it describes ({str(exc).splitlines()[0]})") from None
-    model.eval()
-    payload["path"] = str(path)
-    return model, payload
-
-
-def load_maskcls_model(path: Path, payload: dict):
-    from covidct.models.maskcls import MaskClsConfig, build_maskcls_model
-
-    model = build_maskcls_model(MaskClsConfig.from_dict(payload["config"]))
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CovidctError(path, f"weights do not fit the architecture it describes ({str(exc).splitlines()[0]})") from None
-    model.eval()
-    payload["path"] = str(path)
-    return model, payload
+    """``(LesionNet, checkpoint dict)``: anchors, RoI settings and classes come from the file."""
+    return load_model(spec, task="lesions")

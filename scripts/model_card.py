@@ -1,0 +1,46 @@
+"""Write a model card (Markdown) beside a shipped checkpoint from the checkpoint's own metadata.
+
+    python scripts/model_card.py src/covidct/weights/NAME.pt --command "covidct train ..." --data-terms "..."
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from covidct import DISCLAIMER
+from covidct.models.checkpoint import file_sha256, read_checkpoint
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checkpoint")
+    ap.add_argument("--command", required=True, help="the exact command that produced it")
+    ap.add_argument("--data-terms", required=True)
+    ap.add_argument("--notes", default="")
+    args = ap.parse_args()
+    path = Path(args.checkpoint)
+    p = read_checkpoint(path)
+    m = p.get("metrics", {})
+    lines = [
+        f"# {path.stem}", "", f"> {DISCLAIMER}", "",
+        f"* task: `{p['task']}`; classes: {', '.join(p.get('classes', []))}; input size: {p.get('input_size')}",
+        f"* file: `{path.name}`, {path.stat().st_size / 1e6:.1f} MB (fp16), sha256 `{file_sha256(path)}`",
+        f"* created: {p.get('created')}; versions: {json.dumps(p.get('versions', {}))}",
+        f"* normalisation: {p.get('normalization', 'n/a')}",
+        f"* training time: {m.get('train_seconds', 'n/a')} s on 2 CPU cores (best epoch {m.get('epoch', 'n/a')})",
+        "", "## Reproduce", "", "```bash", args.command, "```", "",
+        "## Data and terms", "", args.data_terms, "",
+        "## Validation metrics (split carved out of the training data)", "", "```json",
+        json.dumps({k: v for k, v in m.items() if k != "val_ids"}, indent=2), "```", "",
+        "## Architecture (rebuilt from this checkpoint alone)", "", "```json", json.dumps(p["config"], indent=2), "```",
+    ]
+    if args.notes:
+        lines += ["", "## Notes", "", args.notes]
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {path.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
