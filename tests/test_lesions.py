@@ -77,3 +77,17 @@ def test_maskcls_trains_s_and_evaluates_through_evaluate_cls(tmp_path, seg_folde
     js = tmp_path / "e.json"
     assert main(["evaluate", "cls", "--model", str(out), "--data", str(data), "--split", "test", "--json", str(js)]) == 0
     assert json.loads(js.read_text())["n_images"] == 4
+
+
+def test_efficientnet_backbone_starts_from_imagenet():
+    from covidct.models.encoders import imagenet_state_dict
+
+    m = build_lesion_model(LesionModelConfig(backbone="efficientnet-lite0", input_size=64, anchor_sizes=(4, 8, 16, 32, 64)),
+                           imagenet=True)
+    body = m.net.backbone.body
+    torch.testing.assert_close(body.conv_stem.weight, imagenet_state_dict("efficientnet-lite0")["conv_stem.weight"])
+    assert m.net.backbone.out_channels == 128
+    m.eval()
+    with torch.inference_mode():
+        out = m([torch.rand(1, 64, 64)])
+    assert set(out[0]) == {"boxes", "labels", "scores", "masks"}

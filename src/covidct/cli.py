@@ -325,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = train.add_parser("lesions", help="Mask R-CNN lesion instances (COVID-CT-Mask-Net stage 1)")
     s.add_argument("--data", action="append", required=True, help="COVID-SemiSeg-layout folder (repeatable)")
     s.add_argument("--mask-mode", choices=("ggo", "merge", "both"), default="both")
-    s.add_argument("--backbone", choices=("resnet18", "resnet34", "resnet50"), default="resnet18")
+    s.add_argument("--backbone", choices=("resnet18", "resnet34", "resnet50", "efficientnet-lite0", "efficientnet-lite1",
+                                          "efficientnet-lite2"), default="efficientnet-lite0")
     s.add_argument("--truncate-last-stage", action="store_true")
     s.add_argument("--input-size", type=int, default=320)
     s.add_argument("--epochs", type=int, default=40)

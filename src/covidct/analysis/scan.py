@@ -9,8 +9,9 @@ within 15 mm of it; 3-D lesion components under 0.1 mL are dropped (volumes with
 
 Per-slice infection probability: ``1 - exp(-A / 100 mm²)`` with ``A`` the predicted GGO +
 consolidation area of the slice (a 1 cm² lesion gives 0.63); fixed a priori, not fitted. The
-patient-level answer: ``lesions present`` when the mean of the 5 highest slice probabilities is
-at least 0.5.
+patient-level answer: ``lesions present`` when GGO + consolidation cover at least 1 % of the lung
+(a normal scan's burden is expected below 1 %); the mean of the 5 highest slice probabilities is
+reported beside it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from covidct.io.volume import Volume
 from covidct.io.window import to_model_input
 
 AREA_SCALE_MM2 = 100.0
+#: Patient-level rule: lesion burden at or above this share of the lung counts as "lesions present".
+#: Set a priori from the project's acceptance bound for a normal scan (< 1 % of lung).
+MIN_BURDEN_PERCENT = 1.0
 #: Lesion components smaller than this (about a 6 mm sphere, below what a radiologist reports as an
 #: opacity) are dropped as noise. Fixed a priori.
 MIN_LESION_ML = 0.1
@@ -130,11 +134,13 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
                "lesion_area_mm2": round(float(areas[k]), 2)} for k in range(n)]
     top = np.sort(probs)[::-1][:TOP_K]
     p_patient = float(top.mean()) if top.size else 0.0
+    present = burden["percent_opacity"] >= MIN_BURDEN_PERCENT
     diagnosis = {
-        "label": "lesions present" if p_patient >= 0.5 else "no lesions found",
+        "label": "lesions present" if present else "no lesions found",
         "probabilities": {"lesions_present": round(p_patient, 6)},
-        "rule": f"mean of the {TOP_K} highest slice infection probabilities >= 0.5",
-        "note": "segmentation-based; no 3-class (COVID-19 / common pneumonia / normal) classifier is shipped yet",
+        "rule": f"lesions present when GGO + consolidation cover >= {MIN_BURDEN_PERCENT:g} % of the lung; the "
+                f"probability is the mean of the {TOP_K} highest slice infection probabilities (not calibrated)",
+        "note": "segmentation-based; no 3-class (COVID-19 / common pneumonia / normal) patient classifier yet",
     }
     return ScanResult(lesions, lungs, burden, slices, diagnosis, lung_method, timings)
 

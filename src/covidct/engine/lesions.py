@@ -37,6 +37,7 @@ class LesionTrainConfig:
     weight_decay: float = 1e-4
     val_fraction: float = 0.2
     seed: int = 0
+    imagenet: bool = True
     half: bool = True
 
 
@@ -110,7 +111,7 @@ def train_lesions(cfg: LesionTrainConfig, output: str | Path, *, progress: bool 
     seed_everything(cfg.seed)
     mcfg = LesionModelConfig.from_dict(cfg.model)
     train, val = split_seg_folders(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    model = build_lesion_model(mcfg)
+    model = build_lesion_model(mcfg, imagenet=cfg.imagenet)
     ds = _Instances(train, seg_train_transform(mcfg.input_size, seed=cfg.seed), mcfg.mask_mode)
     dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                      collate_fn=lambda b: tuple(zip(*b)),

@@ -28,10 +28,11 @@ def _pydicom():
 
 
 def read_header(path: Path) -> Any:
-    """The dataset of a DICOM file without its pixel data; ``InputError`` if it is not DICOM."""
+    """The dataset of a DICOM file, its pixel data deferred (read from the file only when used);
+    ``InputError`` if it is not DICOM."""
     pydicom = _pydicom()
     try:
-        return pydicom.dcmread(str(path), stop_before_pixels=True)
+        return pydicom.dcmread(str(path), defer_size="64 KB")
     except pydicom.errors.InvalidDicomError:
         raise InputError(path, "not a DICOM file (no DICM preamble)") from None
     except Exception as exc:  # truncated files raise many kinds of errors
@@ -44,15 +45,17 @@ def _check_ct(ds: Any, path: Path, require_ct: bool) -> None:
         raise InputError(path, f"modality is {modality}, not CT")
 
 
-def _pixels_hu(path: Path) -> tuple[np.ndarray, Any]:
-    """Decode one file's pixels and apply the modality LUT (-> HU for CT)."""
+def _pixels_hu(path: Path, ds: Any | None = None) -> tuple[np.ndarray, Any]:
+    """Decode one file's pixels (from ``ds`` when already parsed) and apply the modality LUT
+    (-> HU for CT)."""
     pydicom = _pydicom()
     from pydicom.pixels import apply_modality_lut
 
-    try:
-        ds = pydicom.dcmread(str(path))
-    except Exception as exc:
-        raise InputError(path, f"unreadable DICOM file ({type(exc).__name__}: {exc})") from None
+    if ds is None:
+        try:
+            ds = pydicom.dcmread(str(path))
+        except Exception as exc:
+            raise InputError(path, f"unreadable DICOM file ({type(exc).__name__}: {exc})") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise InputError(path, "DICOM file has no pixel data")
     try:
@@ -198,8 +201,8 @@ def read_dicom_series(
         if np.any(gaps < 1e-3):
             raise InputError(folder, "mixed series: two slices share one position (duplicate or multi-phase series)")
     arrays = []
-    for path, _ in items:
-        hu, _ = _pixels_hu(path)
+    for path, ds in items:
+        hu, _ = _pixels_hu(path, ds)
         arrays.append(hu)
     spacing_rc = _pixel_spacing(first)
     if len(positions) > 1:

