@@ -9,7 +9,6 @@ with the validation accuracy, F1, AUC and ECE before and after scaling.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from covidct.data.classification import BINARY_CLASSES, THREE_CLASSES, ClsRecord
 from covidct.data.cls_transforms import cls_train_transform
 from covidct.data.splits import group_split
 from covidct.engine.common import seed_everything, warmup_cosine, write_log
-from covidct.engine.evaluate_cls import evaluate_records, expected_calibration_error
+from covidct.engine.evaluate_cls import evaluate_records
 from covidct.errors import CovidctError
 from covidct.models.checkpoint import save_checkpoint
 from covidct.models.classification import ClsModelConfig, build_cls_model

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from covidct.models.base import NormalizedNet
 from covidct.models.encoders import IMAGENET_GREY_MEAN, IMAGENET_GREY_STD, OFFLINE_IMAGENET, imagenet_state_dict
 
 TIMM_NAMES: dict[str, str] = {
@@ -44,18 +45,8 @@ class ClsModelConfig:
         return cls(**d)
 
 
-class ClassificationNet(nn.Module):
+class ClassificationNet(NormalizedNet):
     """timm backbone with built-in input normalisation; returns class logits."""
-
-    def __init__(self, config: ClsModelConfig, net: nn.Module) -> None:
-        super().__init__()
-        self.config = config
-        self.net = net
-        self.register_buffer("mean", torch.tensor(config.input_mean), persistent=False)
-        self.register_buffer("std", torch.tensor(config.input_std), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
 
 
 def _load_backbone(net: nn.Module, weights: dict[str, torch.Tensor]) -> int:

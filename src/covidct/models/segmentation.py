@@ -7,11 +7,10 @@ effusion) followed, when ``lung_head`` is on, by one sigmoid logit for the lung 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
-import torch
-from torch import nn
 
+from covidct.models.base import NormalizedNet
 from covidct.models.encoders import (
     IMAGENET_GREY_MEAN, IMAGENET_GREY_STD, OFFLINE_IMAGENET, load_imagenet_encoder, smp_encoder_name,
 )
@@ -48,22 +47,12 @@ class SegModelConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-class SegmentationNet(nn.Module):
+class SegmentationNet(NormalizedNet):
     """smp decoder + encoder with built-in input normalisation."""
-
-    def __init__(self, config: SegModelConfig, net: nn.Module) -> None:
-        super().__init__()
-        self.config = config
-        self.net = net
-        self.register_buffer("mean", torch.tensor(config.input_mean), persistent=False)
-        self.register_buffer("std", torch.tensor(config.input_std), persistent=False)
 
     @property
     def n_lesion_classes(self) -> int:
         return len(self.config.lesion_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
 
 
 def build_seg_model(config: SegModelConfig | None = None, *, imagenet: bool = False, **overrides) -> SegmentationNet:
