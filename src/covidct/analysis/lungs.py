@@ -52,8 +52,20 @@ def _column_increases_to_left(affine: np.ndarray) -> bool:
 
 def segment_lungs_hu(hu: np.ndarray, *, spacing: tuple[float, float, float] | None = None,
                      affine: np.ndarray | None = None, threshold: float = -320.0,
-                     min_volume_ml: float = 50.0) -> LungResult:
-    """Lung labels (1 right, 2 left) of a ``(slices, rows, cols)`` HU volume."""
+                     min_volume_ml: float = 50.0, max_size: int = 320) -> LungResult:
+    """Lung labels (1 right, 2 left) of a ``(slices, rows, cols)`` HU volume.
+
+    Slices larger than ``max_size`` are processed at an integer in-plane step (512² -> 256²) and
+    the labels brought back by nearest neighbour: 4x less work, boundaries within one source pixel
+    pair."""
+    step = max(1, int(np.ceil(max(hu.shape[1:]) / max_size)))
+    if step > 1:
+        sp = spacing or (1.0, 1.0, 1.0)
+        small = segment_lungs_hu(hu[:, ::step, ::step], spacing=(sp[0], sp[1] * step, sp[2] * step), affine=affine,
+                                 threshold=threshold, min_volume_ml=min_volume_ml, max_size=max_size)
+        labels = np.repeat(np.repeat(small.labels, step, axis=1), step, axis=2)[:, :hu.shape[1], :hu.shape[2]]
+        voxel_ml = float(np.prod(sp)) / 1000.0
+        return LungResult(np.ascontiguousarray(labels), float((labels > 0).sum() * voxel_ml), small.airway_removed_ml)
     spacing = spacing or (1.0, 1.0, 1.0)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     air = hu < threshold
