@@ -131,3 +131,20 @@ def test_analyze_folder_with_two_series_takes_the_largest(tmp_path, tiny_seg_mod
     report = json.loads((out / "report.json").read_text())
     assert report["input"]["series_chosen"] == "1.2.840.1" and report["input"]["shape"][0] == 6
     assert [s["n_files"] for s in report["input"]["series_available"]] == [6, 3]
+
+
+def test_lesion_region_does_not_fill_a_crescent():
+    """At the lung bases the lung wraps around the diaphragm dome: the region where lesions may lie
+    must hug the lung (closing), not fill the crescent's hollow (as a convex hull would)."""
+    from covidct.analysis.scan import _lesion_region
+
+    yy, xx = np.mgrid[:200, :200]
+    outer = (yy - 150) ** 2 + (xx - 100) ** 2 < 90 ** 2
+    inner = (yy - 160) ** 2 + (xx - 100) ** 2 < 75 ** 2
+    crescent = (outer & ~inner & (yy < 170)).astype(np.uint8) * RIGHT
+    region = _lesion_region(crescent, radius_px=8)
+    assert region[crescent > 0].all()
+    assert not region[150, 100]                 # the hollow (abdomen) stays out
+    notch = crescent.copy()
+    notch[70:74, 95:105] = 0                    # a dense lesion cut out of the air mask
+    assert _lesion_region(notch, radius_px=8)[72, 100] == RIGHT

@@ -4,8 +4,8 @@ Lesion model input: each slice is cropped to the bounding box of its lungs (plus
 the framing of the COVID-SemiSeg training slices — windowed (HU: lung window) and resized to the
 model's input size, so the in-plane resolution of the source does not matter (a 256² NIfTI at
 1.18 mm and a 512² series at 0.75 mm give the same framing). Predictions are pasted back on the
-input grid. GGO/consolidation are kept inside the convex hull of each lung on the slice, effusion
-within 15 mm of it; 3-D lesion components under 0.1 mL are dropped (volumes with spacing only).
+input grid. GGO/consolidation are kept inside each lung closed with a 10 mm disk (holes filled),
+effusion within 15 mm of it; 3-D lesion components under 0.1 mL are dropped (volumes with spacing only).
 
 Per-slice infection probability: ``1 - exp(-A / 100 mm²)`` with ``A`` the predicted GGO +
 consolidation area of the slice (a 1 cm² lesion gives 0.63); fixed a priori, not fitted. The
@@ -30,6 +30,8 @@ from covidct.io.volume import Volume
 from covidct.io.window import to_model_input
 
 AREA_SCALE_MM2 = 100.0
+#: Lesions are kept inside each lung closed with a disk of this radius (see ``_lesion_region``).
+CLOSING_MM = 10.0
 #: Patient-level rule: lesion burden at or above this share of the lung counts as "lesions present".
 #: Set a priori from the project's acceptance bound for a normal scan (< 1 % of lung).
 MIN_BURDEN_PERCENT = 1.0
@@ -61,19 +63,25 @@ def _bbox(mask2d: np.ndarray, margin: float = 0.03) -> tuple[slice, slice] | Non
             slice(max(0, cols[0] - mc), min(w, cols[-1] + 1 + mc)))
 
 
-def _hull_region(lung2d: np.ndarray) -> np.ndarray:
-    """Per-side convex hull of a slice's lungs, labelled by side."""
-    from skimage.morphology import convex_hull_image
-
+def _lesion_region(lung2d: np.ndarray, radius_px: int) -> np.ndarray:
+    """Where lesions may lie on a slice, labelled by side: each lung closed with a disk of
+    ``radius_px`` (so dense lesions at the lung edge, which the air threshold leaves out, are inside)
+    and its holes filled. A convex hull would be too generous at the lung bases, where the
+    crescent-shaped lung wraps around the liver and stomach."""
     out = np.zeros(lung2d.shape, np.uint8)
     for side in (RIGHT, LEFT):
         m = lung2d == side
         box = _bbox(m, margin=0.0)
-        if box is None or m.sum() < 3:
+        if box is None:
             continue
-        hull = convex_hull_image(m[box])  # on the side's bounding box only: ~10x cheaper
+        pad = radius_px + 1
+        crop = np.pad(m[box], pad)
+        # closing with a disk as two Euclidean distance transforms (much faster than a large footprint)
+        dilated = ndimage.distance_transform_edt(~crop) <= radius_px
+        closed = ndimage.distance_transform_edt(dilated) > radius_px
+        closed = ndimage.binary_fill_holes(closed | crop)[pad:-pad, pad:-pad]
         region = out[box]
-        region[hull & (region == 0)] = side
+        region[closed & (region == 0)] = side
     return out
 
 
@@ -100,6 +108,7 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     todo = [k for k in range(n) if lungs[k].any()]
     px_mm = _slice_pixel_mm2(vol)
     eff_margin = max(1, int(round(15.0 / np.sqrt(px_mm)))) if vol.spacing else 15
+    close_px = max(1, int(round(CLOSING_MM / np.sqrt(px_mm)))) if vol.spacing else 10
     bar = tqdm(total=len(todo), desc="lesions", unit="slice", disable=not progress)
     for start in range(0, len(todo), batch_size):
         ks = todo[start:start + batch_size]
@@ -108,16 +117,16 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
         for k, b, pred in zip(ks, boxes, predictor.predict(crops)):
             full = np.zeros(vol.shape[1:], np.uint8)
             full[b] = pred.labels
-            hull = _hull_region(lungs[k])
-            keep = np.isin(full, (1, 2)) & (hull > 0)
+            region = _lesion_region(lungs[k], close_px)
+            keep = np.isin(full, (1, 2)) & (region > 0)
             if (full == 3).any():
-                near = ndimage.distance_transform_edt(hull == 0) <= eff_margin
+                near = ndimage.distance_transform_edt(region == 0) <= eff_margin
                 keep |= (full == 3) & near
             full[~keep] = 0
             lesions[k] = full
             # the lung includes the GGO/consolidation it encloses
             grow = np.isin(full, (1, 2)) & (lungs[k] == 0)
-            lungs[k][grow] = hull[grow]
+            lungs[k][grow] = region[grow]
         bar.update(len(ks))
     bar.close()
     _drop_small_lesions(lesions, lungs, vol.voxel_volume_ml())
