@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from covidct.errors import InputError
-from covidct.io.dicom import list_series, read_dicom_file, read_dicom_series, scan_series
+from covidct.io.dicom import read_dicom_file, read_dicom_series, scan_series
 from covidct.io.image import is_image, list_images, load_grey, load_label_map, read_image, read_image_folder
 from covidct.io.nifti import is_nifti, read_nifti, write_nifti
 from covidct.io.volume import KINDS, Volume
@@ -13,7 +13,7 @@ from covidct.io.window import PRESETS, Window, apply_window, get_window, to_mode
 
 __all__ = [
     "KINDS", "PRESETS", "Volume", "Window", "apply_window", "get_window", "is_image", "is_nifti",
-    "list_images", "list_series", "load_grey", "load_label_map", "read", "read_dicom_file", "read_dicom_series",
+    "list_images", "load_grey", "load_label_map", "read", "read_dicom_file", "read_dicom_series",
     "read_image", "read_image_folder", "read_nifti", "scan_series", "to_model_input", "write_nifti",
 ]
 
@@ -29,7 +29,8 @@ def _looks_dicom(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def read(path: str | Path, *, series_uid: str | None = None, require_ct: bool = True) -> Volume:
+def read(path: str | Path, *, series_uid: str | None = None, require_ct: bool = True,
+         largest_series: bool = False) -> Volume:
     """Read any supported input, deciding by what it is.
 
     * folder with DICOM files -> :func:`read_dicom_series`; folder of images -> :func:`read_image_folder`
@@ -45,7 +46,7 @@ def read(path: str | Path, *, series_uid: str | None = None, require_ct: bool = 
             raise InputError(path, "folder is empty")
         if list_images(path) and not any(_looks_dicom(p) for p in path.iterdir() if p.is_file()):
             return read_image_folder(path)
-        return read_dicom_series(path, series_uid=series_uid, require_ct=require_ct)
+        return read_dicom_series(path, series_uid=series_uid, require_ct=require_ct, largest_series=largest_series)
     if path.stat().st_size == 0:
         raise InputError(path, "file is empty")
     if is_nifti(path):

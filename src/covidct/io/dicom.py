@@ -166,17 +166,23 @@ def _sort_key_factory(normal: np.ndarray):
 
 
 def read_dicom_series(
-    folder: str | Path, *, series_uid: str | None = None, require_ct: bool = True
+    folder: str | Path, *, series_uid: str | None = None, require_ct: bool = True, largest_series: bool = False
 ) -> Volume:
     """Read a folder holding one DICOM series into a ``(slices, rows, columns)`` HU volume.
 
-    A folder with several series needs ``series_uid``; mixed sizes or orientations inside one
-    series are rejected.
+    A folder with several series needs ``series_uid``, or ``largest_series=True`` to take the one
+    with the most files (``metadata["series_available"]`` then lists them all); mixed sizes or
+    orientations inside one series are rejected.
     """
     folder = Path(folder)
     groups, skipped = scan_series(folder)
     if not groups:
         raise InputError(folder, "no DICOM files found")
+    available = sorted(({"series_uid": uid, "n_files": len(items),
+                         "description": str(getattr(items[0][1], "SeriesDescription", "") or "")}
+                        for uid, items in groups.items()), key=lambda r: -r["n_files"])
+    if series_uid is None and largest_series:
+        series_uid = available[0]["series_uid"]
     if series_uid is None:
         if len(groups) > 1:
             sizes = ", ".join(f"{uid} ({len(items)} files)" for uid, items in groups.items())
@@ -210,6 +216,8 @@ def read_dicom_series(
     else:
         slice_spacing = float(getattr(first, "SliceThickness", 1.0) or 1.0)
     meta = _metadata(first)
+    if len(groups) > 1:
+        meta["series_available"] = available
     return Volume(
         array=np.stack(arrays).astype(np.float32, copy=False),
         kind="dicom-series",
@@ -222,10 +230,3 @@ def read_dicom_series(
         metadata=meta,
     )
 
-
-def list_series(folder: str | Path) -> list[dict[str, Any]]:
-    """The DICOM series below ``folder``, largest first: ``[{"series_uid", "n_files", "description"}]``."""
-    groups, _ = scan_series(folder)
-    out = [{"series_uid": uid, "n_files": len(items),
-            "description": str(getattr(items[0][1], "SeriesDescription", "") or "")} for uid, items in groups.items()]
-    return sorted(out, key=lambda r: -r["n_files"])

@@ -16,7 +16,7 @@ import numpy as np
 from covidct import DISCLAIMER, __version__
 from covidct.analysis.scan import ScanResult, analyze_volume
 from covidct.engine.infer import SegPredictor
-from covidct.io import Volume, list_series, read, to_model_input, write_nifti
+from covidct.io import Volume, read, to_model_input, write_nifti
 from covidct.report.json_io import write_json
 from covidct.report.overlay import overlay_rgb, save_png, with_legend
 
@@ -135,13 +135,11 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
     from covidct.models.registry import load_seg_model
 
     t0 = time.perf_counter()
+    # a folder of several series: take the one with the most slices (one header scan), and say so
+    vol = read(path, series_uid=series_uid, largest_series=True)
     series_note = None
-    if series_uid is None and Path(path).is_dir():
-        series = list_series(path)
-        if len(series) > 1:  # several series: take the one with the most slices, and say so
-            series_uid = series[0]["series_uid"]
-            series_note = {"series_chosen": series_uid, "series_available": series}
-    vol = read(path, series_uid=series_uid)
+    if "series_available" in vol.metadata and series_uid is None:
+        series_note = {"series_chosen": vol.metadata["series_uid"], "series_available": vol.metadata["series_available"]}
     model, payload = load_seg_model(model_spec)
     models = [{"name": Path(payload["path"]).stem, "task": "seg", "sha256": file_sha256(payload["path"])}]
     result = analyze_volume(vol, SegPredictor(model, device=device), progress=progress)
