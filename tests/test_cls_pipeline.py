@@ -129,3 +129,11 @@ def test_cam_is_high_where_the_evidence_is():
     assert cam.shape == img.shape and cam.max() == pytest.approx(1.0)
     mask = cam_to_mask(cam, threshold=0.5)
     assert mask[:32, :32].sum() > mask[32:, 32:].sum()
+
+
+def test_expected_calibration_error():
+    from covidct.engine.evaluate_cls import expected_calibration_error
+
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.2, 0.8], [0.2, 0.8]])
+    # bin 0.9: accuracy 1/2 vs confidence 0.9; bin 0.8: accuracy 1 vs 0.8 -> 0.5*0.4 + 0.5*0.2
+    assert expected_calibration_error(probs, np.array([0, 1, 1, 1])) == pytest.approx(0.3, abs=1e-6)

@@ -68,16 +68,11 @@ def evaluate_records(model: ClassificationNet, records: list[ClsRecord], *, temp
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> float:
-    """ECE of the top-class confidence over ``n_bins`` equal-width bins."""
-    conf = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == labels
-    edges = np.linspace(0, 1, n_bins + 1)
-    ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        m = (conf > lo) & (conf <= hi)
-        if m.any():
-            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
-    return float(ece)
+    """ECE of the top-class confidence over ``n_bins`` equal-width bins (torchmetrics)."""
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    return float(multiclass_calibration_error(torch.as_tensor(probs, dtype=torch.float32), torch.as_tensor(labels),
+                                              num_classes=probs.shape[1], n_bins=n_bins, norm="l1"))
 
 
 def evaluate_cls(model_spec: str | Path | None, data: str | Path, *, split: str | None = None,

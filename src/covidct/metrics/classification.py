@@ -47,10 +47,11 @@ def measures_from_counts(tp: float, fp: float, fn: float, tn: float) -> dict[str
 
 
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:
-    """``(n_classes, n_classes)`` counts, rows = truth, columns = prediction."""
-    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(cm, (np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)), 1)
-    return cm
+    """``(n_classes, n_classes)`` counts, rows = truth, columns = prediction (scikit-learn)."""
+    from sklearn.metrics import confusion_matrix as sk_confusion
+
+    return sk_confusion(np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int),
+                        labels=list(range(n_classes))).astype(np.int64)
 
 
 def parse_confusion(text: str) -> np.ndarray:
@@ -136,16 +137,13 @@ def classification_report(confusion: np.ndarray, classes: Sequence[str] | None =
 
 
 def roc_auc(y_true: Sequence[int], scores: Sequence[float]) -> float:
-    """Binary ROC AUC (Mann-Whitney U, ties counted half); ``nan`` if one class is absent."""
-    from scipy.stats import rankdata
+    """Binary ROC AUC (scikit-learn); ``nan`` if one class is absent."""
+    from sklearn.metrics import roc_auc_score
 
     y = np.asarray(y_true).astype(bool)
-    s = np.asarray(scores, dtype=float)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+    if y.all() or not y.any():
         return float("nan")
-    ranks = rankdata(s)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(roc_auc_score(y, np.asarray(scores, dtype=float)))
 
 
 def roc_auc_per_class(y_true: Sequence[int], probabilities: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
