@@ -2,7 +2,10 @@
 COVID-SemiSeg layout, then measures slices/s and peak memory at 512x512 on this CPU for the shipped
 model and for a plain reference U-Net (ResNet-34 encoder, smp default decoder, 512 input), in one run.
 
-    python benchmarks/segmentation.py --data ../shared/data/covid-semiseg [--model NAME|FILE] [--split train]
+    python benchmarks/segmentation.py --data ../shared/data/covid-semiseg --model-val [--model NAME|FILE]
+
+``--model-val`` keeps only the slices the model's checkpoint lists as its validation slices (the others
+are training slices); ``--ids`` picks slices by id; ``--split`` by manifest split.
 
 Prints the evaluation table and a speed table; ``--json OUT`` writes everything.
 """
@@ -51,6 +54,8 @@ def main() -> int:
     ap.add_argument("--data", required=True)
     ap.add_argument("--model")
     ap.add_argument("--split")
+    ap.add_argument("--ids", help="comma-separated slice ids")
+    ap.add_argument("--model-val", action="store_true", help="only the model's own validation slices")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -58,7 +63,10 @@ def main() -> int:
 
     model, payload = load_seg_model(args.model)
     shipped = SegPredictor(model)
-    folder = SegFolder(args.data, split=args.split)
+    ids = args.ids.split(",") if args.ids else None
+    if args.model_val:
+        ids = [str(i) for i in payload["metrics"]["val_ids"]]
+    folder = SegFolder(args.data, split=args.split, ids=ids)
     result = evaluate_folder(shipped, folder, progress=False)
     print(f"== {payload['path']} on {args.data} ({len(folder)} slices)")
     print(format_table(result))

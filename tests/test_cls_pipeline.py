@@ -137,3 +137,27 @@ def test_expected_calibration_error():
     probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.2, 0.8], [0.2, 0.8]])
     # bin 0.9: accuracy 1/2 vs confidence 0.9; bin 0.8: accuracy 1 vs 0.8 -> 0.5*0.4 + 0.5*0.2
     assert expected_calibration_error(probs, np.array([0, 1, 1, 1])) == pytest.approx(0.3, abs=1e-6)
+
+
+@pytest.mark.realdata
+def test_shipped_classifier_on_real_validation_images(tmp_path):
+    """Smoke test: the shipped UCSD classifier loads by name alone and scores held-out val images."""
+    import shutil
+
+    from conftest import need_data
+
+    src = need_data("ucsd-covid-ct")
+    rows = [line.split(",") for line in (src / "split.csv").read_text().splitlines()[1:]]
+    picked = [r for r in rows if r[2] == "val" and r[1] == "COVID"][:6] + [r for r in rows if r[2] == "val" and r[1] == "NonCOVID"][:6]
+    lines = ["path,label,split"]
+    for path, label, split, *_ in picked:
+        (tmp_path / Path(path).parent).mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / path, tmp_path / path)
+        lines.append(f"{path},{label},{split}")
+    (tmp_path / "split.csv").write_text("\n".join(lines) + "\n")
+    model, payload = load_cls_model()  # the shipped default, no hyper-parameter by hand
+    assert payload["task"] == "cls" and payload["temperature"] > 0
+    js = tmp_path / "e.json"
+    assert main(["evaluate", "cls", "--data", str(tmp_path), "--json", str(js)]) == 0
+    res = json.loads(js.read_text())
+    assert res["n_images"] == 12 and res["auc"] > 0.5
