@@ -265,6 +265,17 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_training_options(s: argparse.ArgumentParser, *, epochs: int, batch_size: int | None, lr: float | None) -> None:
+    """Options every ``covidct train`` task shares."""
+    s.add_argument("--epochs", type=int, default=epochs)
+    if batch_size is not None:
+        s.add_argument("--batch-size", type=int, default=batch_size)
+    if lr is not None:
+        s.add_argument("--lr", type=float, default=lr)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-o", "--output", required=True, help="model file to write (.pt)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="covidct", description=f"COVID-19 chest CT analysis. {DISCLAIMER}")
     p.add_argument("--version", action="version", version=f"covidct {__version__}")
@@ -298,15 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decoder-channels", default="96,48,24,16,8")
     s.add_argument("--random-init", action="store_true", help="no ImageNet weights for the encoder")
     s.add_argument("--input-size", type=int, default=320)
-    s.add_argument("--epochs", type=int, default=120)
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--lr", type=float, default=2e-3)
+    _add_training_options(s, epochs=120, batch_size=8, lr=2e-3)
     s.add_argument("--encoder-lr-scale", type=float, default=1.0, help="encoder learning rate = lr x this")
     s.add_argument("--val-fraction", type=float, default=0.2)
-    s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     s.add_argument("--no-resume", action="store_true")
-    s.add_argument("-o", "--output", required=True, help="model file to write (.pt)")
     s.set_defaults(func=_cmd_train_seg)
 
     s = train.add_parser("cls", help="slice classifier (binary COVID / NonCOVID or 3-class)")
@@ -315,11 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--encoder", default="efficientnet-lite0")
     s.add_argument("--init", default="imagenet", help="random, imagenet, or a covidct segmentation model file")
     s.add_argument("--input-size", type=int, default=224)
-    s.add_argument("--epochs", type=int, default=30)
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("-o", "--output", required=True)
+    _add_training_options(s, epochs=30, batch_size=16, lr=1e-3)
     s.set_defaults(func=_cmd_train_cls)
 
     s = train.add_parser("lesions", help="Mask R-CNN lesion instances (COVID-CT-Mask-Net stage 1)")
@@ -329,11 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "efficientnet-lite2"), default="efficientnet-lite0")
     s.add_argument("--truncate-last-stage", action="store_true")
     s.add_argument("--input-size", type=int, default=320)
-    s.add_argument("--epochs", type=int, default=40)
-    s.add_argument("--batch-size", type=int, default=4)
-    s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("-o", "--output", required=True)
+    _add_training_options(s, epochs=40, batch_size=4, lr=1e-3)
     s.set_defaults(func=_cmd_train_lesions)
 
     s = train.add_parser("maskcls", help="COVID-CT-Mask-Net classifier (S on the top-N RoIs of a lesion model)")
@@ -343,9 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-n", type=int, default=32, help="RoIs per image (N of the N x 5 tensor)")
     s.add_argument("--s-width", type=int, default=128)
     s.add_argument("--train", choices=("s",), default="s", help="what to train: s = the classification module only")
-    s.add_argument("--epochs", type=int, default=300)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("-o", "--output", required=True)
+    _add_training_options(s, epochs=300, batch_size=None, lr=None)
     s.set_defaults(func=_cmd_train_maskcls)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a model on a data folder").add_subparsers(dest="task", required=True)
