@@ -29,6 +29,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
     ap.add_argument("--model")
+    ap.add_argument("--window", help="HU window into the model (covidct analyze --window); default: model")
     ap.add_argument("--out", default="out/bench-analyze")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -45,6 +46,8 @@ def main() -> int:
         cmd = [sys.executable, "-m", "covidct.cli", "analyze", str(data / p["path"]), "-o", str(out)]
         if args.model:
             cmd += ["--model", args.model]
+        if args.window:
+            cmd += [f"--window={args.window}"]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         _, err = proc.communicate()

@@ -65,7 +65,12 @@ def main() -> int:
     shipped = SegPredictor(model)
     ids = args.ids.split(",") if args.ids else None
     if args.model_val:
-        ids = [str(i) for i in payload["metrics"]["val_ids"]]
+        ids = [str(i) for i in payload["metrics"].get("val_ids") or []]
+        if not ids:
+            print(f"{payload['path']}: the model names no validation slices (trained with --fold all on every slice); "
+                  "its cross-validation estimate is metrics.cross_validation (benchmarks/segmentation_cv.py)",
+                  file=sys.stderr)
+            return 2
     folder = SegFolder(args.data, split=args.split, ids=ids)
     result = evaluate_folder(shipped, folder, progress=False)
     print(f"== {payload['path']} on {args.data} ({len(folder)} slices)")

@@ -29,10 +29,10 @@ def main() -> None:
         f"* file: `{path.name}`, {path.stat().st_size / 1e6:.1f} MB (fp16), sha256 `{file_sha256(path)}`",
         f"* created: {p.get('created')}; versions: {json.dumps(p.get('versions', {}))}",
         f"* normalisation: {p.get('normalization', 'n/a')}",
-        f"* training time up to the kept (best) epoch {m.get('epoch', 'n/a')}: {m.get('train_seconds', 'n/a')} s on this 2-core CPU",
+        f"* training time up to the kept epoch {m.get('epoch', 'n/a')}: {m.get('train_seconds', 'n/a')} s on this 2-core CPU",
         "", "## Reproduce", "", "```bash", args.command, "```", "",
         "## Data and terms", "", args.data_terms, "",
-        "## Validation metrics (split carved out of the training data)", "", "```json",
+        "## Metrics (validation split or cross-validation, carved out of the training data)", "", "```json",
         json.dumps({k: v for k, v in m.items() if k != "val_ids"}, indent=2), "```", "",
         "## Architecture (rebuilt from this checkpoint alone)", "", "```json", json.dumps(p["config"], indent=2), "```",
     ]

@@ -13,6 +13,7 @@ from covidct.analysis.lungs import LEFT, RIGHT, segment_lungs_hu, zone_index
 from covidct.analysis.severity import involvement_score, lesion_burden
 from covidct.cli import main
 from covidct.io import read
+from covidct.models.registry import DEFAULTS
 
 
 def test_classical_lungs_on_phantom_with_sides(tmp_path):
@@ -29,6 +30,22 @@ def test_classical_lungs_on_phantom_with_sides(tmp_path):
     assert res.volume_ml == pytest.approx(expected_ml, rel=0.15)
     zones = zone_index(res.labels)
     assert set(np.unique(zones[res.labels > 0])) == {0, 1, 2}
+
+
+def test_trachea_and_its_wall_are_not_lung():
+    hu = phantom_hu(20, 96)
+    yy, xx = np.mgrid[:96, :96]
+    lungs0 = (hu[0] > -900) & (hu[0] < -700)
+    for k in range(4):  # above the lungs: soft tissue where the lungs are lower down
+        hu[k][lungs0] = 40.0
+    r = np.hypot(yy - 48, xx - 48)
+    for k in range(6):  # trachea: air core with a 1-pixel wall of partial-volume values
+        hu[k][r < 6] = -700.0
+        hu[k][r < 5] = -1000.0
+    hu[4:6, 46:51, 40:57] = -1000.0  # main bronchi into both lungs
+    res = segment_lungs_hu(hu, spacing=(5.0, 3.0, 3.0))
+    assert not res.labels[:4].any()  # nothing above the lungs (the wall ring once came back as "lung")
+    assert res.labels[10].any() and res.airway_removed_ml > 0
 
 
 def test_small_gas_pocket_is_not_lung():
@@ -84,6 +101,28 @@ def test_analyze_dicom_series_outputs_on_input_grid(tmp_path, tiny_seg_model, ca
     assert report["lung_volume_ml"] > 100 and report["input"]["kind"] == "dicom-series"
     lungs = nib.load(out / "lungs.nii.gz").get_fdata().transpose(2, 1, 0)
     assert set(np.unique(lungs)) == {0, 1, 2}
+    assert report["input"]["model_window"] == {"level": -420.0, "width": 1480.0}
+    # the shipped slice classifier's probabilities: on every slice with lung, summing to one
+    cls_block = report["diagnosis"]["classifier"]
+    assert cls_block["model"] == DEFAULTS["cls"] and {m["task"] for m in report["models"]} == {"seg", "cls"}
+    with_lung = [s for s in report["slices"] if "class_probabilities" in s]
+    assert len(with_lung) == int((lungs > 0).any(axis=(1, 2)).sum())
+    assert all(abs(sum(s["class_probabilities"].values()) - 1.0) < 1e-4 for s in with_lung)
+    assert "slice classifier" in (out / "report.html").read_text()
+
+
+def test_analyze_window_option(tmp_path, tiny_seg_model, capsys):
+    write_nifti(tmp_path / "v.nii.gz", phantom_hu(3, 64), spacing=(5.0, 3.0, 3.0))
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "v.nii.gz"), "-o", str(out), "--model", str(tiny_seg_model),
+                 "--window=-600,1500", "--classifier", "none"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["input"]["model_window"] == {"level": -600.0, "width": 1500.0}
+    assert "classifier" not in report["diagnosis"] and len(report["models"]) == 1
+    capsys.readouterr()
+    assert main(["analyze", str(tmp_path / "v.nii.gz"), "-o", str(tmp_path / "bad"), "--model", str(tiny_seg_model),
+                 "--window", "wide"]) == 2
+    assert "--window" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_analyze_nifti_keeps_affine(tmp_path, tiny_seg_model):

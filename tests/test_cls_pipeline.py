@@ -69,6 +69,23 @@ def test_evaluate_cls_cli_json_and_plot(trained_cls, tmp_path, capsys):
     assert png.stat().st_size > 1000
 
 
+def test_evaluate_cls_ensemble_and_tta(trained_cls, tmp_path):
+    from covidct.engine.evaluate_cls import evaluate_cls
+
+    data, path, _ = trained_cls
+    single = evaluate_cls(path, data, split="test", progress=False)
+    # a model averaged with itself gives its own probabilities; mirrored images change them
+    twice = evaluate_cls([path, path], data, split="test", progress=False)
+    np.testing.assert_allclose(twice["_probabilities"], single["_probabilities"], atol=1e-6)
+    assert twice["model"] == f"{path.name},{path.name}"
+    flipped = evaluate_cls(path, data, split="test", progress=False, tta=True)
+    assert flipped["tta"] and not np.allclose(flipped["_probabilities"], single["_probabilities"])
+    np.testing.assert_allclose(flipped["_probabilities"].sum(axis=1), 1.0, atol=1e-5)
+    assert main(["evaluate", "cls", "--model", str(path), "--model", str(path), "--tta", "--data", str(data),
+                 "--split", "test", "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["tta"] is True
+
+
 def test_evaluate_cls_folder_per_class_and_covidx(trained_cls, tmp_path, capsys):
     _, path, _ = trained_cls
     rng = np.random.default_rng(1)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import need_data
 from covidct.data import (
-    BINARY_CLASSES, THREE_CLASSES, SegFolder, canonical_label, data_root, detect_layout, group_split, load_records,
+    BINARY_CLASSES, THREE_CLASSES, SegFolder, canonical_label, data_root, detect_layout, group_kfold, group_split, load_records,
 )
 from covidct.errors import InputError
 
@@ -70,6 +70,20 @@ def test_group_split_keeps_patients_together():
     assert len(train) + len(val) == 100 and 20 <= len(val) <= 32
     assert not {i // 7 for i in train} & {i // 7 for i in val}
     assert group_split(items, groups, val_fraction=0.25, seed=3) == (train, val)
+
+
+def test_group_kfold_validates_every_item_once():
+    items = list(range(50))
+    groups = [i // 3 for i in items]
+    seen: list[int] = []
+    for fold in range(5):
+        train, val = group_kfold(items, groups, n_folds=5, fold=fold, seed=1)
+        assert sorted(train + val) == items and 8 <= len(val) <= 12
+        assert not {i // 3 for i in train} & {i // 3 for i in val}
+        seen += val
+    assert sorted(seen) == items
+    with pytest.raises(ValueError):
+        group_kfold(items, groups, n_folds=5, fold=5)
 
 
 def test_data_root_setting(monkeypatch, tmp_path):

@@ -105,6 +105,9 @@ def test_windowing():
     assert get_window("40,400").width == 400
     w = apply_window(np.array([-2000.0, -600.0, 500.0]), "lung")
     np.testing.assert_allclose(w, [0.0, 0.5, 1.0])
+    # HU volumes reach the models through the window matched to the training slices:
+    # healthy lung (-850 HU) and chest-wall muscle (+25 HU) land where the 8-bit slices have them
+    np.testing.assert_allclose(to_model_input(np.array([-850.0, 25.0]), is_hu=True), [0.21, 0.81], atol=0.01)
     np.testing.assert_allclose(to_model_input(np.array([0.0, 255.0]), is_hu=False), [0.0, 1.0])
     with pytest.raises(ValueError):
         get_window("soft")

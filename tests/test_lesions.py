@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from covidct.cli import main
@@ -76,6 +77,21 @@ def test_maskcls_trains_s_and_evaluates_through_evaluate_cls(tmp_path, seg_folde
     js = tmp_path / "e.json"
     assert main(["evaluate", "cls", "--model", str(out), "--data", str(data), "--split", "test", "--json", str(js)]) == 0
     assert json.loads(js.read_text())["n_images"] == 4
+
+
+def test_efficientnet_backbone_starts_from_our_segmentation_encoder(tmp_path):
+    from covidct.models import SegModelConfig, build_seg_model, save_checkpoint
+
+    seg = build_seg_model(SegModelConfig(encoder="efficientnet-lite0", input_size=64))
+    path = save_checkpoint(tmp_path / "seg.pt", task="seg", config=seg.config.to_dict(), state_dict=seg.state_dict())
+    cfg = LesionModelConfig(backbone="efficientnet-lite0", input_size=64, anchor_sizes=(4, 8, 16, 32, 64))
+    m = build_lesion_model(cfg, encoder_init=str(path))
+    body, enc = m.net.backbone.body, seg.net.encoder.model
+    torch.testing.assert_close(body.blocks[2][0].conv_pw.weight, enc.blocks[2][0].conv_pw.weight)
+    # the grey stem spread over the three copied channels: same response to a grey image
+    torch.testing.assert_close(body.conv_stem.weight.sum(dim=1, keepdim=True), enc.conv_stem.weight)
+    with pytest.raises(ValueError, match="EfficientNet-Lite"):
+        build_lesion_model(LesionModelConfig.from_dict(TINY), encoder_init=str(path))
 
 
 def test_efficientnet_backbone_starts_from_imagenet():

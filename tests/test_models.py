@@ -7,6 +7,7 @@ import torch
 
 from covidct.errors import CovidctError
 from covidct.models import SegModelConfig, build_seg_model, read_checkpoint, save_checkpoint
+from covidct.models.checkpoint import record_metrics
 from covidct.models.encoders import imagenet_state_dict
 from covidct.models.registry import load_seg_model
 
@@ -50,6 +51,12 @@ def test_checkpoint_rebuilds_without_hyperparameters(tmp_path):
     x = torch.rand(1, 1, 64, 64)
     with torch.inference_mode():
         torch.testing.assert_close(loaded(x), net(x), atol=2e-2, rtol=1e-2)
+    record_metrics(path, cross_validation={"dice": {"infection": 0.7}})
+    again = read_checkpoint(path)
+    assert again["metrics"]["validation"] == {"dice": {"infection": 0.5}}
+    assert again["metrics"]["cross_validation"]["dice"]["infection"] == 0.7
+    torch.testing.assert_close(again["state_dict"]["net.segmentation_head.0.weight"],
+                               payload["state_dict"]["net.segmentation_head.0.weight"])
     save_checkpoint(tmp_path / "c.pt", task="cls", config={}, state_dict={})
     with pytest.raises(CovidctError, match="not a segmentation model"):
         load_seg_model(tmp_path / "c.pt")

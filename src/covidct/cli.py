@@ -72,12 +72,24 @@ def _cmd_models(args: argparse.Namespace) -> int:
     if not models:
         print("no shipped models")
     for m in models:
-        val = m["metrics"].get("validation", {}).get("dice", {}) if isinstance(m["metrics"], dict) else {}
-        dice = ", ".join(f"{k} {v:.3f}" for k, v in val.items() if v is not None)
         print(f"{m['name']:<24} task={m['task']:<8} input={m['input_size']} classes={','.join(m['classes'])}")
-        if dice:
-            print(f"{'':<24} validation Dice: {dice}")
+        metrics = m["metrics"] if isinstance(m["metrics"], dict) else {}
+        for key, label in (("validation", "validation"), ("cross_validation", "cross-validation")):
+            block = metrics.get(key) or {}
+            shown = block.get("dice") or {k: block[k] for k in ("accuracy", "auc") if isinstance(block.get(k), float)}
+            text = ", ".join(f"{k} {v:.3f}" for k, v in shown.items() if isinstance(v, float))
+            if text:
+                print(f"{'':<24} {label} ({'Dice' if 'dice' in block else 'slices'}): {text}")
     return 0
+
+
+def _parse_fold(text: str) -> int | str:
+    if text == "all":
+        return "all"
+    try:
+        return int(text)
+    except ValueError:
+        raise CovidctError(None, f"--fold must be 'all' or a fold number, not {text!r}") from None
 
 
 def _cmd_train_seg(args: argparse.Namespace) -> int:
@@ -91,6 +103,7 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
         data=[str(d) for d in args.data], labels=args.labels, lung_head=not args.no_lung_head, arch=args.arch,
         encoder=args.encoder, input_size=args.input_size, imagenet=not args.random_init, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, encoder_lr_scale=args.encoder_lr_scale, val_fraction=args.val_fraction, seed=args.seed, threads=args.threads,
+        folds=args.folds, fold=_parse_fold(args.fold), select=args.select, class_weighting=args.class_weighting,
         decoder_channels=tuple(int(c) for c in args.decoder_channels.split(",")),
     )
     result = train_seg(cfg, args.output, resume=not args.no_resume)
@@ -131,7 +144,8 @@ def _cmd_evaluate_cls(args: argparse.Namespace) -> int:
     from covidct.report.json_io import write_json
 
     t0 = time.time()
-    result = evaluate_cls(args.model, args.data, split=args.split)
+    specs = args.model if args.model and len(args.model) > 1 else (args.model[0] if args.model else None)
+    result = evaluate_cls(specs, args.data, split=args.split, tta=args.tta)
     report = result["_report"]
     print(report.confusion_text())
     print(f"\noverall accuracy: {report.overall_accuracy:.4f}")
@@ -198,8 +212,13 @@ def _cmd_train_lesions(args: argparse.Namespace) -> int:
             raise CovidctError(d, "no such folder")
     model = {"backbone": args.backbone, "mask_mode": args.mask_mode, "input_size": args.input_size,
              "truncate_last_stage": args.truncate_last_stage}
+    init = None if args.init == "imagenet" else args.init
+    if init:
+        from covidct.models.registry import resolve_model
+
+        init = str(resolve_model(init, task="seg"))
     cfg = LesionTrainConfig(data=[str(d) for d in args.data], model=model, epochs=args.epochs,
-                            batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, encoder_init=init)
     print(to_json(train_lesions(cfg, args.output), disclaimer=False))
     return 0
 
@@ -241,11 +260,25 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _classifier_spec(text: str | None) -> str | None:
+    """``--classifier``: unset = the shipped default, ``none`` = no classifier."""
+    from covidct.report.scan_report import DEFAULT_CLASSIFIER
+
+    return DEFAULT_CLASSIFIER if text is None else None if text == "none" else text
+
+
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from covidct.report.json_io import to_json
     from covidct.report.scan_report import analyze
 
-    report = analyze(args.path, args.output, model_spec=args.model, device=args.device, series_uid=args.series)
+    from covidct.io import get_window
+
+    try:
+        get_window(args.window)
+    except ValueError as exc:
+        raise CovidctError(None, f"--window: {exc}") from None
+    report = analyze(args.path, args.output, model_spec=args.model, device=args.device, series_uid=args.series,
+                     window=args.window, classifier_spec=_classifier_spec(args.classifier))
     if args.json:
         print(to_json(report))
         return 0
@@ -312,6 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(s, epochs=120, batch_size=8, lr=2e-3)
     s.add_argument("--encoder-lr-scale", type=float, default=1.0, help="encoder learning rate = lr x this")
     s.add_argument("--val-fraction", type=float, default=0.2)
+    s.add_argument("--folds", type=int, default=0, help="k-fold cross-validation: number of folds (0: one "
+                   "--val-fraction split)")
+    s.add_argument("--fold", default="0", help="which fold validates (0..folds-1), or 'all': train on every "
+                   "slice, no validation, keep the last epoch")
+    s.add_argument("--class-weighting", choices=("none", "sqrt-inverse"), default="none",
+                   help="cross-entropy class weights from the training pixel frequencies")
+    s.add_argument("--select", choices=("best", "last"), default="best", help="keep the best validation epoch "
+                   "or the last one (always the last with --fold all)")
     s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     s.add_argument("--no-resume", action="store_true")
     s.set_defaults(func=_cmd_train_seg)
@@ -333,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--truncate-last-stage", action="store_true")
     s.add_argument("--input-size", type=int, default=320)
     _add_training_options(s, epochs=40, batch_size=4, lr=1e-3)
+    s.add_argument("--init", default="imagenet", help="backbone start (EfficientNet-Lite): imagenet, or a "
+                   "segmentation model (shipped name or .pt) with the same encoder")
     s.set_defaults(func=_cmd_train_lesions)
 
     s = train.add_parser("maskcls", help="COVID-CT-Mask-Net classifier (S on the top-N RoIs of a lesion model)")
@@ -355,7 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_evaluate_seg)
 
     s = evaluate.add_parser("cls", help="classifier on a classification folder")
-    s.add_argument("--model", help="shipped model name or .pt file")
+    s.add_argument("--model", action="append", help="shipped model name or .pt file; repeat it to evaluate the "
+                   "mean of several models (an ensemble)")
+    s.add_argument("--tta", action="store_true", help="average with the left-right mirrored images")
     s.add_argument("--data", required=True)
     s.add_argument("--split", help="only records of this split (split.csv layouts)")
     s.add_argument("--json", metavar="OUT")
@@ -392,6 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="segmentation model: shipped name or .pt file")
     s.add_argument("--device", default="cpu")
     s.add_argument("--series", help="SeriesInstanceUID when the folder holds several series")
+    s.add_argument("--window", default="model", help="HU window into the model: 'model' (L-420/W1480, matched to "
+                   "the training slices), 'lung', or --window=LEVEL,WIDTH")
+    s.add_argument("--classifier", help="slice classifier whose per-slice class probabilities are reported "
+                   "(shipped name or .pt file; default: the shipped default classifier), or 'none'")
     s.add_argument("--json", action="store_true", help="print report.json to stdout")
     s.set_defaults(func=_cmd_analyze)
 

@@ -106,7 +106,22 @@ def _remove_airways(mask: np.ndarray, hu: np.ndarray, voxel_ml: float) -> tuple[
     if not removed.any():
         return mask, 0.0
     removed = ndimage.binary_dilation(removed, iterations=1) & mask
-    return mask & ~removed, float(removed.sum() * voxel_ml)
+    kept = mask & ~removed
+    # the airway wall (partial-volume pixels between -950 and the air threshold) is left as a thin
+    # ring that hole filling would turn back into a full trachea: drop, slice by slice, the leftover
+    # pieces that touch the removed airway and are smaller than it there
+    for k in np.flatnonzero(removed.any(axis=(1, 2))):
+        pieces, m = ndimage.label(kept[k])
+        if m == 0:
+            continue
+        touching_ids = np.unique(pieces[ndimage.binary_dilation(removed[k]) & (pieces > 0)])
+        area = np.bincount(pieces.ravel(), minlength=m + 1)
+        small = [i for i in touching_ids if area[i] < removed[k].sum()]
+        if small:
+            ring = np.isin(pieces, small)
+            kept[k] &= ~ring
+            removed[k] |= ring
+    return kept, float(removed.sum() * voxel_ml)
 
 
 def _split_sides(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Scan-level analysis: lungs -> lesions slice by slice -> burden, severity, slice scores.
 
 Lesion model input: each slice is cropped to the bounding box of its lungs (plus a 3 % margin) —
-the framing of the COVID-SemiSeg training slices — windowed (HU: lung window) and resized to the
+the framing of the COVID-SemiSeg training slices — windowed (HU: the model window, see covidct.io.window) and resized to the
 model's input size, so the in-plane resolution of the source does not matter (a 256² NIfTI at
 1.18 mm and a 512² series at 0.75 mm give the same framing). Predictions are pasted back on the
 input grid. GGO/consolidation are kept inside each lung closed with a 10 mm disk (holes filled),
@@ -27,7 +27,7 @@ from covidct.analysis.lungs import LEFT, RIGHT, segment_lungs_hu, zone_index
 from covidct.analysis.severity import lesion_burden
 from covidct.engine.infer import SegPredictor
 from covidct.io.volume import Volume
-from covidct.io.window import to_model_input
+from covidct.io.window import Window, to_model_input
 
 AREA_SCALE_MM2 = 100.0
 #: Lesions are kept inside each lung closed with a disk of this radius (see ``_lesion_region``).
@@ -89,8 +89,9 @@ def _slice_pixel_mm2(vol: Volume) -> float:
     return float(vol.spacing[1] * vol.spacing[2]) if vol.spacing else 1.0
 
 
-def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = True, batch_size: int = 8) -> ScanResult:
-    """Run the whole scan-level analysis on one volume."""
+def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = True, batch_size: int = 8,
+                   window: str | Window = "model") -> ScanResult:
+    """Run the whole scan-level analysis on one volume; HU slices reach the model through ``window``."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     n = vol.n_slices
@@ -113,7 +114,7 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     for start in range(0, len(todo), batch_size):
         ks = todo[start:start + batch_size]
         boxes = [_bbox(lungs[k] > 0) for k in ks]
-        crops = [to_model_input(vol.array[k][b], is_hu=vol.is_hu) for k, b in zip(ks, boxes)]
+        crops = [to_model_input(vol.array[k][b], is_hu=vol.is_hu, window=window) for k, b in zip(ks, boxes)]
         for k, b, pred in zip(ks, boxes, predictor.predict(crops)):
             full = np.zeros(vol.shape[1:], np.uint8)
             full[b] = pred.labels
@@ -152,6 +153,25 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
         "note": "segmentation-based; no 3-class (COVID-19 / common pneumonia / normal) patient classifier yet",
     }
     return ScanResult(lesions, lungs, burden, slices, diagnosis, lung_method, timings)
+
+
+def classify_slices(vol: Volume, model, *, temperature: float = 1.0, lungs: np.ndarray | None = None,
+                    window: str | Window = "model", batch_size: int = 16,
+                    progress: bool = True) -> dict[int, dict[str, float]]:
+    """Per-slice class probabilities of a slice classifier (whole slice, windowed like its training
+    images), for the slices that hold lung (all slices when ``lungs`` is None)."""
+    from covidct.engine.evaluate_cls import predict_probabilities
+
+    ks = [k for k in range(vol.n_slices) if lungs is None or lungs[k].any()]
+    names = list(model.config.classes)
+    out: dict[int, dict[str, float]] = {}
+    for start in tqdm(range(0, len(ks), batch_size), desc="classifier", unit="batch", disable=not progress):
+        chunk = ks[start:start + batch_size]
+        probs = predict_probabilities(model, [to_model_input(vol.array[k], is_hu=vol.is_hu, window=window)
+                                              for k in chunk], temperature=temperature, batch_size=batch_size)
+        for k, p in zip(chunk, probs):
+            out[k] = {c: round(float(v), 6) for c, v in zip(names, p)}
+    return out
 
 
 def _drop_small_lesions(lesions: np.ndarray, lungs: np.ndarray, voxel_ml: float | None) -> None:

@@ -5,9 +5,9 @@ from covidct.data.classification import (
 )
 from covidct.data.paths import ENV_VAR, data_root
 from covidct.data.segmentation import LESION_CLASSES, LESION_COLOURS, SegFolder, SegSample
-from covidct.data.splits import group_split
+from covidct.data.splits import group_kfold, group_split
 
 __all__ = [
     "BINARY_CLASSES", "ENV_VAR", "LESION_CLASSES", "LESION_COLOURS", "THREE_CLASSES", "ClsRecord",
-    "SegFolder", "SegSample", "canonical_label", "data_root", "detect_layout", "group_split", "load_records",
+    "SegFolder", "SegSample", "canonical_label", "data_root", "detect_layout", "group_kfold", "group_split", "load_records",
 ]

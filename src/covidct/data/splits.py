@@ -39,3 +39,38 @@ def group_split(
     train = [it for i, it in enumerate(items) if i not in val_set]
     val = [it for i, it in enumerate(items) if i in val_set]
     return train, val
+
+
+def group_kfold(
+    items: Sequence[T],
+    groups: Sequence[Hashable | None],
+    *,
+    n_folds: int,
+    fold: int,
+    seed: int = 0,
+) -> tuple[list[T], list[T]]:
+    """(train, val) for fold ``fold`` of ``n_folds`` with whole groups per fold.
+
+    Groups are shuffled with ``seed`` and each goes to the fold that holds the fewest items so
+    far, so folds differ in size by at most one group; every item is validated exactly once
+    over the ``n_folds`` folds.
+    """
+    if n_folds < 2:
+        raise ValueError("n_folds must be at least 2")
+    if not 0 <= fold < n_folds:
+        raise ValueError(f"fold must be in 0..{n_folds - 1}")
+    buckets: dict[Hashable, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        buckets[("__single__", i) if g is None else g].append(i)
+    keys = sorted(buckets, key=str)
+    random.Random(seed).shuffle(keys)
+    sizes = [0] * n_folds
+    val_set: set[int] = set()
+    for k in keys:
+        target = min(range(n_folds), key=lambda f: (sizes[f], f))
+        sizes[target] += len(buckets[k])
+        if target == fold:
+            val_set.update(buckets[k])
+    train = [it for i, it in enumerate(items) if i not in val_set]
+    val = [it for i, it in enumerate(items) if i in val_set]
+    return train, val

@@ -13,27 +13,51 @@ from tqdm import tqdm
 
 from covidct.data.classification import ClsRecord, RecordImages, load_records
 from covidct.data.cls_transforms import cls_eval_transform
+from covidct.errors import CovidctError
 from covidct.metrics import classification_report, confusion_matrix, roc_auc, roc_auc_per_class
 from covidct.models.classification import ClassificationNet
 
 
-@torch.inference_mode()
 def predict_probabilities(model: ClassificationNet, images: Sequence[np.ndarray], *, temperature: float = 1.0,
-                          batch_size: int = 16) -> np.ndarray:
-    """``(N, C)`` calibrated class probabilities for grey ``[0, 1]`` images of any size."""
+                          batch_size: int = 16, tta: bool = False) -> np.ndarray:
+    """``(N, C)`` calibrated class probabilities for grey ``[0, 1]`` images of any size;
+    ``tta`` averages them with those of the left-right mirrored images."""
     tf = cls_eval_transform(model.config.input_size)
     out = []
-    model.eval()
-    for start in range(0, len(images), batch_size):
-        batch = torch.stack([torch.from_numpy(tf(image=np.asarray(im, np.float32))["image"])[None]
-                             for im in images[start:start + batch_size]])
-        out.append(torch.softmax(model(batch) / temperature, dim=1).numpy())
+    # channels-last: faster depthwise convolutions on CPU (converted outside inference mode, so
+    # the parameters stay usable for training)
+    model.eval().to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            out.append(_batch_probabilities(model, tf, images[start:start + batch_size], temperature, tta))
     return np.concatenate(out) if out else np.zeros((0, len(model.config.classes)))
 
 
+def _batch_probabilities(model, tf, images: Sequence[np.ndarray], temperature: float, tta: bool) -> np.ndarray:
+    batch = torch.stack([torch.from_numpy(tf(image=np.asarray(im, np.float32))["image"])[None]
+                         for im in images]).to(memory_format=torch.channels_last)
+    probs = torch.softmax(model(batch) / temperature, dim=1)
+    if tta:
+        probs = (probs + torch.softmax(model(torch.flip(batch, dims=[3])) / temperature, dim=1)) / 2
+    return probs.numpy()
+
+
+def ensemble_probabilities(members: Sequence[tuple[torch.nn.Module, float]], images: Sequence[np.ndarray], *,
+                           batch_size: int = 16, tta: bool = False) -> np.ndarray:
+    """Mean of the calibrated probabilities of several ``(model, temperature)`` members."""
+    return np.mean([predict_probabilities(m, images, temperature=t, batch_size=batch_size, tta=tta)
+                    for m, t in members], axis=0)
+
+
 def evaluate_records(model: ClassificationNet, records: list[ClsRecord], *, temperature: float = 1.0,
-                     progress: bool = True, batch_size: int = 16) -> dict[str, Any]:
+                     progress: bool = True, batch_size: int = 16, tta: bool = False,
+                     ensemble: Sequence[tuple[torch.nn.Module, float]] = ()) -> dict[str, Any]:
+    """Score ``model`` (averaged with the ``ensemble`` members, if any) on ``records``."""
     classes = list(model.config.classes)
+    members = [(model, temperature), *ensemble]
+    for m, _ in ensemble:
+        if list(m.config.classes) != classes:
+            raise CovidctError(None, f"ensemble members disagree on classes: {classes} vs {list(m.config.classes)}")
     loader = RecordImages()
     probs, model_seconds = [], 0.0
     bar = tqdm(total=len(records), desc="evaluate cls", unit="image", disable=not progress)
@@ -41,7 +65,7 @@ def evaluate_records(model: ClassificationNet, records: list[ClsRecord], *, temp
         chunk = records[start:start + batch_size]
         images = [loader(r) for r in chunk]
         t0 = time.perf_counter()
-        probs.append(predict_probabilities(model, images, temperature=temperature, batch_size=batch_size))
+        probs.append(ensemble_probabilities(members, images, batch_size=batch_size, tta=tta))
         model_seconds += time.perf_counter() - t0
         bar.update(len(chunk))
     bar.close()
@@ -75,12 +99,18 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
                                               num_classes=probs.shape[1], n_bins=n_bins, norm="l1"))
 
 
-def evaluate_cls(model_spec: str | Path | None, data: str | Path, *, split: str | None = None,
-                 progress: bool = True) -> dict[str, Any]:
+def evaluate_cls(model_spec: str | Path | None | Sequence[str | Path], data: str | Path, *, split: str | None = None,
+                 progress: bool = True, tta: bool = False) -> dict[str, Any]:
+    """``covidct evaluate cls``: one model, or the mean of several (a list of specs)."""
     from covidct.models.registry import load_cls_model
 
-    model, payload = load_cls_model(model_spec)
+    specs = list(model_spec) if isinstance(model_spec, (list, tuple)) else [model_spec]
+    loaded = [load_cls_model(spec) for spec in specs]
+    members = [(m, float(p.get("temperature", 1.0))) for m, p in loaded]
+    model, temperature = members[0]
     records = load_records(data, split=split, classes=model.config.classes)
-    result = evaluate_records(model, records, temperature=float(payload.get("temperature", 1.0)), progress=progress)
-    result["model"] = Path(payload["path"]).name
+    result = evaluate_records(model, records, temperature=temperature, progress=progress, tta=tta,
+                              ensemble=members[1:])
+    result["model"] = ",".join(Path(p["path"]).name for _, p in loaded)
+    result["tta"] = tta
     return result

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from covidct.data.segmentation import SegFolder, SegSample
 from covidct.engine.infer import SegPrediction, SegPredictor
+from covidct.errors import CovidctError
 from covidct.io.window import to_model_input
 from covidct.metrics.segmentation import SegmentationMetrics
 
@@ -31,11 +32,8 @@ def score_sample(metrics: SegmentationMetrics, sample: SegSample, pred: SegPredi
     metrics.update_labels(np.isin(pl, (1, 2)).astype(np.uint8), np.isin(gt, (1, 2)).astype(np.uint8))
 
 
-def evaluate_folder(predictor: SegPredictor, folder: SegFolder, *, progress: bool = True,
-                    compute_hd95: bool = True) -> dict[str, Any]:
-    """Score ``predictor`` on every slice; returns the ``covidct evaluate seg`` JSON object plus
-    a ``details`` block (all measures pooled and per image)."""
-    metrics = SegmentationMetrics(compute_hd95=compute_hd95)
+def _score_folder(metrics: SegmentationMetrics, predictor: SegPredictor, folder, *, progress: bool) -> float:
+    """Add every slice of ``folder`` to ``metrics``; returns the seconds spent in the model."""
     has_eff = "effusion" in predictor.model.config.lesion_classes
     model_seconds = 0.0
     for i in tqdm(range(len(folder)), desc="evaluate seg", unit="slice", disable=not progress):
@@ -44,18 +42,55 @@ def evaluate_folder(predictor: SegPredictor, folder: SegFolder, *, progress: boo
         pred = predictor.predict([to_model_input(sample.image, is_hu=False)])[0]
         model_seconds += time.perf_counter() - t0
         score_sample(metrics, sample, pred, has_effusion_head=has_eff)
+    return model_seconds
+
+
+def evaluate_folder(predictor: SegPredictor, folder: SegFolder, *, progress: bool = True,
+                    compute_hd95: bool = True) -> dict[str, Any]:
+    """Score ``predictor`` on every slice; returns the ``covidct evaluate seg`` JSON object plus
+    a ``details`` block (all measures pooled and per image)."""
+    metrics = SegmentationMetrics(compute_hd95=compute_hd95)
+    model_seconds = _score_folder(metrics, predictor, folder, progress=progress)
+    return _summary(metrics, len(folder), model_seconds)
+
+
+def evaluate_out_of_fold(model_specs: list[str | Path], data: str | Path, *, progress: bool = True,
+                         compute_hd95: bool = True) -> dict[str, Any]:
+    """Cross-validation estimate: each model scores only the slices its checkpoint names as its
+    own validation slices (``metrics.val_ids``), all pooled into one result. The folds must not
+    overlap."""
+    from covidct.models.registry import load_seg_model
+
+    metrics = SegmentationMetrics(compute_hd95=compute_hd95)
+    seen: set[str] = set()
+    n, model_seconds = 0, 0.0
+    for spec in model_specs:
+        model, payload = load_seg_model(spec)
+        ids = [str(i) for i in (payload.get("metrics") or {}).get("val_ids") or []]
+        if not ids:
+            raise CovidctError(spec, "the checkpoint names no validation slices (trained with --fold all?)")
+        if seen & set(ids):
+            raise CovidctError(spec, f"validation slices overlap another model's: {sorted(seen & set(ids))[:5]}")
+        seen |= set(ids)
+        folder = SegFolder(data, ids=ids)
+        model_seconds += _score_folder(metrics, SegPredictor(model), folder, progress=progress)
+        n += len(folder)
+    return _summary(metrics, n, model_seconds)
+
+
+def _summary(metrics: SegmentationMetrics, n_images: int, model_seconds: float) -> dict[str, Any]:
     agg = metrics.aggregate()
 
     def pick(block: dict, measure: str) -> dict[str, float | None]:
         return {k: (None if k not in block or np.isnan(block[k][measure]) else round(float(block[k][measure]), 6)) for k in SEG_KEYS}
 
     return {
-        "n_images": len(folder),
+        "n_images": n_images,
         "dice": pick(agg["pooled"], "dice"),
         "dice_mean_per_image": pick(agg["mean_per_image"], "dice"),
         "iou": pick(agg["pooled"], "iou"),
         "rand_error": None if np.isnan(agg["rand_error"]) else round(agg["rand_error"], 6),
-        "images_per_second": round(len(folder) / model_seconds, 3) if model_seconds else None,
+        "images_per_second": round(n_images / model_seconds, 3) if model_seconds else None,
         "details": {"pooled": agg["pooled"], "mean_per_image": agg["mean_per_image"]},
     }
 

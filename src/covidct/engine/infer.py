@@ -37,7 +37,8 @@ class SegPredictor:
     """Batched, gradient-free inference with a :class:`SegmentationNet`."""
 
     def __init__(self, model: SegmentationNet, *, batch_size: int = 8, device: str = "cpu", tta: bool = False) -> None:
-        self.model = model.eval().to(device)
+        # channels-last runs the depthwise convolutions of EfficientNet-Lite ~1.5x faster on CPU
+        self.model = model.eval().to(device).to(memory_format=torch.channels_last)
         self.device = device
         self.batch_size = batch_size
         self.tta = tta
@@ -63,7 +64,7 @@ class SegPredictor:
                 F.interpolate(torch.as_tensor(np.asarray(im, np.float32))[None, None], size=(self.size, self.size),
                               mode="bilinear", align_corners=False)[0]
                 for im in chunk
-            ]).to(self.device)
+            ]).to(self.device).to(memory_format=torch.channels_last)
             logits = self._logits(batch)
             for im, lg in zip(chunk, logits):
                 lg = F.interpolate(lg[None].float(), size=im.shape[-2:], mode="bilinear", align_corners=False)[0]

@@ -22,6 +22,7 @@ from covidct.data.segmentation import SegFolder, SegSample
 from covidct.data.transforms import seg_train_transform
 from covidct.engine.common import seed_everything, warmup_cosine, write_log
 from covidct.engine.train_seg import split_seg_folders
+from covidct.errors import CovidctError
 from covidct.io.window import to_model_input
 from covidct.models.checkpoint import save_checkpoint
 from covidct.models.lesions import LesionModelConfig, LesionNet, build_lesion_model, instances_from_labels
@@ -38,6 +39,7 @@ class LesionTrainConfig:
     val_fraction: float = 0.2
     seed: int = 0
     imagenet: bool = True
+    encoder_init: str | None = None  # a covidct segmentation checkpoint with the same encoder
     half: bool = True
 
 
@@ -111,7 +113,10 @@ def train_lesions(cfg: LesionTrainConfig, output: str | Path, *, progress: bool 
     seed_everything(cfg.seed)
     mcfg = LesionModelConfig.from_dict(cfg.model)
     train, val = split_seg_folders(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    model = build_lesion_model(mcfg, imagenet=cfg.imagenet)
+    try:
+        model = build_lesion_model(mcfg, imagenet=cfg.imagenet, encoder_init=cfg.encoder_init)
+    except ValueError as exc:
+        raise CovidctError(cfg.encoder_init, str(exc)) from None
     ds = _Instances(train, seg_train_transform(mcfg.input_size, seed=cfg.seed), mcfg.mask_mode)
     dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                      collate_fn=lambda b: tuple(zip(*b)),
@@ -146,7 +151,7 @@ def train_lesions(cfg: LesionTrainConfig, output: str | Path, *, progress: bool 
             save_checkpoint(output, task="lesions", config=mcfg.to_dict(), state_dict=model.state_dict(), half=cfg.half,
                             classes=list(mcfg.classes), input_size=mcfg.input_size,
                             anchors={"sizes": list(mcfg.anchor_sizes), "aspect_ratios": list(mcfg.aspect_ratios)},
-                            normalization="grey [0,1] (HU: lung window; 8-bit /255), copied to 3 channels, (x-0.449)/0.226",
+                            normalization="grey [0,1] (HU: model window L-420/W1480; 8-bit /255), copied to 3 channels, (x-0.449)/0.226",
                             train_config=asdict(cfg),
                             metrics={"validation": result, "epoch": epoch, "train_seconds": round(elapsed, 1),
                                      "n_train": len(train), "val_ids": [s.id for s in val]})

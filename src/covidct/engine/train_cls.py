@@ -152,6 +152,6 @@ def train_cls(cfg: ClsTrainConfig, output: str | Path, *, progress: bool = True)
                "train_seconds": round(elapsed, 1), "n_train": len(train), "n_val": len(val)}
     save_checkpoint(output, task="cls", config=mcfg.to_dict(), state_dict=model.state_dict(), half=cfg.half,
                     classes=list(classes), input_size=cfg.input_size, temperature=temperature,
-                    normalization="grey [0,1] (HU: lung window; 8-bit /255), resized to input_size; (x-0.449)/0.226 inside",
+                    normalization="grey [0,1] (HU: model window L-420/W1480; 8-bit /255), resized to input_size; (x-0.449)/0.226 inside",
                     train_config=asdict(cfg), metrics=metrics)
     return {"output": str(output), "temperature": temperature, **metrics}

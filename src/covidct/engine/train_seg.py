@@ -1,9 +1,12 @@
 """``covidct train seg``: lesion (+ lung) segmentation training on CPU.
 
-Validation comes from the first ``--data`` folder (a seeded share of its slices, grouped by source
-slice); slices of other folders that share a source slice with the validation set are left out
-of training. The best epoch by mean pooled validation Dice (infection, GGO, consolidation; lung
-for ``--labels lung``) is written to ``-o FILE``; ``<FILE stem>_run/`` keeps ``last.pt`` (resume),
+Validation comes from the first ``--data`` folder: a seeded share of its slices, or with
+``folds > 0`` fold ``fold`` of a seeded k-fold split (grouped by source slice either way); slices
+of other folders that share a source slice with the validation set are left out of training.
+The best epoch by mean pooled validation Dice (infection, GGO, consolidation; lung for
+``--labels lung``) is written to ``-o FILE``, or with ``select = "last"`` the last epoch (an
+unbiased cross-validation estimate of a fixed-length recipe). With ``fold = "all"`` there is no validation
+(nnU-Net's "fold all"): every slice trains and the last epoch is written; ``<FILE stem>_run/`` keeps ``last.pt`` (resume),
 ``log.csv``, ``curve.png`` and ``config.json``.
 """
 
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from covidct.data.segmentation import SegFolder, SegSample
-from covidct.data.splits import group_split
+from covidct.data.splits import group_kfold, group_split
 from covidct.data.transforms import seg_train_transform
 from covidct.engine.common import seed_everything, warmup_cosine, write_log
 from covidct.engine.evaluate_seg import evaluate_folder
@@ -60,6 +63,10 @@ class SegTrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: int = 3
     val_fraction: float = 0.2
+    folds: int = 0
+    fold: int | str = 0
+    select: str = "best"
+    class_weighting: str = "none"
     seed: int = 0
     lung_weight: float = 0.5
     elastic: bool = True
@@ -72,11 +79,18 @@ class SegTrainConfig:
                               input_size=self.input_size)
 
 
-def split_seg_folders(data: list[str], *, val_fraction: float, seed: int) -> tuple[list[SegSample], list[SegSample]]:
+def split_seg_folders(data: list[str], *, val_fraction: float, seed: int, folds: int = 0,
+                      fold: int | str = 0) -> tuple[list[SegSample], list[SegSample]]:
     """(train, val) samples; see the module docstring for how validation is drawn."""
     folders = [SegFolder(d) for d in data]
     first = folders[0]
-    idx_train, idx_val = group_split(list(range(len(first))), first.groups, val_fraction=val_fraction, seed=seed)
+    indices = list(range(len(first)))
+    if fold == "all":
+        idx_train, idx_val = indices, []
+    elif folds:
+        idx_train, idx_val = group_kfold(indices, first.groups, n_folds=folds, fold=int(fold), seed=seed)
+    else:
+        idx_train, idx_val = group_split(indices, first.groups, val_fraction=val_fraction, seed=seed)
     val_groups = {first.groups[i] for i in idx_val}
     train = [first[i] for i in idx_train]
     val = [first[i] for i in idx_val]
@@ -88,7 +102,14 @@ def split_seg_folders(data: list[str], *, val_fraction: float, seed: int) -> tup
 def load_training_data(cfg: SegTrainConfig) -> tuple[list[SegSample], list[SegSample]]:
     if cfg.labels not in LABEL_SETS:
         raise CovidctError(None, f"--labels must be one of {sorted(LABEL_SETS)}")
-    train, val = split_seg_folders(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    if cfg.class_weighting not in ("none", "sqrt-inverse"):
+        raise CovidctError(None, "--class-weighting must be 'none' or 'sqrt-inverse'")
+    if cfg.select not in ("best", "last"):
+        raise CovidctError(None, "--select must be 'best' or 'last'")
+    if cfg.fold != "all" and cfg.folds and not 0 <= int(cfg.fold) < cfg.folds:
+        raise CovidctError(None, f"--fold must be 'all' or 0..{cfg.folds - 1}")
+    train, val = split_seg_folders(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, folds=cfg.folds,
+                                   fold=cfg.fold)
     need_lung = cfg.lung_head or cfg.labels == "lung"
     if need_lung and any(s.lung is None for s in train):
         raise CovidctError(cfg.data[0], "lung head requested but some slices have no lung/ mask (use --no-lung-head)")
@@ -126,13 +147,27 @@ def soft_dice_loss(probs: torch.Tensor, onehot: torch.Tensor, eps: float = 1.0) 
     return 1.0 - ((2 * inter + eps) / (den + eps)).mean()
 
 
+def class_weights(samples: list[SegSample], n_lesion: int) -> torch.Tensor:
+    """Cross-entropy weights ``f_c^-1/2 / sum_c sqrt(f_c)`` from the pixel frequencies ``f_c`` of the
+    training label maps: rare classes (consolidation, effusion) count more, and the mean weight per
+    pixel stays 1 so the loss scale is unchanged. Classes absent from the data get weight 0."""
+    counts = np.zeros(n_lesion, np.float64)
+    for s in samples:
+        labels = s.labels.ravel()
+        counts += np.bincount(np.where(labels >= n_lesion, 0, labels), minlength=n_lesion)  # as _Augmented
+    freq = counts / counts.sum()
+    w = np.where(freq > 0, 1.0 / np.sqrt(np.maximum(freq, 1e-12)), 0.0) / np.sqrt(freq).sum()
+    return torch.tensor(w, dtype=torch.float32)
+
+
 def seg_loss(logits: torch.Tensor, labels: torch.Tensor, lung: torch.Tensor, n_lesion: int, lung_head: bool,
-             lung_weight: float) -> torch.Tensor:
-    """Cross-entropy + soft Dice on lesion classes (foreground only), BCE + Dice on the lung."""
+             lung_weight: float, ce_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy (optionally class-weighted) + soft Dice on lesion classes (foreground only),
+    BCE + Dice on the lung."""
     loss = logits.new_zeros(())
     if n_lesion:
         lesion = logits[:, :n_lesion]
-        loss = loss + F.cross_entropy(lesion, labels)
+        loss = loss + F.cross_entropy(lesion, labels, weight=ce_weight)
         probs = torch.softmax(lesion, dim=1)
         onehot = F.one_hot(labels.clamp(max=n_lesion - 1), n_lesion).permute(0, 3, 1, 2).float()
         loss = loss + soft_dice_loss(probs[:, 1:], onehot[:, 1:])
@@ -164,7 +199,11 @@ def plot_curves(log_rows: list[dict[str, Any]], path: Path) -> None:
         vals = [r.get(key) for r in log_rows]
         if any(v not in (None, "") for v in vals):
             a2.plot(ep, [np.nan if v in (None, "") else v for v in vals], label=key.replace("val_dice_", ""))
-    a2.set_xlabel("epoch"); a2.set_ylabel("validation Dice (pooled)"); a2.legend(); a2.set_ylim(0, 1)
+    a2.set_xlabel("epoch"); a2.set_ylabel("validation Dice (pooled)"); a2.set_ylim(0, 1)
+    if a2.lines:
+        a2.legend()
+    else:  # fold "all": nothing to validate on
+        a2.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=a2.transAxes)
     fig.tight_layout()
     save_figure(fig, path, dpi=100)
     plt.close(fig)
@@ -211,6 +250,11 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=gen)
     val_folder = _SampleList(val)
     n_lesion = len(mcfg.lesion_classes)
+    ce_weight = None
+    if cfg.class_weighting == "sqrt-inverse" and n_lesion:
+        ce_weight = class_weights(train, n_lesion)
+        print("cross-entropy class weights: " + ", ".join(
+            f"{c} {w:.2f}" for c, w in zip(mcfg.lesion_classes, ce_weight.tolist())))
     bar = tqdm(range(start_epoch, cfg.epochs), desc="train seg", unit="epoch", disable=not progress,
                initial=start_epoch, total=cfg.epochs)
     for epoch in bar:
@@ -219,24 +263,28 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
         losses = []
         for img, lab, lung, _ in loader:
             img = img.to(memory_format=torch.channels_last)
-            loss = seg_loss(model(img), lab, lung, n_lesion, mcfg.lung_head, cfg.lung_weight)
+            loss = seg_loss(model(img), lab, lung, n_lesion, mcfg.lung_head, cfg.lung_weight, ce_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
         model.eval()
-        result = evaluate_folder(SegPredictor(model), val_folder, progress=False, compute_hd95=False)
-        score = selection_score(result, cfg.labels)
+        if val:
+            result = evaluate_folder(SegPredictor(model), val_folder, progress=False, compute_hd95=False)
+            val_score = selection_score(result, cfg.labels)
+        else:  # fold "all": no validation, the last epoch is the model
+            result, val_score = {"dice": {}}, ""
+        score = val_score if cfg.select == "best" and val else float(epoch)
         elapsed += time.time() - t0
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": opt.param_groups[1]["lr"],
                **{f"val_dice_{k}": ("" if v is None else v) for k, v in result["dice"].items()},
-               "val_score": score, "seconds": round(elapsed, 1)}
+               "val_score": val_score, "seconds": round(elapsed, 1)}
         log_rows.append(row)
         if score > best:
-            best, best_result = score, {k: v for k, v in result.items() if k != "details"}
+            best, best_result = score, ({k: v for k, v in result.items() if k != "details"} if val else None)
             _save_model(output, model, mcfg, cfg, best_result, epoch, elapsed, len(train), [s.id for s in val])
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{score:.3f}", best=f"{best:.3f}")
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{val_score:.3f}" if val else "-")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "epoch": epoch, "best": best, "best_result": best_result, "log": log_rows, "elapsed": elapsed,
                     "train_config": asdict(cfg), "torch_rng": torch.get_rng_state(),
@@ -245,7 +293,7 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
         write_log(log_rows, run_dir / "log.csv")
     if log_rows:
         plot_curves(log_rows, run_dir / "curve.png")
-    return {"best_score": best, "validation": best_result, "seconds": round(elapsed, 1), "output": str(output),
+    return {"selected_epoch_score": best if cfg.select == "best" and val else None, "validation": best_result, "seconds": round(elapsed, 1), "output": str(output),
             "run_dir": str(run_dir)}
 
 
@@ -258,7 +306,7 @@ def _save_model(output: Path, model, mcfg: SegModelConfig, cfg: SegTrainConfig, 
         output, task="seg", config=mcfg.to_dict(), state_dict=model.state_dict(), half=cfg.half,
         classes=classes, colours={k: list(v) for k, v in LESION_COLOURS.items() if k in classes},
         input_size=mcfg.input_size,
-        normalization="grey [0,1]: HU through the lung window (L-600/W1500), 8-bit images /255; "
+        normalization="grey [0,1]: HU through the model window (L-420/W1480), 8-bit images /255; "
                       "then (x-0.449)/0.226 inside the network",
         train_config={**asdict(cfg), "decoder_channels": list(cfg.decoder_channels)},
         metrics={"validation": result, "epoch": epoch, "train_seconds": round(elapsed, 1),

@@ -56,6 +56,10 @@ def save_checkpoint(path: str | Path, *, task: str, config: dict, state_dict: di
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **fields,
     }
+    return _save_atomic(payload, path)
+
+
+def _save_atomic(payload: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
     os.close(fd)
@@ -66,6 +70,15 @@ def save_checkpoint(path: str | Path, *, task: str, config: dict, state_dict: di
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def record_metrics(path: str | Path, **metrics: Any) -> Path:
+    """Add entries to a checkpoint's ``metrics`` (e.g. a cross-validation estimate measured after
+    training), rewriting the file atomically; weights and settings are unchanged."""
+    path = Path(path)
+    payload = read_checkpoint(path)
+    payload["metrics"] = {**(payload.get("metrics") or {}), **metrics}
+    return _save_atomic(payload, path)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from covidct.models.base import NormalizedNet
-from covidct.models.encoders import IMAGENET_GREY_MEAN, IMAGENET_GREY_STD, OFFLINE_IMAGENET, imagenet_state_dict
+from covidct.models.encoders import (
+    IMAGENET_GREY_MEAN, IMAGENET_GREY_STD, OFFLINE_IMAGENET, copy_matching, imagenet_state_dict, seg_encoder_state_dict,
+)
 
 TIMM_NAMES: dict[str, str] = {
     "resnet18": "resnet18", "resnet34": "resnet34", "resnet50": "resnet50",
@@ -49,22 +51,6 @@ class ClassificationNet(NormalizedNet):
     """timm backbone with built-in input normalisation; returns class logits."""
 
 
-def _load_backbone(net: nn.Module, weights: dict[str, torch.Tensor]) -> int:
-    """Copy matching tensors (the classifier excluded); a 3-channel stem is summed to 1 channel."""
-    target = net.state_dict()
-    n = 0
-    for key, tensor in weights.items():
-        if key not in target or key.startswith(("classifier.", "fc.")):
-            continue
-        if tensor.ndim == 4 and tensor.shape[1] == 3 and target[key].shape[1] == 1:
-            tensor = tensor.sum(dim=1, keepdim=True)
-        if tuple(tensor.shape) == tuple(target[key].shape):
-            target[key] = tensor
-            n += 1
-    net.load_state_dict(target)
-    return n
-
-
 def build_cls_model(config: ClsModelConfig | None = None, *, init: str = "random") -> ClassificationNet:
     """``init``: ``random``, ``imagenet`` (offline weights), or a path to a covidct segmentation
     checkpoint whose encoder is the same network."""
@@ -83,17 +69,8 @@ def build_cls_model(config: ClsModelConfig | None = None, *, init: str = "random
     if init == "imagenet":
         if config.encoder not in OFFLINE_IMAGENET:
             raise ValueError(f"no offline ImageNet weights for {config.encoder}")
-        _load_backbone(net, imagenet_state_dict(config.encoder))
+        copy_matching(net, imagenet_state_dict(config.encoder))
     elif init != "random":
-        from covidct.models.checkpoint import read_checkpoint
-
-        payload = read_checkpoint(init)
-        if payload["task"] != "seg" or payload["config"].get("encoder") != config.encoder:
-            raise ValueError(f"{init}: not a segmentation model with encoder {config.encoder}")
-        state = payload["state_dict"]
-        # timm-universal encoders (tu-*) nest the timm model under .model; smp's ResNets do not
-        prefix = "net.encoder.model." if any(k.startswith("net.encoder.model.") for k in state) else "net.encoder."
-        weights = {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
-        if _load_backbone(net, weights) == 0:
+        if copy_matching(net, seg_encoder_state_dict(init, config.encoder)) == 0:
             raise ValueError(f"{init}: no encoder tensor fits {config.encoder}")
     return ClassificationNet(config, net)

@@ -83,3 +83,38 @@ def load_imagenet_encoder(encoder: torch.nn.Module, name: str, in_channels: int)
         copied += 1
     encoder.model.load_state_dict(target)
     return copied
+
+
+def seg_encoder_state_dict(path: str, encoder: str) -> dict[str, torch.Tensor]:
+    """The encoder tensors of a covidct segmentation checkpoint, keyed like the bare backbone (timm
+    or smp ResNet names), float32; ``ValueError`` if the checkpoint is not a segmentation model with
+    that encoder."""
+    from covidct.models.checkpoint import read_checkpoint
+
+    payload = read_checkpoint(path)
+    if payload["task"] != "seg" or payload["config"].get("encoder") != encoder:
+        raise ValueError(f"{path}: not a segmentation model with encoder {encoder}")
+    state = payload["state_dict"]
+    # timm-universal encoders (tu-*) nest the timm model under .model; smp's ResNets do not
+    prefix = "net.encoder.model." if any(k.startswith("net.encoder.model.") for k in state) else "net.encoder."
+    return {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
+
+
+def copy_matching(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> int:
+    """Copy the tensors of ``weights`` whose names exist in ``module`` (classifier heads excluded);
+    a stem whose colour axis differs is summed (3 -> 1) or spread evenly (1 -> 3): a grey image
+    copied to three channels gives the same response. Returns the number of tensors copied."""
+    target = module.state_dict()
+    n = 0
+    for key, tensor in weights.items():
+        if key not in target or key.startswith(("classifier.", "fc.")):
+            continue
+        want = target[key]
+        if tensor.ndim == 4 and want.ndim == 4 and tensor.shape[1] != want.shape[1] and tensor.shape[0] == want.shape[0]:
+            summed = tensor.sum(dim=1, keepdim=True)
+            tensor = summed if want.shape[1] == 1 else summed.repeat(1, want.shape[1], 1, 1) / want.shape[1]
+        if tuple(tensor.shape) == tuple(want.shape):
+            target[key] = tensor
+            n += 1
+    module.load_state_dict(target)
+    return n

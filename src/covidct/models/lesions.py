@@ -69,21 +69,20 @@ class TimmFPNBackbone(nn.Module):
     """A timm features-only encoder (EfficientNet-Lite, offline ImageNet weights) under a torchvision
     FeaturePyramidNetwork with a max-pooled extra level: the interface Mask R-CNN expects."""
 
-    def __init__(self, encoder: str, *, imagenet: bool, out_channels: int = 128, truncate_last_stage: bool = False) -> None:
+    def __init__(self, encoder: str, *, imagenet: bool, out_channels: int = 128, truncate_last_stage: bool = False,
+                 encoder_weights: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__()
         import timm
         from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
+        from covidct.models.encoders import copy_matching, imagenet_state_dict
+
         indices = (1, 2, 3) if truncate_last_stage else (1, 2, 3, 4)
         self.body = timm.create_model(f"tf_{encoder.replace('-', '_')}", pretrained=False, features_only=True,
                                       out_indices=indices)
-        if imagenet:
-            from covidct.models.encoders import imagenet_state_dict
-
-            weights = imagenet_state_dict(encoder)
-            target = self.body.state_dict()
-            target.update({k: v for k, v in weights.items() if k in target and v.shape == target[k].shape})
-            self.body.load_state_dict(target)
+        weights = encoder_weights if encoder_weights is not None else imagenet_state_dict(encoder) if imagenet else None
+        if weights is not None and copy_matching(self.body, weights) == 0:
+            raise ValueError(f"no tensor of the given encoder weights fits {encoder}")
         self.fpn = FeaturePyramidNetwork(self.body.feature_info.channels(), out_channels, extra_blocks=LastLevelMaxPool())
         self.out_channels = out_channels
 
@@ -105,9 +104,11 @@ class LesionNet(nn.Module):
         return self.net([im.expand(3, -1, -1) for im in images], targets)
 
 
-def build_lesion_model(config: LesionModelConfig | None = None, *, imagenet: bool = False) -> LesionNet:
+def build_lesion_model(config: LesionModelConfig | None = None, *, imagenet: bool = False,
+                       encoder_init: str | None = None) -> LesionNet:
     """Build the Mask R-CNN; ``imagenet=True`` starts an EfficientNet-Lite backbone from the offline
-    ImageNet weights (ResNets have none here and start from random weights)."""
+    ImageNet weights (ResNets have none here and start from random weights); ``encoder_init`` (a
+    covidct segmentation checkpoint with the same encoder) starts it from that model's encoder."""
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
@@ -117,11 +118,17 @@ def build_lesion_model(config: LesionModelConfig | None = None, *, imagenet: boo
     if config.mask_mode not in MASK_MODES:
         raise ValueError(f"mask mode must be one of {sorted(MASK_MODES)}")
     returned = [1, 2, 3] if config.truncate_last_stage else [1, 2, 3, 4]
+    if encoder_init and not config.backbone.startswith("efficientnet-lite"):
+        raise ValueError("a segmentation-encoder start needs an EfficientNet-Lite backbone")
     if config.backbone in ("resnet18", "resnet34", "resnet50"):
         backbone = resnet_fpn_backbone(backbone_name=config.backbone, weights=None, trainable_layers=5,
                                        returned_layers=returned)
     elif config.backbone in ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"):
-        backbone = TimmFPNBackbone(config.backbone, imagenet=imagenet, truncate_last_stage=config.truncate_last_stage)
+        from covidct.models.encoders import seg_encoder_state_dict
+
+        weights = seg_encoder_state_dict(encoder_init, config.backbone) if encoder_init else None
+        backbone = TimmFPNBackbone(config.backbone, imagenet=imagenet, truncate_last_stage=config.truncate_last_stage,
+                                   encoder_weights=weights)
     else:
         raise ValueError("backbone must be resnet18/34/50 or efficientnet-lite0/1/2")
     n_levels = len(returned) + 1  # + the pooled level

@@ -10,7 +10,7 @@ from covidct.models.checkpoint import read_checkpoint
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 #: Default shipped model per task.
-DEFAULTS: dict[str, str] = {"seg": "seg-effl0-unet", "cls": "cls-effl0-ucsd", "lesions": "lesions-effl0-maskrcnn"}
+DEFAULTS: dict[str, str] = {"seg": "seg-effl0-unet", "cls": "cls-effl0-seginit", "lesions": "lesions-effl0-maskrcnn"}
 
 
 def shipped_files() -> list[Path]:

@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 
 from covidct import DISCLAIMER, __version__
-from covidct.analysis.scan import ScanResult, analyze_volume
+from covidct.analysis.scan import ScanResult, analyze_volume, classify_slices
 from covidct.engine.infer import SegPredictor
-from covidct.io import Volume, read, to_model_input, write_nifti
+from covidct.io import Volume, get_window, read, to_model_input, write_nifti
+from covidct.models.registry import DEFAULTS
 from covidct.report.json_io import write_json
 from covidct.report.overlay import overlay_rgb, save_png, with_legend
 
@@ -118,6 +119,7 @@ figure{{display:inline-block;margin:.3em}} figure img{{max-width:340px}} .kv td{
 <tr><td>percentage of high opacity</td><td>{'n/a' if report['percent_high_opacity'] is None else f"{report['percent_high_opacity']:.2f} %"}</td></tr>
 <tr><td>severity score</td><td>{report['severity_score']} / {report['severity_score_max']} ({html.escape(report['severity_method'])})</td></tr>
 <tr><td>answer</td><td>{html.escape(report['diagnosis']['label'])} (p = {report['diagnosis']['probabilities']['lesions_present']:.3f}; {html.escape(report['diagnosis']['rule'])})</td></tr>
+{_classifier_row(report['diagnosis'].get('classifier'))}
 </table>
 <h2>Lesions</h2><table><tr><th>type</th><th>volume (mL)</th><th>% of lung</th></tr>{rows}</table>
 <h2>Zones</h2><table><tr><th>zone</th><th>% involved</th><th>score (0-5)</th></tr>{zones}</table>
@@ -128,22 +130,74 @@ figure{{display:inline-block;margin:.3em}} figure img{{max-width:340px}} .kv td{
 """
 
 
+def _classifier_row(block: dict | None) -> str:
+    if not block:
+        return ""
+    means = block.get("mean_probabilities_lesion_slices") or block.get("mean_probabilities_lung_slices") or {}
+    text = ", ".join(f"{html.escape(c)} {p:.2f}" for c, p in means.items())
+    return (f"<tr><td>slice classifier</td><td>{html.escape(block['model'])}: mean {text} "
+            f"({html.escape(block['note'])})</td></tr>")
+
+
+#: The slice classifier whose probabilities ``analyze`` reports by default.
+DEFAULT_CLASSIFIER = DEFAULTS["cls"]
+
+
+def _add_classifier(result: ScanResult, vol: Volume, spec: str | Path, models: list[dict], *, window,
+                    progress: bool) -> None:
+    """Per-slice probabilities of the slice classifier into ``result.slices`` and a summary into
+    ``result.diagnosis["classifier"]``."""
+    from covidct.models.checkpoint import file_sha256
+    from covidct.models.registry import load_cls_model
+
+    model, payload = load_cls_model(spec)
+    models.append({"name": Path(payload["path"]).stem, "task": "cls", "sha256": file_sha256(payload["path"])})
+    t0 = time.perf_counter()
+    per_slice = classify_slices(vol, model, temperature=float(payload.get("temperature", 1.0)), lungs=result.lungs,
+                                window=window, progress=progress)
+    result.timings["classifier_s"] = round(time.perf_counter() - t0, 2)
+    for k, probs in per_slice.items():
+        result.slices[k]["class_probabilities"] = probs
+    names = list(model.config.classes)
+    with_lesions = [per_slice[k] for k in per_slice if result.slices[k]["lesion_percent"] > 0]
+
+    def mean(rows: list[dict[str, float]]) -> dict[str, float] | None:
+        return {c: round(float(np.mean([r[c] for r in rows])), 6) for c in names} if rows else None
+
+    result.diagnosis["classifier"] = {
+        "model": Path(payload["path"]).stem,
+        "mean_probabilities_lung_slices": mean(list(per_slice.values())),
+        "mean_probabilities_lesion_slices": mean(with_lesions),
+        "note": "slice classifier on whole windowed slices; reported beside the lesion-based answer, not used "
+                "for the label (its external validation on COVID-CT-MD is weak: see benchmarks/RESULTS.md)",
+    }
+
+
 def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | None = None, progress: bool = True,
-            device: str = "cpu", series_uid: str | None = None) -> dict[str, Any]:
-    """Analyse one scan and write every output into ``outdir``; returns the report dict."""
+            device: str = "cpu", series_uid: str | None = None, window: str = "model",
+            classifier_spec: str | Path | None = DEFAULT_CLASSIFIER) -> dict[str, Any]:
+    """Analyse one scan and write every output into ``outdir``; returns the report dict. HU slices
+    reach the model through ``window`` (a preset of :mod:`covidct.io.window` or ``"L,W"``).
+    ``classifier_spec`` (a shipped name or file; ``None`` for none) adds per-slice class
+    probabilities of a slice classifier; they are reported, not used for the patient label."""
     from covidct.models.checkpoint import file_sha256
     from covidct.models.registry import load_seg_model
 
     t0 = time.perf_counter()
     # a folder of several series: take the one with the most slices (one header scan), and say so
+    hu_window = get_window(window)
     vol = read(path, series_uid=series_uid, largest_series=True)
     series_note = None
     if "series_available" in vol.metadata and series_uid is None:
         series_note = {"series_chosen": vol.metadata["series_uid"], "series_available": vol.metadata["series_available"]}
     model, payload = load_seg_model(model_spec)
     models = [{"name": Path(payload["path"]).stem, "task": "seg", "sha256": file_sha256(payload["path"])}]
-    result = analyze_volume(vol, SegPredictor(model, device=device), progress=progress)
+    result = analyze_volume(vol, SegPredictor(model, device=device), progress=progress, window=hu_window)
+    if classifier_spec:
+        _add_classifier(result, vol, classifier_spec, models, window=hu_window, progress=progress)
     report = build_report(vol, result, models, time.perf_counter() - t0)
+    if vol.is_hu:
+        report["input"]["model_window"] = {"level": hu_window.level, "width": hu_window.width}
     if series_note:
         report["input"].update(series_note)
 
@@ -155,7 +209,7 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
     order = [int(k) for k in order if result.slices[k]["lesion_percent"] > 0] or [vol.n_slices // 2]
     overlays = []
     for k in sorted(order):
-        grey = to_model_input(vol.array[k], is_hu=vol.is_hu)
+        grey = to_model_input(vol.array[k], is_hu=vol.is_hu, window="lung")  # display: the usual lung window
         pic = with_legend(overlay_rgb(grey, result.lesions[k], result.lungs[k] > 0),
                           title=f"slice {k}: lesions {result.slices[k]['lesion_percent']:.1f}% of lung")
         save_png(pic, outdir / "overlays" / f"slice_{k:04d}.png")

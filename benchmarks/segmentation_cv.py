@@ -1,0 +1,54 @@
+"""Cross-validation estimate for a segmentation recipe: pools the out-of-fold predictions of k
+models trained with ``covidct train seg --folds K --fold k`` (each scores only the slices its
+checkpoint names as validation), so every training slice is scored once by a model that never
+saw it. Trains nothing.
+
+    for k in 0 1 2 3 4; do covidct train seg --data $D --folds 5 --fold $k -o cv/f$k.pt [recipe]; done
+    python benchmarks/segmentation_cv.py --data $D cv/f0.pt cv/f1.pt cv/f2.pt cv/f3.pt cv/f4.pt [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def main() -> int:
+    from covidct.engine.evaluate_seg import evaluate_out_of_fold, format_table
+    from covidct.errors import CovidctError
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="the folder the folds were drawn from")
+    ap.add_argument("models", nargs="+", help="one model file per fold")
+    ap.add_argument("--json")
+    ap.add_argument("--record-in", metavar="MODEL", help="also store the estimate in this model's metrics "
+                    "(`cross_validation`), e.g. the --fold all model trained with the same recipe")
+    args = ap.parse_args()
+    try:
+        result = evaluate_out_of_fold(args.models, args.data)
+    except CovidctError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    summary = {k: v for k, v in result.items() if k != "details"}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(summary, fh, indent=2)
+    if args.record_in:
+        from pathlib import Path
+
+        from covidct.models.checkpoint import record_metrics
+
+        summary["fold_models"] = [Path(m).name for m in args.models]
+        record_metrics(args.record_in, cross_validation=summary)
+        print(f"recorded the estimate in {args.record_in}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
