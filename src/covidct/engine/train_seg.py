@@ -5,9 +5,9 @@ Validation comes from the first ``--data`` folder: a seeded share of its slices,
 of other folders that share a source slice with the validation set are left out of training.
 The best epoch by mean pooled validation Dice (infection, GGO, consolidation; lung for
 ``--labels lung``) is written to ``-o FILE``, or with ``select = "last"`` the last epoch (an
-unbiased cross-validation estimate of a fixed-length recipe). With ``fold = "all"`` there is no validation
-(nnU-Net's "fold all"): every slice trains and the last epoch is written; ``<FILE stem>_run/`` keeps ``last.pt`` (resume),
-``log.csv``, ``curve.png`` and ``config.json``.
+unbiased cross-validation estimate of a fixed-length recipe). With ``fold = "all"`` there is no
+validation (nnU-Net's "fold all"): every slice trains and the last epoch is written.
+``<FILE stem>_run/`` keeps ``last.pt`` (resume), ``log.csv``, ``curve.png`` and ``config.json``.
 """
 
 from __future__ import annotations
