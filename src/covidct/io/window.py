@@ -6,8 +6,8 @@ Model input convention (used by every model in covidct): one channel, float32 in
   ``320 HU -> 1``, clipped. It is the window under which HU volumes look like the 8-bit training
   slices (COVID-SemiSeg JPGs, whose window is not documented): a least-squares fit of the
   5th..95th intensity percentiles around the lungs of the 50 training slices against the HU
-  percentiles of the same region in the three open COVID-CT-MD scans gave level -380 / -447 / -426
-  and width 1493 / 1480 / 1474 (no labels used); healthy lung (about -850 HU) then maps to 0.21 and
+  percentiles of the same region in the three open COVID-CT-MD scans gave level -380 / -450 / -429
+  and width 1493 / 1477 / 1469 (no labels used; ``benchmarks/window_fit.py``); healthy lung (about -850 HU) then maps to 0.21 and
   chest-wall muscle (+25 HU) to 0.81, as in the JPGs (0.21 and 0.81). The familiar **lung** preset
   (-600 / 1500) maps healthy lung to 0.33, where the training slices have ground-glass opacity.
 * 8-bit images are divided by 255; images of other depth are scaled by their 0.5 / 99.5
