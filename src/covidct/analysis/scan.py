@@ -1,8 +1,8 @@
 """Scan-level analysis: lungs -> lesions slice by slice -> burden, severity, slice scores.
 
 Lesion model input: each slice is cropped to the bounding box of its lungs (plus a 3 % margin) —
-the framing of the COVID-SemiSeg training slices — windowed (HU: the model window, see covidct.io.window) and resized to the
-model's input size, so the in-plane resolution of the source does not matter (a 256² NIfTI at
+the framing of the COVID-SemiSeg training slices — windowed (HU: the ``model`` window of
+:mod:`covidct.io.window`) and resized to the model's input size, so the in-plane resolution of the source does not matter (a 256² NIfTI at
 1.18 mm and a 512² series at 0.75 mm give the same framing). Predictions are pasted back on the
 input grid. GGO/consolidation are kept inside each lung closed with a 10 mm disk (holes filled),
 effusion within 15 mm of it; 3-D lesion components under 0.1 mL are dropped (volumes with spacing only).
