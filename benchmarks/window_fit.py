@@ -52,4 +52,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from covidct.errors import CovidctError
+
+    try:
+        sys.exit(main())
+    except CovidctError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
