@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 import time
 
-import numpy as np
 
 from covidct.analysis.lungs import segment_lungs_hu
 from covidct.io import read

@@ -104,7 +104,7 @@ def test_analyze_dicom_series_outputs_on_input_grid(tmp_path, tiny_seg_model, ca
     assert report["input"]["model_window"] == {"level": -420.0, "width": 1480.0}
     # the shipped slice classifier's probabilities: on every slice with lung, summing to one
     cls_block = report["diagnosis"]["classifier"]
-    assert cls_block["model"] == DEFAULTS["cls"] and {m["task"] for m in report["models"]} == {"seg", "cls"}
+    assert cls_block["model"] == DEFAULTS["scan_cls"] and {m["task"] for m in report["models"]} == {"seg", "cls"}
     with_lung = [s for s in report["slices"] if "class_probabilities" in s]
     assert len(with_lung) == int((lungs > 0).any(axis=(1, 2)).sum())
     assert all(abs(sum(s["class_probabilities"].values()) - 1.0) < 1e-4 for s in with_lung)
@@ -187,3 +187,13 @@ def test_lesion_region_does_not_fill_a_crescent():
     notch = crescent.copy()
     notch[70:74, 95:105] = 0                    # a dense lesion cut out of the air mask
     assert _lesion_region(notch, radius_px=8)[72, 100] == RIGHT
+
+
+def test_slice_infection_probability_keeps_large_lesions_ranked():
+    from covidct.analysis.scan import slice_infection_probability
+
+    areas = np.array([0.0, 50.0, 100.0, 1500.0, 3000.0, 20000.0])
+    p = slice_infection_probability(areas)
+    assert p[0] == 0.0 and p[2] == pytest.approx(0.5)
+    # still strictly increasing after the report's rounding to 6 decimals, far beyond 14 cm²
+    assert np.all(np.diff(np.round(p, 6)) > 0) and p[-1] < 1.0

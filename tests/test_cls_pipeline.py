@@ -86,6 +86,70 @@ def test_evaluate_cls_ensemble_and_tta(trained_cls, tmp_path):
     assert json.loads((tmp_path / "e.json").read_text())["tta"] is True
 
 
+def test_ensemble_model_file_is_the_mean_of_its_members(trained_cls, tmp_path, capsys):
+    """`covidct ensemble` writes one model file that evaluates like `evaluate cls --model A --model B`,
+    stores its validation scores, refuses a member that changed, and cannot be explained by CAM."""
+    import shutil
+
+    from covidct.engine.evaluate_cls import evaluate_cls
+    from covidct.engine.train_cls import ClsTrainConfig, train_cls
+    from covidct.models.registry import load_cls_model
+
+    data, path, _ = trained_cls
+    other = tmp_path / "other.pt"  # a second member with another input size
+    train_cls(ClsTrainConfig(data=str(data), encoder="resnet18", init="random", input_size=40, epochs=1, batch_size=8,
+                             seed=1), other, progress=False)
+    member = tmp_path / "a.pt"
+    shutil.copy(path, member)
+    ens = tmp_path / "ens.pt"
+    assert main(["ensemble", "--model", str(member), "--model", str(other), "--data", str(data), "-o", str(ens)]) == 0
+    model, payload = load_cls_model(ens)
+    assert model.config.input_size == 40 and payload["metrics"]["validation"]["n_images"] == 4
+    assert payload["temperature"] > 0 and "ece" in payload["metrics"]["validation_calibrated"]
+    assert payload["metrics"]["members"] == [str(member.resolve()), str(other.resolve())]
+    as_file = evaluate_cls(ens, data, split="test", progress=False)
+    as_list = evaluate_cls([member, other], data, split="test", progress=False)
+    # undo the ensemble's own temperature to compare with the plain mean of the members
+    sharpened = np.exp(np.log(as_list["_probabilities"]) / payload["temperature"])
+    as_list["_probabilities"] = sharpened / sharpened.sum(axis=1, keepdims=True)
+    # members see the ensemble's 40 px input resized to their own size: close to, not equal to, direct resizing
+    np.testing.assert_allclose(as_file["_probabilities"], as_list["_probabilities"], atol=0.05)
+    np.testing.assert_allclose(as_file["_probabilities"].sum(axis=1), 1.0, atol=1e-5)
+    assert main(["explain", str(data / "COVID" / "0.png"), "--model", str(ens), "-o", str(tmp_path / "x.png")]) == 2
+    assert "one CNN classifier" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+    shutil.copy(other, member)  # the member file changes after the ensemble was made
+    assert main(["evaluate", "cls", "--model", str(ens), "--data", str(data), "--split", "test"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "changed since the ensemble was made" in err and len(err.splitlines()) == 1
+    assert main(["ensemble", "--model", str(other), "-o", str(tmp_path / "one.pt")]) == 2
+
+
+def test_classify_prints_and_writes_slice_probabilities(trained_cls, tmp_path, capsys):
+    from covidct.engine.evaluate_cls import evaluate_cls
+
+    data, path, _ = trained_cls
+    images = [data / "COVID" / "10.png", data / "NonCOVID" / "10.png"]  # the test split
+    js = tmp_path / "c.json"
+    assert main(["classify", *map(str, images), "--model", str(path), "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "research software" in out.lower() and out.count("[0]:") == 2
+    res = json.loads(js.read_text())
+    assert res["classes"] == ["NonCOVID", "COVID"] and len(res["slices"]) == 2
+    # the same calibrated probabilities as `evaluate cls` gives for these images
+    from covidct.data.classification import load_records
+
+    ref = evaluate_cls(path, data, split="test", progress=False)
+    order = [str(r.path) for r in load_records(data, split="test")]
+    for row in res["slices"]:
+        assert row["probabilities"]["COVID"] == pytest.approx(ref["_probabilities"][order.index(row["input"])][1], abs=1e-5)
+        assert row["label"] == max(row["probabilities"], key=row["probabilities"].get)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert main(["classify", str(bad), "--model", str(path), "--json", str(tmp_path / "d.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "bad.png" in err and len(err.splitlines()) == 1 and not (tmp_path / "d.json").exists()
+
+
 def test_evaluate_cls_folder_per_class_and_covidx(trained_cls, tmp_path, capsys):
     _, path, _ = trained_cls
     rng = np.random.default_rng(1)

@@ -77,6 +77,11 @@ def test_maskcls_trains_s_and_evaluates_through_evaluate_cls(tmp_path, seg_folde
     js = tmp_path / "e.json"
     assert main(["evaluate", "cls", "--model", str(out), "--data", str(data), "--split", "test", "--json", str(js)]) == 0
     assert json.loads(js.read_text())["n_images"] == 4
+    # training saw the RoIs that evaluation sees: re-evaluating the validation split reproduces the stored scores
+    assert main(["evaluate", "cls", "--model", str(out), "--data", str(data), "--split", "val", "--json", str(js)]) == 0
+    again = json.loads(js.read_text())
+    assert again["overall_accuracy"] == pytest.approx(payload["metrics"]["validation"]["accuracy"])
+    assert again["auc"] == pytest.approx(payload["metrics"]["validation"]["auc"])
 
 
 def test_efficientnet_backbone_starts_from_our_segmentation_encoder(tmp_path):
@@ -106,3 +111,122 @@ def test_efficientnet_backbone_starts_from_imagenet():
     with torch.inference_mode():
         out = m([torch.rand(1, 64, 64)])
     assert set(out[0]) == {"boxes", "labels", "scores", "masks"}
+
+
+@pytest.mark.parametrize("train", ["s+roi", "s+bn"])
+def test_maskcls_stage2_trains_only_what_was_chosen(tmp_path, train):
+    """s+roi moves S, box head and predictor; s+bn moves S and the backbone's batch-norm affine
+    parameters; everything else keeps the lesion model's weights."""
+    from test_cls_pipeline import _make_split_folder
+
+    from covidct.engine.train_maskcls import MaskClsTrainConfig, train_maskcls
+    from covidct.models import save_checkpoint
+    from covidct.models.registry import load_cls_model
+
+    cfg = LesionModelConfig(backbone="efficientnet-lite0", input_size=64, anchor_sizes=(4, 8, 16, 32, 64),
+                            rpn_post_nms_top_n_test=20, box_score_thresh=0.0)
+    lesion = build_lesion_model(cfg)
+    les_path = save_checkpoint(tmp_path / "les.pt", task="lesions", config=cfg.to_dict(), state_dict=lesion.state_dict(),
+                               classes=list(cfg.classes), input_size=64,
+                               anchors={"sizes": list(cfg.anchor_sizes), "aspect_ratios": list(cfg.aspect_ratios)})
+    data = _make_split_folder(tmp_path / "cls", n=6, size=40)
+    res = train_maskcls(MaskClsTrainConfig(data=str(data), lesion_model=str(les_path), top_n=8, s_width=16, train=train,
+                                           epochs=2, batch_size=4, lr=1e-2), tmp_path / "mc.pt", progress=False)
+    assert res["trained"].startswith("S + ") and res["n_train"] == 4 and res["n_val"] == 4
+    model, payload = load_cls_model(tmp_path / "mc.pt")
+    assert payload["train_config"]["train"] == train
+    before = {k: v.half().float() for k, v in lesion.state_dict().items()}  # the checkpoint stores fp16
+    after = {k.removeprefix("lesion."): v for k, v in model.state_dict().items() if k.startswith("lesion.")}
+
+    def moved(pattern: str) -> bool:
+        keys = [k for k in before if pattern in k and before[k].is_floating_point()]
+        assert keys, pattern
+        return any(not torch.equal(before[k], after[k].float()) for k in keys)
+
+    assert moved("roi_heads.box_head.") == (train == "s+roi")
+    assert moved("roi_heads.box_predictor.") == (train == "s+roi")
+    assert moved("backbone.body.bn1.weight") == (train == "s+bn")
+    assert not moved("backbone.body.conv_stem.weight") and not moved("backbone.body.bn1.running_mean")
+    assert not moved("rpn.") and not moved("roi_heads.mask_")
+
+
+def test_maskcls_s_plus_bn_refuses_a_frozen_batch_norm_backbone(tmp_path, seg_folder, capsys):
+    from test_cls_pipeline import _make_split_folder
+
+    train_lesions(LesionTrainConfig(data=[str(seg_folder)], model=TINY, epochs=1, batch_size=2, val_fraction=0.34),
+                  tmp_path / "les.pt", progress=False)
+    data = _make_split_folder(tmp_path / "cls", n=6, size=40)
+    code = main(["train", "maskcls", "--data", str(data), "--lesion-model", str(tmp_path / "les.pt"), "--train", "s+bn",
+                 "-o", str(tmp_path / "mc.pt")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "frozen" in err and len(err.splitlines()) == 1 and not (tmp_path / "mc.pt").exists()
+
+
+def test_instances_overlay_colours_masks_and_boxes():
+    from covidct.report.overlay import instances_rgb
+
+    grey = np.full((40, 50), 0.5, np.float32)
+    masks = np.zeros((2, 40, 50), bool)
+    masks[0, 5:10, 5:10] = True
+    masks[1, 20:30, 30:40] = True
+    im = np.asarray(instances_rgb(grey, masks, ["ggo", "consolidation"], [0.9, 0.4],
+                                  np.array([[4, 4, 11, 11], [29, 19, 41, 31]], np.float32)))
+    assert im.shape == (40, 50, 3)
+    r, g, b = im[7, 7].astype(int)
+    assert r > g and r > b  # GGO red
+    r, g, b = im[25, 35].astype(int)
+    assert b > r and b > g  # consolidation blue
+    assert tuple(im[4, 8]) == (255, 0, 0) and tuple(im[31, 35]) == (0, 90, 255)  # box outlines
+    assert tuple(im[0, 45]) == (127, 127, 127)  # untouched background
+
+
+def test_predict_with_lesion_model_writes_instances(tmp_path, capsys):
+    from PIL import Image
+
+    from covidct.models import SegModelConfig, build_seg_model, save_checkpoint
+
+    seg = build_seg_model(SegModelConfig(encoder="resnet18", input_size=64))
+    seg_path = save_checkpoint(tmp_path / "seg.pt", task="seg", config=seg.config.to_dict(), state_dict=seg.state_dict())
+    cfg = LesionModelConfig.from_dict({**TINY, "box_score_thresh": 0.0})
+    lesion = build_lesion_model(cfg)
+    les_path = save_checkpoint(tmp_path / "les.pt", task="lesions", config=cfg.to_dict(), state_dict=lesion.state_dict(),
+                               classes=list(cfg.classes), input_size=cfg.input_size)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 56), dtype=np.uint8)).save(tmp_path / "s.png")
+    out = tmp_path / "out"
+    assert main(["predict", str(tmp_path / "s.png"), "-o", str(out), "--model", str(seg_path),
+                 "--lesion-model", str(les_path), "--lesion-score", "0"]) == 0
+    assert "wrote 4 files for 1 slices" in capsys.readouterr().out
+    summary = json.loads((out / "predictions.json").read_text())
+    inst = summary["slices"][0]["instances"]
+    assert summary["lesion_model"] == "les.pt" and 0 < len(inst) <= cfg.box_detections_per_img
+    assert all(i["class"] in ("ggo", "consolidation") and 0 <= i["box"][0] <= i["box"][2] <= 56 for i in inst)
+    assert Image.open(out / "s_instances.png").width >= 56
+    assert main(["predict", str(tmp_path / "s.png"), "-o", str(out), "--lesion-score", "2"]) == 2
+    assert "--lesion-score" in capsys.readouterr().err
+
+
+@pytest.mark.realdata
+def test_shipped_lesion_model_on_real_validation_slices(tmp_path, capsys):
+    """Smoke test: the default lesion model loads with no hyper-parameter and its instances cover the
+    lesions of slices it never trained on (its own validation slices)."""
+    import shutil
+
+    from conftest import need_data
+
+    from covidct.models.checkpoint import read_checkpoint
+    from covidct.models.registry import resolve_model
+
+    src = need_data("covid-semiseg")
+    payload = read_checkpoint(resolve_model(None, task="lesions"))
+    ids = payload["metrics"]["val_ids"][:3]
+    assert payload["anchors"]["sizes"] and payload["classes"] == ["background", "ggo", "consolidation"]
+    for sub in ("images", "masks"):
+        (tmp_path / "few" / sub).mkdir(parents=True)
+        for i in ids:
+            for f in (src / sub).glob(f"{i}.*"):
+                shutil.copy(f, tmp_path / "few" / sub / f.name)
+    js = tmp_path / "e.json"
+    assert main(["evaluate", "lesions", "--data", str(tmp_path / "few"), "--json", str(js)]) == 0
+    res = json.loads(js.read_text())
+    assert res["n_images"] == 3 and res["ap50"] is not None and res["infection_dice"] > 0.5
+    assert "lesion region Dice" in capsys.readouterr().out

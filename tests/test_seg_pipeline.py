@@ -184,6 +184,10 @@ def test_models_json_lists_shipped(capsys):
     for m in models:
         assert {"name", "task", "classes", "file", "input_size", "metrics"} <= set(m)
         assert m["task"] in ("seg", "lesions", "maskcls", "cls")
+    assert {"seg", "lesions", "maskcls", "cls"} <= {m["task"] for m in models}
+    assert main(["models"]) == 0
+    text = capsys.readouterr().out
+    assert "validation (instances): ap50" in text and "cross-validation (Dice): infection" in text
 
 
 @pytest.mark.realdata

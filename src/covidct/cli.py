@@ -76,10 +76,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
         metrics = m["metrics"] if isinstance(m["metrics"], dict) else {}
         for key, label in (("validation", "validation"), ("cross_validation", "cross-validation")):
             block = metrics.get(key) or {}
-            shown = block.get("dice") or {k: block[k] for k in ("accuracy", "auc") if isinstance(block.get(k), float)}
+            keys = ("ap50", "ap75", "map", "infection_dice") if "ap50" in block else ("accuracy", "auc")
+            shown = block.get("dice") or {k: block[k] for k in keys if isinstance(block.get(k), float)}
             text = ", ".join(f"{k} {v:.3f}" for k, v in shown.items() if isinstance(v, float))
+            kind = "Dice" if "dice" in block else "instances" if "ap50" in block else "slices"
             if text:
-                print(f"{'':<24} {label} ({'Dice' if 'dice' in block else 'slices'}): {text}")
+                print(f"{'':<24} {label} ({kind}): {text}")
     return 0
 
 
@@ -162,14 +164,25 @@ def _cmd_evaluate_cls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cam_model(spec: str | None):
+    """The classifier for activation maps: one CNN (default: the shipped ``cam`` model)."""
+    from covidct.models.classification import ClassificationNet
+    from covidct.models.registry import DEFAULTS, load_cls_model
+
+    model, payload = load_cls_model(spec or DEFAULTS["cam"])
+    if not isinstance(model, ClassificationNet):
+        raise CovidctError(payload["path"], "class activation maps need one CNN classifier, not an ensemble or a "
+                           "Mask-Net classifier")
+    return model
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
     from covidct.engine.explain import class_activation_map
     from covidct.io import read, to_model_input
-    from covidct.models.registry import load_cls_model
     from covidct.report.overlay import heatmap_rgb, save_png, with_legend
 
     vol = read(args.image)
-    model, payload = load_cls_model(args.model)
+    model = _cam_model(args.model)
     classes = list(model.config.classes)
     if args.target and args.target not in classes:
         raise CovidctError("--class", f"{args.target!r} is not one of {classes}")
@@ -188,10 +201,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 def _cmd_evaluate_cam(args: argparse.Namespace) -> int:
     from covidct.data.segmentation import SegFolder
     from covidct.engine.explain import evaluate_weak_masks
-    from covidct.models.registry import load_cls_model
     from covidct.report.json_io import write_json
 
-    model, _ = load_cls_model(args.model)
+    model = _cam_model(args.model)
     result = evaluate_weak_masks(model, SegFolder(args.data), threshold=args.threshold, method=args.method)
     pooled, per_image = result["details"]["pooled"]["infection"], result["details"]["mean_per_image"]["infection"]
     print(f"weakly-supervised infection masks ({args.method}, threshold {args.threshold}) on {result['n_images']} slices")
@@ -230,8 +242,19 @@ def _cmd_train_maskcls(args: argparse.Namespace) -> int:
     if not Path(args.data).is_dir():
         raise CovidctError(args.data, "no such folder")
     cfg = MaskClsTrainConfig(data=str(args.data), lesion_model=args.lesion_model, n_classes=args.classes,
-                             top_n=args.top_n, s_width=args.s_width, epochs=args.epochs, seed=args.seed)
+                             top_n=args.top_n, s_width=args.s_width, train=args.train, epochs=args.epochs,
+                             batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     print(to_json(train_maskcls(cfg, args.output), disclaimer=False))
+    return 0
+
+
+def _cmd_ensemble(args: argparse.Namespace) -> int:
+    from covidct.engine.evaluate_cls import save_ensemble
+    from covidct.report.json_io import to_json
+
+    if args.data is not None and not Path(args.data).is_dir():
+        raise CovidctError(args.data, "no such folder")
+    print(to_json(save_ensemble(args.model, args.output, data=args.data, split=args.split), disclaimer=False))
     return 0
 
 
@@ -245,6 +268,9 @@ def _cmd_evaluate_lesions(args: argparse.Namespace) -> int:
     rows = [("all", {k: result[k] for k in ("ap50", "ap75", "map")}), *result["per_class"].items()]
     for name, r in rows:
         print(f"{name:<16}" + "".join(f"{'n/a' if r[k] is None else f'{r[k]:.4f}':>10}" for k in ("ap50", "ap75", "map")))
+    if result.get("infection_dice") is not None:
+        print(f"lesion region Dice (union of instances scoring >= {result['instance_score_threshold']}): "
+              f"{result['infection_dice']:.4f}")
     print(f"{result['n_images']} images, {result['images_per_second']} images/s")
     print(f"Evaluation took {time.time() - t0:.1f} s")
     if args.json:
@@ -252,11 +278,30 @@ def _cmd_evaluate_lesions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_classify(args: argparse.Namespace) -> int:
+    from covidct.report.json_io import write_json
+    from covidct.report.slices import classify_paths
+
+    result = classify_paths(args.paths, model_spec=args.model)
+    for row in result["slices"]:
+        probs = ", ".join(f"{c} {v:.3f}" for c, v in row["probabilities"].items())
+        print(f"{row['input']} [{row['slice']}]: {row['label']} ({probs})")
+    print(f"model {result['model']}; {DISCLAIMER}")
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from covidct.report.slices import predict_to_folder
 
-    summary = predict_to_folder(args.paths, args.output, model_spec=args.model)
-    print(f"wrote {3 * len(summary['slices'])} files for {len(summary['slices'])} slices to {args.output}")
+    if not 0.0 <= args.lesion_score <= 1.0:
+        raise CovidctError(None, f"--lesion-score must be in [0, 1], got {args.lesion_score}")
+    summary = predict_to_folder(args.paths, args.output, model_spec=args.model, lesion_model_spec=args.lesion_model,
+                                lesion_score=args.lesion_score)
+    per_slice = 3 + (1 if args.lesion_model else 0)
+    print(f"wrote {per_slice * len(summary['slices'])} files for {len(summary['slices'])} slices to {args.output}")
     return 0
 
 
@@ -298,9 +343,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_training_options(s: argparse.ArgumentParser, *, epochs: int, batch_size: int | None, lr: float | None) -> None:
+def _add_training_options(s: argparse.ArgumentParser, *, epochs: int | None, batch_size: int | None, lr: float | None) -> None:
     """Options every ``covidct train`` task shares."""
-    s.add_argument("--epochs", type=int, default=epochs)
+    s.add_argument("--epochs", type=int, default=epochs,
+                   help=None if epochs is not None else "default: 300 for --train s, 15 for s+bn, 40 for s+roi")
     if batch_size is not None:
         s.add_argument("--batch-size", type=int, default=batch_size)
     if lr is not None:
@@ -384,9 +430,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", type=int, choices=(2, 3), default=2)
     s.add_argument("--top-n", type=int, default=32, help="RoIs per image (N of the N x 5 tensor)")
     s.add_argument("--s-width", type=int, default=128)
-    s.add_argument("--train", choices=("s",), default="s", help="what to train: s = the classification module only")
-    _add_training_options(s, epochs=300, batch_size=None, lr=None)
+    s.add_argument("--train", choices=("s", "s+bn", "s+roi"), default="s",
+                   help="what to train: s = the classification module S only; s+bn = S and the backbone's "
+                   "batch-norm affine parameters; s+roi = S, box head and box predictor")
+    _add_training_options(s, epochs=None, batch_size=16, lr=1e-3)
     s.set_defaults(func=_cmd_train_maskcls)
+
+    s = sub.add_parser("ensemble", help="combine classifiers into one model file (mean of calibrated probabilities)")
+    s.add_argument("--model", action="append", required=True, help="member classifier (shipped name or .pt), repeat")
+    s.add_argument("--data", help="score the ensemble on this classification folder and store it as validation")
+    s.add_argument("--split", default="val", help="split of --data to score (default: val)")
+    s.add_argument("-o", "--output", required=True, help="model file to write (.pt)")
+    s.set_defaults(func=_cmd_ensemble)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a model on a data folder").add_subparsers(dest="task", required=True)
     s = evaluate.add_parser("seg", help="segmentation on a COVID-SemiSeg-layout folder")
@@ -444,10 +499,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print report.json to stdout")
     s.set_defaults(func=_cmd_analyze)
 
+    s = sub.add_parser("classify", help="class probabilities of slices (images, DICOM, NIfTI) with a slice classifier")
+    s.add_argument("paths", nargs="+")
+    s.add_argument("--model", help="classifier, Mask-Net classifier or ensemble: shipped name or .pt file "
+                   "(default: the shipped default classifier)")
+    s.add_argument("--json", help="also write the result to this JSON file")
+    s.set_defaults(func=_cmd_classify)
+
     s = sub.add_parser("predict", help="segment slices: label maps, lung masks, overlays")
     s.add_argument("paths", nargs="+")
     s.add_argument("-o", "--output", required=True, help="output folder")
     s.add_argument("--model", help="shipped model name or .pt file")
+    s.add_argument("--lesion-model", help="also run a Mask R-CNN lesion model (shipped name or .pt file): "
+                   "<name>_instances.png with masks, boxes and scores, and `instances` in predictions.json")
+    s.add_argument("--lesion-score", type=float, default=0.3, help="minimum score of the instances drawn and listed")
     s.set_defaults(func=_cmd_predict)
     return p
 

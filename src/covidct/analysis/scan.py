@@ -7,8 +7,10 @@ the framing of the COVID-SemiSeg training slices — windowed (HU: the ``model``
 input grid. GGO/consolidation are kept inside each lung closed with a 10 mm disk (holes filled),
 effusion within 15 mm of it; 3-D lesion components under 0.1 mL are dropped (volumes with spacing only).
 
-Per-slice infection probability: ``1 - exp(-A / 100 mm²)`` with ``A`` the predicted GGO +
-consolidation area of the slice (a 1 cm² lesion gives 0.63); fixed a priori, not fitted. The
+Per-slice infection probability: ``A / (A + 100 mm²)`` with ``A`` the predicted GGO +
+consolidation area of the slice (a 1 cm² lesion gives 0.5, 10 cm² 0.91); fixed a priori, not fitted,
+and strictly increasing in ``A`` at the 6 decimals of the report (the earlier ``1 - exp(-A / 100 mm²)``
+rounded every slice above 14 cm² to 1.0, so large lesions could no longer be ranked). The
 patient-level answer: ``lesions present`` when GGO + consolidation cover at least 1 % of the lung
 (a normal scan's burden is expected below 1 %); the mean of the 5 highest slice probabilities is
 reported beside it.
@@ -29,6 +31,7 @@ from covidct.engine.infer import SegPredictor
 from covidct.io.volume import Volume
 from covidct.io.window import Window, to_model_input
 
+#: Lesion area of a slice at which its infection probability is 0.5.
 AREA_SCALE_MM2 = 100.0
 #: Lesions are kept inside each lung closed with a disk of this radius (see ``_lesion_region``).
 CLOSING_MM = 10.0
@@ -85,6 +88,12 @@ def _lesion_region(lung2d: np.ndarray, radius_px: int) -> np.ndarray:
     return out
 
 
+def slice_infection_probability(area_mm2: np.ndarray) -> np.ndarray:
+    """``A / (A + AREA_SCALE_MM2)``: 0 without lesion, 0.5 at 1 cm², strictly increasing."""
+    area_mm2 = np.asarray(area_mm2, np.float64)
+    return area_mm2 / (area_mm2 + AREA_SCALE_MM2)
+
+
 def _slice_pixel_mm2(vol: Volume) -> float:
     return float(vol.spacing[1] * vol.spacing[2]) if vol.spacing else 1.0
 
@@ -138,7 +147,7 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     infected = np.isin(lesions, (1, 2)) & (lungs > 0)
     areas = infected.sum(axis=(1, 2)) * px_mm
     lung_px = (lungs > 0).sum(axis=(1, 2))
-    probs = 1.0 - np.exp(-areas / AREA_SCALE_MM2)
+    probs = slice_infection_probability(areas)
     slices = [{"index": int(k), "infection_probability": round(float(probs[k]), 6),
                "lesion_percent": round(100.0 * float(infected[k].sum()) / lung_px[k], 4) if lung_px[k] else 0.0,
                "lesion_area_mm2": round(float(areas[k]), 2)} for k in range(n)]

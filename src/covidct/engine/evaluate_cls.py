@@ -91,6 +91,14 @@ def evaluate_records(model: ClassificationNet, records: list[ClsRecord], *, temp
     }
 
 
+def summarize(res: dict[str, Any]) -> dict[str, Any]:
+    """The short form of an :func:`evaluate_records` result stored in checkpoints' metrics."""
+    auc = res["auc"]
+    return {"accuracy": round(res["overall_accuracy"], 6),
+            "auc": round(auc, 6) if isinstance(auc, float) else {k: round(v, 6) for k, v in auc.items()},
+            "f1": {c: round(v["f1"], 6) for c, v in res["per_class"].items()}, "ece": round(res["ece"], 6)}
+
+
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> float:
     """ECE of the top-class confidence over ``n_bins`` equal-width bins (torchmetrics)."""
     from torchmetrics.functional.classification import multiclass_calibration_error
@@ -114,3 +122,41 @@ def evaluate_cls(model_spec: str | Path | None | Sequence[str | Path], data: str
     result["model"] = ",".join(Path(p["path"]).name for _, p in loaded)
     result["tta"] = tta
     return result
+
+
+def save_ensemble(model_specs: Sequence[str | Path], output: str | Path, *, data: str | Path | None = None,
+                  split: str = "val", progress: bool = True) -> dict[str, Any]:
+    """Write a classifier ensemble (the mean of the members' calibrated probabilities) as one model
+    file naming its members and their checksums; with ``data``, score it on that folder's ``split``,
+    fit a temperature for the mean there, and store both as its validation metrics."""
+    from covidct.models.checkpoint import file_sha256, save_checkpoint
+    from covidct.models.ensemble import EnsembleConfig, build_ensemble
+    from covidct.models.registry import WEIGHTS_DIR, load_cls_model, resolve_model
+
+    if len(model_specs) < 2:
+        raise CovidctError(None, "an ensemble needs at least two --model")
+    paths = [resolve_model(spec, task="cls") for spec in model_specs]
+    names = [p.stem if p.parent == WEIGHTS_DIR else str(p.resolve()) for p in paths]
+    members = [load_cls_model(p)[0] for p in paths]
+    config = EnsembleConfig(members=tuple(names), checksums=tuple(file_sha256(p) for p in paths),
+                            classes=tuple(members[0].config.classes),
+                            input_size=max(int(m.config.input_size) for m in members))
+    model = build_ensemble(config)
+    metrics: dict[str, Any] = {"members": names}
+    temperature = 1.0
+    if data is not None:
+        from covidct.engine.train_cls import fit_temperature
+
+        records = load_records(data, split=split, classes=config.classes)
+        res = evaluate_records(model, records, progress=progress)
+        # the mean of calibrated members is under-confident: one more temperature on the same split
+        logits = torch.log(torch.as_tensor(res["_probabilities"]).clamp_min(1e-8))
+        temperature = fit_temperature(logits, torch.as_tensor(res["_labels"]))
+        after = evaluate_records(model, records, temperature=temperature, progress=False)
+        metrics["validation"] = {"data": str(data), "split": split, "n_images": res["n_images"], **summarize(res)}
+        metrics["validation_calibrated"] = summarize(after)
+    save_checkpoint(output, task="cls", config=config.to_dict(), state_dict={}, classes=list(config.classes),
+                    input_size=config.input_size, temperature=temperature,
+                    normalization="each member's own (grey [0,1]; the ensemble input is resized to each member's size)",
+                    metrics=metrics)
+    return {"output": str(output), **metrics}

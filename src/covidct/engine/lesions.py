@@ -28,6 +28,9 @@ from covidct.models.checkpoint import save_checkpoint
 from covidct.models.lesions import LesionModelConfig, LesionNet, build_lesion_model, instances_from_labels
 
 
+INSTANCE_SCORE = 0.3  #: detections kept when instances are drawn, listed or merged into a lesion region
+
+
 @dataclass
 class LesionTrainConfig:
     data: list[str]
@@ -54,36 +57,67 @@ def predict_instances(model: LesionNet, images01: list[np.ndarray]) -> list[dict
     return [{k: v.cpu() for k, v in o.items()} for o in outs]
 
 
-def evaluate_instances(model: LesionNet, samples, *, progress: bool = True) -> dict[str, Any]:
-    """AP on masks, overall and per class, plus images/s."""
-    from torchmetrics.detection import MeanAveragePrecision
+class InstanceAP:
+    """COCO-style mask AP (AP50, AP75, mAP@[.5:.95]) per class and overall, accumulated slice by slice
+    (``update`` / ``aggregate`` / ``reset``); torchmetrics ``MeanAveragePrecision`` underneath.
+    ``classes`` are the foreground names, label ``i + 1`` for ``classes[i]``."""
 
-    classes = list(model.config.classes[1:])
-    meters = {name: MeanAveragePrecision(iou_type="segm", iou_thresholds=thr, class_metrics=True)
-              for name, thr in (("ap50", [0.5]), ("ap75", [0.75]), ("map", None))}
-    seconds = 0.0
+    def __init__(self, classes: list[str] | tuple[str, ...]) -> None:
+        self.classes = list(classes)
+        self.reset()
+
+    def reset(self) -> None:
+        from torchmetrics.detection import MeanAveragePrecision
+
+        self.meters = {name: MeanAveragePrecision(iou_type="segm", iou_thresholds=thr, class_metrics=True)
+                       for name, thr in (("ap50", [0.5]), ("ap75", [0.75]), ("map", None))}
+        self.n_images = 0
+
+    def update(self, pred: dict, target: dict) -> None:
+        """``pred``: ``masks`` (N, H, W) bool, ``scores``, ``labels``; ``target``: ``masks``, ``labels``."""
+        p = {"masks": pred["masks"].bool(), "scores": pred["scores"], "labels": pred["labels"]}
+        t = {"masks": target["masks"].bool(), "labels": target["labels"]}
+        for m in self.meters.values():
+            m.update([p], [t])
+        self.n_images += 1
+
+    def aggregate(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"n_images": self.n_images, "per_class": {c: {} for c in self.classes}}
+        for name, m in self.meters.items():
+            r = m.compute()
+            out[name] = _nan_none(float(r["map"]))
+            ids = r["classes"].tolist() if r["classes"].ndim else [int(r["classes"])]
+            per = r["map_per_class"].tolist() if r["map_per_class"].ndim else [float(r["map_per_class"])]
+            for cid, v in zip(ids, per):
+                if 1 <= cid <= len(self.classes):
+                    out["per_class"][self.classes[cid - 1]][name] = _nan_none(v)
+        for c in self.classes:
+            for name in self.meters:
+                out["per_class"][c].setdefault(name, None)
+        return out
+
+
+def evaluate_instances(model: LesionNet, samples, *, progress: bool = True) -> dict[str, Any]:
+    """AP on masks, overall and per class, plus images/s; and ``infection_dice``: the pooled Dice of
+    the union of the instances scoring at least :data:`INSTANCE_SCORE` against GGO ∪ consolidation
+    (how well the instances cover the lesions as a region, whatever their partition into instances)."""
+    ap = InstanceAP(model.config.classes[1:])
+    seconds, overlap, total = 0.0, 0, 0
     for i in tqdm(range(len(samples)), desc="evaluate lesions", unit="slice", disable=not progress):
         s = samples[i]
         t0 = time.perf_counter()
         pred = predict_instances(model, [to_model_input(s.image, is_hu=False)])[0]
         seconds += time.perf_counter() - t0
-        target = _targets_for(s.labels, model.config.mask_mode)
-        p = {"masks": (pred["masks"][:, 0] > 0.5), "scores": pred["scores"], "labels": pred["labels"]}
-        t = {"masks": target["masks"].bool(), "labels": target["labels"]}
-        for m in meters.values():
-            m.update([p], [t])
-    out: dict[str, Any] = {"n_images": len(samples), "per_class": {c: {} for c in classes}}
-    for name, m in meters.items():
-        r = m.compute()
-        out[name] = _nan_none(float(r["map"]))
-        ids = r["classes"].tolist() if r["classes"].ndim else [int(r["classes"])]
-        per = r["map_per_class"].tolist() if r["map_per_class"].ndim else [float(r["map_per_class"])]
-        for cid, v in zip(ids, per):
-            if 1 <= cid <= len(classes):
-                out["per_class"][classes[cid - 1]][name] = _nan_none(v)
-    for c in classes:
-        for name in meters:
-            out["per_class"][c].setdefault(name, None)
+        masks = pred["masks"][:, 0] > 0.5
+        ap.update({"masks": masks, "scores": pred["scores"], "labels": pred["labels"]},
+                  _targets_for(s.labels, model.config.mask_mode))
+        union = masks[pred["scores"] >= INSTANCE_SCORE].any(dim=0).numpy() if len(masks) else np.zeros(s.labels.shape, bool)
+        truth = np.isin(s.labels, (1, 2)) if model.config.mask_mode != "ggo" else s.labels == 1
+        overlap += int((union & truth).sum())
+        total += int(union.sum() + truth.sum())
+    out = ap.aggregate()
+    out["infection_dice"] = round(2 * overlap / total, 6) if total else None
+    out["instance_score_threshold"] = INSTANCE_SCORE
     out["images_per_second"] = round(len(samples) / seconds, 3) if seconds else None
     return out
 

@@ -23,7 +23,7 @@ from covidct.data.classification import BINARY_CLASSES, THREE_CLASSES, ClsRecord
 from covidct.data.cls_transforms import cls_train_transform
 from covidct.data.splits import group_split
 from covidct.engine.common import seed_everything, warmup_cosine, write_log
-from covidct.engine.evaluate_cls import evaluate_records
+from covidct.engine.evaluate_cls import evaluate_records, summarize
 from covidct.errors import CovidctError
 from covidct.models.checkpoint import save_checkpoint
 from covidct.models.classification import ClsModelConfig, build_cls_model
@@ -88,13 +88,6 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(np.clip(log_t.exp().item(), 0.05, 20.0))
 
 
-def _summary(res: dict[str, Any]) -> dict[str, Any]:
-    auc = res["auc"]
-    return {"accuracy": round(res["overall_accuracy"], 6),
-            "auc": round(auc, 6) if isinstance(auc, float) else {k: round(v, 6) for k, v in auc.items()},
-            "f1": {c: round(v["f1"], 6) for c, v in res["per_class"].items()}, "ece": round(res["ece"], 6)}
-
-
 def train_cls(cfg: ClsTrainConfig, output: str | Path, *, progress: bool = True) -> dict[str, Any]:
     output = Path(output)
     run_dir = output.with_name(output.stem + "_run")
@@ -148,7 +141,7 @@ def train_cls(cfg: ClsTrainConfig, output: str | Path, *, progress: bool = True)
     logits = torch.log(torch.as_tensor(before["_probabilities"]).clamp_min(1e-8))
     temperature = fit_temperature(logits, torch.as_tensor(before["_labels"]))
     after = evaluate_records(model, val, temperature=temperature, progress=False)
-    metrics = {"validation": _summary(before), "validation_calibrated": _summary(after), "epoch": best_epoch,
+    metrics = {"validation": summarize(before), "validation_calibrated": summarize(after), "epoch": best_epoch,
                "train_seconds": round(elapsed, 1), "n_train": len(train), "n_val": len(val)}
     save_checkpoint(output, task="cls", config=mcfg.to_dict(), state_dict=model.state_dict(), half=cfg.half,
                     classes=list(classes), input_size=cfg.input_size, temperature=temperature,

@@ -1,10 +1,19 @@
 """``covidct train maskcls``: COVID-CT-Mask-Net stage 2 on a trained lesion model.
 
-What is trained: **S only** (``--train s``; the lesion network stays as trained — torchvision's
-ResNet-FPN uses frozen batch norm, so "S + BN" is the same thing here). The RoI tensors of every
-image are computed once (no augmentation), then S trains for many epochs in seconds. Validation: the
-folder's ``val`` split or a patient-grouped share; best epoch by validation AUC; temperature fitted on
-validation logits.
+What is trained (``--train``), the rest of the lesion network staying as trained and in inference
+mode (batch-norm running statistics fixed):
+
+* ``s``: the classification module S only. The RoI tensors of every image are computed once (no
+  augmentation), then S trains full-batch for many epochs in seconds.
+* ``s+bn``: S and the backbone's batch-norm affine parameters (the published code's choice). Every
+  step runs the whole network with gradients; torchvision's ResNet-FPN has frozen batch norm, so this
+  needs an EfficientNet-Lite backbone.
+* ``s+roi``: S, the box head and the box predictor. The pooled RoI features are computed once; every
+  step re-runs box head, predictor and torchvision's post-processing (score threshold, NMS), so the
+  gradient of the class loss reaches the RoI scores and boxes.
+
+Validation: the folder's ``val`` split or a patient-grouped share; best epoch by validation AUC (ties by
+accuracy); temperature fitted on validation logits.
 """
 
 from __future__ import annotations
@@ -20,11 +29,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from covidct.data.classification import BINARY_CLASSES, THREE_CLASSES, RecordImages, load_records
+from covidct.data.cls_transforms import cls_eval_transform
 from covidct.engine.common import seed_everything
 from covidct.engine.train_cls import ClsTrainConfig, fit_temperature, split_records
+from covidct.errors import CovidctError
 from covidct.metrics import classification_report, confusion_matrix, roc_auc, roc_auc_per_class
 from covidct.models.checkpoint import save_checkpoint
-from covidct.models.maskcls import MaskClsConfig, MaskClsNet
+from covidct.models.maskcls import TRAIN_CHOICES, MaskClsConfig, MaskClsNet
+
+DEFAULT_EPOCHS = {"s": 300, "s+bn": 15, "s+roi": 40}
 
 
 @dataclass
@@ -34,19 +47,17 @@ class MaskClsTrainConfig:
     n_classes: int = 2
     top_n: int = 32
     s_width: int = 128
-    epochs: int = 300
-    lr: float = 1e-3
+    train: str = "s"  # s | s+bn | s+roi
+    epochs: int | None = None  # None: DEFAULT_EPOCHS[train]
+    batch_size: int = 16  # images per step for s+bn / s+roi (s trains full-batch)
+    lr: float = 1e-3  # for S; the lesion network's parameters get lr / 10
     weight_decay: float = 1e-4
     val_fraction: float = 0.2
     seed: int = 0
 
-
-def _rois(model: MaskClsNet, records, progress: bool, desc: str) -> torch.Tensor:
-    loader = RecordImages()
-    out = []
-    for r in tqdm(records, desc=desc, unit="image", disable=not progress):
-        out.append(model.roi_tensor([torch.from_numpy(loader(r))[None]]))
-    return torch.cat(out)
+    @property
+    def n_epochs(self) -> int:
+        return self.epochs if self.epochs is not None else DEFAULT_EPOCHS[self.train]
 
 
 def _scores(logits: torch.Tensor, y: torch.Tensor, classes) -> dict[str, Any]:
@@ -56,43 +67,111 @@ def _scores(logits: torch.Tensor, y: torch.Tensor, classes) -> dict[str, Any]:
     return {"accuracy": rep.overall_accuracy, "auc": auc, "f1": {c: rep.per_class[c]["f1"] for c in classes}}
 
 
+class _Trainer:
+    """One stage-2 recipe: ``logits(idx, split, grad)`` for a set of image indices."""
+
+    def __init__(self, model: MaskClsNet, train: str, images: dict[str, list[np.ndarray]], progress: bool) -> None:
+        self.model, self.train = model, train
+        self.images = images
+        self.cache: dict[str, Any] = {}
+        with torch.no_grad():
+            for split, ims in images.items():
+                if train == "s":
+                    self.cache[split] = torch.cat([model.roi_tensor([_tensor(im)]) for im in
+                                                   tqdm(ims, desc=f"RoIs {split}", unit="image", disable=not progress)])
+                elif train == "s+roi":
+                    rows = [model.pooled_rois([_tensor(im)]) for im in
+                            tqdm(ims, desc=f"RoI features {split}", unit="image", disable=not progress)]
+                    self.cache[split] = [(r[0][0].half(), r[1][0], r[2][0]) for r in rows]
+
+    def logits(self, idx: list[int], split: str) -> torch.Tensor:
+        m = self.model
+        if self.train == "s":
+            return m.classify(self.cache[split][idx])
+        if self.train == "s+roi":
+            rows = [self.cache[split][i] for i in idx]
+            return m.classify(m.detections_tensor([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]))
+        return m.classify(m.detections_tensor(*m.pooled_rois([_tensor(self.images[split][i]) for i in idx])))
+
+    def all_logits(self, split: str, batch: int = 32) -> torch.Tensor:
+        n = len(self.images[split])
+        with torch.no_grad():
+            return torch.cat([self.logits(list(range(a, min(n, a + batch))), split) for a in range(0, n, batch)])
+
+
+def _tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, np.float32))[None]
+
+
 def train_maskcls(cfg: MaskClsTrainConfig, output: str | Path, *, progress: bool = True) -> dict[str, Any]:
     from covidct.models.registry import load_lesion_model
 
+    if cfg.train not in TRAIN_CHOICES:
+        raise CovidctError(None, f"--train must be one of {', '.join(TRAIN_CHOICES)}")
     seed_everything(cfg.seed)
     classes = BINARY_CLASSES if cfg.n_classes == 2 else THREE_CLASSES
     lesion, lesion_payload = load_lesion_model(cfg.lesion_model)
     mcfg = MaskClsConfig(classes=classes, top_n=cfg.top_n, s_width=cfg.s_width, lesion=lesion.config.to_dict())
-    model = MaskClsNet(mcfg, lesion)
+    model = MaskClsNet(mcfg, lesion).eval()  # inference mode throughout: fixed BN statistics, test-time RPN
+    try:
+        trainable = model.stage2_parameters(cfg.train)
+    except ValueError as exc:
+        raise CovidctError(cfg.lesion_model, str(exc)) from None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
     records = load_records(cfg.data, classes=classes)
     train, val = split_records(records, ClsTrainConfig(data=cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed))
+    if not train or not val:
+        raise CovidctError(cfg.data, "need both training and validation records")
+    # the exact preprocessing of `covidct evaluate cls` / `predict_probabilities` (square resize to the
+    # input size), so the RoIs seen in training are the RoIs seen at inference
+    loader, resize = RecordImages(), cls_eval_transform(mcfg.input_size)
+
+    def load(r) -> np.ndarray:
+        return resize(image=np.asarray(loader(r), np.float32))["image"]
+
     t0 = time.time()
-    x_train, x_val = _rois(model, train, progress, "RoIs train"), _rois(model, val, progress, "RoIs val")
+    images = {"train": [load(r) for r in tqdm(train, desc="load", unit="image", disable=not progress)],
+              "val": [load(r) for r in val]}
+    trainer = _Trainer(model, cfg.train, images, progress)
+    cache_seconds = time.time() - t0
     y_train = torch.tensor([classes.index(r.label) for r in train])
     y_val = torch.tensor([classes.index(r.label) for r in val])
-    roi_seconds = time.time() - t0
-    opt = torch.optim.AdamW(model.s.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    s_ids = {id(p) for p in model.s.parameters()}
+    groups = [{"params": [p for p in trainable if id(p) in s_ids], "lr": cfg.lr},
+              {"params": [p for p in trainable if id(p) not in s_ids], "lr": cfg.lr / 10}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
     target = F.one_hot(y_train, len(classes)).float()
+    gen = torch.Generator().manual_seed(cfg.seed)
     best, best_state, best_epoch = (-1.0, -1.0), None, 0
-    for epoch in range(cfg.epochs):
-        model.s.train()
-        loss = F.binary_cross_entropy_with_logits(model.classify(x_train), target)  # per-class BCE
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        model.s.eval()
-        with torch.no_grad():
-            sc = _scores(model.classify(x_val), y_val, classes)
+    t0 = time.time()
+    bar = tqdm(range(cfg.n_epochs), desc=f"train maskcls ({cfg.train})", unit="epoch", disable=not progress)
+    for epoch in bar:
+        order = torch.randperm(len(train), generator=gen).tolist()
+        steps = [order] if cfg.train == "s" else [order[a:a + cfg.batch_size] for a in range(0, len(order), cfg.batch_size)]
+        for idx in steps:
+            loss = F.binary_cross_entropy_with_logits(trainer.logits(idx, "train"), target[idx])  # per-class BCE
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sc = _scores(trainer.all_logits("val"), y_val, classes)
         key = (sc["auc"], sc["accuracy"])
         if key > best:
             best, best_epoch = key, epoch
-            best_state = {k: v.clone() for k, v in model.s.state_dict().items()}
-    model.s.load_state_dict(best_state)
+            best_state = {id(p): p.detach().clone() for p in trainable}
+        bar.set_postfix(auc=f"{sc['auc']:.3f}", acc=f"{sc['accuracy']:.3f}", best=f"{best[0]:.3f}")
     with torch.no_grad():
-        val_logits = model.classify(x_val)
+        for p in trainable:
+            p.copy_(best_state[id(p)])
+    train_seconds = time.time() - t0
+    val_logits = trainer.all_logits("val")
     temperature = fit_temperature(val_logits, y_val)
     metrics = {"validation": _scores(val_logits, y_val, classes), "epoch": best_epoch, "n_train": len(train),
-               "n_val": len(val), "roi_seconds": round(roi_seconds, 1), "trained": "S only"}
+               "n_val": len(val), "cache_seconds": round(cache_seconds, 1), "train_seconds": round(train_seconds, 1),
+               "trained": {"s": "S only", "s+bn": "S + backbone batch-norm affine",
+                           "s+roi": "S + RoI box head and predictor"}[cfg.train]}
     save_checkpoint(output, task="maskcls", config=mcfg.to_dict(), state_dict=model.state_dict(), half=True,
                     classes=list(classes), input_size=mcfg.input_size, temperature=temperature,
                     anchors={"sizes": list(lesion.config.anchor_sizes), "aspect_ratios": list(lesion.config.aspect_ratios)},

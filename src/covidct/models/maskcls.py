@@ -12,9 +12,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from covidct.models.lesions import LesionModelConfig, LesionNet, build_lesion_model
+
+
+TRAIN_CHOICES = ("s", "s+bn", "s+roi")
 
 
 @dataclass
@@ -50,26 +54,53 @@ class MaskClsNet(nn.Module):
                                nn.Linear(config.s_width, config.s_width), nn.ReLU(inplace=True),
                                nn.Linear(config.s_width, n))
 
-    @torch.no_grad()
-    def roi_tensor(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """``(B, top_n, 5)``: top RoI boxes (normalised) and scores of each ``(1, H, W)`` image."""
+    def pooled_rois(self, x: torch.Tensor | list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]:
+        """Backbone, RPN and RoI pooling of ``(1, H, W)`` images (the lesion network's inference path):
+        per image the pooled box features ``(P, C, 7, 7)``, its ``P`` proposals and the resized image size.
+        Runs with gradients when they are enabled (batch-norm affine training)."""
         net = self.lesion.net
-        net.eval()
         images, _ = net.transform([im.expand(3, -1, -1) for im in x])
         feats = net.backbone(images.tensors)
         proposals, _ = net.rpn(images, feats)
-        rh = net.roi_heads
-        box_feats = rh.box_head(rh.box_roi_pool(feats, proposals, images.image_sizes))
-        logits, regression = rh.box_predictor(box_feats)
-        boxes, scores, _ = rh.postprocess_detections(logits, regression, proposals, images.image_sizes)
-        out = images.tensors.new_zeros((len(boxes), self.config.top_n, 5))
-        for i, (b, s, (h, w)) in enumerate(zip(boxes, scores, images.image_sizes)):
+        pooled = net.roi_heads.box_roi_pool(feats, proposals, images.image_sizes)
+        return list(pooled.split([len(p) for p in proposals])), proposals, list(images.image_sizes)
+
+    def detections_tensor(self, pooled: list[torch.Tensor], proposals: list[torch.Tensor],
+                          image_sizes: list[tuple[int, int]]) -> torch.Tensor:
+        """``(B, top_n, 5)`` from pooled RoI features: box head, box predictor and torchvision's
+        post-processing (score threshold, NMS); differentiable in the box head and predictor."""
+        rh = self.lesion.net.roi_heads
+        logits, regression = rh.box_predictor(rh.box_head(torch.cat(pooled).float()))
+        boxes, scores, _ = rh.postprocess_detections(logits, regression, proposals, image_sizes)
+        rows = []
+        for b, s, (h, w) in zip(boxes, scores, image_sizes):
             order = torch.argsort(s, descending=True)[: self.config.top_n]
-            k = len(order)
-            scale = b.new_tensor([w, h, w, h])
-            out[i, :k, :4] = b[order] / scale
-            out[i, :k, 4] = s[order]
-        return out
+            rows_i = torch.cat([b[order] / b.new_tensor([w, h, w, h]), s[order, None]], dim=1)
+            rows.append(F.pad(rows_i, (0, 0, 0, self.config.top_n - len(order))))
+        return torch.stack(rows)
+
+    @torch.no_grad()
+    def roi_tensor(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """``(B, top_n, 5)``: top RoI boxes (normalised) and scores of each ``(1, H, W)`` image."""
+        self.lesion.net.eval()
+        return self.detections_tensor(*self.pooled_rois(x))
+
+    def stage2_parameters(self, train: str) -> list[nn.Parameter]:
+        """The parameters stage 2 trains: ``s`` (S only), ``s+bn`` (S and the backbone's batch-norm
+        affine parameters; running statistics stay fixed) or ``s+roi`` (S, box head and box predictor)."""
+        if train not in TRAIN_CHOICES:
+            raise ValueError(f"train must be one of {TRAIN_CHOICES}")
+        params = list(self.s.parameters())
+        if train == "s+bn":
+            bn = [p for m in self.lesion.net.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                  for p in (m.weight, m.bias) if p is not None]
+            if not bn:
+                raise ValueError("this backbone's batch norm is frozen (torchvision ResNet): s+bn would train S only")
+            params += bn
+        elif train == "s+roi":
+            rh = self.lesion.net.roi_heads
+            params += list(rh.box_head.parameters()) + list(rh.box_predictor.parameters())
+        return params
 
     def classify(self, rois: torch.Tensor) -> torch.Tensor:
         return self.s(rois.flatten(1))

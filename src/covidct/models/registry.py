@@ -9,8 +9,11 @@ from covidct.errors import CovidctError
 from covidct.models.checkpoint import read_checkpoint
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-#: Default shipped model per task.
-DEFAULTS: dict[str, str] = {"seg": "seg-effl0-unet", "cls": "cls-effl0-seginit", "lesions": "lesions-effl0-maskrcnn"}
+#: Default shipped model per task; ``cam``: the classifier whose activation maps ``covidct explain`` /
+#: ``evaluate cam`` use (one CNN; the most lesion-shaped maps measured); ``scan_cls``: the one fast
+#: classifier ``covidct analyze`` runs on every lung slice.
+DEFAULTS: dict[str, str] = {"seg": "seg-effl0-unet", "cls": "cls-ensemble-ucsd", "lesions": "lesions-effl0-maskrcnn",
+                            "cam": "cls-effl0-ucsd", "scan_cls": "cls-effl0-seginit"}
 
 
 def shipped_files() -> list[Path]:
@@ -55,13 +58,15 @@ def list_models() -> list[dict[str, Any]]:
 def _builders() -> dict[str, Any]:
     """task -> function(config dict) -> network."""
     from covidct.models.classification import ClsModelConfig, build_cls_model
+    from covidct.models.ensemble import EnsembleConfig, build_ensemble
     from covidct.models.lesions import LesionModelConfig, build_lesion_model
     from covidct.models.maskcls import MaskClsConfig, build_maskcls_model
     from covidct.models.segmentation import SegModelConfig, build_seg_model
 
     return {
         "seg": lambda c: build_seg_model(SegModelConfig.from_dict(c)),
-        "cls": lambda c: build_cls_model(ClsModelConfig.from_dict(c)),
+        "cls": lambda c: (build_ensemble(EnsembleConfig.from_dict(c)) if "members" in c
+                          else build_cls_model(ClsModelConfig.from_dict(c))),
         "lesions": lambda c: build_lesion_model(LesionModelConfig.from_dict(c)),
         "maskcls": lambda c: build_maskcls_model(MaskClsConfig.from_dict(c)),
     }
@@ -83,7 +88,8 @@ def load_model(spec: str | Path | None, *, task: str, accept: tuple[str, ...] | 
     model = _builders()[payload["task"]](payload["config"])
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()}
     try:
-        model.load_state_dict(state)
+        if not getattr(model, "weights_from_members", False):  # an ensemble loads its members' own files
+            model.load_state_dict(state)
     except RuntimeError as exc:
         raise CovidctError(path, f"weights do not fit the architecture it describes ({str(exc).splitlines()[0]})") from None
     model.eval()

@@ -82,3 +82,20 @@ def heatmap_rgb(grey01: np.ndarray, heat01: np.ndarray, *, alpha: float = 0.45) 
     colour = colormaps["jet"](np.clip(heat01, 0, 1))[..., :3]
     weight = alpha * np.clip(heat01, 0, 1)[..., None]
     return ((1 - weight) * base * 255 + weight * colour * 255).astype(np.uint8)
+
+
+def instances_rgb(grey01: np.ndarray, masks: np.ndarray, labels: list[str], scores: list[float],
+                  boxes: np.ndarray, *, alpha: float = 0.45) -> Image.Image:
+    """Lesion instances on the grey slice: each mask blended in its class colour (GGO red,
+    consolidation blue; a merged "lesion" class in red), its box outlined in the same colour and its
+    score written at the box corner. ``masks`` ``(N, H, W)`` bool, ``boxes`` ``(N, 4)`` x0, y0, x1, y1."""
+    base = np.repeat((np.clip(grey01, 0, 1) * 255).astype(np.float32)[..., None], 3, axis=2)
+    colours = [np.array(LESION_COLOURS.get(name, LESION_COLOURS["ggo"]), np.float32) for name in labels]
+    for m, c in zip(masks, colours):
+        base[m] = (1 - alpha) * base[m] + alpha * c
+    im = Image.fromarray(base.astype(np.uint8))
+    draw = ImageDraw.Draw(im)
+    for (x0, y0, x1, y1), c, s in zip(np.asarray(boxes).reshape(-1, 4), colours, scores):
+        draw.rectangle([float(x0), float(y0), float(x1), float(y1)], outline=tuple(int(v) for v in c))
+        draw.text((float(x0) + 1, max(0.0, float(y0) - 11)), f"{s:.2f}", fill=tuple(int(v) for v in c))
+    return im

@@ -140,7 +140,7 @@ def _classifier_row(block: dict | None) -> str:
 
 
 #: The slice classifier whose probabilities ``analyze`` reports by default.
-DEFAULT_CLASSIFIER = DEFAULTS["cls"]
+DEFAULT_CLASSIFIER = DEFAULTS["scan_cls"]
 
 
 def _add_classifier(result: ScanResult, vol: Volume, spec: str | Path, models: list[dict], *, window,

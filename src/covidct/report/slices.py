@@ -9,22 +9,28 @@ import numpy as np
 from tqdm import tqdm
 
 from covidct.engine.infer import SegPredictor
+from covidct.engine.lesions import INSTANCE_SCORE
 from covidct.io import read, to_model_input
 from covidct.report.json_io import write_json
-from covidct.report.overlay import overlay_rgb, save_png, with_legend
+from covidct.report.overlay import instances_rgb, overlay_rgb, save_png, with_legend
 
 
 def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec: str | Path | None = None,
+                      lesion_model_spec: str | Path | None = None, lesion_score: float = INSTANCE_SCORE,
                       progress: bool = True) -> dict[str, Any]:
     """For every slice of every input write ``<name>_labels.png`` (value = class index: 0 background,
     1 GGO, 2 consolidation, 3 effusion), ``<name>_lung.png`` (0/1) and ``<name>_overlay.png``; plus
-    ``predictions.json`` with per-slice lesion pixel counts. All inputs are read before anything is
-    written, so a bad input leaves no partial output."""
-    from covidct.models.registry import load_seg_model
+    ``predictions.json`` with per-slice lesion pixel counts. With ``lesion_model_spec`` the Mask R-CNN
+    lesion model also runs: ``<name>_instances.png`` (masks and boxes with scores, GGO red,
+    consolidation blue) and ``instances`` (class, score, box, area) per slice in the JSON, for the
+    detections scoring at least ``lesion_score``. All inputs are read before anything is written, so a
+    bad input leaves no partial output."""
+    from covidct.models.registry import load_lesion_model, load_seg_model
 
     volumes = [read(p) for p in paths]
     model, payload = load_seg_model(model_spec)
     predictor = SegPredictor(model)
+    lesion_model, lesion_payload = load_lesion_model(lesion_model_spec) if lesion_model_spec else (None, None)
     outdir = Path(outdir)
     rows = []
     total = sum(v.n_slices for v in volumes)
@@ -40,11 +46,56 @@ def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec
                 save_png(pred.lung.astype(np.uint8), outdir / f"{name}_lung.png")
             save_png(with_legend(overlay_rgb(grey, pred.labels, pred.lung), title=name), outdir / f"{name}_overlay.png")
             lung_px = int(pred.lung.sum()) if pred.lung is not None else None
-            rows.append({"input": str(vol.source), "slice": k, "name": name,
-                         "pixels": {"ggo": int((pred.labels == 1).sum()), "consolidation": int((pred.labels == 2).sum()),
-                                    "effusion": int((pred.labels == 3).sum()), "lung": lung_px}})
+            row = {"input": str(vol.source), "slice": k, "name": name,
+                   "pixels": {"ggo": int((pred.labels == 1).sum()), "consolidation": int((pred.labels == 2).sum()),
+                              "effusion": int((pred.labels == 3).sum()), "lung": lung_px}}
+            if lesion_model is not None:
+                row["instances"] = _instances(lesion_model, grey, outdir / f"{name}_instances.png", lesion_score, name)
+            rows.append(row)
             bar.update(1)
     bar.close()
     summary = {"model": Path(payload["path"]).name, "slices": rows}
+    if lesion_payload is not None:
+        summary["lesion_model"] = Path(lesion_payload["path"]).name
+        summary["lesion_score_threshold"] = lesion_score
     write_json(summary, outdir / "predictions.json")
     return summary
+
+
+def _instances(model, grey: np.ndarray, path: Path, min_score: float, title: str) -> list[dict[str, Any]]:
+    """Run the lesion Mask R-CNN on one slice, draw its instances, return them for the JSON."""
+    from covidct.engine.lesions import predict_instances
+
+    out = predict_instances(model, [grey])[0]
+    keep = out["scores"] >= min_score
+    masks = (out["masks"][keep][:, 0] > 0.5).numpy()
+    names = [model.config.classes[int(c)] for c in out["labels"][keep]]
+    scores = [float(s) for s in out["scores"][keep]]
+    boxes = out["boxes"][keep].numpy()
+    save_png(with_legend(np.asarray(instances_rgb(grey, masks, names, scores, boxes)), names=("ggo", "consolidation"),
+                         title=f"{title}: {len(names)} lesion instances, score >= {min_score:g}"), path)
+    return [{"class": n, "score": round(s, 4), "box": [round(float(v), 1) for v in b], "area_px": int(m.sum())}
+            for n, s, b, m in zip(names, scores, boxes, masks)]
+
+
+def classify_paths(paths: list[str | Path], *, model_spec: str | Path | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Class probabilities (calibrated) of every slice of every input with a slice classifier (a CNN,
+    a Mask-Net classifier or an ensemble; default: the shipped default). All inputs are read first."""
+    from covidct.engine.evaluate_cls import predict_probabilities
+    from covidct.models.registry import load_cls_model
+
+    volumes = [read(p) for p in paths]
+    model, payload = load_cls_model(model_spec)
+    classes = list(model.config.classes)
+    temperature = float(payload.get("temperature", 1.0))
+    rows = []
+    bar = tqdm(total=sum(v.n_slices for v in volumes), desc="classify", unit="slice", disable=not progress)
+    for vol in volumes:
+        for k in range(vol.n_slices):
+            p = predict_probabilities(model, [to_model_input(vol.array[k], is_hu=vol.is_hu)], temperature=temperature)[0]
+            rows.append({"input": str(vol.source), "slice": k, "label": classes[int(np.argmax(p))],
+                         "probabilities": {c: round(float(v), 6) for c, v in zip(classes, p)}})
+            bar.update(1)
+    bar.close()
+    return {"model": Path(payload["path"]).name, "classes": classes, "slices": rows}

@@ -1,0 +1,69 @@
+"""A classifier ensemble as one model: the mean of its members' calibrated class probabilities.
+
+The checkpoint holds no weights of its own: it names its members (shipped names or files) with the
+sha256 of each file, so loading it rebuilds every member from its own checkpoint (architecture,
+input size and temperature included) and refuses a member whose file has changed. Each member sees
+the input resized to its own input size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class EnsembleConfig:
+    members: tuple[str, ...]
+    checksums: tuple[str, ...]
+    classes: tuple[str, ...]
+    input_size: int  # the largest member input size: what the ensemble is fed
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EnsembleConfig":
+        return cls(members=tuple(d["members"]), checksums=tuple(d["checksums"]), classes=tuple(d["classes"]),
+                   input_size=int(d["input_size"]))
+
+
+class ClassifierEnsemble(nn.Module):
+    """``forward`` returns the log of the mean calibrated probability (so its softmax is that mean)."""
+
+    weights_from_members = True  # the registry loads no state dict into it
+
+    def __init__(self, config: EnsembleConfig, members: list[tuple[nn.Module, float]]) -> None:
+        super().__init__()
+        self.config = config
+        self.members = nn.ModuleList(m for m, _ in members)
+        self.temperatures = [float(t) for _, t in members]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = []
+        for member, t in zip(self.members, self.temperatures):
+            size = member.config.input_size
+            xi = x if x.shape[-1] == size and x.shape[-2] == size else F.interpolate(
+                x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            probs.append(torch.softmax(member(xi) / t, dim=1))
+        return torch.log(torch.stack(probs).mean(dim=0).clamp_min(1e-12))
+
+
+def build_ensemble(config: EnsembleConfig) -> ClassifierEnsemble:
+    """Load every member (registry names or files) and check its file against the stored sha256."""
+    from covidct.errors import CovidctError
+    from covidct.models.checkpoint import file_sha256
+    from covidct.models.registry import load_cls_model
+
+    members = []
+    for spec, checksum in zip(config.members, config.checksums):
+        model, payload = load_cls_model(spec)
+        if file_sha256(payload["path"]) != checksum:
+            raise CovidctError(payload["path"], "this ensemble member's file changed since the ensemble was made")
+        if tuple(model.config.classes) != tuple(config.classes):
+            raise CovidctError(payload["path"], f"member classes {list(model.config.classes)} differ from the ensemble's")
+        members.append((model, float(payload.get("temperature", 1.0))))
+    return ClassifierEnsemble(config, members)
