@@ -1,6 +1,7 @@
 """Mask R-CNN speed, side by side in one run: torchvision's default ``maskrcnn_resnet50_fpn``
 (random weights, 800-1333 resize as shipped, and at 512) against covidct's lesion model, on 512x512
-slices, inference mode, 2 threads; optionally the AP of a trained lesion model on a folder.
+slices (random ones, or the first ``--n`` slices of ``--data`` resized to 512), inference mode, 2 threads;
+with ``--model`` and ``--data`` also the AP of that trained lesion model on the folder.
 
     python benchmarks/masknet.py [--model NAME|FILE] [--data ../shared/data/covid-semiseg] [--n 8]
 """
@@ -38,10 +39,23 @@ def main() -> int:
     ap.add_argument("--data", help="COVID-SemiSeg-layout folder to report AP on")
     ap.add_argument("--n", type=int, default=6, help="slices per timing")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--detections", type=int, action="append",
+                    help="cap on detections per slice for covidct's model (repeatable; default: the model's own)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    grey = [torch.rand(1, 512, 512) for _ in range(args.n)]
+    if args.data:  # real slices resized to 512x512: a trained model's detection count is the real one
+        import torch.nn.functional as F
+
+        from covidct.data.segmentation import SegFolder
+        from covidct.io.window import to_model_input
+
+        folder = SegFolder(args.data)
+        grey = [F.interpolate(torch.from_numpy(to_model_input(folder[i].image, is_hu=False))[None, None], size=(512, 512),
+                              mode="bilinear", align_corners=False)[0] for i in range(min(args.n, len(folder)))]
+    else:
+        grey = [torch.rand(1, 512, 512) for _ in range(args.n)]
+    print(f"timing on {len(grey)} {'real' if args.data else 'random'} 512x512 slices, {args.threads} threads")
     rgb = [g.expand(3, -1, -1) for g in grey]
 
     rows = []
@@ -55,17 +69,24 @@ def main() -> int:
         ours, _ = load_lesion_model(args.model)
     else:
         ours = build_lesion_model(LesionModelConfig()).eval()
-    rows.append((f"covidct lesions ({ours.config.backbone}, {ours.config.input_size}px)",
-                 sum(p.numel() for p in ours.parameters()), timed(ours, grey, 2)))
+    caps = args.detections or [ours.config.box_detections_per_img]
+    for cap in caps:  # the mask head runs once per kept detection: the cap sets most of the cost
+        ours.net.roi_heads.detections_per_img = cap
+        rows.append((f"covidct lesions ({ours.config.backbone}, {ours.config.input_size}px, <= {cap} detections)",
+                     sum(p.numel() for p in ours.parameters()), timed(ours, grey, 2)))
     base = rows[0][2]
-    print(f"{'model':<52}{'params (M)':>11}{'s/slice':>10}{'slices/s':>10}{'speed-up':>10}")
+    print(f"{'model':<66}{'params (M)':>11}{'s/slice':>10}{'slices/s':>10}{'speed-up':>10}")
     for name, params, sec in rows:
-        print(f"{name:<52}{params / 1e6:>11.2f}{sec:>10.3f}{1 / sec:>10.2f}{base / sec:>9.1f}x")
+        print(f"{name:<66}{params / 1e6:>11.2f}{sec:>10.3f}{1 / sec:>10.2f}{base / sec:>9.1f}x")
     if args.data and args.model:
-        from covidct.engine.lesions import evaluate_lesions
+        from covidct.data.segmentation import SegFolder
+        from covidct.engine.lesions import evaluate_instances
 
-        r = evaluate_lesions(args.model, args.data, progress=False)
-        print(f"AP on {args.data}: AP50 {r['ap50']}, AP75 {r['ap75']}, mAP {r['map']}; per class {r['per_class']}")
+        for cap in caps:
+            ours.net.roi_heads.detections_per_img = cap
+            r = evaluate_instances(ours, SegFolder(args.data), progress=False)
+            print(f"<= {cap} detections, on {args.data}: AP50 {r['ap50']}, AP75 {r['ap75']}, mAP {r['map']}, "
+                  f"lesion region Dice {r['infection_dice']}; per class {r['per_class']}")
     return 0
 
 

@@ -82,6 +82,16 @@ def test_maskcls_trains_s_and_evaluates_through_evaluate_cls(tmp_path, seg_folde
     again = json.loads(js.read_text())
     assert again["overall_accuracy"] == pytest.approx(payload["metrics"]["validation"]["accuracy"])
     assert again["auc"] == pytest.approx(payload["metrics"]["validation"]["auc"])
+    # explain shows what S reads: the RoI boxes on the image's own grid, and the class probabilities
+    from covidct.engine.explain import maskcls_evidence
+
+    image = np.random.default_rng(1).random((40, 70)).astype(np.float32)
+    boxes, scores, probs = maskcls_evidence(model, image, temperature=payload["temperature"])
+    assert len(boxes) == len(scores) <= 8 and probs.sum() == pytest.approx(1.0, abs=1e-5)
+    assert np.all(boxes[:, [0, 2]] <= 70.01) and np.all(boxes[:, [1, 3]] <= 40.01) and np.all(scores >= 0.05)
+    png = tmp_path / "x.png"
+    assert main(["explain", str(data / "COVID" / "0.png"), "--model", str(out), "-o", str(png)]) == 0
+    assert png.exists() and "RoIs read by S" in capsys.readouterr().out
 
 
 def test_efficientnet_backbone_starts_from_our_segmentation_encoder(tmp_path):
@@ -178,6 +188,10 @@ def test_instances_overlay_colours_masks_and_boxes():
     assert b > r and b > g  # consolidation blue
     assert tuple(im[4, 8]) == (255, 0, 0) and tuple(im[31, 35]) == (0, 90, 255)  # box outlines
     assert tuple(im[0, 45]) == (127, 127, 127)  # untouched background
+    # two overlapping GGO instances blend once, like one
+    twice = np.asarray(instances_rgb(grey, np.stack([masks[0], masks[0]]), ["ggo", "ggo"], [0.9, 0.8],
+                                     np.zeros((0, 4), np.float32)))
+    assert tuple(twice[7, 7]) == tuple(im[7, 7])
 
 
 def test_predict_with_lesion_model_writes_instances(tmp_path, capsys):

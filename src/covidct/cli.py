@@ -164,35 +164,48 @@ def _cmd_evaluate_cls(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cam_model(spec: str | None):
-    """The classifier for activation maps: one CNN (default: the shipped ``cam`` model)."""
+def _explained_model(spec: str | None, *, allow_maskcls: bool):
+    """The classifier to explain: one CNN (class activation maps) or, where allowed, a Mask-Net
+    classifier (its RoIs); default: the shipped ``cam`` model."""
     from covidct.models.classification import ClassificationNet
+    from covidct.models.maskcls import MaskClsNet
     from covidct.models.registry import DEFAULTS, load_cls_model
 
     model, payload = load_cls_model(spec or DEFAULTS["cam"])
-    if not isinstance(model, ClassificationNet):
-        raise CovidctError(payload["path"], "class activation maps need one CNN classifier, not an ensemble or a "
-                           "Mask-Net classifier")
-    return model
+    if isinstance(model, ClassificationNet) or (allow_maskcls and isinstance(model, MaskClsNet)):
+        return model, payload
+    raise CovidctError(payload["path"], "class activation maps need one CNN classifier"
+                       + (" or a Mask-Net classifier, not an ensemble" if allow_maskcls else ", not an ensemble or a "
+                          "Mask-Net classifier"))
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from covidct.engine.explain import class_activation_map
+    import numpy as np
+
+    from covidct.engine.explain import class_activation_map, maskcls_evidence
     from covidct.io import read, to_model_input
-    from covidct.report.overlay import heatmap_rgb, save_png, with_legend
+    from covidct.models.maskcls import MaskClsNet
+    from covidct.report.overlay import heatmap_rgb, instances_rgb, save_png, with_legend
 
     vol = read(args.image)
-    model = _cam_model(args.model)
+    model, payload = _explained_model(args.model, allow_maskcls=True)
     classes = list(model.config.classes)
     if args.target and args.target not in classes:
         raise CovidctError("--class", f"{args.target!r} is not one of {classes}")
     index = classes.index(args.target) if args.target else None
     k = vol.n_slices // 2 if args.slice is None else args.slice
     grey = to_model_input(vol.array[k], is_hu=vol.is_hu)
-    cam, probs = class_activation_map(model, grey, class_index=index, method=args.method)
-    title = f"{args.method} for {classes[index if index is not None else -1]}; " + ", ".join(
-        f"{c} {p:.2f}" for c, p in zip(classes, probs))
-    save_png(with_legend(heatmap_rgb(grey, cam), names=(), title=title), args.output)
+    if isinstance(model, MaskClsNet):  # its evidence is the RoIs it reads, not a heat map
+        boxes, scores, probs = maskcls_evidence(model, grey, temperature=float(payload.get("temperature", 1.0)))
+        title = f"{len(scores)} RoIs read by S (score >= 0.05); " + ", ".join(f"{c} {p:.2f}" for c, p in zip(classes, probs))
+        picture = instances_rgb(grey, np.zeros((0, *grey.shape), bool), ["lesion"] * len(scores),
+                                [float(v) for v in scores], boxes)
+        save_png(with_legend(np.asarray(picture), names=(), title=title), args.output)
+    else:
+        cam, probs = class_activation_map(model, grey, class_index=index, method=args.method)
+        title = f"{args.method} for {classes[index if index is not None else -1]}; " + ", ".join(
+            f"{c} {p:.2f}" for c, p in zip(classes, probs))
+        save_png(with_legend(heatmap_rgb(grey, cam), names=(), title=title), args.output)
     print(title)
     print(f"wrote {args.output}")
     return 0
@@ -203,7 +216,7 @@ def _cmd_evaluate_cam(args: argparse.Namespace) -> int:
     from covidct.engine.explain import evaluate_weak_masks
     from covidct.report.json_io import write_json
 
-    model = _cam_model(args.model)
+    model, _ = _explained_model(args.model, allow_maskcls=False)
     result = evaluate_weak_masks(model, SegFolder(args.data), threshold=args.threshold, method=args.method)
     pooled, per_image = result["details"]["pooled"]["infection"], result["details"]["mean_per_image"]["infection"]
     print(f"weakly-supervised infection masks ({args.method}, threshold {args.threshold}) on {result['n_images']} slices")
@@ -480,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("explain", help="class activation map of a classifier over an image")
     s.add_argument("image")
     s.add_argument("-o", "--output", required=True, help="PNG to write")
-    s.add_argument("--model", help="classifier: shipped name or .pt file")
+    s.add_argument("--model", help="CNN classifier (heat map) or Mask-Net classifier (the RoIs it reads): shipped "
+                   "name or .pt file; default cls-effl0-ucsd")
     s.add_argument("--class", dest="target", help="class to explain (default: the positive / last class)")
     s.add_argument("--method", choices=("gradcam", "gradcam++", "layercam"), default="gradcam")
     s.add_argument("--slice", type=int, help="slice of a volume (default: the middle one)")

@@ -91,8 +91,12 @@ def instances_rgb(grey01: np.ndarray, masks: np.ndarray, labels: list[str], scor
     score written at the box corner. ``masks`` ``(N, H, W)`` bool, ``boxes`` ``(N, 4)`` x0, y0, x1, y1."""
     base = np.repeat((np.clip(grey01, 0, 1) * 255).astype(np.float32)[..., None], 3, axis=2)
     colours = [np.array(LESION_COLOURS.get(name, LESION_COLOURS["ggo"]), np.float32) for name in labels]
-    for m, c in zip(masks, colours):
-        base[m] = (1 - alpha) * base[m] + alpha * c
+    for name in dict.fromkeys(labels):  # one blend per class: overlapping instances do not pile up to opaque
+        union = np.zeros(base.shape[:2], bool)
+        for m, label in zip(masks, labels):
+            if label == name:
+                union |= m
+        base[union] = (1 - alpha) * base[union] + alpha * colours[labels.index(name)]
     im = Image.fromarray(base.astype(np.uint8))
     draw = ImageDraw.Draw(im)
     for (x0, y0, x1, y1), c, s in zip(np.asarray(boxes).reshape(-1, 4), colours, scores):
