@@ -23,9 +23,9 @@ def main() -> int:
 
     from covidct.data.segmentation import SegFolder
     from covidct.engine.infer import SegPredictor
-    from covidct.engine.lesions import InstanceAP
     from covidct.errors import CovidctError
     from covidct.io.window import to_model_input
+    from covidct.metrics import InstanceAP
     from covidct.models.lesions import MASK_MODES, MIN_INSTANCE_AREA, instances_from_labels
     from covidct.models.registry import load_seg_model
 

@@ -97,3 +97,24 @@ def test_hd95_and_rand_error():
     assert np.isnan(hausdorff95(a, np.zeros_like(a)))
     assert rand_error(a.astype(int), a.astype(int)) == pytest.approx(0.0)
     assert 0.0 < rand_error(b.astype(int), a.astype(int)) < 1.0
+
+
+def test_instance_ap_accumulates_and_resets():
+    import torch
+
+    from covidct.metrics import InstanceAP
+
+    masks = torch.zeros((2, 20, 20), dtype=torch.bool)
+    masks[0, 2:8, 2:8] = True
+    masks[1, 12:18, 12:18] = True
+    truth = {"masks": masks, "labels": torch.tensor([1, 2])}
+    ap = InstanceAP(["ggo", "consolidation"])
+    ap.update({"masks": masks, "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 2])}, truth)
+    perfect = ap.aggregate()
+    assert perfect["n_images"] == 1 and perfect["ap50"] == pytest.approx(1.0) and perfect["map"] == pytest.approx(1.0)
+    assert perfect["per_class"]["consolidation"]["ap75"] == pytest.approx(1.0)
+    ap.reset()
+    shifted = masks.roll(3, dims=2)  # IoU 0.33 with the truth: a miss at IoU 0.5
+    ap.update({"masks": shifted, "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 2])}, truth)
+    missed = ap.aggregate()
+    assert missed["n_images"] == 1 and missed["ap50"] == pytest.approx(0.0)

@@ -24,6 +24,7 @@ from covidct.engine.common import seed_everything, warmup_cosine, write_log
 from covidct.engine.train_seg import split_seg_folders
 from covidct.errors import CovidctError
 from covidct.io.window import to_model_input
+from covidct.metrics.instances import InstanceAP
 from covidct.models.checkpoint import save_checkpoint
 from covidct.models.lesions import LesionModelConfig, LesionNet, build_lesion_model, instances_from_labels
 
@@ -57,46 +58,6 @@ def predict_instances(model: LesionNet, images01: list[np.ndarray]) -> list[dict
     return [{k: v.cpu() for k, v in o.items()} for o in outs]
 
 
-class InstanceAP:
-    """COCO-style mask AP (AP50, AP75, mAP@[.5:.95]) per class and overall, accumulated slice by slice
-    (``update`` / ``aggregate`` / ``reset``); torchmetrics ``MeanAveragePrecision`` underneath.
-    ``classes`` are the foreground names, label ``i + 1`` for ``classes[i]``."""
-
-    def __init__(self, classes: list[str] | tuple[str, ...]) -> None:
-        self.classes = list(classes)
-        self.reset()
-
-    def reset(self) -> None:
-        from torchmetrics.detection import MeanAveragePrecision
-
-        self.meters = {name: MeanAveragePrecision(iou_type="segm", iou_thresholds=thr, class_metrics=True)
-                       for name, thr in (("ap50", [0.5]), ("ap75", [0.75]), ("map", None))}
-        self.n_images = 0
-
-    def update(self, pred: dict, target: dict) -> None:
-        """``pred``: ``masks`` (N, H, W) bool, ``scores``, ``labels``; ``target``: ``masks``, ``labels``."""
-        p = {"masks": pred["masks"].bool(), "scores": pred["scores"], "labels": pred["labels"]}
-        t = {"masks": target["masks"].bool(), "labels": target["labels"]}
-        for m in self.meters.values():
-            m.update([p], [t])
-        self.n_images += 1
-
-    def aggregate(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"n_images": self.n_images, "per_class": {c: {} for c in self.classes}}
-        for name, m in self.meters.items():
-            r = m.compute()
-            out[name] = _nan_none(float(r["map"]))
-            ids = r["classes"].tolist() if r["classes"].ndim else [int(r["classes"])]
-            per = r["map_per_class"].tolist() if r["map_per_class"].ndim else [float(r["map_per_class"])]
-            for cid, v in zip(ids, per):
-                if 1 <= cid <= len(self.classes):
-                    out["per_class"][self.classes[cid - 1]][name] = _nan_none(v)
-        for c in self.classes:
-            for name in self.meters:
-                out["per_class"][c].setdefault(name, None)
-        return out
-
-
 def evaluate_instances(model: LesionNet, samples, *, progress: bool = True) -> dict[str, Any]:
     """AP on masks, overall and per class, plus images/s; and ``infection_dice``: the pooled Dice of
     the union of the instances scoring at least :data:`INSTANCE_SCORE` against GGO ∪ consolidation
@@ -120,10 +81,6 @@ def evaluate_instances(model: LesionNet, samples, *, progress: bool = True) -> d
     out["instance_score_threshold"] = INSTANCE_SCORE
     out["images_per_second"] = round(len(samples) / seconds, 3) if seconds else None
     return out
-
-
-def _nan_none(v: float) -> float | None:
-    return None if v is None or np.isnan(v) or v < 0 else round(float(v), 6)
 
 
 class _Instances(torch.utils.data.Dataset):

@@ -68,7 +68,8 @@ def _scores(logits: torch.Tensor, y: torch.Tensor, classes) -> dict[str, Any]:
 
 
 class _Trainer:
-    """One stage-2 recipe: ``logits(idx, split, grad)`` for a set of image indices."""
+    """One stage-2 recipe: ``logits(indices, split)`` of S for some images, from what the recipe caches
+    (RoI tensors for ``s``, pooled RoI features for ``s+roi``, nothing for ``s+bn``)."""
 
     def __init__(self, model: MaskClsNet, train: str, images: dict[str, list[np.ndarray]], progress: bool) -> None:
         self.model, self.train = model, train
