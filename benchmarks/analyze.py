@@ -41,6 +41,7 @@ def main() -> int:
         for r in csv.DictReader(fh):
             labels.setdefault(r["patient_id"], {})[int(r["slice_index"])] = int(r["infection"])
     rows, all_y, all_p = [], [], []
+    by_patient: dict[str, tuple[list[int], list[float]]] = {}
     for p in patients:
         out = Path(args.out) / p["patient_id"]
         cmd = [sys.executable, "-m", "covidct.cli", "analyze", str(data / p["path"]), "-o", str(out)]
@@ -61,6 +62,7 @@ def main() -> int:
         pr = [s["infection_probability"] for s in rep["slices"]]
         all_y += y
         all_p += pr
+        by_patient[p["patient_id"]] = (y, pr)
         rows.append({
             "patient": p["patient_id"], "diagnosis": p["diagnosis"], "shape": rep["input"]["shape"],
             "seconds": round(wall, 1), "peak_rss_mb_so_far": round(rss_mb), "lung_ml": rep["lung_volume_ml"],
@@ -75,6 +77,13 @@ def main() -> int:
         print(" | ".join(str(r[k]) for k in keys))
     pooled = roc_auc(all_y, all_p)
     print(f"slice-level infection AUC, all patients pooled: {pooled:.4f} ({sum(all_y)} positive / {len(all_y)} slices)")
+    # which pair of patients limits the pooled number (a positive of one ranked against a negative of another)
+    from itertools import combinations
+
+    for a, b in combinations(by_patient, 2):
+        y = by_patient[a][0] + by_patient[b][0]
+        if 0 < sum(y) < len(y):
+            print(f"  pooled over {a} + {b}: {roc_auc(y, by_patient[a][1] + by_patient[b][1]):.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"patients": rows, "pooled_slice_auc": pooled}, indent=2))
     return 0
