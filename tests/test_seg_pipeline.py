@@ -211,3 +211,12 @@ def test_shipped_model_on_real_slices(tmp_path):
     res = json.loads(js.read_text())
     assert res["n_images"] == 4
     assert res["dice"]["infection"] > 0.5 and res["dice"]["lung"] > 0.8
+
+
+def test_too_few_training_slices_for_a_batch_is_one_line_and_writes_nothing(tmp_path, seg_folder, capsys):
+    out = tmp_path / "m.pt"
+    assert main(["train", "seg", "--data", str(seg_folder), "--encoder", "resnet18", "--random-init", "--input-size", "48",
+                 "--epochs", "1", "--batch-size", "64", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "fewer than one batch" in err and len(err.splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "m_run").exists()

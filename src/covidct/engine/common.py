@@ -38,3 +38,63 @@ def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.02):
         return floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * min(1.0, progress)))
 
     return factor
+
+
+class Distributed:
+    """Data-parallel training with PyTorch's own engine (``torch.distributed``, gloo on CPU).
+
+    Active when launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment): one process per
+    rank, on one machine (``--nproc-per-node``) or several (``--nnodes``, ``--rdzv-endpoint``).
+    Otherwise every method is a no-op and ``world_size`` is 1."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        self.active = self.world_size > 1
+        if self.active and not dist.is_initialized():
+            dist.init_process_group(backend="gloo")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model to train: ``DistributedDataParallel`` (gradients averaged over ranks) when active."""
+        if not self.active:
+            return model
+        return torch.nn.parallel.DistributedDataParallel(model)
+
+    def sampler(self, dataset, *, seed: int):
+        """Each rank's share of the shuffled dataset (``set_epoch`` every epoch), or ``None``."""
+        if not self.active:
+            return None
+        from torch.utils.data.distributed import DistributedSampler
+
+        return DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=seed,
+                                  drop_last=True)
+
+    def mean(self, value: float) -> float:
+        """The mean of a number over the ranks."""
+        if not self.active:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world_size
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()

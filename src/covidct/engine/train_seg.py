@@ -8,6 +8,8 @@ The best epoch by mean pooled validation Dice (infection, GGO, consolidation; lu
 unbiased cross-validation estimate of a fixed-length recipe). With ``fold = "all"`` there is no
 validation (nnU-Net's "fold all"): every slice trains and the last epoch is written.
 ``<FILE stem>_run/`` keeps ``last.pt`` (resume), ``log.csv``, ``curve.png`` and ``config.json``.
+Launched by ``torchrun`` it trains data-parallel (:class:`~covidct.engine.common.Distributed`): the
+global ``batch_size`` is split over the ranks and rank 0 validates and writes.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tqdm import tqdm
 from covidct.data.segmentation import SegFolder, SegSample
 from covidct.data.splits import group_kfold, group_split
 from covidct.data.transforms import seg_train_transform
-from covidct.engine.common import seed_everything, warmup_cosine, write_log
+from covidct.engine.common import Distributed, seed_everything, warmup_cosine, write_log
 from covidct.engine.evaluate_seg import evaluate_folder
 from covidct.engine.infer import SegPredictor
 from covidct.errors import CovidctError
@@ -213,11 +215,19 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
     """Train, select on validation, write the best model to ``output``; returns its metrics."""
     output = Path(output)
     run_dir = output.with_name(output.stem + "_run")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    dist = Distributed()  # torchrun: one process per rank, gradients averaged (DDP, gloo)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    elif dist.active:  # the node's cores shared among its ranks
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.local_world_size))
+    if cfg.batch_size % dist.world_size:
+        raise CovidctError(None, f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} ranks")
+    progress = progress and dist.is_main
     seed_everything(cfg.seed)
     train, val = load_training_data(cfg)
+    if len(train) // dist.world_size < cfg.batch_size // dist.world_size:
+        raise CovidctError(cfg.data[0], f"{len(train)} training slices{' over ' + str(dist.world_size) + ' ranks' if dist.active else ''}"
+                           f" are fewer than one batch (--batch-size {cfg.batch_size})")
     mcfg = cfg.model_config()
     model = build_seg_model(mcfg, imagenet=cfg.imagenet)
     model = model.to(memory_format=torch.channels_last)
@@ -231,9 +241,12 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
     warm = cfg.warmup_epochs * steps_per_epoch
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, warm))
-    (run_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": mcfg.to_dict(),
-                                                     "n_train": len(train), "n_val": len(val),
-                                                     "val_ids": [s.id for s in val]}, indent=2))
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": mcfg.to_dict(),
+                                                         "n_train": len(train), "n_val": len(val),
+                                                         "val_ids": [s.id for s in val],
+                                                         "world_size": dist.world_size}, indent=2))
     start_epoch, best, best_result, log_rows, elapsed = 0, -1.0, None, [], 0.0
     last = run_dir / "last.pt"
     if resume and last.exists():
@@ -244,32 +257,45 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
             start_epoch, best, best_result = state["epoch"] + 1, state["best"], state["best_result"]
             log_rows, elapsed = state["log"], state["elapsed"]
             torch.set_rng_state(state["torch_rng"]); np.random.set_state(state["numpy_rng"]); random.setstate(state["py_rng"])
-            print(f"resuming from {last} at epoch {start_epoch}")
-    ds = _Augmented(train, seg_train_transform(cfg.input_size, elastic=cfg.elastic, seed=cfg.seed + start_epoch), mcfg.lesion_classes)
+            if dist.is_main:
+                print(f"resuming from {last} at epoch {start_epoch}")
+    # every rank augments with its own seed and reads its own share of each shuffled epoch
+    ds = _Augmented(train, seg_train_transform(cfg.input_size, elastic=cfg.elastic,
+                                               seed=cfg.seed + start_epoch + 1000 * dist.rank), mcfg.lesion_classes)
+    sampler = dist.sampler(ds, seed=cfg.seed + start_epoch)
     gen = torch.Generator().manual_seed(cfg.seed + start_epoch)
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=gen)
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size // dist.world_size, shuffle=sampler is None,
+                                         sampler=sampler, drop_last=True, generator=gen if sampler is None else None)
+    trained = dist.wrap(model)
     val_folder = _SampleList(val)
     n_lesion = len(mcfg.lesion_classes)
     ce_weight = None
     if cfg.class_weighting == "sqrt-inverse" and n_lesion:
         ce_weight = class_weights(train, n_lesion)
-        print("cross-entropy class weights: " + ", ".join(
+        if dist.is_main:
+            print("cross-entropy class weights: " + ", ".join(
             f"{c} {w:.2f}" for c, w in zip(mcfg.lesion_classes, ce_weight.tolist())))
     bar = tqdm(range(start_epoch, cfg.epochs), desc="train seg", unit="epoch", disable=not progress,
                initial=start_epoch, total=cfg.epochs)
     for epoch in bar:
         t0 = time.time()
-        model.train()
+        trained.train()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         losses = []
         for img, lab, lung, _ in loader:
             img = img.to(memory_format=torch.channels_last)
-            loss = seg_loss(model(img), lab, lung, n_lesion, mcfg.lung_head, cfg.lung_weight, ce_weight)
+            loss = seg_loss(trained(img), lab, lung, n_lesion, mcfg.lung_head, cfg.lung_weight, ce_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
+        train_loss = dist.mean(float(np.mean(losses)))
         model.eval()
+        if not dist.is_main:  # rank 0 validates, selects and writes; the others wait for it
+            dist.barrier()
+            continue
         if val:
             result = evaluate_folder(SegPredictor(model), val_folder, progress=False, compute_hd95=False)
             val_score = selection_score(result, cfg.labels)
@@ -277,13 +303,14 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
             result, val_score = {"dice": {}}, ""
         score = val_score if cfg.select == "best" and val else float(epoch)
         elapsed += time.time() - t0
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": opt.param_groups[1]["lr"],
+        row = {"epoch": epoch, "train_loss": train_loss, "lr": opt.param_groups[1]["lr"],
                **{f"val_dice_{k}": ("" if v is None else v) for k, v in result["dice"].items()},
                "val_score": val_score, "seconds": round(elapsed, 1)}
         log_rows.append(row)
         if score > best:
             best, best_result = score, ({k: v for k, v in result.items() if k != "details"} if val else None)
-            _save_model(output, model, mcfg, cfg, best_result, epoch, elapsed, len(train), [s.id for s in val])
+            _save_model(output, model, mcfg, cfg, best_result, epoch, elapsed, len(train), [s.id for s in val],
+                        world_size=dist.world_size)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{val_score:.3f}" if val else "-")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "epoch": epoch, "best": best, "best_result": best_result, "log": log_rows, "elapsed": elapsed,
@@ -291,14 +318,16 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
                     "numpy_rng": np.random.get_state(), "py_rng": random.getstate()}, last.with_suffix(".tmp"))
         os.replace(last.with_suffix(".tmp"), last)
         write_log(log_rows, run_dir / "log.csv")
-    if log_rows:
+        dist.barrier()
+    if log_rows and dist.is_main:
         plot_curves(log_rows, run_dir / "curve.png")
+    dist.close()
     return {"selected_epoch_score": best if cfg.select == "best" and val else None, "validation": best_result, "seconds": round(elapsed, 1), "output": str(output),
             "run_dir": str(run_dir)}
 
 
 def _save_model(output: Path, model, mcfg: SegModelConfig, cfg: SegTrainConfig, result: dict, epoch: int,
-                elapsed: float, n_train: int, val_ids: list[str]) -> None:
+                elapsed: float, n_train: int, val_ids: list[str], *, world_size: int = 1) -> None:
     from covidct.data.segmentation import LESION_COLOURS
 
     classes = list(mcfg.lesion_classes) + (["lung"] if mcfg.lung_head else [])
@@ -310,7 +339,7 @@ def _save_model(output: Path, model, mcfg: SegModelConfig, cfg: SegTrainConfig, 
                       "then (x-0.449)/0.226 inside the network",
         train_config={**asdict(cfg), "decoder_channels": list(cfg.decoder_channels)},
         metrics={"validation": result, "epoch": epoch, "train_seconds": round(elapsed, 1),
-                 "n_train": n_train, "n_val": len(val_ids), "val_ids": val_ids},
+                 "n_train": n_train, "n_val": len(val_ids), "val_ids": val_ids, "world_size": world_size},
     )
 
 
