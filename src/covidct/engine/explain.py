@@ -92,11 +92,13 @@ def maskcls_evidence(model, image01: np.ndarray, *, temperature: float = 1.0,
     N x 5 input that score at least ``min_score`` (boxes ``x0, y0, x1, y1`` on the image's own grid) and
     its calibrated class probabilities. The image goes in exactly as ``evaluate cls`` feeds it."""
     from covidct.data.cls_transforms import cls_eval_transform
-    from covidct.engine.evaluate_cls import predict_probabilities
 
-    probs = predict_probabilities(model, [image01], temperature=temperature)[0]
     x = cls_eval_transform(model.config.input_size)(image=np.asarray(image01, np.float32))["image"]
-    rois = model.roi_tensor([torch.from_numpy(np.ascontiguousarray(x))[None]])[0].numpy()
+    model.eval()
+    with torch.inference_mode():
+        rois_t = model.roi_tensor([torch.from_numpy(np.ascontiguousarray(x))[None]])
+        probs = torch.softmax(model.classify(rois_t) / temperature, dim=1)[0].numpy()
+    rois = rois_t[0].numpy()
     keep = rois[:, 4] >= min_score
     h, w = image01.shape[-2:]
     boxes = rois[keep, :4] * np.array([w, h, w, h], np.float32)

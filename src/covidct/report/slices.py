@@ -91,11 +91,15 @@ def classify_paths(paths: list[str | Path], *, model_spec: str | Path | None = N
     temperature = float(payload.get("temperature", 1.0))
     rows = []
     bar = tqdm(total=sum(v.n_slices for v in volumes), desc="classify", unit="slice", disable=not progress)
+    batch = 16
     for vol in volumes:
-        for k in range(vol.n_slices):
-            p = predict_probabilities(model, [to_model_input(vol.array[k], is_hu=vol.is_hu)], temperature=temperature)[0]
-            rows.append({"input": str(vol.source), "slice": k, "label": classes[int(np.argmax(p))],
-                         "probabilities": {c: round(float(v), 6) for c, v in zip(classes, p)}})
-            bar.update(1)
+        for start in range(0, vol.n_slices, batch):
+            ks = range(start, min(vol.n_slices, start + batch))
+            probs = predict_probabilities(model, [to_model_input(vol.array[k], is_hu=vol.is_hu) for k in ks],
+                                          temperature=temperature, batch_size=batch)
+            for k, p in zip(ks, probs):
+                rows.append({"input": str(vol.source), "slice": k, "label": classes[int(np.argmax(p))],
+                             "probabilities": {c: round(float(v), 6) for c, v in zip(classes, p)}})
+            bar.update(len(ks))
     bar.close()
     return {"model": Path(payload["path"]).name, "classes": classes, "slices": rows}
