@@ -242,3 +242,13 @@ def test_shipped_classifier_on_real_validation_images(tmp_path):
     assert main(["evaluate", "cls", "--data", str(tmp_path), "--json", str(js)]) == 0
     res = json.loads(js.read_text())
     assert res["n_images"] == 12 and res["auc"] > 0.5
+
+
+def test_train_cls_with_fewer_images_than_a_batch_is_one_line(tmp_path, capsys):
+    data = _make_split_folder(tmp_path / "small", n=6, size=32)  # 4 training images
+    out = tmp_path / "c.pt"
+    assert main(["train", "cls", "--data", str(data), "--encoder", "resnet18", "--init", "random", "--input-size", "32",
+                 "--epochs", "1", "--batch-size", "8", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "do not fill one batch" in err and len(err.splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "c_run").exists()

@@ -81,3 +81,22 @@ def test_torchrun_trains_segmentation_on_two_ranks(tmp_path):
     bad = subprocess.run(cmd[:-2] + ["--batch-size", "3", "-o", str(tmp_path / "odd.pt")], env=env,
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "divisible by the 2 ranks" in bad.stderr and not (tmp_path / "odd.pt").exists()
+
+
+def test_torchrun_trains_a_classifier_on_two_ranks(tmp_path):
+    from test_cls_pipeline import _make_split_folder
+
+    from covidct.models import read_checkpoint
+
+    data = _make_split_folder(tmp_path / "cls", n=12, size=40)
+    out = tmp_path / "cls.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "covidct.cli", "train", "cls", "--data", str(data), "--encoder", "resnet18", "--init", "random",
+           "--input-size", "32", "--epochs", "2", "--batch-size", "8", "-o", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    payload = read_checkpoint(out)
+    assert payload["metrics"]["world_size"] == 2 and payload["temperature"] > 0
+    log = (tmp_path / "cls_run" / "log.csv").read_text().splitlines()
+    assert len(log) == 3 and all(np.isfinite(float(row.split(",")[1])) for row in log[1:])

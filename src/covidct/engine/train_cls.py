@@ -3,12 +3,14 @@
 Validation: the folder's own ``val`` split when it has one (UCSD ``split.csv``), else a seeded
 patient-grouped share of the training records. The best epoch (validation AUC, ties by accuracy) is
 kept; then a temperature is fitted on the validation logits (calibration) and stored in the checkpoint
-with the validation accuracy, F1, AUC and ECE before and after scaling.
+with the validation accuracy, F1, AUC and ECE before and after scaling. Launched by ``torchrun`` it
+trains data-parallel (the global batch split over the ranks; rank 0 validates and writes).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from tqdm import tqdm
 from covidct.data.classification import BINARY_CLASSES, THREE_CLASSES, ClsRecord, RecordImages, load_records
 from covidct.data.cls_transforms import cls_train_transform
 from covidct.data.splits import group_split
-from covidct.engine.common import seed_everything, warmup_cosine, write_log
+from covidct.engine.common import Distributed, seed_everything, warmup_cosine, write_log
 from covidct.engine.evaluate_cls import evaluate_records, summarize
 from covidct.errors import CovidctError
 from covidct.models.checkpoint import save_checkpoint
@@ -91,58 +93,83 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def train_cls(cfg: ClsTrainConfig, output: str | Path, *, progress: bool = True) -> dict[str, Any]:
     output = Path(output)
     run_dir = output.with_name(output.stem + "_run")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    dist = Distributed()  # torchrun: one process per rank, gradients averaged (DDP, gloo)
+    if dist.active:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.local_world_size))
+    if cfg.batch_size % dist.world_size:
+        raise CovidctError(None, f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} ranks")
+    progress = progress and dist.is_main
     seed_everything(cfg.seed)
     classes = cfg.classes
     records = load_records(cfg.data, classes=classes)
     train, val = split_records(records, cfg)
     if not train or not val:
         raise CovidctError(cfg.data, "need both training and validation records")
+    if len(train) // dist.world_size < cfg.batch_size // dist.world_size:
+        raise CovidctError(cfg.data, f"{len(train)} training images do not fill one batch (--batch-size {cfg.batch_size})")
     loader = RecordImages()
     images = [loader(r) for r in tqdm(train, desc="load", unit="image", disable=not progress)]
     labels = [classes.index(r.label) for r in train]
     counts = np.bincount(labels, minlength=len(classes)).astype(float)
     weights = torch.tensor(counts.sum() / (len(classes) * np.maximum(counts, 1)), dtype=torch.float32)
     mcfg = ClsModelConfig(encoder=cfg.encoder, classes=classes, input_size=cfg.input_size)
-    model = build_cls_model(mcfg, init=cfg.init)
-    ds = _Images(images, labels, cls_train_transform(cfg.input_size, seed=cfg.seed))
-    dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                     generator=torch.Generator().manual_seed(cfg.seed))
+    # channels-last from the start: evaluation converts to it, and DDP needs the layout fixed before wrapping
+    model = build_cls_model(mcfg, init=cfg.init).to(memory_format=torch.channels_last)
+    ds = _Images(images, labels, cls_train_transform(cfg.input_size, seed=cfg.seed + 1000 * dist.rank))
+    sampler = dist.sampler(ds, seed=cfg.seed)
+    dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size // dist.world_size, shuffle=sampler is None,
+                                     sampler=sampler, drop_last=True,
+                                     generator=torch.Generator().manual_seed(cfg.seed) if sampler is None else None)
+    trained = dist.wrap(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = max(1, len(dl)) * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, max(1, len(dl))))
-    (run_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": mcfg.to_dict(),
-                                                     "n_train": len(train), "n_val": len(val)}, indent=2))
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": mcfg.to_dict(),
+                                                         "n_train": len(train), "n_val": len(val),
+                                                         "world_size": dist.world_size}, indent=2))
     best_key, best_state, log_rows, elapsed = (-1.0, -1.0), None, [], 0.0
     bar = tqdm(range(cfg.epochs), desc="train cls", unit="epoch", disable=not progress)
     for epoch in bar:
         t0 = time.time()
-        model.train()
+        trained.train()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         losses = []
         for x, y in dl:
-            loss = F.cross_entropy(model(x), y, weight=weights, label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(trained(x), y, weight=weights, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
+        train_loss = dist.mean(float(np.mean(losses)))
+        if not dist.is_main:  # rank 0 validates and selects; the others wait for it
+            dist.barrier()
+            continue
         res = evaluate_records(model, val, progress=False)
         auc = res["auc"] if isinstance(res["auc"], float) else float(np.nanmean(list(res["auc"].values())))
         elapsed += time.time() - t0
-        log_rows.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": res["overall_accuracy"],
+        log_rows.append({"epoch": epoch, "train_loss": train_loss, "val_accuracy": res["overall_accuracy"],
                          "val_auc": auc, "seconds": round(elapsed, 1)})
         key = (auc, res["overall_accuracy"])
         if key > best_key:
             best_key, best_state, best_epoch = key, {k: v.clone() for k, v in model.state_dict().items()}, epoch
         bar.set_postfix(loss=f"{log_rows[-1]['train_loss']:.3f}", auc=f"{auc:.3f}", acc=f"{res['overall_accuracy']:.3f}")
         write_log(log_rows, run_dir / "log.csv")
+        dist.barrier()
+    dist.close()
+    if not dist.is_main:
+        return {"output": str(output), "rank": dist.rank}
     model.load_state_dict(best_state)
     before = evaluate_records(model, val, progress=False)
     logits = torch.log(torch.as_tensor(before["_probabilities"]).clamp_min(1e-8))
     temperature = fit_temperature(logits, torch.as_tensor(before["_labels"]))
     after = evaluate_records(model, val, temperature=temperature, progress=False)
     metrics = {"validation": summarize(before), "validation_calibrated": summarize(after), "epoch": best_epoch,
-               "train_seconds": round(elapsed, 1), "n_train": len(train), "n_val": len(val)}
+               "train_seconds": round(elapsed, 1), "n_train": len(train), "n_val": len(val),
+               "world_size": dist.world_size}
     save_checkpoint(output, task="cls", config=mcfg.to_dict(), state_dict=model.state_dict(), half=cfg.half,
                     classes=list(classes), input_size=cfg.input_size, temperature=temperature,
                     normalization="grey [0,1] (HU: model window L-420/W1480; 8-bit /255), resized to input_size; (x-0.449)/0.226 inside",
