@@ -69,26 +69,36 @@ def evaluate_records(model: ClassificationNet, records: list[ClsRecord], *, temp
         model_seconds += time.perf_counter() - t0
         bar.update(len(chunk))
     bar.close()
-    p = np.concatenate(probs)
-    y = np.array([classes.index(r.label) for r in records])
-    pred = p.argmax(axis=1)
-    rep = classification_report(confusion_matrix(y, pred, len(classes)), classes)
+    result = score_probabilities(np.concatenate(probs), np.array([classes.index(r.label) for r in records]), classes)
+    result["images_per_second"] = round(len(records) / model_seconds, 2) if model_seconds else None
+    return result
+
+
+def score_probabilities(p: np.ndarray, y: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """The evaluation of ``(N, C)`` class probabilities against labels ``y``: confusion matrix, the
+    per-class table, ROC AUC (binary: float; else per class) and ECE."""
+    classes = list(classes)
+    rep = classification_report(confusion_matrix(y, p.argmax(axis=1), len(classes)), classes)
     auc: float | dict[str, float]
     auc = roc_auc(y == 1, p[:, 1]) if len(classes) == 2 else roc_auc_per_class(y, p, classes)
     return {
-        "n_images": len(records),
+        "n_images": len(y),
         "classes": classes,
         "confusion": rep.confusion.tolist(),
         "overall_accuracy": rep.overall_accuracy,
         "per_class": rep.per_class,
         "micro": rep.micro,
         "auc": auc,
-        "images_per_second": round(len(records) / model_seconds, 2) if model_seconds else None,
         "ece": expected_calibration_error(p, y),
         "_report": rep,
         "_probabilities": p,
         "_labels": y,
     }
+
+
+def mean_auc(auc: float | dict[str, float]) -> float:
+    """One number for model selection: the binary AUC, or the mean of the per-class AUCs."""
+    return auc if isinstance(auc, float) else float(np.nanmean(list(auc.values())))
 
 
 def summarize(res: dict[str, Any]) -> dict[str, Any]:
@@ -129,18 +139,18 @@ def save_ensemble(model_specs: Sequence[str | Path], output: str | Path, *, data
     """Write a classifier ensemble (the mean of the members' calibrated probabilities) as one model
     file naming its members and their checksums; with ``data``, score it on that folder's ``split``,
     fit a temperature for the mean there, and store both as its validation metrics."""
-    from covidct.models.checkpoint import file_sha256, save_checkpoint
+    from covidct.models.checkpoint import file_sha256, read_checkpoint, save_checkpoint
     from covidct.models.ensemble import EnsembleConfig, build_ensemble
-    from covidct.models.registry import WEIGHTS_DIR, load_cls_model, resolve_model
+    from covidct.models.registry import WEIGHTS_DIR, resolve_model
 
     if len(model_specs) < 2:
         raise CovidctError(None, "an ensemble needs at least two --model")
     paths = [resolve_model(spec, task="cls") for spec in model_specs]
     names = [p.stem if p.parent == WEIGHTS_DIR else str(p.resolve()) for p in paths]
-    members = [load_cls_model(p)[0] for p in paths]
+    headers = [read_checkpoint(p) for p in paths]  # sizes and classes; build_ensemble loads the networks once
     config = EnsembleConfig(members=tuple(names), checksums=tuple(file_sha256(p) for p in paths),
-                            classes=tuple(members[0].config.classes),
-                            input_size=max(int(m.config.input_size) for m in members))
+                            classes=tuple(headers[0].get("classes", ())),
+                            input_size=max(int(h["input_size"]) for h in headers))
     model = build_ensemble(config)
     metrics: dict[str, Any] = {"members": names}
     temperature = 1.0

@@ -25,7 +25,7 @@ from covidct.data.classification import BINARY_CLASSES, THREE_CLASSES, ClsRecord
 from covidct.data.cls_transforms import cls_train_transform
 from covidct.data.splits import group_split
 from covidct.engine.common import Distributed, seed_everything, warmup_cosine, write_log
-from covidct.engine.evaluate_cls import evaluate_records, summarize
+from covidct.engine.evaluate_cls import evaluate_records, mean_auc, summarize
 from covidct.errors import CovidctError
 from covidct.models.checkpoint import save_checkpoint
 from covidct.models.classification import ClsModelConfig, build_cls_model
@@ -149,7 +149,7 @@ def train_cls(cfg: ClsTrainConfig, output: str | Path, *, progress: bool = True)
             dist.barrier()
             continue
         res = evaluate_records(model, val, progress=False)
-        auc = res["auc"] if isinstance(res["auc"], float) else float(np.nanmean(list(res["auc"].values())))
+        auc = mean_auc(res["auc"])
         elapsed += time.time() - t0
         log_rows.append({"epoch": epoch, "train_loss": train_loss, "val_accuracy": res["overall_accuracy"],
                          "val_auc": auc, "seconds": round(elapsed, 1)})

@@ -31,9 +31,9 @@ from tqdm import tqdm
 from covidct.data.classification import BINARY_CLASSES, THREE_CLASSES, RecordImages, load_records
 from covidct.data.cls_transforms import cls_eval_transform
 from covidct.engine.common import seed_everything
+from covidct.engine.evaluate_cls import mean_auc, score_probabilities, summarize
 from covidct.engine.train_cls import ClsTrainConfig, fit_temperature, split_records
 from covidct.errors import CovidctError
-from covidct.metrics import classification_report, confusion_matrix, roc_auc, roc_auc_per_class
 from covidct.models.checkpoint import save_checkpoint
 from covidct.models.maskcls import TRAIN_CHOICES, MaskClsConfig, MaskClsNet
 
@@ -61,10 +61,8 @@ class MaskClsTrainConfig:
 
 
 def _scores(logits: torch.Tensor, y: torch.Tensor, classes) -> dict[str, Any]:
-    p = torch.softmax(logits, 1).numpy()
-    rep = classification_report(confusion_matrix(y.numpy(), p.argmax(1), len(classes)), classes)
-    auc = roc_auc(y.numpy() == 1, p[:, 1]) if len(classes) == 2 else float(np.nanmean(list(roc_auc_per_class(y.numpy(), p, classes).values())))
-    return {"accuracy": rep.overall_accuracy, "auc": auc, "f1": {c: rep.per_class[c]["f1"] for c in classes}}
+    """Validation summary (accuracy, AUC, F1, ECE) of S's logits, scored like ``evaluate cls``."""
+    return summarize(score_probabilities(torch.softmax(logits, 1).numpy(), y.numpy(), classes))
 
 
 class _Trainer:
@@ -158,11 +156,11 @@ def train_maskcls(cfg: MaskClsTrainConfig, output: str | Path, *, progress: bool
             loss.backward()
             opt.step()
         sc = _scores(trainer.all_logits("val"), y_val, classes)
-        key = (sc["auc"], sc["accuracy"])
+        key = (mean_auc(sc["auc"]), sc["accuracy"])
         if key > best:
             best, best_epoch = key, epoch
             best_state = {id(p): p.detach().clone() for p in trainable}
-        bar.set_postfix(auc=f"{sc['auc']:.3f}", acc=f"{sc['accuracy']:.3f}", best=f"{best[0]:.3f}")
+        bar.set_postfix(auc=f"{key[0]:.3f}", acc=f"{sc['accuracy']:.3f}", best=f"{best[0]:.3f}")
     with torch.no_grad():
         for p in trainable:
             p.copy_(best_state[id(p)])
