@@ -86,20 +86,26 @@ def heatmap_rgb(grey01: np.ndarray, heat01: np.ndarray, *, alpha: float = 0.45) 
 
 def instances_rgb(grey01: np.ndarray, masks: np.ndarray, labels: list[str], scores: list[float],
                   boxes: np.ndarray, *, alpha: float = 0.45) -> Image.Image:
-    """Lesion instances on the grey slice: each mask blended in its class colour (GGO red,
-    consolidation blue; a merged "lesion" class in red), its box outlined in the same colour and its
-    score written at the box corner. ``masks`` ``(N, H, W)`` bool, ``boxes`` ``(N, 4)`` x0, y0, x1, y1."""
-    base = np.repeat((np.clip(grey01, 0, 1) * 255).astype(np.float32)[..., None], 3, axis=2)
-    colours = [np.array(LESION_COLOURS.get(name, LESION_COLOURS["ggo"]), np.float32) for name in labels]
-    for name in dict.fromkeys(labels):  # one blend per class: overlapping instances do not pile up to opaque
-        union = np.zeros(base.shape[:2], bool)
-        for m, label in zip(masks, labels):
-            if label == name:
-                union |= m
-        base[union] = (1 - alpha) * base[union] + alpha * colours[labels.index(name)]
-    im = Image.fromarray(base.astype(np.uint8))
-    draw = ImageDraw.Draw(im)
-    for (x0, y0, x1, y1), c, s in zip(np.asarray(boxes).reshape(-1, 4), colours, scores):
-        draw.rectangle([float(x0), float(y0), float(x1), float(y1)], outline=tuple(int(v) for v in c))
-        draw.text((float(x0) + 1, max(0.0, float(y0) - 11)), f"{s:.2f}", fill=tuple(int(v) for v in c))
-    return im
+    """Lesion instances on the grey slice (torchvision's ``draw_segmentation_masks`` and
+    ``draw_bounding_boxes``): the masks of each class blended once in the class colour (GGO red,
+    consolidation blue; a merged "lesion" class in red), each box outlined in its colour with its
+    score. ``masks`` ``(N, H, W)`` bool (or none: boxes only), ``boxes`` ``(N, 4)`` x0, y0, x1, y1."""
+    import torch
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+    def colour(name: str) -> tuple[int, int, int]:
+        return tuple(int(v) for v in LESION_COLOURS.get(name, LESION_COLOURS["ggo"]))
+
+    grey8 = torch.from_numpy((np.clip(grey01, 0, 1) * 255).astype(np.uint8))
+    img = grey8.expand(3, -1, -1).contiguous()
+    masks = np.asarray(masks, bool).reshape(-1, *grey8.shape)
+    mask_labels = labels[:len(masks)]  # no masks given: boxes only
+    names = list(dict.fromkeys(mask_labels))  # one union per class: overlapping instances do not pile up to opaque
+    if names:
+        unions = torch.from_numpy(np.stack([masks[[lab == n for lab in mask_labels]].any(axis=0) for n in names]))
+        img = draw_segmentation_masks(img, unions, alpha=alpha, colors=[colour(n) for n in names])
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    if len(boxes):
+        img = draw_bounding_boxes(img, torch.from_numpy(boxes), labels=[f"{s:.2f}" for s in scores],
+                                  colors=[colour(n) for n in labels])
+    return Image.fromarray(img.permute(1, 2, 0).numpy())
