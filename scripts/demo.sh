@@ -15,3 +15,4 @@ if [ ! -d "$INPUT" ]; then
 fi
 .venv/bin/covidct info "$INPUT"
 .venv/bin/covidct analyze "$INPUT" -o "$OUT"
+echo "[demo] open $OUT/report.html or $OUT/viewer.html in a browser, or: .venv/bin/covidct serve $OUT"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import nibabel as nib
 import numpy as np
@@ -89,6 +90,49 @@ def _check_outputs(out, vol, report):
     html = (out / "report.html").read_text()
     assert html.index("not for diagnosis") < html.index("<h1>") and "data:image/png;base64," in html
     assert list((out / "overlays").glob("*.png"))
+    viewer = (out / "viewer.html").read_text()
+    assert viewer.index("not for diagnosis") < viewer.index("<h1>") and 'href="viewer.html"' in html
+    assert len(_viewer_data(viewer)["frames"]) == vol.n_slices
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "report.json").stat().st_mode & 0o777 == 0o666 & ~umask  # not a temporary file's 0600
+
+
+def _viewer_data(page: str) -> dict:
+    start = page.index('<script id="data" type="application/json">') + len('<script id="data" type="application/json">')
+    return json.loads(page[start:page.index("</script>", start)])
+
+
+def test_viewer_embeds_every_slice_with_its_overlay():
+    import base64
+    import io
+
+    from PIL import Image
+
+    from covidct.data.segmentation import LESION_COLOURS
+    from covidct.report.viewer import viewer_html
+
+    lesions = np.zeros((3, 40, 60), np.uint8)
+    lungs = np.zeros_like(lesions)
+    lungs[1:, 5:35, 5:55] = 1
+    lesions[1, 10:20, 10:30] = 1   # GGO
+    lesions[2, 10:20, 30:50] = 2   # consolidation
+    slices = [{"index": k, "infection_probability": p, "lesion_percent": q}
+              for k, p, q in ((0, 0.0, 0.0), (1, 0.7, 13.0), (2, 0.9, 17.0))]
+    page = viewer_html(lambda k: np.full((40, 60), k / 2.0), lesions, lungs, slices, spacing=(5.0, 1.0, 0.5))
+    data = _viewer_data(page)
+    assert len(data["frames"]) == 3 and data["start"] == 2           # opens on the most affected slice
+    assert data["frames"][0]["ov"] == ""                            # nothing to draw: no overlay
+    assert (data["width"], data["height"]) == (60, 80)              # rows are 1 mm, columns 0.5 mm: square mm
+    ov = np.asarray(Image.open(io.BytesIO(base64.b64decode(data["frames"][1]["ov"]))).convert("RGBA"))
+    assert ov.shape == (80, 60, 4)
+    assert tuple(ov[30, 20, :3]) == tuple(LESION_COLOURS["ggo"]) and ov[30, 20, 3] == 255
+    assert ov[1, 1, 3] == 0                                          # outside: transparent
+    ov2 = np.asarray(Image.open(io.BytesIO(base64.b64decode(data["frames"][2]["ov"]))).convert("RGBA"))
+    assert tuple(ov2[30, 40, :3]) == tuple(LESION_COLOURS["consolidation"])
+    ct = np.asarray(Image.open(io.BytesIO(base64.b64decode(data["frames"][2]["ct"]))))
+    assert abs(float(ct.mean()) - 255) < 3 and data["info"][1]["p"] == 0.7
+    assert "http://" not in page and "https://" not in page         # self-contained: nothing fetched
 
 
 def test_analyze_dicom_series_outputs_on_input_grid(tmp_path, tiny_seg_model, capsys):

@@ -94,9 +94,16 @@ def _parse_fold(text: str) -> int | str:
         raise CovidctError(None, f"--fold must be 'all' or a fold number, not {text!r}") from None
 
 
+def _print_training_result(result: dict) -> None:
+    """The training summary as JSON, once: under torchrun only rank 0 prints it."""
+    from covidct.report.json_io import to_json
+
+    if os.environ.get("RANK", "0") == "0":
+        print(to_json(result, disclaimer=False))
+
+
 def _cmd_train_seg(args: argparse.Namespace) -> int:
     from covidct.engine.train_seg import SegTrainConfig, train_seg
-    from covidct.report.json_io import to_json
 
     for d in args.data:
         if not Path(d).is_dir():
@@ -108,8 +115,7 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
         folds=args.folds, fold=_parse_fold(args.fold), select=args.select, class_weighting=args.class_weighting,
         decoder_channels=tuple(int(c) for c in args.decoder_channels.split(",")),
     )
-    result = train_seg(cfg, args.output, resume=not args.no_resume)
-    print(to_json(result, disclaimer=False))
+    _print_training_result(train_seg(cfg, args.output, resume=not args.no_resume))
     return 0
 
 
@@ -129,14 +135,13 @@ def _cmd_evaluate_seg(args: argparse.Namespace) -> int:
 
 def _cmd_train_cls(args: argparse.Namespace) -> int:
     from covidct.engine.train_cls import ClsTrainConfig, train_cls
-    from covidct.report.json_io import to_json
 
     if not Path(args.data).is_dir():
         raise CovidctError(args.data, "no such folder")
     cfg = ClsTrainConfig(data=str(args.data), n_classes=args.classes, encoder=args.encoder, init=args.init,
                          input_size=args.input_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed)
-    print(to_json(train_cls(cfg, args.output), disclaimer=False))
+    _print_training_result(train_cls(cfg, args.output))
     return 0
 
 
@@ -230,7 +235,6 @@ def _cmd_evaluate_cam(args: argparse.Namespace) -> int:
 
 def _cmd_train_lesions(args: argparse.Namespace) -> int:
     from covidct.engine.lesions import LesionTrainConfig, train_lesions
-    from covidct.report.json_io import to_json
 
     for d in args.data:
         if not Path(d).is_dir():
@@ -244,20 +248,19 @@ def _cmd_train_lesions(args: argparse.Namespace) -> int:
         init = str(resolve_model(init, task="seg"))
     cfg = LesionTrainConfig(data=[str(d) for d in args.data], model=model, epochs=args.epochs,
                             batch_size=args.batch_size, lr=args.lr, seed=args.seed, encoder_init=init)
-    print(to_json(train_lesions(cfg, args.output), disclaimer=False))
+    _print_training_result(train_lesions(cfg, args.output))
     return 0
 
 
 def _cmd_train_maskcls(args: argparse.Namespace) -> int:
     from covidct.engine.train_maskcls import MaskClsTrainConfig, train_maskcls
-    from covidct.report.json_io import to_json
 
     if not Path(args.data).is_dir():
         raise CovidctError(args.data, "no such folder")
     cfg = MaskClsTrainConfig(data=str(args.data), lesion_model=args.lesion_model, n_classes=args.classes,
                              top_n=args.top_n, s_width=args.s_width, train=args.train, epochs=args.epochs,
                              batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    print(to_json(train_maskcls(cfg, args.output), disclaimer=False))
+    _print_training_result(train_maskcls(cfg, args.output))
     return 0
 
 
@@ -325,6 +328,22 @@ def _classifier_spec(text: str | None) -> str | None:
     return DEFAULT_CLASSIFIER if text is None else None if text == "none" else text
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from covidct.serve import make_server, start_page
+
+    server = make_server(args.folder, host=args.host, port=args.port)
+    host, port = server.server_address[:2]
+    print(f"serving {args.folder} at http://{host}:{port}/{start_page(args.folder)} (Ctrl-C to stop)")
+    print(DISCLAIMER)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from covidct.report.json_io import to_json
     from covidct.report.scan_report import analyze
@@ -336,7 +355,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CovidctError(None, f"--window: {exc}") from None
     report = analyze(args.path, args.output, model_spec=args.model, device=args.device, series_uid=args.series,
-                     window=args.window, classifier_spec=_classifier_spec(args.classifier))
+                     window=args.window, classifier_spec=_classifier_spec(args.classifier), viewer=not args.no_viewer)
     if args.json:
         print(to_json(report))
         return 0
@@ -351,7 +370,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         print(f"{name:>14}: {'' if ml is None else f'{ml:8.1f} mL '}{les[name]['percent_of_lung']:6.2f} % of lung")
     print(f"severity score (zone-based): {report['severity_score']}/{report['severity_score_max']}")
     print(f"answer: {report['diagnosis']['label']} (p={report['diagnosis']['probabilities']['lesions_present']:.3f})")
-    print(f"wrote {args.output}/report.html, report.json, lesions.nii.gz, lungs.nii.gz, overlays/ in {report['seconds']} s")
+    viewer = ", viewer.html" if not args.no_viewer else ""
+    print(f"wrote {args.output}/report.html, report.json{viewer}, lesions.nii.gz, lungs.nii.gz, overlays/ in {report['seconds']} s")
     print(DISCLAIMER)
     return 0
 
@@ -510,8 +530,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "the training slices), 'lung', or --window=LEVEL,WIDTH")
     s.add_argument("--classifier", help="slice classifier whose per-slice class probabilities are reported "
                    "(shipped name or .pt file; default: the shipped default classifier), or 'none'")
+    s.add_argument("--no-viewer", action="store_true", help="do not write viewer.html (every slice with its overlay)")
     s.add_argument("--json", action="store_true", help="print report.json to stdout")
     s.set_defaults(func=_cmd_analyze)
+
+    s = sub.add_parser("serve", help="show analysis outputs in a browser (viewer, report, index of scans)")
+    s.add_argument("folder", help="a covidct analyze output folder, or a folder of several")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
+    s.set_defaults(func=_cmd_serve)
 
     s = sub.add_parser("classify", help="class probabilities of slices (images, DICOM, NIfTI) with a slice classifier")
     s.add_argument("paths", nargs="+")

@@ -86,6 +86,33 @@ class Distributed:
         dist.all_reduce(t)
         return float(t.item()) / self.world_size
 
+    def average_gradients(self, params) -> None:
+        """Average the gradients of ``params`` over the ranks: what DDP does, for training loops that
+        do not run through one ``forward`` (call it between ``backward`` and the optimizer step)."""
+        if not self.active:
+            return
+        import torch.distributed as dist
+
+        params = [p for p in params if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for p in params:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            offset += n
+
+    def shard(self, items: list) -> list:
+        """This rank's equal share of ``items`` (every ``world_size``-th, the remainder dropped)."""
+        if not self.active:
+            return list(items)
+        n = len(items) // self.world_size
+        return list(items[self.rank::self.world_size][:n])
+
     def barrier(self) -> None:
         if self.active:
             import torch.distributed as dist
@@ -97,4 +124,7 @@ class Distributed:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                # all ranks leave together: a rank that tears gloo down while its peer is still
+                # connected can abort the peer ("terminate called without an active exception")
+                dist.barrier()
                 dist.destroy_process_group()

@@ -9,6 +9,7 @@ masks (torchmetrics ``MeanAveragePrecision``, pycocotools backend), per class an
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from covidct.data.segmentation import SegFolder, SegSample
 from covidct.data.transforms import seg_train_transform
-from covidct.engine.common import seed_everything, warmup_cosine, write_log
+from covidct.engine.common import Distributed, seed_everything, warmup_cosine, write_log
 from covidct.engine.train_seg import split_seg_folders
 from covidct.errors import CovidctError
 from covidct.io.window import to_model_input
@@ -98,33 +99,53 @@ class _Instances(torch.utils.data.Dataset):
 
 
 def train_lesions(cfg: LesionTrainConfig, output: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Train, select by validation AP50, write the best model to ``output``.
+
+    Launched by ``torchrun`` it trains data-parallel (:class:`~covidct.engine.common.Distributed`):
+    every rank reads its share of each shuffled epoch with its own augmentation seed, gradients are
+    averaged over the ranks, rank 0 validates and writes; ``--batch-size`` is the global batch."""
     output = Path(output)
     run_dir = output.with_name(output.stem + "_run")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    dist = Distributed()
+    if dist.active:  # the node's cores shared among its ranks
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.local_world_size))
+    if cfg.batch_size % dist.world_size:
+        raise CovidctError(None, f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} ranks")
+    progress = progress and dist.is_main
     seed_everything(cfg.seed)
     mcfg = LesionModelConfig.from_dict(cfg.model)
     train, val = split_seg_folders(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    if len(train) // dist.world_size < cfg.batch_size // dist.world_size:
+        raise CovidctError(cfg.data[0], f"{len(train)} training slices{' over ' + str(dist.world_size) + ' ranks' if dist.active else ''}"
+                           f" are fewer than one batch (--batch-size {cfg.batch_size})")
     try:
         model = build_lesion_model(mcfg, imagenet=cfg.imagenet, encoder_init=cfg.encoder_init)
     except ValueError as exc:
         raise CovidctError(cfg.encoder_init, str(exc)) from None
-    ds = _Instances(train, seg_train_transform(mcfg.input_size, seed=cfg.seed), mcfg.mask_mode)
-    dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                     collate_fn=lambda b: tuple(zip(*b)),
-                                     generator=torch.Generator().manual_seed(cfg.seed))
+    ds = _Instances(train, seg_train_transform(mcfg.input_size, seed=cfg.seed + 1000 * dist.rank), mcfg.mask_mode)
+    sampler = dist.sampler(ds, seed=cfg.seed)
+    dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size // dist.world_size, shuffle=sampler is None,
+                                     sampler=sampler, drop_last=True, collate_fn=_collate,
+                                     generator=torch.Generator().manual_seed(cfg.seed) if sampler is None else None)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.epochs * len(dl), 2 * len(dl)))
-    (run_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": mcfg.to_dict(),
-                                                     "n_train": len(train), "n_val": len(val)}, indent=2))
+    trained = dist.wrap(model)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": mcfg.to_dict(),
+                                                         "n_train": len(train), "n_val": len(val),
+                                                         "world_size": dist.world_size}, indent=2))
     best, best_result, log_rows, elapsed = -1.0, None, [], 0.0
     bar = tqdm(range(cfg.epochs), desc="train lesions", unit="epoch", disable=not progress)
     for epoch in bar:
         t0 = time.time()
-        model.train()
+        trained.train()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         losses = []
         for images, targets in dl:
-            loss_dict = model(list(images), list(targets))
+            loss_dict = trained(list(images), list(targets))
             loss = sum(loss_dict.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -132,10 +153,14 @@ def train_lesions(cfg: LesionTrainConfig, output: str | Path, *, progress: bool 
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
+        train_loss = dist.mean(float(np.mean(losses)))
+        if not dist.is_main:  # rank 0 validates, selects and writes; the others wait for it
+            dist.barrier()
+            continue
         result = evaluate_instances(model, val, progress=False)
         elapsed += time.time() - t0
         score = result["ap50"] or 0.0
-        log_rows.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_ap50": score,
+        log_rows.append({"epoch": epoch, "train_loss": train_loss, "val_ap50": score,
                          "val_ap75": result["ap75"], "val_map": result["map"], "seconds": round(elapsed, 1)})
         if score > best:
             best, best_result = score, result
@@ -145,10 +170,19 @@ def train_lesions(cfg: LesionTrainConfig, output: str | Path, *, progress: bool 
                             normalization="grey [0,1] (HU: model window L-420/W1480; 8-bit /255), copied to 3 channels, (x-0.449)/0.226",
                             train_config=asdict(cfg),
                             metrics={"validation": result, "epoch": epoch, "train_seconds": round(elapsed, 1),
-                                     "n_train": len(train), "val_ids": [s.id for s in val]})
-        bar.set_postfix(loss=f"{log_rows[-1]['train_loss']:.3f}", ap50=f"{score:.3f}", best=f"{best:.3f}")
+                                     "n_train": len(train), "val_ids": [s.id for s in val],
+                                     "world_size": dist.world_size})
+        bar.set_postfix(loss=f"{train_loss:.3f}", ap50=f"{score:.3f}", best=f"{best:.3f}")
         write_log(log_rows, run_dir / "log.csv")
-    return {"best_ap50": best, "validation": best_result, "seconds": round(elapsed, 1), "output": str(output)}
+        dist.barrier()
+    dist.close()
+    return {"best_ap50": best, "validation": best_result, "seconds": round(elapsed, 1), "output": str(output),
+            "world_size": dist.world_size}
+
+
+def _collate(batch):
+    """Detection batches stay lists: (images, targets)."""
+    return tuple(zip(*batch))
 
 
 def evaluate_lesions(model_spec: str | Path | None, data: str | Path, *, split: str | None = None,

@@ -14,10 +14,15 @@ mode (batch-norm running statistics fixed):
 
 Validation: the folder's ``val`` split or a patient-grouped share; best epoch by validation AUC (ties by
 accuracy); temperature fitted on validation logits.
+
+Launched by ``torchrun``, every rank caches and trains on its equal share of the training images
+(``--batch-size`` is the global batch), gradients are averaged over the ranks after every backward
+pass (:meth:`~covidct.engine.common.Distributed.average_gradients`), rank 0 validates and writes.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +35,7 @@ from tqdm import tqdm
 
 from covidct.data.classification import BINARY_CLASSES, THREE_CLASSES, RecordImages, load_records
 from covidct.data.cls_transforms import cls_eval_transform
-from covidct.engine.common import seed_everything
+from covidct.engine.common import Distributed, seed_everything
 from covidct.engine.evaluate_cls import mean_auc, score_probabilities, summarize
 from covidct.engine.train_cls import ClsTrainConfig, fit_temperature, split_records
 from covidct.errors import CovidctError
@@ -75,6 +80,8 @@ class _Trainer:
         self.cache: dict[str, Any] = {}
         with torch.no_grad():
             for split, ims in images.items():
+                if not ims:  # e.g. the validation images on ranks other than 0
+                    continue
                 if train == "s":
                     self.cache[split] = torch.cat([model.roi_tensor([_tensor(im)]) for im in
                                                    tqdm(ims, desc=f"RoIs {split}", unit="image", disable=not progress)])
@@ -107,6 +114,12 @@ def train_maskcls(cfg: MaskClsTrainConfig, output: str | Path, *, progress: bool
 
     if cfg.train not in TRAIN_CHOICES:
         raise CovidctError(None, f"--train must be one of {', '.join(TRAIN_CHOICES)}")
+    dist = Distributed()
+    if dist.active:  # the node's cores shared among its ranks
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.local_world_size))
+    if cfg.train != "s" and cfg.batch_size % dist.world_size:
+        raise CovidctError(None, f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} ranks")
+    progress = progress and dist.is_main
     seed_everything(cfg.seed)
     classes = BINARY_CLASSES if cfg.n_classes == 2 else THREE_CLASSES
     lesion, lesion_payload = load_lesion_model(cfg.lesion_model)
@@ -124,6 +137,8 @@ def train_maskcls(cfg: MaskClsTrainConfig, output: str | Path, *, progress: bool
     train, val = split_records(records, ClsTrainConfig(data=cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed))
     if not train or not val:
         raise CovidctError(cfg.data, "need both training and validation records")
+    n_train = len(train)
+    train = dist.shard(train)  # this rank's share (all of it in one process)
     # the exact preprocessing of `covidct evaluate cls` / `predict_probabilities` (square resize to the
     # input size), so the RoIs seen in training are the RoIs seen at inference
     loader, resize = RecordImages(), cls_eval_transform(mcfg.input_size)
@@ -133,7 +148,7 @@ def train_maskcls(cfg: MaskClsTrainConfig, output: str | Path, *, progress: bool
 
     t0 = time.time()
     images = {"train": [load(r) for r in tqdm(train, desc="load", unit="image", disable=not progress)],
-              "val": [load(r) for r in val]}
+              "val": [load(r) for r in val] if dist.is_main else []}
     trainer = _Trainer(model, cfg.train, images, progress)
     cache_seconds = time.time() - t0
     y_train = torch.tensor([classes.index(r.label) for r in train])
@@ -143,36 +158,46 @@ def train_maskcls(cfg: MaskClsTrainConfig, output: str | Path, *, progress: bool
               {"params": [p for p in trainable if id(p) not in s_ids], "lr": cfg.lr / 10}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
     target = F.one_hot(y_train, len(classes)).float()
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # the same order on every rank: the steps line up
+    local_batch = cfg.batch_size // dist.world_size
     best, best_state, best_epoch = (-1.0, -1.0), None, 0
     t0 = time.time()
     bar = tqdm(range(cfg.n_epochs), desc=f"train maskcls ({cfg.train})", unit="epoch", disable=not progress)
     for epoch in bar:
         order = torch.randperm(len(train), generator=gen).tolist()
-        steps = [order] if cfg.train == "s" else [order[a:a + cfg.batch_size] for a in range(0, len(order), cfg.batch_size)]
+        steps = [order] if cfg.train == "s" else [order[a:a + local_batch] for a in range(0, len(order), local_batch)]
         for idx in steps:
             loss = F.binary_cross_entropy_with_logits(trainer.logits(idx, "train"), target[idx])  # per-class BCE
             opt.zero_grad()
             loss.backward()
+            dist.average_gradients(trainable)
             opt.step()
+        if not dist.is_main:  # rank 0 validates and keeps the best parameters
+            continue
         sc = _scores(trainer.all_logits("val"), y_val, classes)
         key = (mean_auc(sc["auc"]), sc["accuracy"])
         if key > best:
             best, best_epoch = key, epoch
             best_state = {id(p): p.detach().clone() for p in trainable}
         bar.set_postfix(auc=f"{key[0]:.3f}", acc=f"{sc['accuracy']:.3f}", best=f"{best[0]:.3f}")
+    train_seconds = time.time() - t0
+    if not dist.is_main:
+        dist.barrier()
+        dist.close()
+        return {"output": str(output), "world_size": dist.world_size}
     with torch.no_grad():
         for p in trainable:
             p.copy_(best_state[id(p)])
-    train_seconds = time.time() - t0
     val_logits = trainer.all_logits("val")
     temperature = fit_temperature(val_logits, y_val)
-    metrics = {"validation": _scores(val_logits, y_val, classes), "epoch": best_epoch, "n_train": len(train),
+    metrics = {"validation": _scores(val_logits, y_val, classes), "epoch": best_epoch, "n_train": n_train,
                "n_val": len(val), "cache_seconds": round(cache_seconds, 1), "train_seconds": round(train_seconds, 1),
                "trained": {"s": "S only", "s+bn": "S + backbone batch-norm affine",
-                           "s+roi": "S + RoI box head and predictor"}[cfg.train]}
+                           "s+roi": "S + RoI box head and predictor"}[cfg.train], "world_size": dist.world_size}
     save_checkpoint(output, task="maskcls", config=mcfg.to_dict(), state_dict=model.state_dict(), half=True,
                     classes=list(classes), input_size=mcfg.input_size, temperature=temperature,
                     anchors={"sizes": list(lesion.config.anchor_sizes), "aspect_ratios": list(lesion.config.aspect_ratios)},
                     lesion_model=Path(lesion_payload["path"]).name, train_config=asdict(cfg), metrics=metrics)
+    dist.barrier()
+    dist.close()
     return {"output": str(output), "temperature": temperature, **metrics}

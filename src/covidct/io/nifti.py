@@ -7,13 +7,12 @@ unchanged: it maps ``(i, j, k)`` to millimetres for both.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from covidct.errors import InputError
+from covidct.io.atomic import atomic_output
 from covidct.io.volume import Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -62,13 +61,6 @@ def write_nifti(array: np.ndarray, reference: Volume, path: str | Path, *, dtype
     img = nib.Nifti1Image(np.asarray(array, dtype=dtype).transpose(2, 1, 0), reference.affine)
     img.set_qform(reference.affine, code=1)
     img.set_sform(reference.affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".nii.gz", prefix=".tmp-")
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

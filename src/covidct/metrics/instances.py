@@ -19,7 +19,10 @@ class InstanceAP:
     def reset(self) -> None:
         from torchmetrics.detection import MeanAveragePrecision
 
-        self.meters = {name: MeanAveragePrecision(iou_type="segm", iou_thresholds=thr, class_metrics=True)
+        # sync_on_compute=False: the metric is local to this process (under torchrun only rank 0
+        # validates; torchmetrics' default all-gather would wait for ranks that never come)
+        self.meters = {name: MeanAveragePrecision(iou_type="segm", iou_thresholds=thr, class_metrics=True,
+                                                  sync_on_compute=False)
                        for name, thr in (("ap50", [0.5]), ("ap75", [0.75]), ("map", None))}
         self.n_images = 0
 

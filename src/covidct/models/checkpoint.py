@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from covidct.errors import CovidctError
+from covidct.io.atomic import atomic_output
 
 FORMAT = "covidct-checkpoint"
 FORMAT_VERSION = 1
@@ -60,15 +59,8 @@ def save_checkpoint(path: str | Path, *, task: str, config: dict, state_dict: di
 
 
 def _save_atomic(payload: dict[str, Any], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -1,15 +1,14 @@
-"""Atomic JSON output with the disclaimer attached."""
+"""JSON output (atomic) with the disclaimer attached."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from covidct import DISCLAIMER
+from covidct.io.atomic import write_bytes_atomic
 
 
 def _clean(obj: Any) -> Any:
@@ -29,14 +28,4 @@ def to_json(obj: dict[str, Any], *, disclaimer: bool = True) -> str:
 
 
 def write_json(obj: dict[str, Any], path: str | Path, *, disclaimer: bool = True) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(to_json(obj, disclaimer=disclaimer) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_bytes_atomic((to_json(obj, disclaimer=disclaimer) + "\n").encode("utf-8"), path)

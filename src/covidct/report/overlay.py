@@ -3,14 +3,13 @@ outline in yellow, a legend and the disclaimer line."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from covidct.data.segmentation import LESION_CLASSES, LESION_COLOURS
+from covidct.io.atomic import atomic_output
 
 FOOTER = "covidct - research software, not for diagnosis"
 
@@ -59,19 +58,11 @@ def with_legend(rgb: np.ndarray, *, names: tuple[str, ...] = ("ggo", "consolidat
 
 def save_png(image: Image.Image | np.ndarray, path: str | Path) -> Path:
     """Write a PNG atomically."""
-    path = Path(path)
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def heatmap_rgb(grey01: np.ndarray, heat01: np.ndarray, *, alpha: float = 0.45) -> np.ndarray:

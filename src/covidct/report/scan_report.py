@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -18,8 +16,10 @@ from covidct.analysis.scan import ScanResult, analyze_volume, classify_slices
 from covidct.engine.infer import SegPredictor
 from covidct.io import Volume, get_window, read, to_model_input, write_nifti
 from covidct.models.registry import DEFAULTS
+from covidct.io.atomic import write_bytes_atomic
 from covidct.report.json_io import write_json
 from covidct.report.overlay import overlay_rgb, save_png, with_legend
+from covidct.report.viewer import write_viewer
 
 N_OVERLAYS = 6
 
@@ -48,17 +48,6 @@ def _slice_chart(slices: list[dict]) -> bytes:
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     return buf.getvalue()
-
-
-def _write_atomic(data: bytes, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def build_report(vol: Volume, result: ScanResult, models: list[dict], seconds: float) -> dict[str, Any]:
@@ -124,6 +113,7 @@ figure{{display:inline-block;margin:.3em}} figure img{{max-width:340px}} .kv td{
 <h2>Lesions</h2><table><tr><th>type</th><th>volume (mL)</th><th>% of lung</th></tr>{rows}</table>
 <h2>Zones</h2><table><tr><th>zone</th><th>% involved</th><th>score (0-5)</th></tr>{zones}</table>
 <h2>Slices</h2>{img(chart, 'slice chart')}
+<p>Every slice with its overlay: <a href="viewer.html">viewer.html</a> (written beside this report).</p>
 <h2>Most affected slices</h2><p>GGO red, consolidation blue, effusion green, lung outline yellow.</p>{figs}
 <p><small>covidct {html.escape(report['covidct_version'])}; models: {html.escape(', '.join(m['name'] for m in report['models']))}; {report['seconds']} s</small></p>
 </body></html>
@@ -175,11 +165,12 @@ def _add_classifier(result: ScanResult, vol: Volume, spec: str | Path, models: l
 
 def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | None = None, progress: bool = True,
             device: str = "cpu", series_uid: str | None = None, window: str = "model",
-            classifier_spec: str | Path | None = DEFAULT_CLASSIFIER) -> dict[str, Any]:
+            classifier_spec: str | Path | None = DEFAULT_CLASSIFIER, viewer: bool = True) -> dict[str, Any]:
     """Analyse one scan and write every output into ``outdir``; returns the report dict. HU slices
     reach the model through ``window`` (a preset of :mod:`covidct.io.window` or ``"L,W"``).
     ``classifier_spec`` (a shipped name or file; ``None`` for none) adds per-slice class
-    probabilities of a slice classifier; they are reported, not used for the patient label."""
+    probabilities of a slice classifier; they are reported, not used for the patient label.
+    ``viewer`` writes ``viewer.html`` (every slice with its overlay, :mod:`covidct.report.viewer`)."""
     from covidct.models.checkpoint import file_sha256
     from covidct.models.registry import load_seg_model
 
@@ -214,7 +205,13 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
                           title=f"slice {k}: lesions {result.slices[k]['lesion_percent']:.1f}% of lung")
         save_png(pic, outdir / "overlays" / f"slice_{k:04d}.png")
         overlays.append((k, _png_bytes(pic)))
+    if viewer:
+        t1 = time.perf_counter()
+        write_viewer(outdir / "viewer.html",
+                     lambda k: to_model_input(vol.array[k], is_hu=vol.is_hu, window="lung"), result.lesions,
+                     result.lungs, result.slices, spacing=vol.spacing, title=f"covidct viewer: {Path(str(vol.source)).name}")
+        report["timings"]["viewer_s"] = round(time.perf_counter() - t1, 2)
     report["seconds"] = round(time.perf_counter() - t0, 2)
     write_json(report, outdir / "report.json")
-    _write_atomic(_html(report, overlays, _slice_chart(result.slices)).encode("utf-8"), outdir / "report.html")
+    write_bytes_atomic(_html(report, overlays, _slice_chart(result.slices)).encode("utf-8"), outdir / "report.html")
     return report
