@@ -3,6 +3,11 @@ COVID-SemiSeg layout, then measures slices/s and peak memory at 512x512 on this 
 model and for a plain reference U-Net (ResNet-34 encoder, smp default decoder, 512 input), in one run.
 
     python benchmarks/segmentation.py --data ../shared/data/covid-semiseg --model-val [--model NAME|FILE]
+        [--frames ../shared/data/medseg-512]
+
+``--frames`` also times the shipped model on real full 512² frames, where the lungs fill part of the slice
+and the predictor runs its second, lung-cropped pass (``SegPredictor(crop_to_lung=True)``, the default);
+the random-slice rows time one pass.
 
 ``--model-val`` keeps only the slices the model's checkpoint lists as its validation slices (the others
 are training slices); ``--ids`` picks slices by id; ``--split`` by manifest split.
@@ -30,11 +35,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def speed(predictor, n: int = 48, size: int = 512, batch: int = 8) -> dict:
-    """Slices/s for ``n`` random 512x512 slices through the full predictor (resize in and out,
-    softmax, argmax)."""
+def speed(predictor, n: int = 48, size: int = 512, batch: int = 8, slices: list | None = None) -> dict:
+    """Slices/s for ``n`` random 512x512 slices (or the given ones) through the full predictor (resize
+    in and out, softmax, argmax)."""
     rng = np.random.default_rng(0)
-    slices = [rng.random((size, size), dtype=np.float32) for _ in range(n)]
+    slices = slices or [rng.random((size, size), dtype=np.float32) for _ in range(n)]
     predictor.batch_size = batch
     predictor.predict(slices[:batch])  # warm-up
     t0 = time.perf_counter()
@@ -56,6 +61,8 @@ def main() -> int:
     ap.add_argument("--split")
     ap.add_argument("--ids", help="comma-separated slice ids")
     ap.add_argument("--model-val", action="store_true", help="only the model's own validation slices")
+    ap.add_argument("--frames", help="a folder of full 512x512 slices (COVID-SemiSeg layout, e.g. medseg-512) to time "
+                    "the two-pass (lung-cropped) prediction on")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -77,17 +84,26 @@ def main() -> int:
     print(format_table(result))
 
     rss0 = peak_rss_mb()
-    rows = {"shipped": {**speed(shipped), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+    one_pass = SegPredictor(model, crop_to_lung=False)
+    rows = {"shipped": {**speed(one_pass), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
                         "input_size": model.config.input_size}}
     rows["shipped"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    if args.frames:
+        from covidct.io.window import to_model_input
+
+        frames = SegFolder(args.frames)
+        real = [to_model_input(frames[i].image, is_hu=False) for i in range(min(48, len(frames)))]
+        rows["shipped, two passes (real 512² frames)"] = {
+            **speed(shipped, slices=real), "params_m": rows["shipped"]["params_m"],
+            "input_size": model.config.input_size, "peak_rss_mb": round(peak_rss_mb(), 1)}
     reference = build_seg_model(SegModelConfig(encoder="resnet34", decoder_channels=(256, 128, 64, 32, 16), input_size=512))
-    ref = SegPredictor(reference)
+    ref = SegPredictor(reference, crop_to_lung=False)
     rows["reference_unet_resnet34_512"] = {**speed(ref), "params_m": round(sum(p.numel() for p in reference.parameters()) / 1e6, 2),
                                            "input_size": 512, "peak_rss_mb": round(peak_rss_mb(), 1)}
     print(f"\n== speed at 512x512, {args.threads} threads (peak RSS before speed runs {rss0:.0f} MB)")
-    print(f"{'model':<32}{'slices/s':>10}{'params (M)':>12}{'input':>8}{'peak RSS MB':>13}")
+    print(f"{'model':<42}{'slices/s':>10}{'params (M)':>12}{'input':>8}{'peak RSS MB':>13}")
     for name, r in rows.items():
-        print(f"{name:<32}{r['slices_per_second']:>10}{r['params_m']:>12}{r['input_size']:>8}{r['peak_rss_mb']:>13}")
+        print(f"{name:<42}{r['slices_per_second']:>10}{r['params_m']:>12}{r['input_size']:>8}{r['peak_rss_mb']:>13}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"evaluation": {k: v for k, v in result.items() if k != "details"}, "speed": rows}, fh, indent=2)

@@ -5,6 +5,10 @@ saw it. Trains nothing.
 
     for k in 0 1 2 3 4; do covidct train seg --data $D --folds 5 --fold $k -o cv/f$k.pt [recipe]; done
     python benchmarks/segmentation_cv.py --data $D cv/f0.pt cv/f1.pt cv/f2.pt cv/f3.pt cv/f4.pt [--json OUT]
+
+The same slices in another frame (MedSeg's full 512² slices of the COVID-SemiSeg crops), each scored by
+the fold model that did not train on it: ``--data $COVIDCT_DATA/medseg-512 --id-column infnet_id`` (the
+manifest column that holds the COVID-SemiSeg id). ``--no-crop`` turns off the second, lung-cropped pass.
 """
 
 from __future__ import annotations
@@ -26,11 +30,20 @@ def main() -> int:
     ap.add_argument("--data", required=True, help="the folder the folds were drawn from")
     ap.add_argument("models", nargs="+", help="one model file per fold")
     ap.add_argument("--json")
+    ap.add_argument("--id-column", help="manifest.csv column of --data holding the fold models' slice ids")
+    ap.add_argument("--no-crop", action="store_true", help="one pass on the whole slice (no lung-cropped pass)")
     ap.add_argument("--record-in", metavar="MODEL", help="also store the estimate in this model's metrics "
                     "(`cross_validation`), e.g. the --fold all model trained with the same recipe")
     args = ap.parse_args()
+    id_map = None
+    if args.id_column:
+        import csv
+        from pathlib import Path
+
+        with open(Path(args.data) / "manifest.csv", newline="") as fh:
+            id_map = {r[args.id_column]: Path(r["image"]).stem for r in csv.DictReader(fh) if r.get(args.id_column)}
     try:
-        result = evaluate_out_of_fold(args.models, args.data)
+        result = evaluate_out_of_fold(args.models, args.data, id_map=id_map, crop_to_lung=not args.no_crop)
     except CovidctError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

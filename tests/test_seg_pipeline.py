@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import need_data
@@ -220,3 +221,52 @@ def test_too_few_training_slices_for_a_batch_is_one_line_and_writes_nothing(tmp_
     err = capsys.readouterr().err.strip()
     assert "fewer than one batch" in err and len(err.splitlines()) == 1
     assert not out.exists() and not (tmp_path / "m_run").exists()
+
+
+class _ThresholdNet(torch.nn.Module):
+    """A stand-in network whose outputs follow the grey values: lung where > 0.5, GGO where > 0.9."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(input_size=32, lesion_classes=("background", "ggo", "consolidation"), lung_head=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.zeros_like(x), (x - 0.9) * 40, torch.full_like(x, -10.0), (x - 0.5) * 40], dim=1)
+
+
+def test_predictor_segments_a_small_lung_field_again_at_full_resolution():
+    """A lung field filling a small part of the slice gets a second pass on its box: a lesion too small
+    to survive the whole slice's downsizing is found; outside the box nothing is labelled."""
+    from covidct.engine.infer import SegPredictor
+
+    image = np.zeros((200, 200), np.float32)
+    image[60:120, 70:130] = 0.7          # the lungs: 60 x 60 of 200 x 200
+    image[91:96, 97:102] = 1.0           # a 5-pixel lesion, between the first pass's sampling points
+    one = SegPredictor(_ThresholdNet(), crop_to_lung=False).predict([image])[0]
+    two = SegPredictor(_ThresholdNet()).predict([image])[0]
+    assert one.labels[93, 99] == 0 and two.labels[93, 99] == 1
+    assert two.labels.shape == image.shape and not two.labels[:50].any() and two.lung[90, 75]
+    assert two.probs[0, 0, 0] == 1.0 and np.allclose(two.probs.sum(axis=0), 1.0, atol=1e-5)
+    # a slice framed like the training slices (lungs fill it) is left to the first pass
+    framed = np.full((64, 64), 0.7, np.float32)
+    framed[20:40, 20:40] = 1.0
+    a = SegPredictor(_ThresholdNet(), crop_to_lung=False).predict([framed])[0]
+    b = SegPredictor(_ThresholdNet()).predict([framed])[0]
+    assert np.array_equal(a.labels, b.labels) and np.array_equal(a.probs, b.probs)
+
+
+def test_predict_on_ct_uses_the_hu_lungs(tiny_seg_model, tmp_path, capsys):
+    from conftest import phantom_hu, write_ct_series
+
+    write_ct_series(tmp_path / "s", phantom_hu(3, 96), spacing=(5.0, 3.0, 3.0))
+    one = sorted((tmp_path / "s").iterdir())[1]
+    outdir = tmp_path / "pred"
+    assert main(["predict", str(one), "-o", str(outdir), "--model", str(tiny_seg_model)]) == 0
+    row = json.loads((outdir / "predictions.json").read_text())["slices"][0]
+    assert row["lungs"] == "classical HU threshold" and row["pixels"]["lung"] > 500
+    lung = np.asarray(Image.open(outdir / f"{row['name']}_lung.png"))
+    labels = np.asarray(Image.open(outdir / f"{row['name']}_labels.png"))
+    assert lung.shape == labels.shape == (96, 96)
+    assert not np.isin(labels, (1, 2))[lung == 0].any()  # GGO / consolidation only in the lungs (as in analyze)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from covidct.analysis.lungs import LEFT, RIGHT, segment_lungs_hu, zone_index
 from covidct.analysis.severity import lesion_burden
-from covidct.engine.infer import SegPredictor
+from covidct.engine.infer import SegPredictor, lung_box
 from covidct.io.volume import Volume
 from covidct.io.window import Window, to_model_input
 
@@ -55,17 +55,6 @@ class ScanResult:
     timings: dict = field(default_factory=dict)
 
 
-def _bbox(mask2d: np.ndarray, margin: float = 0.03) -> tuple[slice, slice] | None:
-    rows = np.flatnonzero(mask2d.any(axis=1))
-    cols = np.flatnonzero(mask2d.any(axis=0))
-    if rows.size == 0:
-        return None
-    h, w = mask2d.shape
-    mr, mc = int(margin * h) + 1, int(margin * w) + 1
-    return (slice(max(0, rows[0] - mr), min(h, rows[-1] + 1 + mr)),
-            slice(max(0, cols[0] - mc), min(w, cols[-1] + 1 + mc)))
-
-
 def _lesion_region(lung2d: np.ndarray, radius_px: int) -> np.ndarray:
     """Where lesions may lie on a slice, labelled by side: each lung closed with a disk of
     ``radius_px`` (so dense lesions at the lung edge, which the air threshold leaves out, are inside)
@@ -74,7 +63,7 @@ def _lesion_region(lung2d: np.ndarray, radius_px: int) -> np.ndarray:
     out = np.zeros(lung2d.shape, np.uint8)
     for side in (RIGHT, LEFT):
         m = lung2d == side
-        box = _bbox(m, margin=0.0)
+        box = lung_box(m, margin=0.0)
         if box is None:
             continue
         pad = radius_px + 1
@@ -122,7 +111,7 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     bar = tqdm(total=len(todo), desc="lesions", unit="slice", disable=not progress)
     for start in range(0, len(todo), batch_size):
         ks = todo[start:start + batch_size]
-        boxes = [_bbox(lungs[k] > 0) for k in ks]
+        boxes = [lung_box(lungs[k] > 0) for k in ks]
         crops = [to_model_input(vol.array[k][b], is_hu=vol.is_hu, window=window) for k, b in zip(ks, boxes)]
         for k, b, pred in zip(ks, boxes, predictor.predict(crops)):
             full = np.zeros(vol.shape[1:], np.uint8)

@@ -55,10 +55,12 @@ def evaluate_folder(predictor: SegPredictor, folder: SegFolder, *, progress: boo
 
 
 def evaluate_out_of_fold(model_specs: list[str | Path], data: str | Path, *, progress: bool = True,
-                         compute_hd95: bool = True) -> dict[str, Any]:
+                         compute_hd95: bool = True, id_map: dict[str, str] | None = None,
+                         crop_to_lung: bool = True) -> dict[str, Any]:
     """Cross-validation estimate: each model scores only the slices its checkpoint names as its
     own validation slices (``metrics.val_ids``), all pooled into one result. The folds must not
-    overlap."""
+    overlap. ``id_map`` translates those ids to ``data``'s ids (the same slices in another folder,
+    e.g. MedSeg's 512² frames of the COVID-SemiSeg crops); ids it lacks are skipped."""
     from covidct.models.registry import load_seg_model
 
     metrics = SegmentationMetrics(compute_hd95=compute_hd95)
@@ -72,8 +74,10 @@ def evaluate_out_of_fold(model_specs: list[str | Path], data: str | Path, *, pro
         if seen & set(ids):
             raise CovidctError(spec, f"validation slices overlap another model's: {sorted(seen & set(ids))[:5]}")
         seen |= set(ids)
+        if id_map is not None:
+            ids = [id_map[i] for i in ids if i in id_map]
         folder = SegFolder(data, ids=ids)
-        model_seconds += _score_folder(metrics, SegPredictor(model), folder, progress=progress)
+        model_seconds += _score_folder(metrics, SegPredictor(model, crop_to_lung=crop_to_lung), folder, progress=progress)
         n += len(folder)
     return _summary(metrics, n, model_seconds)
 

