@@ -134,3 +134,36 @@ def test_real_cap001_nifti_spacing():
     assert vol.shape == (168, 256, 256)
     assert vol.spacing == pytest.approx((2.0, 1.17969, 1.17969), abs=1e-4)
     assert vol.is_hu and vol.array.min() <= -1000
+
+
+def test_body_box_frames_the_body_and_leaves_the_table_out():
+    from covidct.io import body_box, classifier_input
+
+    hu = phantom_hu(1, 128)[0]                 # body ellipse (rows 11..117, cols 5..123) in air
+    hu[122:125, 10:118] = 200.0                # the table: a thin dense strip below the body, an air gap between
+    rows, cols = body_box(hu)
+    assert rows.start <= 12 and 116 <= rows.stop < 122 and cols.start <= 6 and cols.stop >= 122
+    crop = classifier_input(hu, is_hu=True)
+    assert crop.shape == (rows.stop - rows.start, cols.stop - cols.start) and 0.0 <= crop.min() <= crop.max() <= 1.0
+    # the same body at half the resolution in a field of view twice as wide: the same framing
+    wide = np.full((256, 256), -1000.0, np.float32)
+    wide[64:192, 64:192] = hu
+    r2, c2 = body_box(wide[::2, ::2])
+    assert abs((r2.stop - r2.start) / (c2.stop - c2.start) - (rows.stop - rows.start) / (cols.stop - cols.start)) < 0.05
+    assert body_box(np.full((32, 32), -1000.0)) is None
+    image = np.random.default_rng(0).integers(0, 255, (40, 50)).astype(np.uint8)
+    assert classifier_input(image, is_hu=False).shape == (40, 50)   # images keep their own framing
+
+
+def test_body_box_of_a_large_slice_matches_the_full_resolution_search():
+    from scipy import ndimage
+
+    from covidct.io import body_box
+
+    big = ndimage.zoom(phantom_hu(1, 128)[0], 4, order=0)   # 512 x 512
+    rows, cols = body_box(big)
+    tissue = big > -500
+    r = np.flatnonzero(tissue.any(axis=1))
+    c = np.flatnonzero(tissue.any(axis=0))
+    assert abs(rows.start - r[0]) <= 16 and abs(rows.stop - r[-1]) <= 16 and abs(cols.start - c[0]) <= 16
+    assert rows.start <= r[0] and rows.stop > r[-1] and cols.start <= c[0] and cols.stop > c[-1]

@@ -188,7 +188,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     import numpy as np
 
     from covidct.engine.explain import class_activation_map, maskcls_evidence
-    from covidct.io import read, to_model_input
+    from covidct.io import classifier_input, read
     from covidct.models.maskcls import MaskClsNet
     from covidct.report.overlay import heatmap_rgb, instances_rgb, save_png, with_legend
 
@@ -199,7 +199,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         raise CovidctError("--class", f"{args.target!r} is not one of {classes}")
     index = classes.index(args.target) if args.target else None
     k = vol.n_slices // 2 if args.slice is None else args.slice
-    grey = to_model_input(vol.array[k], is_hu=vol.is_hu)
+    grey = classifier_input(vol.array[k], is_hu=vol.is_hu)  # CT: cropped to the body, as classified
     if isinstance(model, MaskClsNet):  # its evidence is the RoIs it reads, not a heat map
         boxes, scores, probs = maskcls_evidence(model, grey, temperature=float(payload.get("temperature", 1.0)))
         title = f"{len(scores)} RoIs read by S (score >= 0.05); " + ", ".join(f"{c} {p:.2f}" for c, p in zip(classes, probs))

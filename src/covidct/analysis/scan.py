@@ -29,6 +29,7 @@ from covidct.analysis.lungs import LEFT, RIGHT, segment_lungs_hu, zone_index
 from covidct.analysis.severity import lesion_burden
 from covidct.engine.infer import SegPredictor, lung_box
 from covidct.io.volume import Volume
+from covidct.io.body import classifier_input
 from covidct.io.window import Window, to_model_input
 
 #: Lesion area of a slice at which its infection probability is 0.5.
@@ -156,8 +157,8 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
 def classify_slices(vol: Volume, model, *, temperature: float = 1.0, lungs: np.ndarray | None = None,
                     window: str | Window = "model", batch_size: int = 16,
                     progress: bool = True) -> dict[int, dict[str, float]]:
-    """Per-slice class probabilities of a slice classifier (whole slice, windowed like its training
-    images), for the slices that hold lung (all slices when ``lungs`` is None)."""
+    """Per-slice class probabilities of a slice classifier (each slice cropped to the body and windowed,
+    :func:`~covidct.io.body.classifier_input`), for the slices that hold lung (all when ``lungs`` is None)."""
     from covidct.engine.evaluate_cls import predict_probabilities
 
     ks = [k for k in range(vol.n_slices) if lungs is None or lungs[k].any()]
@@ -165,7 +166,7 @@ def classify_slices(vol: Volume, model, *, temperature: float = 1.0, lungs: np.n
     out: dict[int, dict[str, float]] = {}
     for start in tqdm(range(0, len(ks), batch_size), desc="classifier", unit="batch", disable=not progress):
         chunk = ks[start:start + batch_size]
-        probs = predict_probabilities(model, [to_model_input(vol.array[k], is_hu=vol.is_hu, window=window)
+        probs = predict_probabilities(model, [classifier_input(vol.array[k], is_hu=vol.is_hu, window=window)
                                               for k in chunk], temperature=temperature, batch_size=batch_size)
         for k, p in zip(chunk, probs):
             out[k] = {c: round(float(v), 6) for c, v in zip(names, p)}

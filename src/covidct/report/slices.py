@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from covidct.engine.infer import SegPredictor
 from covidct.engine.lesions import INSTANCE_SCORE
-from covidct.io import read, to_model_input
+from covidct.io import classifier_input, read, to_model_input
 from covidct.report.json_io import write_json
 from covidct.report.overlay import instances_rgb, overlay_rgb, save_png, with_legend
 
@@ -105,7 +105,7 @@ def classify_paths(paths: list[str | Path], *, model_spec: str | Path | None = N
     for vol in volumes:
         for start in range(0, vol.n_slices, batch):
             ks = range(start, min(vol.n_slices, start + batch))
-            probs = predict_probabilities(model, [to_model_input(vol.array[k], is_hu=vol.is_hu) for k in ks],
+            probs = predict_probabilities(model, [classifier_input(vol.array[k], is_hu=vol.is_hu) for k in ks],
                                           temperature=temperature, batch_size=batch)
             for k, p in zip(ks, probs):
                 rows.append({"input": str(vol.source), "slice": k, "label": classes[int(np.argmax(p))],
