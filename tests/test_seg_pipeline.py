@@ -244,16 +244,16 @@ def test_predictor_segments_a_small_lung_field_again_at_full_resolution():
     image = np.zeros((200, 200), np.float32)
     image[60:120, 70:130] = 0.7          # the lungs: 60 x 60 of 200 x 200
     image[91:96, 97:102] = 1.0           # a 5-pixel lesion, between the first pass's sampling points
-    one = SegPredictor(_ThresholdNet(), crop_to_lung=False).predict([image])[0]
-    two = SegPredictor(_ThresholdNet()).predict([image])[0]
+    one = SegPredictor(_ThresholdNet(), crop_to_lung=False, density_classes=False).predict([image])[0]
+    two = SegPredictor(_ThresholdNet(), density_classes=False).predict([image])[0]
     assert one.labels[93, 99] == 0 and two.labels[93, 99] == 1
     assert two.labels.shape == image.shape and not two.labels[:50].any() and two.lung[90, 75]
     assert two.probs[0, 0, 0] == 1.0 and np.allclose(two.probs.sum(axis=0), 1.0, atol=1e-5)
     # a slice framed like the training slices (lungs fill it) is left to the first pass
     framed = np.full((64, 64), 0.7, np.float32)
     framed[20:40, 20:40] = 1.0
-    a = SegPredictor(_ThresholdNet(), crop_to_lung=False).predict([framed])[0]
-    b = SegPredictor(_ThresholdNet()).predict([framed])[0]
+    a = SegPredictor(_ThresholdNet(), crop_to_lung=False, density_classes=False).predict([framed])[0]
+    b = SegPredictor(_ThresholdNet(), density_classes=False).predict([framed])[0]
     assert np.array_equal(a.labels, b.labels) and np.array_equal(a.probs, b.probs)
 
 
@@ -270,3 +270,27 @@ def test_predict_on_ct_uses_the_hu_lungs(tiny_seg_model, tmp_path, capsys):
     labels = np.asarray(Image.open(outdir / f"{row['name']}_labels.png"))
     assert lung.shape == labels.shape == (96, 96)
     assert not np.isin(labels, (1, 2))[lung == 0].any()  # GGO / consolidation only in the lungs (as in analyze)
+
+
+def test_lesion_class_follows_the_density_of_the_lesion():
+    """The network says where the lesions are; the smoothed density says GGO or consolidation."""
+    from covidct.engine.infer import CONSOLIDATION_LEVEL, SegPredictor, split_by_density
+
+    image = np.full((80, 80), 0.2, np.float32)      # healthy lung
+    image[10:30, 10:30] = 0.4                       # hazy: GGO
+    image[40:70, 40:70] = 0.8                       # dense: consolidation
+    labels = np.zeros((80, 80), np.uint8)
+    labels[10:30, 10:30] = 2                        # the network called the hazy patch consolidation
+    labels[40:70, 40:70] = 1                        # and the dense one GGO
+    labels[0:3, 75:80] = 3                          # effusion is left alone
+    out = split_by_density(labels.copy(), image)
+    assert (out[12:28, 12:28] == 1).all() and (out[42:68, 42:68] == 2).all()
+    assert (out[0:3, 75:80] == 3).all() and not out[35, 5] and 0.4 < CONSOLIDATION_LEVEL < 0.8
+
+    class Dense(_ThresholdNet):                     # GGO wherever the input is above 0.3
+        def forward(self, x):
+            return torch.cat([torch.zeros_like(x), (x - 0.3) * 40, torch.full_like(x, -10.0), (x + 1) * 40], dim=1)
+
+    on = SegPredictor(Dense(), crop_to_lung=False).predict([image])[0]
+    off = SegPredictor(Dense(), crop_to_lung=False, density_classes=False).predict([image])[0]
+    assert off.labels[55, 55] == 1 and on.labels[55, 55] == 2 and on.labels[20, 20] == off.labels[20, 20] == 1

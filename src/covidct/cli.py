@@ -124,7 +124,8 @@ def _cmd_evaluate_seg(args: argparse.Namespace) -> int:
     from covidct.report.json_io import write_json
 
     t0 = time.time()
-    result = evaluate_seg(args.model, args.data, split=args.split, tta=args.tta)
+    result = evaluate_seg(args.model, args.data, split=args.split, tta=args.tta,
+                          density_classes=not args.network_classes)
     print(format_table(result))
     print(f"Evaluation took {time.time() - t0:.1f} s")
     if args.json:
@@ -482,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True)
     s.add_argument("--split", help="only slices of this manifest split")
     s.add_argument("--tta", action="store_true", help="average with a horizontally flipped pass")
+    s.add_argument("--network-classes", action="store_true", help="score the network's own GGO / consolidation "
+                   "split instead of the density rule (consolidation from -346 HU; see covidct.engine.infer)")
     s.add_argument("--json", metavar="OUT", help="write the results as JSON")
     s.set_defaults(func=_cmd_evaluate_seg)
 

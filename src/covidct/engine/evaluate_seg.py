@@ -56,7 +56,7 @@ def evaluate_folder(predictor: SegPredictor, folder: SegFolder, *, progress: boo
 
 def evaluate_out_of_fold(model_specs: list[str | Path], data: str | Path, *, progress: bool = True,
                          compute_hd95: bool = True, id_map: dict[str, str] | None = None,
-                         crop_to_lung: bool = True) -> dict[str, Any]:
+                         crop_to_lung: bool = True, density_classes: bool = True) -> dict[str, Any]:
     """Cross-validation estimate: each model scores only the slices its checkpoint names as its
     own validation slices (``metrics.val_ids``), all pooled into one result. The folds must not
     overlap. ``id_map`` translates those ids to ``data``'s ids (the same slices in another folder,
@@ -77,7 +77,8 @@ def evaluate_out_of_fold(model_specs: list[str | Path], data: str | Path, *, pro
         if id_map is not None:
             ids = [id_map[i] for i in ids if i in id_map]
         folder = SegFolder(data, ids=ids)
-        model_seconds += _score_folder(metrics, SegPredictor(model, crop_to_lung=crop_to_lung), folder, progress=progress)
+        model_seconds += _score_folder(metrics, SegPredictor(model, crop_to_lung=crop_to_lung, density_classes=density_classes),
+                                       folder, progress=progress)
         n += len(folder)
     return _summary(metrics, n, model_seconds)
 
@@ -100,12 +101,13 @@ def _summary(metrics: SegmentationMetrics, n_images: int, model_seconds: float) 
 
 
 def evaluate_seg(model_spec: str | Path | None, data: str | Path, *, split: str | None = None,
-                 progress: bool = True, tta: bool = False) -> dict[str, Any]:
+                 progress: bool = True, tta: bool = False, density_classes: bool = True) -> dict[str, Any]:
+    """``covidct evaluate seg``; ``density_classes=False`` scores the network's own GGO / consolidation split."""
     from covidct.models.registry import load_seg_model
 
     model, payload = load_seg_model(model_spec)
     folder = SegFolder(data, split=split)
-    result = evaluate_folder(SegPredictor(model, tta=tta), folder, progress=progress)
+    result = evaluate_folder(SegPredictor(model, tta=tta, density_classes=density_classes), folder, progress=progress)
     result["model"] = Path(payload["path"]).name
     result["data"] = str(data)
     return result

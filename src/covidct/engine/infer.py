@@ -6,6 +6,14 @@ slice, a 512² MedSeg frame) is segmented in two passes when the model has a lun
 pass finds the lungs, and if their box (+3 %) covers less than :data:`CROP_MAX_FRACTION` of the slice,
 the second pass segments that box and its labels are pasted back (out of fold on the MedSeg frames:
 infection Dice 0.714 -> 0.734, consolidation 0.443 -> 0.485; lung-cropped slices are unchanged).
+
+GGO or consolidation: the network decides *where* the lesions are (GGO + consolidation), the density
+of each lesion pixel decides *which*: a lesion pixel whose input, smoothed with a Gaussian of
+:data:`DENSITY_SIGMA_PX` pixels, is at least :data:`CONSOLIDATION_LEVEL` is consolidation, else GGO. In HU
+through the ``model`` window that level is -1160 + 0.55 x 1480 = -346 HU, near the usual
+GGO / consolidation boundary. Chosen on the 5-fold out-of-fold predictions of the training slices
+(nested: chosen on 4 folds, scored on the 5th, pooled: GGO 0.615 -> 0.616, consolidation 0.454 -> 0.498;
+``benchmarks/RESULTS.md``); ``density_classes=False`` keeps the network's own split.
 """
 
 from __future__ import annotations
@@ -21,6 +29,10 @@ from covidct.data.segmentation import LESION_CLASSES
 from covidct.models.segmentation import SegmentationNet
 
 
+#: Smoothed input level (model-input units, [0, 1]) from which a lesion pixel is consolidation.
+CONSOLIDATION_LEVEL = 0.55
+#: Gaussian smoothing (pixels of the slice) of the input before the density decision.
+DENSITY_SIGMA_PX = 3.0
 #: A second, lung-cropped pass runs when the lung box covers less than this share of the slice
 #: (lung-cropped training slices: about 1; full CT slices: about 0.3-0.5).
 CROP_MAX_FRACTION = 0.7
@@ -61,7 +73,7 @@ class SegPredictor:
     """Batched, gradient-free inference with a :class:`SegmentationNet`."""
 
     def __init__(self, model: SegmentationNet, *, batch_size: int = 8, device: str = "cpu", tta: bool = False,
-                 crop_to_lung: bool = True) -> None:
+                 crop_to_lung: bool = True, density_classes: bool = True) -> None:
         # channels-last runs the depthwise convolutions of EfficientNet-Lite ~1.5x faster on CPU
         self.model = model.eval().to(device).to(memory_format=torch.channels_last)
         self.device = device
@@ -73,6 +85,7 @@ class SegPredictor:
         self._n_lesion = len(names)
         self.has_lung = model.config.lung_head
         self.crop_to_lung = crop_to_lung and self.has_lung
+        self.density_classes = density_classes and {"ggo", "consolidation"} <= set(names)
 
     @torch.inference_mode()
     def _logits(self, batch: torch.Tensor) -> torch.Tensor:
@@ -85,8 +98,15 @@ class SegPredictor:
         """Predict for 2-D float arrays in ``[0, 1]`` (any sizes); slices not framed like the training
         slices get the second, lung-cropped pass (see the module docstring)."""
         results = self._predict_once(images)
-        if not self.crop_to_lung:
-            return results
+        if self.crop_to_lung:
+            self._second_pass(images, results)
+        if self.density_classes:
+            for im, r in zip(images, results):
+                split_by_density(r.labels, np.asarray(im, np.float32))
+        return results
+
+    def _second_pass(self, images: Sequence[np.ndarray], results: list[SegPrediction]) -> None:
+        """Replace the results of slices framed wider than their lungs by a lung-cropped pass."""
         boxes = {}
         for i, (im, r) in enumerate(zip(images, results)):
             box = lung_box(r.lung)
@@ -98,7 +118,6 @@ class SegPredictor:
             order = sorted(boxes)
             for i, crop in zip(order, self._predict_once([np.asarray(images[i])[boxes[i]] for i in order])):
                 results[i] = _paste(results[i], crop, boxes[i])
-        return results
 
     def _predict_once(self, images: Sequence[np.ndarray]) -> list[SegPrediction]:
         results: list[SegPrediction] = []
@@ -142,3 +161,17 @@ def _paste(whole: SegPrediction, crop: SegPrediction, box: tuple[slice, slice]) 
         lung = whole.lung_prob.copy()
         lung[box] = crop.lung_prob
     return SegPrediction(labels, probs, lung)
+
+
+def split_by_density(labels: np.ndarray, image01: np.ndarray, *, level: float = CONSOLIDATION_LEVEL,
+                     sigma_px: float = DENSITY_SIGMA_PX) -> np.ndarray:
+    """Relabel the GGO + consolidation pixels of ``labels`` (in place) by the smoothed density of
+    ``image01`` (model input, [0, 1]): consolidation (2) from ``level`` up, GGO (1) below."""
+    from scipy import ndimage
+
+    lesion = (labels == 1) | (labels == 2)
+    if lesion.any():
+        dense = ndimage.gaussian_filter(image01, sigma_px) >= level
+        labels[lesion & dense] = 2
+        labels[lesion & ~dense] = 1
+    return labels
