@@ -241,3 +241,21 @@ def test_slice_infection_probability_keeps_large_lesions_ranked():
     assert p[0] == 0.0 and p[2] == pytest.approx(0.5)
     # still strictly increasing after the report's rounding to 6 decimals, far beyond 14 cm²
     assert np.all(np.diff(np.round(p, 6)) > 0) and p[-1] < 1.0
+
+
+def test_small_lesion_components_are_dropped_in_3d():
+    from scipy import ndimage
+
+    from covidct.analysis.scan import MIN_LESION_ML, _drop_small_lesions
+
+    rng = np.random.default_rng(3)
+    lesions = (ndimage.gaussian_filter(rng.random((30, 80, 80)), 1.5) > 0.56).astype(np.uint8)
+    lesions[lesions > 0] = rng.integers(1, 4, int((lesions > 0).sum()))
+    voxel_ml = 0.004                      # 0.1 mL = 25 voxels
+    lab, n = ndimage.label(lesions > 0)
+    sizes = np.bincount(lab.ravel())
+    expected = lesions.copy()
+    expected[(sizes * voxel_ml < MIN_LESION_ML)[lab] & (lab > 0)] = 0
+    assert 0 < int((expected > 0).sum()) < int((lesions > 0).sum())  # some components go, some stay
+    _drop_small_lesions(lesions, None, voxel_ml)
+    assert np.array_equal(lesions, expected)

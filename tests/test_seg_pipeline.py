@@ -286,6 +286,17 @@ def test_lesion_class_follows_the_density_of_the_lesion():
     out = split_by_density(labels.copy(), image)
     assert (out[12:28, 12:28] == 1).all() and (out[42:68, 42:68] == 2).all()
     assert (out[0:3, 75:80] == 3).all() and not out[35, 5] and 0.4 < CONSOLIDATION_LEVEL < 0.8
+    # filtering only around the lesions gives what filtering the whole slice gives
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    noisy = ndimage.gaussian_filter(rng.random((120, 140)), 2).astype(np.float32) * 2 - 0.5
+    blobs = np.zeros((120, 140), np.uint8)
+    blobs[30:50, 90:120] = 1
+    blobs[100:118, 5:20] = 2
+    dense_all = ndimage.gaussian_filter(noisy, 3.0) >= CONSOLIDATION_LEVEL
+    expected = np.where(blobs > 0, np.where(dense_all, 2, 1), 0)
+    assert np.array_equal(split_by_density(blobs.copy(), noisy), expected)
 
     class Dense(_ThresholdNet):                     # GGO wherever the input is above 0.3
         def forward(self, x):

@@ -170,8 +170,17 @@ def split_by_density(labels: np.ndarray, image01: np.ndarray, *, level: float = 
     from scipy import ndimage
 
     lesion = (labels == 1) | (labels == 2)
-    if lesion.any():
-        dense = ndimage.gaussian_filter(image01, sigma_px) >= level
-        labels[lesion & dense] = 2
-        labels[lesion & ~dense] = 1
+    rows = np.flatnonzero(lesion.any(axis=1))
+    if rows.size == 0:
+        return labels
+    cols = np.flatnonzero(lesion.any(axis=0))
+    pad = int(np.ceil(4 * sigma_px))  # the filter's reach (scipy truncates at 4 sigma): same values as filtering all
+    box = (slice(max(0, rows[0] - pad), rows[-1] + 1 + pad), slice(max(0, cols[0] - pad), cols[-1] + 1 + pad))
+    inner = (slice(rows[0] - box[0].start, rows[-1] + 1 - box[0].start),
+             slice(cols[0] - box[1].start, cols[-1] + 1 - box[1].start))
+    dense = (ndimage.gaussian_filter(image01[box], sigma_px) >= level)[inner]
+    core = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    sub, les = labels[core], lesion[core]
+    sub[les & dense] = 2
+    sub[les & ~dense] = 1
     return labels
