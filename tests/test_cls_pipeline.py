@@ -191,6 +191,25 @@ def test_explain_and_weak_masks(trained_cls, tmp_path, capsys, seg_folder):
     assert main(["evaluate", "cam", "--model", str(path), "--data", str(seg_folder), "--json", str(js)]) == 0
     res = json.loads(js.read_text())
     assert res["n_images"] == 6 and 0.0 <= res["dice"]["infection"] <= 1.0
+    assert main(["evaluate", "cam", "--model", str(path), "--data", str(seg_folder), "--threshold", "0", "--density",
+                 "--json", str(js)]) == 0
+    prior = json.loads(js.read_text())
+    assert prior["density"] is True and prior["n_images"] == 6 and 0.0 <= prior["dice"]["infection"] <= 1.0
+
+
+def test_weak_mask_density_refinement_keeps_only_pixels_denser_than_aerated_lung():
+    from covidct.engine.explain import GGO_FLOOR, cam_to_mask
+    from covidct.io.window import PRESETS
+
+    assert GGO_FLOOR * PRESETS["model"].width + PRESETS["model"].low == pytest.approx(-700.0)
+    image = np.full((60, 60), 0.2, np.float32)        # aerated lung (about -860 HU)
+    image[10:30, 10:30] = 0.45                         # ground glass (about -490 HU)
+    cam = np.ones((60, 60), np.float32)                # the CAM covers everything
+    lung = np.zeros((60, 60), bool)
+    lung[5:55, 5:55] = True
+    mask = cam_to_mask(cam, threshold=0.5, region=lung, image01=image)
+    assert mask[14:26, 14:26].all() and not mask[40:50, 40:50].any() and not mask[0:4, :].any()
+    assert cam_to_mask(cam, threshold=0.5, region=lung).sum() == lung.sum()   # without the image: CAM and lung only
 
 
 def test_cam_is_high_where_the_evidence_is():

@@ -223,9 +223,11 @@ def _cmd_evaluate_cam(args: argparse.Namespace) -> int:
     from covidct.report.json_io import write_json
 
     model, _ = _explained_model(args.model, allow_maskcls=False)
-    result = evaluate_weak_masks(model, SegFolder(args.data), threshold=args.threshold, method=args.method)
+    result = evaluate_weak_masks(model, SegFolder(args.data), threshold=args.threshold, method=args.method,
+                                 density=args.density)
     pooled, per_image = result["details"]["pooled"]["infection"], result["details"]["mean_per_image"]["infection"]
-    print(f"weakly-supervised infection masks ({args.method}, threshold {args.threshold}) on {result['n_images']} slices")
+    refined = ", refined to > -700 HU" if args.density else ""
+    print(f"weakly-supervised infection masks ({args.method}, threshold {args.threshold}{refined}) on {result['n_images']} slices")
     for name, row in (("pooled", pooled), ("mean per image", per_image)):
         print(f"{name:>15}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
     print(f"rand error: {result['rand_error']:.4f}")
@@ -510,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="folder in the COVID-SemiSeg layout")
     s.add_argument("--threshold", type=float, default=0.5, help="relative CAM threshold")
     s.add_argument("--method", choices=("gradcam", "gradcam++", "layercam"), default="gradcam")
+    s.add_argument("--density", action="store_true", help="keep only mask pixels denser than aerated lung (> -700 HU "
+                   "through the model window); with --threshold 0 this label-free prior alone is scored")
     s.add_argument("--json", metavar="OUT")
     s.set_defaults(func=_cmd_evaluate_cam)
 

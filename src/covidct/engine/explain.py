@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from covidct.io.window import PRESETS
 from covidct.models.classification import ClassificationNet
 
 METHODS = ("gradcam", "gradcam++", "layercam")
@@ -50,20 +51,35 @@ def class_activation_map(model: ClassificationNet, image01: np.ndarray, *, class
     return heat.astype(np.float32), probs
 
 
-def cam_to_mask(cam: np.ndarray, *, threshold: float = 0.5, region: np.ndarray | None = None) -> np.ndarray:
+#: Lower bound of ground-glass attenuation, -700 HU, in model-input units (``model`` window): lung
+#: above it is denser than aerated lung. Fixed a priori (a usual quantitative-CT cut), not fitted.
+GGO_FLOOR_HU = -700.0
+GGO_FLOOR = (GGO_FLOOR_HU - PRESETS["model"].low) / PRESETS["model"].width
+#: Smoothing (pixels) of the image before the density test.
+DENSITY_SIGMA_PX = 2.0
+
+
+def cam_to_mask(cam: np.ndarray, *, threshold: float = 0.5, region: np.ndarray | None = None,
+                image01: np.ndarray | None = None) -> np.ndarray:
     """A weak lesion mask: CAM at or above ``threshold`` (relative to its maximum), kept inside
-    ``region`` (e.g. the lung) when given."""
+    ``region`` (e.g. the lung) when given; with ``image01`` (the model input) refined to the pixels
+    denser than aerated lung (smoothed input >= :data:`GGO_FLOOR`, i.e. -700 HU)."""
     mask = cam >= threshold
     if region is not None:
         mask &= region.astype(bool)
+    if image01 is not None:
+        from scipy import ndimage
+
+        mask &= ndimage.gaussian_filter(np.asarray(image01, np.float32), DENSITY_SIGMA_PX) >= GGO_FLOOR
     return mask
 
 
 def evaluate_weak_masks(model: ClassificationNet, folder, *, threshold: float = 0.5, method: str = "gradcam",
-                        progress: bool = True) -> dict:
+                        density: bool = False, progress: bool = True) -> dict:
     """Score CAM-derived infection masks against a COVID-SemiSeg-layout folder with the
     segmentation metrics (pooled and per image). The reference lung field (``lung/``) is used as
-    the region when present."""
+    the region when present; ``density`` refines the masks to pixels above -700 HU
+    (:func:`cam_to_mask`); with ``threshold=0`` that density prior alone is scored (no CAM)."""
     from tqdm import tqdm
 
     from covidct.io.window import to_model_input
@@ -74,12 +90,12 @@ def evaluate_weak_masks(model: ClassificationNet, folder, *, threshold: float = 
         s = folder[i]
         grey = to_model_input(s.image, is_hu=False)
         cam, _ = class_activation_map(model, grey, method=method)
-        pred = cam_to_mask(cam, threshold=threshold, region=s.lung)
+        pred = cam_to_mask(cam, threshold=threshold, region=s.lung, image01=grey if density else None)
         truth = np.isin(s.labels, (1, 2))
         metrics.update("infection", pred, truth, prob=cam, image_id=s.id)
         metrics.update_labels(pred.astype(np.uint8), truth.astype(np.uint8))
     agg = metrics.aggregate()
-    return {"n_images": len(folder), "threshold": threshold, "method": method,
+    return {"n_images": len(folder), "threshold": threshold, "method": method, "density": density,
             "dice": {"infection": agg["pooled"]["infection"]["dice"]},
             "dice_mean_per_image": {"infection": agg["mean_per_image"]["infection"]["dice"]},
             "iou": {"infection": agg["pooled"]["infection"]["iou"]}, "rand_error": agg["rand_error"],
