@@ -27,9 +27,9 @@ from tqdm import tqdm
 
 from covidct.analysis.lungs import LEFT, RIGHT, segment_lungs_hu, zone_index
 from covidct.analysis.severity import lesion_burden
-from covidct.engine.infer import SegPredictor, lung_box
+from covidct.engine.infer import SegPredictor
 from covidct.io.volume import Volume
-from covidct.io.body import classifier_input
+from covidct.io.body import classifier_input, mask_box
 from covidct.io.window import Window, to_model_input
 
 #: Lesion area of a slice at which its infection probability is 0.5.
@@ -64,7 +64,7 @@ def _lesion_region(lung2d: np.ndarray, radius_px: int) -> np.ndarray:
     out = np.zeros(lung2d.shape, np.uint8)
     for side in (RIGHT, LEFT):
         m = lung2d == side
-        box = lung_box(m, margin=0.0)
+        box = mask_box(m, margin=0.0)
         if box is None:
             continue
         pad = radius_px + 1
@@ -112,7 +112,7 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     bar = tqdm(total=len(todo), desc="lesions", unit="slice", disable=not progress)
     for start in range(0, len(todo), batch_size):
         ks = todo[start:start + batch_size]
-        boxes = [lung_box(lungs[k] > 0) for k in ks]
+        boxes = [mask_box(lungs[k] > 0) for k in ks]
         crops = [to_model_input(vol.array[k][b], is_hu=vol.is_hu, window=window) for k, b in zip(ks, boxes)]
         for k, b, pred in zip(ks, boxes, predictor.predict(crops)):
             full = np.zeros(vol.shape[1:], np.uint8)

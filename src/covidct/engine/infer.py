@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from covidct.data.segmentation import LESION_CLASSES
+from covidct.io.body import mask_box
 from covidct.models.segmentation import SegmentationNet
 
 
@@ -36,18 +37,6 @@ DENSITY_SIGMA_PX = 3.0
 #: A second, lung-cropped pass runs when the lung box covers less than this share of the slice
 #: (lung-cropped training slices: about 1; full CT slices: about 0.3-0.5).
 CROP_MAX_FRACTION = 0.7
-
-
-def lung_box(mask2d: np.ndarray, margin: float = 0.03) -> tuple[slice, slice] | None:
-    """The bounding box of ``mask2d`` widened by ``margin`` of the slice size on every side, or None."""
-    rows = np.flatnonzero(mask2d.any(axis=1))
-    cols = np.flatnonzero(mask2d.any(axis=0))
-    if rows.size == 0:
-        return None
-    h, w = mask2d.shape
-    mr, mc = int(margin * h) + 1, int(margin * w) + 1
-    return (slice(max(0, rows[0] - mr), min(h, rows[-1] + 1 + mr)),
-            slice(max(0, cols[0] - mc), min(w, cols[-1] + 1 + mc)))
 
 
 @dataclass
@@ -109,7 +98,7 @@ class SegPredictor:
         """Replace the results of slices framed wider than their lungs by a lung-cropped pass."""
         boxes = {}
         for i, (im, r) in enumerate(zip(images, results)):
-            box = lung_box(r.lung)
+            box = mask_box(r.lung)
             if box is not None:
                 h, w = box[0].stop - box[0].start, box[1].stop - box[1].start
                 if h >= 16 and w >= 16 and h * w < CROP_MAX_FRACTION * im.shape[-2] * im.shape[-1]:
@@ -170,16 +159,13 @@ def split_by_density(labels: np.ndarray, image01: np.ndarray, *, level: float = 
     from scipy import ndimage
 
     lesion = (labels == 1) | (labels == 2)
-    rows = np.flatnonzero(lesion.any(axis=1))
-    if rows.size == 0:
+    core = mask_box(lesion, pad=0)
+    if core is None:
         return labels
-    cols = np.flatnonzero(lesion.any(axis=0))
-    pad = int(np.ceil(4 * sigma_px))  # the filter's reach (scipy truncates at 4 sigma): same values as filtering all
-    box = (slice(max(0, rows[0] - pad), rows[-1] + 1 + pad), slice(max(0, cols[0] - pad), cols[-1] + 1 + pad))
-    inner = (slice(rows[0] - box[0].start, rows[-1] + 1 - box[0].start),
-             slice(cols[0] - box[1].start, cols[-1] + 1 - box[1].start))
+    # filter only as far as the filter reaches (scipy truncates at 4 sigma): the values of filtering it all
+    box = mask_box(lesion, pad=int(np.ceil(4 * sigma_px)))
+    inner = tuple(slice(c.start - b.start, c.stop - b.start) for c, b in zip(core, box))
     dense = (ndimage.gaussian_filter(image01[box], sigma_px) >= level)[inner]
-    core = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
     sub, les = labels[core], lesion[core]
     sub[les & dense] = 2
     sub[les & ~dense] = 1

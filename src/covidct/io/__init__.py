@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from covidct.errors import InputError
-from covidct.io.body import body_box, classifier_input
+from covidct.io.body import body_box, classifier_input, mask_box
 from covidct.io.dicom import read_dicom_file, read_dicom_series, scan_series
 from covidct.io.image import is_image, list_images, load_grey, load_label_map, read_image, read_image_folder
 from covidct.io.nifti import is_nifti, read_nifti, write_nifti
@@ -13,7 +13,7 @@ from covidct.io.volume import KINDS, Volume
 from covidct.io.window import PRESETS, Window, apply_window, get_window, to_model_input
 
 __all__ = [
-    "KINDS", "PRESETS", "Volume", "Window", "apply_window", "body_box", "classifier_input", "get_window", "is_image", "is_nifti",
+    "KINDS", "PRESETS", "Volume", "Window", "apply_window", "body_box", "classifier_input", "get_window", "is_image", "is_nifti", "mask_box",
     "list_images", "load_grey", "load_label_map", "read", "read_dicom_file", "read_dicom_series",
     "read_image", "read_image_folder", "read_nifti", "scan_series", "to_model_input", "write_nifti",
 ]

@@ -15,6 +15,19 @@ from scipy import ndimage
 
 from covidct.io.window import Window, to_model_input
 
+def mask_box(mask2d: np.ndarray, *, margin: float = 0.03, pad: int | None = None) -> tuple[slice, slice] | None:
+    """The bounding box of ``mask2d`` widened on every side by ``pad`` pixels, or by ``margin`` of the
+    slice size (+1 pixel) when ``pad`` is None; clipped to the slice. None for an empty mask."""
+    rows = np.flatnonzero(mask2d.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask2d.any(axis=0))
+    h, w = mask2d.shape
+    mr, mc = (pad, pad) if pad is not None else (int(margin * h) + 1, int(margin * w) + 1)
+    return (slice(max(0, int(rows[0]) - mr), min(h, int(rows[-1]) + 1 + mr)),
+            slice(max(0, int(cols[0]) - mc), min(w, int(cols[-1]) + 1 + mc)))
+
+
 #: Voxels above this HU are tissue (the lungs are holes in it, filled by taking the bounding box).
 BODY_HU = -500.0
 
@@ -37,13 +50,7 @@ def body_box(hu2d: np.ndarray, *, threshold: float = BODY_HU, margin: float = 0.
         return None
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
-    body = lab == int(sizes.argmax())
-    rows = np.flatnonzero(body.any(axis=1))
-    cols = np.flatnonzero(body.any(axis=0))
-    h, w = body.shape
-    mr, mc = int(margin * h) + 1, int(margin * w) + 1
-    return (slice(max(0, rows[0] - mr), min(h, rows[-1] + 1 + mr)),
-            slice(max(0, cols[0] - mc), min(w, cols[-1] + 1 + mc)))
+    return mask_box(lab == int(sizes.argmax()), margin=margin)
 
 
 def classifier_input(slice2d: np.ndarray, *, is_hu: bool, window: str | Window = "model") -> np.ndarray:
