@@ -534,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--series", help="SeriesInstanceUID when the folder holds several series")
     s.add_argument("--window", default="model", help="HU window into the model: 'model' (L-420/W1480, matched to "
-                   "the training slices), 'lung', or --window=LEVEL,WIDTH")
+                   "the training slices), 'lung', or --window=LEVEL,WIDTH; the GGO / consolidation density split "
+                   "(0.55 of the model input) means -346 HU only under the model window")
     s.add_argument("--classifier", help="slice classifier whose per-slice class probabilities are reported "
                    "(shipped name or .pt file; default: the shipped default classifier), or 'none'")
     s.add_argument("--no-viewer", action="store_true", help="do not write viewer.html (every slice with its overlay)")
