@@ -85,7 +85,9 @@ def _check_outputs(out, vol, report):
         assert key in report
     assert set(report["lesions"]) >= {"ggo", "consolidation", "effusion", "total"}
     assert len(report["slices"]) == vol.n_slices
-    assert {"index", "infection_probability", "lesion_percent"} <= set(report["slices"][0])
+    assert {"index", "infection_probability", "lesion_percent", "ggo_percent", "consolidation_percent"} <= set(report["slices"][0])
+    for s in report["slices"]:  # the two types make up the lesions (rounded to 4 decimals each)
+        assert s["ggo_percent"] + s["consolidation_percent"] == pytest.approx(s["lesion_percent"], abs=2e-4)
     assert report["models"][0]["sha256"] and "label" in report["diagnosis"]
     html = (out / "report.html").read_text()
     assert html.index("not for diagnosis") < html.index("<h1>") and "data:image/png;base64," in html

@@ -138,8 +138,16 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     areas = infected.sum(axis=(1, 2)) * px_mm
     lung_px = (lungs > 0).sum(axis=(1, 2))
     probs = slice_infection_probability(areas)
+    in_lung = lungs > 0
+    ggo_px = ((lesions == 1) & in_lung).sum(axis=(1, 2))
+    cons_px = ((lesions == 2) & in_lung).sum(axis=(1, 2))
+
+    def pct(px: int, k: int) -> float:
+        return round(100.0 * float(px) / lung_px[k], 4) if lung_px[k] else 0.0
+
     slices = [{"index": int(k), "infection_probability": round(float(probs[k]), 6),
-               "lesion_percent": round(100.0 * float(infected[k].sum()) / lung_px[k], 4) if lung_px[k] else 0.0,
+               "lesion_percent": pct(infected[k].sum(), k), "ggo_percent": pct(ggo_px[k], k),
+               "consolidation_percent": pct(cons_px[k], k),
                "lesion_area_mm2": round(float(areas[k]), 2)} for k in range(n)]
     top = np.sort(probs)[::-1][:TOP_K]
     p_patient = float(top.mean()) if top.size else 0.0

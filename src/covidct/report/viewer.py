@@ -73,7 +73,8 @@ def viewer_html(grey_slices: Callable[[int], np.ndarray], lesions: np.ndarray, l
         has_overlay = bool(lesions[k].any() or lungs[k].any())
         frames.append({"ct": _b64(grey, "JPEG", quality=JPEG_QUALITY),
                        "ov": _label_png(lesions[k], lungs[k], size) if has_overlay else ""})
-    info = [{"p": s.get("infection_probability", 0.0), "pct": s.get("lesion_percent", 0.0)} for s in slices]
+    info = [{"p": s.get("infection_probability", 0.0), "pct": s.get("lesion_percent", 0.0),
+             "ggo": s.get("ggo_percent"), "cons": s.get("consolidation_percent")} for s in slices]
     start = int(np.argmax([s["pct"] for s in info])) if info else 0
     legend = "".join(f'<span><i style="background:rgb{tuple(LESION_COLOURS[c])}"></i>{label}</span>'
                      for c, label in (("ggo", "GGO"), ("consolidation", "consolidation"), ("effusion", "effusion"),
@@ -130,7 +131,8 @@ function show_slice(i) {
   ov.style.width = ct.clientWidth ? ct.clientWidth + 'px' : '100%';
   ov.style.opacity = alpha.value / 100;
   const s = D.info[k] || {p: 0, pct: 0};
-  where.textContent = `${k + 1} / ${n} (index ${k}) - infection probability ${s.p.toFixed(3)}, lesions ${s.pct.toFixed(2)} % of lung`;
+  const types = (s.ggo == null) ? '' : ` (GGO ${s.ggo.toFixed(2)} %, consolidation ${s.cons.toFixed(2)} %)`;
+  where.textContent = `${k + 1} / ${n} (index ${k}) - infection probability ${s.p.toFixed(3)}, lesions ${s.pct.toFixed(2)} % of lung${types}`;
   drawStrip();
 }
 slider.oninput = () => show_slice(+slider.value);
