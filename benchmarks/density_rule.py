@@ -36,23 +36,25 @@ def _dice(rows, relabel) -> dict[str, float]:
 
 
 def main() -> int:
-    from covidct.data.segmentation import SegFolder
+    from covidct.engine.evaluate_seg import fold_validation_sets
     from covidct.engine.infer import SegPredictor, split_by_density
+    from covidct.errors import CovidctError
     from covidct.io.window import to_model_input
-    from covidct.models.registry import load_seg_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
     ap.add_argument("models", nargs="+", help="one model file per fold (trained with --folds K --fold k)")
     args = ap.parse_args()
-    folder = SegFolder(args.data)
+    try:
+        sets = fold_validation_sets(args.models, args.data)
+    except CovidctError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     folds = []
-    for spec in args.models:
-        model, payload = load_seg_model(spec)
+    for model, _, folder in sets:
         predictor = SegPredictor(model, density_classes=False)
         rows = []
-        for i in payload["metrics"]["val_ids"]:
-            s = folder[folder.ids.index(str(i))]
+        for s in folder:
             img = to_model_input(s.image, is_hu=False)
             lab = predictor.predict([img])[0].labels
             rows.append((img, np.where(s.labels == 3, 0, s.labels), np.where(lab == 3, 0, lab)))

@@ -21,13 +21,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 def main() -> int:
     import torch
 
-    from covidct.data.segmentation import SegFolder
+    from covidct.engine.evaluate_seg import fold_validation_sets
     from covidct.engine.infer import SegPredictor
     from covidct.errors import CovidctError
     from covidct.io.window import to_model_input
     from covidct.metrics import InstanceAP
     from covidct.models.lesions import MASK_MODES, MIN_INSTANCE_AREA, instances_from_labels
-    from covidct.models.registry import load_seg_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="the folder the folds were drawn from")
@@ -36,18 +35,16 @@ def main() -> int:
                     help="repeatable; default: both and merge")
     ap.add_argument("--min-area", type=int, action="append",
                     help=f"minimum instance area in pixels, repeatable; default {MIN_INSTANCE_AREA}")
+    ap.add_argument("--network-classes", action="store_true", help="the network's own GGO / consolidation split "
+                    "(no density rule; how the numbers before session 4 were made)")
     args = ap.parse_args()
     modes = args.mask_mode or ["both", "merge"]
     areas = args.min_area or [MIN_INSTANCE_AREA]
     try:
         preds = []  # (labels, predicted label map, class probabilities) of every out-of-fold slice
-        for spec in args.models:
-            model, payload = load_seg_model(spec)
-            ids = [str(i) for i in (payload.get("metrics") or {}).get("val_ids") or []]
-            if not ids:
-                raise CovidctError(spec, "the checkpoint names no validation slices")
-            predictor = SegPredictor(model)
-            for s in SegFolder(args.data, ids=ids):
+        for model, _, folder in fold_validation_sets(args.models, args.data):
+            predictor = SegPredictor(model, density_classes=not args.network_classes)
+            for s in folder:
                 p = predictor.predict([to_model_input(s.image, is_hu=False)])[0]
                 preds.append((s.labels, p.labels, p.probs))
     except CovidctError as exc:

@@ -54,18 +54,16 @@ def evaluate_folder(predictor: SegPredictor, folder: SegFolder, *, progress: boo
     return _summary(metrics, len(folder), model_seconds)
 
 
-def evaluate_out_of_fold(model_specs: list[str | Path], data: str | Path, *, progress: bool = True,
-                         compute_hd95: bool = True, id_map: dict[str, str] | None = None,
-                         crop_to_lung: bool = True, density_classes: bool = True) -> dict[str, Any]:
-    """Cross-validation estimate: each model scores only the slices its checkpoint names as its
-    own validation slices (``metrics.val_ids``), all pooled into one result. The folds must not
-    overlap. ``id_map`` translates those ids to ``data``'s ids (the same slices in another folder,
-    e.g. MedSeg's 512² frames of the COVID-SemiSeg crops); ids it lacks are skipped."""
+def fold_validation_sets(model_specs: list[str | Path], data: str | Path, *,
+                         id_map: dict[str, str] | None = None) -> list[tuple[Any, dict, SegFolder]]:
+    """``(model, checkpoint, its validation slices of data)`` for each fold model (trained with
+    ``--folds K --fold k``): every slice is scored by the one model that did not train on it. The
+    folds must not overlap. ``id_map`` translates the checkpoints' ids to ``data``'s ids (the same
+    slices in another folder, e.g. MedSeg's 512² frames of the COVID-SemiSeg crops); ids it lacks are skipped."""
     from covidct.models.registry import load_seg_model
 
-    metrics = SegmentationMetrics(compute_hd95=compute_hd95)
     seen: set[str] = set()
-    n, model_seconds = 0, 0.0
+    out = []
     for spec in model_specs:
         model, payload = load_seg_model(spec)
         ids = [str(i) for i in (payload.get("metrics") or {}).get("val_ids") or []]
@@ -76,7 +74,18 @@ def evaluate_out_of_fold(model_specs: list[str | Path], data: str | Path, *, pro
         seen |= set(ids)
         if id_map is not None:
             ids = [id_map[i] for i in ids if i in id_map]
-        folder = SegFolder(data, ids=ids)
+        out.append((model, payload, SegFolder(data, ids=ids)))
+    return out
+
+
+def evaluate_out_of_fold(model_specs: list[str | Path], data: str | Path, *, progress: bool = True,
+                         compute_hd95: bool = True, id_map: dict[str, str] | None = None,
+                         crop_to_lung: bool = True, density_classes: bool = True) -> dict[str, Any]:
+    """Cross-validation estimate: each fold model scores only its own validation slices
+    (:func:`fold_validation_sets`), all pooled into one result."""
+    metrics = SegmentationMetrics(compute_hd95=compute_hd95)
+    n, model_seconds = 0, 0.0
+    for model, _, folder in fold_validation_sets(model_specs, data, id_map=id_map):
         model_seconds += _score_folder(metrics, SegPredictor(model, crop_to_lung=crop_to_lung, density_classes=density_classes),
                                        folder, progress=progress)
         n += len(folder)

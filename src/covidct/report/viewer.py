@@ -149,6 +149,9 @@ show_slice(k);
 """
 
 
-def write_viewer(path: str | Path, *args, **kwargs) -> Path:
+def write_viewer(path: str | Path, grey_slices: Callable[[int], np.ndarray], lesions: np.ndarray, lungs: np.ndarray,
+                 slices: list[dict], *, spacing: Sequence[float] | None = None, title: str = "covidct viewer",
+                 max_side: int = MAX_SIDE) -> Path:
     """:func:`viewer_html` written atomically to ``path``."""
-    return write_bytes_atomic(viewer_html(*args, **kwargs).encode("utf-8"), path)
+    page = viewer_html(grey_slices, lesions, lungs, slices, spacing=spacing, title=title, max_side=max_side)
+    return write_bytes_atomic(page.encode("utf-8"), path)
