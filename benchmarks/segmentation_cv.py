@@ -34,6 +34,7 @@ def main() -> int:
     ap.add_argument("--no-crop", action="store_true", help="one pass on the whole slice (no lung-cropped pass)")
     ap.add_argument("--network-classes", action="store_true", help="the network's own GGO / consolidation split "
                     "(no density rule)")
+    ap.add_argument("--tta", action="store_true", help="average each model with its left-right mirrored pass")
     ap.add_argument("--record-in", metavar="MODEL", help="also store the estimate in this model's metrics "
                     "(`cross_validation`), e.g. the --fold all model trained with the same recipe")
     args = ap.parse_args()
@@ -46,7 +47,7 @@ def main() -> int:
             id_map = {r[args.id_column]: Path(r["image"]).stem for r in csv.DictReader(fh) if r.get(args.id_column)}
     try:
         result = evaluate_out_of_fold(args.models, args.data, id_map=id_map, crop_to_lung=not args.no_crop,
-                                      density_classes=not args.network_classes)
+                                      density_classes=not args.network_classes, tta=args.tta)
     except CovidctError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -305,3 +305,53 @@ def test_lesion_class_follows_the_density_of_the_lesion():
     on = SegPredictor(Dense(), crop_to_lung=False).predict([image])[0]
     off = SegPredictor(Dense(), crop_to_lung=False, density_classes=False).predict([image])[0]
     assert off.labels[55, 55] == 1 and on.labels[55, 55] == 2 and on.labels[20, 20] == off.labels[20, 20] == 1
+
+
+def test_pseudo_labels_are_lung_box_crops_labelled_like_the_teacher(tmp_path, capsys):
+    from covidct.data.segmentation import SegFolder
+    from covidct.engine.infer import SegPredictor
+    from covidct.engine.pseudolabel import write_pseudo_labels
+    from covidct.errors import CovidctError
+
+    src = tmp_path / "unlabelled"
+    src.mkdir()
+    image = np.zeros((200, 200), np.uint8)
+    image[60:140, 50:150] = 178          # the lungs (0.7): 80 x 100 px
+    image[90:110, 90:110] = 255          # a lesion (GGO for the stand-in teacher): 400 px
+    Image.fromarray(image).save(src / "a.png")
+    Image.fromarray(np.zeros((200, 200), np.uint8)).save(src / "no_lungs.png")
+    teacher = SegPredictor(_ThresholdNet(), crop_to_lung=False, density_classes=False)
+    sources = [("a.png", src / "a.png", "COVID"), ("no_lungs.png", src / "no_lungs.png", "NonCOVID")]
+    out = tmp_path / "pseudo"
+    summary = write_pseudo_labels(teacher, sources, out, info={"source": str(src)}, progress=False)
+    assert summary["n_written"] == 1 and summary["n_skipped"] == 1
+    sample = SegFolder(out)[0]
+    h, w = sample.image.shape
+    assert 80 <= h <= 92 and 100 <= w <= 112          # the lung box (+3 % per side), not the whole slice
+    assert 250 < (sample.labels == 1).sum() < 600 and 0.7 < sample.lung.mean() < 0.9
+    with open(out / "manifest.csv") as fh:
+        row = next(csv.DictReader(fh))
+    assert row["source"] == "a.png" and row["source_label"] == "COVID" and float(row["lesion_percent_of_lung"]) > 2
+    with pytest.raises(CovidctError, match="not empty"):
+        write_pseudo_labels(teacher, sources, out, info={}, progress=False)
+    # nothing found: an error, and no folder (not even a temporary one) is left behind
+    with pytest.raises(CovidctError, match="none of its 1 slices"):
+        write_pseudo_labels(teacher, sources[1:], tmp_path / "none", info={"source": str(src)}, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pseudo", "unlabelled"]
+    assert main(["pseudolabel", "--data", str(tmp_path / "missing"), "-o", str(tmp_path / "x")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_repeat_first_repeats_the_labelled_training_slices(tmp_path, seg_folder):
+    from conftest import make_seg_folder
+
+    extra = make_seg_folder(tmp_path / "extra", n=3, seed=1)
+    assert main(["train", "seg", "--data", str(seg_folder), "--data", str(extra), "--repeat-first", "3",
+                 "--warmup-epochs", "0.5", "--encoder", "resnet18", "--random-init", "--input-size", "48",
+                 "--decoder-channels", "32,16,16,8,8", "--epochs", "1", "--batch-size", "2", "--folds", "3",
+                 "--fold", "0", "-o", str(tmp_path / "m.pt")]) == 0
+    config = json.loads((tmp_path / "m_run" / "config.json").read_text())
+    n = len(list((seg_folder / "images").iterdir()))
+    n_extra = 3 - sum(1 for i in config["val_ids"] if int(i) < 3)  # the extra folder shares slice ids 0-2
+    assert config["train"]["data"][:3] == [str(seg_folder)] * 3 and config["train"]["warmup_epochs"] == 0.5
+    assert config["n_train"] == 3 * (n - config["n_val"]) + n_extra

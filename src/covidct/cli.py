@@ -108,8 +108,11 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
     for d in args.data:
         if not Path(d).is_dir():
             raise CovidctError(d, "no such folder")
+    if args.repeat_first < 1:
+        raise CovidctError(None, "--repeat-first must be at least 1")
+    data = [str(args.data[0])] * args.repeat_first + [str(d) for d in args.data[1:]]
     cfg = SegTrainConfig(
-        data=[str(d) for d in args.data], labels=args.labels, lung_head=not args.no_lung_head, arch=args.arch,
+        data=data, labels=args.labels, warmup_epochs=args.warmup_epochs, lung_head=not args.no_lung_head, arch=args.arch,
         encoder=args.encoder, input_size=args.input_size, imagenet=not args.random_init, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, encoder_lr_scale=args.encoder_lr_scale, val_fraction=args.val_fraction, seed=args.seed, threads=args.threads,
         folds=args.folds, fold=_parse_fold(args.fold), select=args.select, class_weighting=args.class_weighting,
@@ -312,6 +315,17 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pseudolabel(args: argparse.Namespace) -> int:
+    from covidct.engine.pseudolabel import pseudo_label
+
+    summary = pseudo_label(args.model, args.data, args.output, split=args.split or None,
+                           min_lung_fraction=args.min_lung_fraction)
+    print(f"{summary['n_written']} of {summary['n_sources']} slices pseudo-labelled by {summary['teacher']} "
+          f"({summary['n_skipped']} skipped: no lungs found) -> {summary['output']}")
+    print(DISCLAIMER)
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from covidct.report.slices import predict_to_folder
 
@@ -426,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input-size", type=int, default=320)
     _add_training_options(s, epochs=120, batch_size=8, lr=2e-3)
     s.add_argument("--encoder-lr-scale", type=float, default=1.0, help="encoder learning rate = lr x this")
+    s.add_argument("--warmup-epochs", type=float, default=3.0, help="linear learning-rate warm-up (epochs, may be "
+                   "fractional), then cosine decay")
+    s.add_argument("--repeat-first", type=int, default=1, metavar="N", help="the first --data folder's training "
+                   "slices N times per epoch (e.g. labelled slices beside a larger pseudo-labelled folder)")
     s.add_argument("--val-fraction", type=float, default=0.2)
     s.add_argument("--folds", type=int, default=0, help="k-fold cross-validation: number of folds (0: one "
                    "--val-fraction split)")
@@ -554,6 +572,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the shipped default classifier)")
     s.add_argument("--json", help="also write the result to this JSON file")
     s.set_defaults(func=_cmd_classify)
+
+    s = sub.add_parser("pseudolabel", help="label unlabelled slices with a segmentation model (a folder for "
+                       "`train seg --data`: self-training)")
+    s.add_argument("--data", required=True, help="classification folder (split.csv, COVID-CT-MD, COVIDx-CT names, "
+                   "folder per class) or a folder of images")
+    s.add_argument("--split", default="train", help="which split of a folder with splits ('' for all; default train)")
+    s.add_argument("--model", help="the teacher: shipped segmentation model name or .pt file")
+    s.add_argument("--min-lung-fraction", type=float, default=0.15, help="skip slices whose lungs cover less of "
+                   "the lung-box crop")
+    s.add_argument("-o", "--output", required=True, help="new folder (COVID-SemiSeg layout)")
+    s.set_defaults(func=_cmd_pseudolabel)
 
     s = sub.add_parser("predict", help="segment slices: label maps, lung masks, overlays")
     s.add_argument("paths", nargs="+")

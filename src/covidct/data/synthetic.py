@@ -29,9 +29,10 @@ def phantom_hu(n_slices: int = 6, size: int = 64, seed: int = 0) -> np.ndarray:
 
 
 def write_ct_series(folder: Path, hu: np.ndarray, *, spacing=(2.0, 0.7, 0.7), series_uid: str | None = None,
-                    modality: str = "CT", shuffle_names: bool = True, compress: bool = False,
+                    modality: str = "CT", shuffle_names: bool = True, compress: bool | str = False,
                     slope: float = 1.0, intercept: float = -1024.0) -> list[Path]:
-    """Write ``hu`` (slices, rows, cols; slice 0 = head) as one DICOM file per slice."""
+    """Write ``hu`` (slices, rows, cols; slice 0 = head) as one DICOM file per slice; ``compress``: True
+    for RLE Lossless, or a transfer syntax UID pydicom can encode (e.g. JPEG 2000 Lossless)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
@@ -72,7 +73,7 @@ def write_ct_series(folder: Path, hu: np.ndarray, *, spacing=(2.0, 0.7, 0.7), se
         ds.RescaleIntercept = intercept
         ds.PixelData = stored.tobytes()
         if compress:
-            ds.compress(RLELossless, stored)
+            ds.compress(RLELossless if compress is True else compress, stored)
         path = folder / f"IM{order[k]:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

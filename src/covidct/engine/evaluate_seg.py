@@ -80,13 +80,15 @@ def fold_validation_sets(model_specs: list[str | Path], data: str | Path, *,
 
 def evaluate_out_of_fold(model_specs: list[str | Path], data: str | Path, *, progress: bool = True,
                          compute_hd95: bool = True, id_map: dict[str, str] | None = None,
-                         crop_to_lung: bool = True, density_classes: bool = True) -> dict[str, Any]:
+                         crop_to_lung: bool = True, density_classes: bool = True,
+                         tta: bool = False) -> dict[str, Any]:
     """Cross-validation estimate: each fold model scores only its own validation slices
     (:func:`fold_validation_sets`), all pooled into one result."""
     metrics = SegmentationMetrics(compute_hd95=compute_hd95)
     n, model_seconds = 0, 0.0
     for model, _, folder in fold_validation_sets(model_specs, data, id_map=id_map):
-        model_seconds += _score_folder(metrics, SegPredictor(model, crop_to_lung=crop_to_lung, density_classes=density_classes),
+        model_seconds += _score_folder(metrics, SegPredictor(model, crop_to_lung=crop_to_lung, density_classes=density_classes,
+                                                                  tta=tta),
                                        folder, progress=progress)
         n += len(folder)
     return _summary(metrics, n, model_seconds)
