@@ -58,7 +58,14 @@ def main() -> int:
             continue
         rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
         rep = json.loads((out / "report.json").read_text())
-        y = [labels[p["patient_id"]].get(s["index"], 0) for s in rep["slices"]]
+        by_index = labels[p["patient_id"]]
+        if str(p["path"]).lower().endswith((".nii", ".nii.gz")):  # labels name the file's slices k
+            from covidct.io import read
+            from covidct.io.nifti import working_slice
+
+            vol = read(data / p["path"])
+            by_index = {working_slice(vol, k): v for k, v in by_index.items()}
+        y = [by_index.get(s["index"], 0) for s in rep["slices"]]
         pr = [s["infection_probability"] for s in rep["slices"]]
         all_y += y
         all_p += pr

@@ -18,10 +18,11 @@ DATA = data_root()
 
 
 def write_nifti(path: Path, hu_kji: np.ndarray, spacing=(2.0, 0.8, 0.8)) -> np.ndarray:
-    """Write a (slices, rows, cols) array as NIfTI ``data[i, j, k]``; returns the affine."""
+    """Write a (slices, rows, cols) array, slice 0 = head, as NIfTI ``data[i, j, k]`` in DICOM order
+    (axis codes L, P, I: covidct's working orientation); returns the affine."""
     import nibabel as nib
 
-    affine = np.diag([-spacing[2], -spacing[1], spacing[0], 1.0])
+    affine = np.diag([-spacing[2], -spacing[1], -spacing[0], 1.0])
     affine[:3, 3] = [10.0, 20.0, -30.0]
     nib.save(nib.Nifti1Image(hu_kji.transpose(2, 1, 0).astype(np.int16), affine), path)
     return affine

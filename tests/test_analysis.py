@@ -78,8 +78,12 @@ def test_severity_bins_and_burden():
 def _check_outputs(out, vol, report):
     for name in ("lesions.nii.gz", "lungs.nii.gz"):
         img = nib.load(out / name)
-        assert img.shape == (vol.shape[2], vol.shape[1], vol.shape[0])
-        np.testing.assert_allclose(img.affine, vol.affine, atol=1e-4)
+        if vol.kind == "nifti":  # the file's own grid, whatever the working orientation
+            assert list(img.shape) == vol.metadata["source_shape"]
+            np.testing.assert_allclose(img.affine, vol.metadata["source_affine"], atol=1e-4)
+        else:
+            assert img.shape == (vol.shape[2], vol.shape[1], vol.shape[0])
+            np.testing.assert_allclose(img.affine, vol.affine, atol=1e-4)
     for key in ("input", "lung_volume_ml", "lesions", "percent_opacity", "percent_high_opacity", "severity_score",
                 "diagnosis", "slices", "models", "seconds"):
         assert key in report
@@ -177,6 +181,37 @@ def test_analyze_nifti_keeps_affine(tmp_path, tiny_seg_model):
     out = tmp_path / "out"
     assert main(["analyze", str(tmp_path / "v.nii.gz"), "-o", str(out), "--model", str(tiny_seg_model)]) == 0
     _check_outputs(out, vol, json.loads((out / "report.json").read_text()))
+
+
+def test_nifti_in_any_axis_order_is_read_alike_and_answered_on_its_own_grid(tmp_path, tiny_seg_model):
+    """The same scan stored in DICOM order (L, P, I) and as RAS with the axes permuted (as some converters
+    write it) is read to the same working array; each output lies on its own file's grid and holds the
+    same labels at the same places in millimetres."""
+    hu = phantom_hu(6, 64)
+    lpi = tmp_path / "lpi.nii.gz"
+    affine = np.diag([-0.9, -0.9, -4.0, 1.0])
+    affine[:3, 3] = [30.0, 40.0, -20.0]
+    nib.save(nib.Nifti1Image(hu.transpose(2, 1, 0).astype(np.int16), affine), lpi)
+    ras_img = nib.as_closest_canonical(nib.load(lpi))                      # R, A, S: all three axes flipped
+    swapped = ras_img.as_reoriented(np.array([[1, 1], [0, 1], [2, 1]]))   # and i <-> j exchanged
+    ras = tmp_path / "ras.nii.gz"
+    nib.save(swapped, ras)
+    assert nib.aff2axcodes(swapped.affine) == ("A", "R", "S")
+    a, b = read(lpi), read(ras)
+    assert np.array_equal(a.array, b.array) and np.allclose(a.affine, b.affine) and a.spacing == b.spacing
+    assert b.metadata["orientation"] == "ARS"
+    outs = {}
+    for name, path in (("lpi", lpi), ("ras", ras)):
+        out = tmp_path / f"out_{name}"
+        assert main(["analyze", str(path), "-o", str(out), "--model", str(tiny_seg_model), "--classifier",
+                     "none"]) == 0
+        _check_outputs(out, read(path), json.loads((out / "report.json").read_text()))
+        outs[name] = nib.load(out / "lungs.nii.gz")
+    lungs_lpi = np.asarray(outs["lpi"].dataobj)
+    assert lungs_lpi.any()
+    back = nib.orientations.apply_orientation(np.asarray(outs["ras"].dataobj), nib.orientations.ornt_transform(
+        nib.io_orientation(outs["ras"].affine), nib.io_orientation(outs["lpi"].affine)))
+    assert np.array_equal(back, lungs_lpi)
 
 
 def test_analyze_image_uses_learned_lungs(tmp_path, tiny_seg_model):

@@ -168,3 +168,27 @@ def test_body_box_of_a_large_slice_matches_the_full_resolution_search():
     c = np.flatnonzero(tissue.any(axis=0))
     assert abs(rows.start - r[0]) <= 16 and abs(rows.stop - r[-1]) <= 16 and abs(cols.start - c[0]) <= 16
     assert rows.start <= r[0] and rows.stop > r[-1] and cols.start <= c[0] and cols.stop > c[-1]
+
+
+def test_nifti_stored_feet_first_is_read_head_first_and_file_slices_map(tmp_path):
+    import nibabel as nib
+
+    from covidct.data.classification import ClsRecord, RecordImages
+    from covidct.io.nifti import working_slice
+
+    hu = phantom_hu(4, 24)
+    hu[0, 0, 0] = 500.0                      # mark the head slice
+    affine = np.diag([-0.8, -0.8, 2.0, 1.0])  # k towards the head (L, P, S): slice k = 3 - head index
+    nib.save(nib.Nifti1Image(hu[::-1].transpose(2, 1, 0).astype(np.int16), affine), tmp_path / "fs.nii.gz")
+    vol = read(tmp_path / "fs.nii.gz")
+    np.testing.assert_array_equal(vol.array, hu.astype(np.int16))   # head first, as the working orientation
+    assert vol.affine[2, 2] == pytest.approx(-2.0) and vol.metadata["orientation"] == "LPS"
+    assert [working_slice(vol, k) for k in range(4)] == [3, 2, 1, 0]
+    # a label given for the file's slice k = 3 (the head) reaches the head slice
+    from covidct.io import classifier_input
+
+    head = classifier_input(hu.astype(np.int16)[0].astype(np.float32), is_hu=True)
+    np.testing.assert_array_equal(RecordImages()(ClsRecord(tmp_path / "fs.nii.gz", "COVID", slice_index=3)), head)
+    back = read(write_on_grid((vol.array > -500).astype(np.uint8), vol, tmp_path / "m.nii.gz"))
+    assert nib.load(tmp_path / "m.nii.gz").affine[2, 2] == pytest.approx(2.0)
+    np.testing.assert_array_equal(back.array, (hu > -500).astype(np.uint8))

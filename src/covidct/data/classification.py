@@ -158,6 +158,7 @@ class RecordImages:
 
     def __call__(self, record: ClsRecord):
         from covidct.io import classifier_input, read, to_model_input
+        from covidct.io.nifti import working_slice
         from covidct.io.image import load_grey
 
         if record.slice_index is None:
@@ -170,4 +171,4 @@ class RecordImages:
             vol = self._volumes[record.path] = read(record.path)
         if not 0 <= record.slice_index < vol.n_slices:
             raise InputError(record.path, f"slice {record.slice_index} outside the volume's {vol.n_slices} slices")
-        return classifier_input(vol.array[record.slice_index], is_hu=vol.is_hu)
+        return classifier_input(vol.array[working_slice(vol, record.slice_index)], is_hu=vol.is_hu)

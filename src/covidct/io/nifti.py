@@ -1,8 +1,13 @@
 """NIfTI reader and writer (``.nii``, ``.nii.gz``) that keep the affine.
 
-A NIfTI array ``data[i, j, k]`` becomes ``Volume.array[k, j, i]`` (slices, rows, columns), so
-that ``Volume.array[k]`` shows slice ``k`` in the usual DICOM row/column layout. The affine is kept
-unchanged: it maps ``(i, j, k)`` to millimetres for both.
+Volumes are brought to one working orientation first, whatever order the file stores its axes in:
+voxel axes ``(i, j, k)`` pointing to the patient's left, posterior and inferior (axis codes L, P, I,
+the layout of DICOM axial slices read head to feet). The array ``data[i, j, k]`` of that grid becomes
+``Volume.array[k, j, i]`` (slices, rows, columns), so ``Volume.array[0]`` is the head end and every slice
+shows anterior up with the patient's right on the image's left, as radiologists read CT — for a NIfTI
+written RAS-first (e.g. by dcm2niix) as for one written in DICOM order. ``Volume.affine`` maps that
+working grid to millimetres; :func:`write_nifti` maps every mask back to the file's own grid, so an
+output has exactly the input's shape and affine.
 """
 
 from __future__ import annotations
@@ -36,7 +41,13 @@ def read_nifti(path: str | Path) -> Volume:
         data = data[..., 0]
     if data.ndim != 3:
         raise InputError(path, f"expected a 3-D NIfTI volume, got {data.ndim}-D data of shape {data.shape}")
-    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    source_affine = np.asarray(img.affine, dtype=float)
+    to_working = _ornt_to_working(source_affine)
+    affine = source_affine
+    if not _is_identity(to_working):
+        data = nib.orientations.apply_orientation(data, to_working)
+        affine = source_affine @ nib.orientations.inv_ornt_aff(to_working, img.shape[:3])
+    zooms = [float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))]
     array = np.ascontiguousarray(data.transpose(2, 1, 0))
     is_hu = bool(array.min() < -500.0)
     return Volume(
@@ -45,10 +56,39 @@ def read_nifti(path: str | Path) -> Volume:
         source=path,
         is_hu=is_hu,
         spacing=(zooms[2], zooms[1], zooms[0]),
-        affine=np.asarray(img.affine, dtype=float),
+        affine=affine,
         files=[str(path)] * array.shape[0],
-        metadata={"modality": "CT" if is_hu else None, "orientation": "".join(nib.aff2axcodes(img.affine))},
+        metadata={"modality": "CT" if is_hu else None, "orientation": "".join(nib.aff2axcodes(source_affine)),
+                  "source_affine": source_affine.tolist(), "source_shape": [int(n) for n in img.shape[:3]]},
     )
+
+
+def working_slice(volume: Volume, file_k: int) -> int:
+    """Index in ``volume.array`` of slice ``k`` as the file stores it (NIfTI ``data[:, :, k]``; other
+    kinds keep their order): labels given per file slice, as in COVID-CT-MD's ``slice_labels.csv``."""
+    source = volume.metadata.get("source_affine") if volume.kind == "nifti" else None
+    if source is None:
+        return int(file_k)
+    axis, flip = _ornt_to_working(np.asarray(source, dtype=float))[2]
+    if int(axis) != 2:
+        raise InputError(volume.source, "its third axis is not the slice axis, so slice indices of the file "
+                                        "do not name axial slices")
+    return int(file_k) if flip > 0 else volume.n_slices - 1 - int(file_k)
+
+
+#: Working orientation of every volume: voxel axes towards the patient's left, posterior, inferior.
+WORKING_AXCODES = ("L", "P", "I")
+
+
+def _ornt_to_working(affine: np.ndarray) -> np.ndarray:
+    import nibabel as nib
+
+    return nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                           nib.orientations.axcodes2ornt(WORKING_AXCODES))
+
+
+def _is_identity(ornt: np.ndarray) -> bool:
+    return bool(np.array_equal(ornt[:, 0], np.arange(3)) and np.all(ornt[:, 1] == 1))
 
 
 def write_nifti(array: np.ndarray, reference: Volume, path: str | Path, *, dtype=np.uint8) -> Path:
@@ -58,9 +98,19 @@ def write_nifti(array: np.ndarray, reference: Volume, path: str | Path, *, dtype
     path = Path(path)
     if tuple(array.shape) != reference.shape:
         raise ValueError(f"array shape {array.shape} does not match the volume {reference.shape}")
-    img = nib.Nifti1Image(np.asarray(array, dtype=dtype).transpose(2, 1, 0), reference.affine)
-    img.set_qform(reference.affine, code=1)
-    img.set_sform(reference.affine, code=1)
+    data = np.asarray(array, dtype=dtype).transpose(2, 1, 0)
+    affine = reference.affine
+    source = reference.metadata.get("source_affine") if reference.kind == "nifti" else None
+    if source is not None:  # back to the file's own axis order (see the module docstring)
+        affine = np.asarray(source, dtype=float)
+        to_working = _ornt_to_working(affine)
+        if not _is_identity(to_working):
+            back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(WORKING_AXCODES),
+                                                   nib.orientations.io_orientation(affine))
+            data = np.ascontiguousarray(nib.orientations.apply_orientation(data, back))
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
     with atomic_output(path) as tmp:
         nib.save(img, tmp)
     return path
