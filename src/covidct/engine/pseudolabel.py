@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -26,6 +26,9 @@ from tqdm import tqdm
 
 from covidct.errors import CovidctError, InputError
 from covidct.io.body import mask_box
+
+if TYPE_CHECKING:
+    from covidct.engine.infer import SegPredictor
 
 #: Smallest share of the lung-box crop the teacher's lung must cover for a slice to be kept.
 MIN_LUNG_FRACTION = 0.15
@@ -89,7 +92,7 @@ def _check_new_folder(output: Path) -> None:
         raise CovidctError(output, "exists and is not empty; pick a new output folder")
 
 
-def write_pseudo_labels(predictor, sources: list[tuple[str, Any, str]], output: str | Path, *,
+def write_pseudo_labels(predictor: SegPredictor, sources: list[tuple[str, Any, str]], output: str | Path, *,
                         info: dict[str, Any], min_lung_fraction: float = MIN_LUNG_FRACTION,
                         progress: bool = True) -> dict[str, Any]:
     """The core of :func:`pseudo_label`: ``predictor`` (a :class:`~covidct.engine.infer.SegPredictor`
