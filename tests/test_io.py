@@ -192,3 +192,21 @@ def test_nifti_stored_feet_first_is_read_head_first_and_file_slices_map(tmp_path
     back = read(write_on_grid((vol.array > -500).astype(np.uint8), vol, tmp_path / "m.nii.gz"))
     assert nib.load(tmp_path / "m.nii.gz").affine[2, 2] == pytest.approx(2.0)
     np.testing.assert_array_equal(back.array, (hu > -500).astype(np.uint8))
+
+
+def test_prone_series_is_read_in_the_working_orientation(tmp_path):
+    """A prone scan stores every slice rotated by 180 degrees (ImageOrientationPatient -1,0,0,0,-1,0): read,
+    it gives the same array and affine as the supine storage of the same voxels."""
+    hu = phantom_hu(3, 40)
+    hu[:, 5, 30] = 900.0                     # an asymmetric mark (anterior, patient's left)
+    write_ct_series(tmp_path / "supine", hu)
+    write_ct_series(tmp_path / "prone", hu, prone=True)
+    import pydicom
+
+    stored = [pydicom.dcmread(sorted((tmp_path / d).iterdir())[0]).pixel_array for d in ("supine", "prone")]
+    np.testing.assert_array_equal(stored[1], stored[0][::-1, ::-1])   # stored rotated, as a prone scanner does
+    supine, prone = read(tmp_path / "supine"), read(tmp_path / "prone")
+    assert supine.metadata["orientation"] == "LPI" and prone.metadata["orientation"] == "RAI"
+    np.testing.assert_array_equal(prone.array, supine.array)
+    np.testing.assert_allclose(prone.affine, supine.affine, atol=1e-6)
+    assert prone.spacing == supine.spacing

@@ -30,9 +30,11 @@ def phantom_hu(n_slices: int = 6, size: int = 64, seed: int = 0) -> np.ndarray:
 
 def write_ct_series(folder: Path, hu: np.ndarray, *, spacing=(2.0, 0.7, 0.7), series_uid: str | None = None,
                     modality: str = "CT", shuffle_names: bool = True, compress: bool | str = False,
-                    slope: float = 1.0, intercept: float = -1024.0) -> list[Path]:
+                    slope: float = 1.0, intercept: float = -1024.0, prone: bool = False) -> list[Path]:
     """Write ``hu`` (slices, rows, cols; slice 0 = head) as one DICOM file per slice; ``compress``: True
-    for RLE Lossless, or a transfer syntax UID pydicom can encode (e.g. JPEG 2000 Lossless)."""
+    for RLE Lossless, or a transfer syntax UID pydicom can encode (e.g. JPEG 2000 Lossless).
+    ``prone``: stored as a prone scan shows it (``ImageOrientationPatient`` [-1, 0, 0, 0, -1, 0]: rows and
+    columns reversed), the same voxels in the same places in millimetres."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
@@ -44,6 +46,8 @@ def write_ct_series(folder: Path, hu: np.ndarray, *, spacing=(2.0, 0.7, 0.7), se
     order = np.random.default_rng(1).permutation(n) if shuffle_names else np.arange(n)
     for k in range(n):
         stored = np.round((hu[k] - intercept) / slope).astype(np.uint16)
+        if prone:
+            stored = np.ascontiguousarray(stored[::-1, ::-1])
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
         meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -57,8 +61,14 @@ def write_ct_series(folder: Path, hu: np.ndarray, *, spacing=(2.0, 0.7, 0.7), se
         ds.SeriesInstanceUID = series_uid
         ds.PatientID = "PHANTOM"
         ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [-100.0, -120.0, -float(k) * spacing[0]]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        if prone:  # the first stored pixel is the supine image's last one
+            rows, cols = hu.shape[1:]
+            ds.ImagePositionPatient = [-100.0 + (cols - 1) * spacing[2], -120.0 + (rows - 1) * spacing[1],
+                                       -float(k) * spacing[0]]
+            ds.ImageOrientationPatient = [-1, 0, 0, 0, -1, 0]
+        else:
+            ds.ImagePositionPatient = [-100.0, -120.0, -float(k) * spacing[0]]
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.PixelSpacing = [spacing[1], spacing[2]]
         ds.SliceThickness = spacing[0]
         ds.SliceLocation = -float(k) * spacing[0]

@@ -220,15 +220,39 @@ def read_dicom_series(
     meta = _metadata(first)
     if len(groups) > 1:
         meta["series_available"] = available
+    array, affine = np.stack(arrays).astype(np.float32, copy=False), _affine(first, positions, spacing_rc)
+    files = [str(p) for p, _ in items]
+    array, affine, spacing_rc, files = _to_working_orientation(array, affine, spacing_rc, files, meta)
     return Volume(
-        array=np.stack(arrays).astype(np.float32, copy=False),
+        array=array,
         kind="dicom-series",
         source=folder,
         is_hu=meta["modality"] in (None, "CT"),
         spacing=(slice_spacing, *spacing_rc),
-        affine=_affine(first, positions, spacing_rc),
-        files=[str(p) for p, _ in items],
+        affine=affine,
+        files=files,
         n_skipped=skipped,
         metadata=meta,
     )
+
+
+def _to_working_orientation(array: np.ndarray, affine: np.ndarray, spacing_rc: tuple[float, float],
+                            files: list[str], meta: dict[str, Any]):
+    """Axial series whose rows or columns run otherwise (a prone scan: anterior down, the patient's right
+    on the image's right) are flipped / transposed in-plane to the working orientation
+    (:mod:`covidct.io.orientation`); series that are not axial are left as acquired."""
+    import nibabel as nib
+
+    from covidct.io.orientation import is_identity, ornt_to_working, reorient_kji
+
+    meta["orientation"] = "".join(nib.aff2axcodes(affine))
+    ornt = ornt_to_working(affine)
+    if int(ornt[2, 0]) != 2 or is_identity(ornt):
+        return array, affine, spacing_rc, files
+    array, affine = reorient_kji(array, affine, ornt)
+    if ornt[2, 1] < 0:
+        files = files[::-1]
+    if int(ornt[0, 0]) == 1:  # rows and columns exchanged
+        spacing_rc = (spacing_rc[1], spacing_rc[0])
+    return array, affine, spacing_rc, files
 

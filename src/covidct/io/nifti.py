@@ -18,6 +18,7 @@ import numpy as np
 
 from covidct.errors import InputError
 from covidct.io.atomic import atomic_output
+from covidct.io.orientation import WORKING_AXCODES, is_identity, ornt_to_working
 from covidct.io.volume import Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -42,9 +43,9 @@ def read_nifti(path: str | Path) -> Volume:
     if data.ndim != 3:
         raise InputError(path, f"expected a 3-D NIfTI volume, got {data.ndim}-D data of shape {data.shape}")
     source_affine = np.asarray(img.affine, dtype=float)
-    to_working = _ornt_to_working(source_affine)
+    to_working = ornt_to_working(source_affine)
     affine = source_affine
-    if not _is_identity(to_working):
+    if not is_identity(to_working):
         data = nib.orientations.apply_orientation(data, to_working)
         affine = source_affine @ nib.orientations.inv_ornt_aff(to_working, img.shape[:3])
     zooms = [float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))]
@@ -69,26 +70,11 @@ def working_slice(volume: Volume, file_k: int) -> int:
     source = volume.metadata.get("source_affine") if volume.kind == "nifti" else None
     if source is None:
         return int(file_k)
-    axis, flip = _ornt_to_working(np.asarray(source, dtype=float))[2]
+    axis, flip = ornt_to_working(np.asarray(source, dtype=float))[2]
     if int(axis) != 2:
         raise InputError(volume.source, "its third axis is not the slice axis, so slice indices of the file "
                                         "do not name axial slices")
     return int(file_k) if flip > 0 else volume.n_slices - 1 - int(file_k)
-
-
-#: Working orientation of every volume: voxel axes towards the patient's left, posterior, inferior.
-WORKING_AXCODES = ("L", "P", "I")
-
-
-def _ornt_to_working(affine: np.ndarray) -> np.ndarray:
-    import nibabel as nib
-
-    return nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
-                                           nib.orientations.axcodes2ornt(WORKING_AXCODES))
-
-
-def _is_identity(ornt: np.ndarray) -> bool:
-    return bool(np.array_equal(ornt[:, 0], np.arange(3)) and np.all(ornt[:, 1] == 1))
 
 
 def write_nifti(array: np.ndarray, reference: Volume, path: str | Path, *, dtype=np.uint8) -> Path:
@@ -103,8 +89,8 @@ def write_nifti(array: np.ndarray, reference: Volume, path: str | Path, *, dtype
     source = reference.metadata.get("source_affine") if reference.kind == "nifti" else None
     if source is not None:  # back to the file's own axis order (see the module docstring)
         affine = np.asarray(source, dtype=float)
-        to_working = _ornt_to_working(affine)
-        if not _is_identity(to_working):
+        to_working = ornt_to_working(affine)
+        if not is_identity(to_working):
             back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(WORKING_AXCODES),
                                                    nib.orientations.io_orientation(affine))
             data = np.ascontiguousarray(nib.orientations.apply_orientation(data, back))
