@@ -60,11 +60,12 @@ def main() -> int:
         rep = json.loads((out / "report.json").read_text())
         by_index = labels[p["patient_id"]]
         if str(p["path"]).lower().endswith((".nii", ".nii.gz")):  # labels name the file's slices k
-            from covidct.io import read
-            from covidct.io.nifti import working_slice
+            import nibabel as nib
 
-            vol = read(data / p["path"])
-            by_index = {working_slice(vol, k): v for k, v in by_index.items()}
+            from covidct.io.nifti import working_slice_of_file
+
+            header = nib.load(data / p["path"])  # the header only; the voxels are not read
+            by_index = {working_slice_of_file(header.affine, header.shape[2], k): v for k, v in by_index.items()}
         y = [by_index.get(s["index"], 0) for s in rep["slices"]]
         pr = [s["infection_probability"] for s in rep["slices"]]
         all_y += y

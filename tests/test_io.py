@@ -174,7 +174,7 @@ def test_nifti_stored_feet_first_is_read_head_first_and_file_slices_map(tmp_path
     import nibabel as nib
 
     from covidct.data.classification import ClsRecord, RecordImages
-    from covidct.io.nifti import working_slice
+    from covidct.io.nifti import working_slice, working_slice_of_file
 
     hu = phantom_hu(4, 24)
     hu[0, 0, 0] = 500.0                      # mark the head slice
@@ -184,6 +184,7 @@ def test_nifti_stored_feet_first_is_read_head_first_and_file_slices_map(tmp_path
     np.testing.assert_array_equal(vol.array, hu.astype(np.int16))   # head first, as the working orientation
     assert vol.affine[2, 2] == pytest.approx(-2.0) and vol.metadata["orientation"] == "LPS"
     assert [working_slice(vol, k) for k in range(4)] == [3, 2, 1, 0]
+    assert working_slice_of_file(nib.load(tmp_path / "fs.nii.gz").affine, 4, 3) == 0
     # a label given for the file's slice k = 3 (the head) reaches the head slice
     from covidct.io import classifier_input
 

@@ -70,11 +70,16 @@ def working_slice(volume: Volume, file_k: int) -> int:
     source = volume.metadata.get("source_affine") if volume.kind == "nifti" else None
     if source is None:
         return int(file_k)
-    axis, flip = ornt_to_working(np.asarray(source, dtype=float))[2]
+    return working_slice_of_file(np.asarray(source, dtype=float), volume.n_slices, file_k, source=volume.source)
+
+
+def working_slice_of_file(affine: np.ndarray, n_slices: int, file_k: int, *, source: str | Path | None = None) -> int:
+    """:func:`working_slice` from a NIfTI header alone (its affine and slice count), without reading the voxels."""
+    axis, flip = ornt_to_working(affine)[2]
     if int(axis) != 2:
-        raise InputError(volume.source, "its third axis is not the slice axis, so slice indices of the file "
-                                        "do not name axial slices")
-    return int(file_k) if flip > 0 else volume.n_slices - 1 - int(file_k)
+        raise InputError(source, "its third axis is not the slice axis, so slice indices of the file "
+                                 "do not name axial slices")
+    return int(file_k) if flip > 0 else int(n_slices) - 1 - int(file_k)
 
 
 def write_nifti(array: np.ndarray, reference: Volume, path: str | Path, *, dtype=np.uint8) -> Path:
