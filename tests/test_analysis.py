@@ -205,7 +205,9 @@ def test_nifti_in_any_axis_order_is_read_alike_and_answered_on_its_own_grid(tmp_
         out = tmp_path / f"out_{name}"
         assert main(["analyze", str(path), "-o", str(out), "--model", str(tiny_seg_model), "--classifier",
                      "none"]) == 0
-        _check_outputs(out, read(path), json.loads((out / "report.json").read_text()))
+        report = json.loads((out / "report.json").read_text())
+        _check_outputs(out, read(path), report)
+        assert report["input"]["orientation"] == {"lpi": "LPI", "ras": "ARS"}[name]
         outs[name] = nib.load(out / "lungs.nii.gz")
     lungs_lpi = np.asarray(outs["lpi"].dataobj)
     assert lungs_lpi.any()

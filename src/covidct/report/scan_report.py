@@ -55,7 +55,10 @@ def build_report(vol: Volume, result: ScanResult, models: list[dict], seconds: f
     return {
         "input": {"path": str(vol.source), "kind": vol.kind, "shape": list(vol.shape),
                   "spacing_mm": None if vol.spacing is None else [round(float(s), 6) for s in vol.spacing],
-                  "is_hu": vol.is_hu, "files_read": vol.n_files, "series_uid": vol.metadata.get("series_uid")},
+                  "is_hu": vol.is_hu, "files_read": vol.n_files, "series_uid": vol.metadata.get("series_uid"),
+                  # axis codes of the input as stored; shape, spacing and slices[].index are in the working
+                  # orientation (L, P, I: slice 0 at the head), the NIfTI outputs on the input's own grid
+                  "orientation": vol.metadata.get("orientation")},
         "lung_volume_ml": b["lung_volume_ml"],
         "lung_method": result.lung_method,
         "lesions": {k: {"volume_ml": v["volume_ml"], "percent_of_lung": v["percent_of_lung"], "voxels": v["voxels"]}
