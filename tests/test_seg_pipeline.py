@@ -321,7 +321,9 @@ def test_pseudo_labels_are_lung_box_crops_labelled_like_the_teacher(tmp_path, ca
     Image.fromarray(image).save(src / "a.png")
     Image.fromarray(np.zeros((200, 200), np.uint8)).save(src / "no_lungs.png")
     teacher = SegPredictor(_ThresholdNet(), crop_to_lung=False, density_classes=False)
-    sources = [("a.png", src / "a.png", "COVID"), ("no_lungs.png", src / "no_lungs.png", "NonCOVID")]
+    from covidct.data.classification import ClsRecord
+
+    sources = [("a.png", ClsRecord(src / "a.png", "COVID")), ("no_lungs.png", ClsRecord(src / "no_lungs.png", "NonCOVID"))]
     out = tmp_path / "pseudo"
     summary = write_pseudo_labels(teacher, sources, out, info={"source": str(src)}, progress=False)
     assert summary["n_written"] == 1 and summary["n_skipped"] == 1

@@ -579,8 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder per class) or a folder of images")
     s.add_argument("--split", default="train", help="which split of a folder with splits ('' for all; default train)")
     s.add_argument("--model", help="the teacher: shipped segmentation model name or .pt file")
-    s.add_argument("--min-lung-fraction", type=float, default=0.15, help="skip slices whose lungs cover less of "
-                   "the lung-box crop")
+    s.add_argument("--min-lung-fraction", type=float, help="skip slices whose lungs cover less of the lung-box "
+                   "crop (default 0.15)")
     s.add_argument("-o", "--output", required=True, help="new folder (COVID-SemiSeg layout)")
     s.set_defaults(func=_cmd_pseudolabel)
 

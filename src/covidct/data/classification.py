@@ -158,8 +158,8 @@ class RecordImages:
 
     def __call__(self, record: ClsRecord):
         from covidct.io import classifier_input, read, to_model_input
-        from covidct.io.nifti import working_slice
         from covidct.io.image import load_grey
+        from covidct.io.nifti import working_slice
 
         if record.slice_index is None:
             arr, _ = load_grey(record.path)

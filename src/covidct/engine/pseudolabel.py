@@ -28,6 +28,7 @@ from covidct.errors import CovidctError, InputError
 from covidct.io.body import mask_box
 
 if TYPE_CHECKING:
+    from covidct.data.classification import ClsRecord
     from covidct.engine.infer import SegPredictor
 
 #: Smallest share of the lung-box crop the teacher's lung must cover for a slice to be kept.
@@ -36,11 +37,11 @@ MIN_LUNG_FRACTION = 0.15
 MIN_SIDE_PX = 48
 
 
-def _sources(data: Path, split: str | None) -> list[tuple[str, Any, str]]:
-    """``(name, record or path, label)`` for every slice of a classification folder (any layout of
+def _sources(data: Path, split: str | None) -> list[tuple[str, ClsRecord]]:
+    """``(name, record)`` for every slice of a classification folder (any layout of
     :func:`~covidct.data.classification.load_records`; only split ``split`` when the layout has splits)
-    or of a plain folder of images."""
-    from covidct.data.classification import load_records
+    or of a plain folder of images (records without a label)."""
+    from covidct.data.classification import ClsRecord, load_records
     from covidct.io.image import list_images
 
     if not data.is_dir():
@@ -51,7 +52,7 @@ def _sources(data: Path, split: str | None) -> list[tuple[str, Any, str]]:
         files = list_images(data)
         if not files:
             raise InputError(data, "no images and no known classification layout") from None
-        return [(p.relative_to(data).as_posix(), p, "") for p in files]
+        return [(p.relative_to(data).as_posix(), ClsRecord(p, "")) for p in files]
     if split and any(r.split is not None for r in records):
         records = [r for r in records if r.split == split]
         if not records:
@@ -59,12 +60,12 @@ def _sources(data: Path, split: str | None) -> list[tuple[str, Any, str]]:
     out = []
     for r in records:
         rel = r.path.relative_to(data).as_posix() if r.path.is_relative_to(data) else str(r.path)
-        out.append((rel if r.slice_index is None else f"{rel}#{r.slice_index}", r, r.label))
+        out.append((rel if r.slice_index is None else f"{rel}#{r.slice_index}", r))
     return out
 
 
 def pseudo_label(model_spec: str | Path | None, data: str | Path, output: str | Path, *, split: str | None = "train",
-                 min_lung_fraction: float = MIN_LUNG_FRACTION, progress: bool = True) -> dict[str, Any]:
+                 min_lung_fraction: float | None = None, progress: bool = True) -> dict[str, Any]:
     """Write the teacher's labels for the slices of ``data`` (split ``split`` when it has splits) to the
     new folder ``output``; the folder appears whole or not at all. Returns a summary."""
     from covidct.engine.infer import SegPredictor
@@ -83,8 +84,8 @@ def pseudo_label(model_spec: str | Path | None, data: str | Path, output: str | 
     sources = _sources(data, split if split else None)
     predictor = SegPredictor(model, crop_to_lung=False, density_classes=False)
     info = {"source": str(data), "split": split, "teacher": teacher_path.stem, "teacher_sha256": file_sha256(teacher_path)}
-    return write_pseudo_labels(predictor, sources, output, info=info, min_lung_fraction=min_lung_fraction,
-                               progress=progress)
+    return write_pseudo_labels(predictor, sources, output, info=info, progress=progress,
+                               min_lung_fraction=MIN_LUNG_FRACTION if min_lung_fraction is None else min_lung_fraction)
 
 
 def _check_new_folder(output: Path) -> None:
@@ -92,14 +93,13 @@ def _check_new_folder(output: Path) -> None:
         raise CovidctError(output, "exists and is not empty; pick a new output folder")
 
 
-def write_pseudo_labels(predictor: SegPredictor, sources: list[tuple[str, Any, str]], output: str | Path, *,
+def write_pseudo_labels(predictor: SegPredictor, sources: list[tuple[str, ClsRecord]], output: str | Path, *,
                         info: dict[str, Any], min_lung_fraction: float = MIN_LUNG_FRACTION,
                         progress: bool = True) -> dict[str, Any]:
     """The core of :func:`pseudo_label`: ``predictor`` (a :class:`~covidct.engine.infer.SegPredictor`
-    without its own second pass or density rule) labels ``sources`` (``(name, Path or ClsRecord, label)``)."""
+    without its own second pass or density rule) labels ``sources`` (``(name, record)``), each slice
+    loaded as the classifiers load it (:class:`~covidct.data.classification.RecordImages`)."""
     from covidct.data.classification import RecordImages
-    from covidct.io import to_model_input
-    from covidct.io.image import load_grey
 
     output = Path(output)
     _check_new_folder(output)
@@ -110,13 +110,8 @@ def write_pseudo_labels(predictor: SegPredictor, sources: list[tuple[str, Any, s
     try:
         for sub in ("images", "masks", "masks4", "lung"):
             (tmp / sub).mkdir()
-        for k, (name, src, label) in enumerate(tqdm(sources, desc="pseudo-label", unit="slice", disable=not progress)):
-            if isinstance(src, Path):
-                arr, _ = load_grey(src)
-                image = to_model_input(arr, is_hu=False)
-            else:
-                image = load_record(src)
-            image = np.asarray(image, np.float32)
+        for k, (name, record) in enumerate(tqdm(sources, desc="pseudo-label", unit="slice", disable=not progress)):
+            image = np.asarray(load_record(record), np.float32)
             box = mask_box(predictor.predict([image])[0].lung > 0.5) if min(image.shape) >= MIN_SIDE_PX else None
             crop = image[box] if box is not None else None
             if crop is None or min(crop.shape) < MIN_SIDE_PX:
@@ -134,7 +129,7 @@ def write_pseudo_labels(predictor: SegPredictor, sources: list[tuple[str, Any, s
             Image.fromarray(lung.astype(np.uint8)).save(tmp / "lung" / f"{sid}.png")
             lesion = np.isin(pred.labels, (1, 2)) & lung
             rows.append({"image": f"images/{sid}.png", "mask": f"masks/{sid}.png", "masks4": f"masks4/{sid}.png",
-                         "lung": f"lung/{sid}.png", "split": "train", "source": name, "source_label": label,
+                         "lung": f"lung/{sid}.png", "split": "train", "source": name, "source_label": record.label,
                          "lesion_percent_of_lung": round(100.0 * lesion.sum() / max(1, lung.sum()), 3),
                          "lung_fraction": round(float(lung.mean()), 4)})
         if not rows:

@@ -18,7 +18,7 @@ import numpy as np
 
 from covidct.errors import InputError
 from covidct.io.atomic import atomic_output
-from covidct.io.orientation import WORKING_AXCODES, is_identity, ornt_to_working
+from covidct.io.orientation import from_working, ornt_to_working, to_working
 from covidct.io.volume import Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -43,13 +43,9 @@ def read_nifti(path: str | Path) -> Volume:
     if data.ndim != 3:
         raise InputError(path, f"expected a 3-D NIfTI volume, got {data.ndim}-D data of shape {data.shape}")
     source_affine = np.asarray(img.affine, dtype=float)
-    to_working = ornt_to_working(source_affine)
-    affine = source_affine
-    if not is_identity(to_working):
-        data = nib.orientations.apply_orientation(data, to_working)
-        affine = source_affine @ nib.orientations.inv_ornt_aff(to_working, img.shape[:3])
+    array, affine = to_working(data.transpose(2, 1, 0), source_affine)
+    array = np.ascontiguousarray(array)
     zooms = [float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))]
-    array = np.ascontiguousarray(data.transpose(2, 1, 0))
     is_hu = bool(array.min() < -500.0)
     return Volume(
         array=array,
@@ -89,17 +85,12 @@ def write_nifti(array: np.ndarray, reference: Volume, path: str | Path, *, dtype
     path = Path(path)
     if tuple(array.shape) != reference.shape:
         raise ValueError(f"array shape {array.shape} does not match the volume {reference.shape}")
-    data = np.asarray(array, dtype=dtype).transpose(2, 1, 0)
-    affine = reference.affine
+    array, affine = np.asarray(array, dtype=dtype), reference.affine
     source = reference.metadata.get("source_affine") if reference.kind == "nifti" else None
     if source is not None:  # back to the file's own axis order (see the module docstring)
         affine = np.asarray(source, dtype=float)
-        to_working = ornt_to_working(affine)
-        if not is_identity(to_working):
-            back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(WORKING_AXCODES),
-                                                   nib.orientations.io_orientation(affine))
-            data = np.ascontiguousarray(nib.orientations.apply_orientation(data, back))
-    img = nib.Nifti1Image(data, affine)
+        array = from_working(array, affine)
+    img = nib.Nifti1Image(array.transpose(2, 1, 0), affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     with atomic_output(path) as tmp:

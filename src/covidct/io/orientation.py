@@ -33,3 +33,22 @@ def reorient_kji(array_kji: np.ndarray, affine: np.ndarray, ornt: np.ndarray) ->
     data = nib.orientations.apply_orientation(array_kji.transpose(2, 1, 0), ornt)
     return (np.ascontiguousarray(data.transpose(2, 1, 0)),
             affine @ nib.orientations.inv_ornt_aff(ornt, shape_ijk))
+
+
+def to_working(array_kji: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A ``(slices, rows, columns)`` array and its affine in the working orientation (unchanged when
+    they already are)."""
+    ornt = ornt_to_working(affine)
+    return (array_kji, affine) if is_identity(ornt) else reorient_kji(array_kji, affine, ornt)
+
+
+def from_working(array_kji: np.ndarray, source_affine: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`to_working` for an array on the working grid: back to the grid of
+    ``source_affine`` (same voxels in the same places, the source's axis order)."""
+    import nibabel as nib
+
+    if is_identity(ornt_to_working(source_affine)):
+        return array_kji
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(WORKING_AXCODES),
+                                           nib.orientations.io_orientation(source_affine))
+    return np.ascontiguousarray(nib.orientations.apply_orientation(array_kji.transpose(2, 1, 0), back).transpose(2, 1, 0))
