@@ -124,6 +124,82 @@ def test_ensemble_model_file_is_the_mean_of_its_members(trained_cls, tmp_path, c
     assert main(["ensemble", "--model", str(other), "-o", str(tmp_path / "one.pt")]) == 2
 
 
+def test_k_fold_training_and_out_of_fold_estimate(trained_cls, tmp_path, capsys):
+    """`train cls --folds K --fold k` pools train + val (never test) into folds that hold every image
+    out once; the out-of-fold estimate scores each image with the model that held it out, averages
+    several recipes on the same folds, and refuses models whose folds do not fit the data."""
+    import shutil
+
+    from covidct.data.classification import load_records
+    from covidct.engine.evaluate_cls import evaluate_out_of_fold, evaluate_records
+    from covidct.errors import CovidctError
+    from covidct.models.checkpoint import read_checkpoint
+
+    data = tmp_path / "data"
+    shutil.copytree(trained_cls[0], data)
+    paths = [tmp_path / f"f{k}.pt" for k in range(2)]
+    for k, path in enumerate(paths):
+        assert main(["train", "cls", "--data", str(data), "--encoder", "resnet18", "--init", "random", "--input-size",
+                     "32", "--epochs", "1", "--batch-size", "4", "--folds", "2", "--fold", str(k), "-o", str(path)]) == 0
+    held = [read_checkpoint(p)["validation_files"] for p in paths]
+    rows = [line.split(",") for line in (data / "split.csv").read_text().splitlines()[1:]]
+    pool = sorted(r[0] for r in rows if r[2] != "test")
+    assert sorted(held[0] + held[1]) == pool and not set(held[0]) & set(held[1])
+    capsys.readouterr()
+    one = evaluate_out_of_fold(paths, data, progress=False)
+    assert one["n_images"] == len(pool) == 20 and one["models_per_image"] == 1
+    # each image's probability is its own fold model's, with that model's temperature (rows sorted by path)
+    model, payload = load_cls_model(paths[1])
+    val = [r for r in load_records(data, classes=model.config.classes) if r.path.relative_to(data).as_posix() in held[1]]
+    direct = evaluate_records(model, val, temperature=payload["temperature"], progress=False)["_probabilities"]
+    rows_of_val = [pool.index(r.path.relative_to(data).as_posix()) for r in val]
+    np.testing.assert_allclose(one["_probabilities"][rows_of_val], direct, atol=1e-6)
+    two = evaluate_out_of_fold([*paths, *paths], data, progress=False)  # two recipes (here the same) averaged
+    assert two["models_per_image"] == 2 and np.allclose(two["_probabilities"], one["_probabilities"], atol=1e-6)
+    with pytest.raises(CovidctError, match="equally often"):
+        evaluate_out_of_fold([*paths, paths[0]], data, progress=False)
+    # the ensemble of the fold models, calibrated on their out-of-fold predictions (temperature + offsets)
+    from covidct.engine.evaluate_cls import evaluate_cls
+
+    ens = tmp_path / "ens.pt"
+    assert main(["ensemble", "--model", str(paths[0]), "--model", str(paths[1]), "--data", str(data), "--out-of-fold",
+                 "-o", str(ens)]) == 0
+    model, payload = load_cls_model(ens)
+    cv = payload["metrics"]["cross_validation"]
+    assert cv["n_images"] == 20 and payload["metrics"]["cross_validation_uncalibrated"]["auc"] == pytest.approx(one["auc"])
+    offsets = model.config.logit_offsets
+    assert len(offsets) == 2 and offsets[0] == 0.0
+    members = evaluate_cls([*paths], data, split="test", progress=False)["_probabilities"]  # plain mean
+    logits = (np.log(members) + np.array(offsets)) / payload["temperature"]
+    expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(evaluate_cls(ens, data, split="test", progress=False)["_probabilities"], expected, atol=0.05)
+    assert main(["ensemble", "--model", str(paths[0]), "--model", str(paths[1]), "--out-of-fold", "-o", str(ens)]) == 2
+    (data / "split.csv").write_text("\n".join(["path,label,split"] + [",".join(r) for r in rows[2:]]) + "\n")
+    with pytest.raises(CovidctError, match="held-out images are not those"):
+        evaluate_out_of_fold(paths, data, progress=False)
+    assert main(["train", "cls", "--data", str(data), "--folds", "2", "--fold", "2", "-o", str(tmp_path / "x.pt")]) == 2
+    assert "--fold in 0..1" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
+
+
+def test_ensemble_of_fold_models_in_a_weights_subfolder(trained_cls, tmp_path, monkeypatch):
+    """Fold models shipped in a sub-folder of the weights folder are named relative to it by the
+    ensemble (so the package can move), resolve by that name, and are not listed as models."""
+    import shutil
+
+    from covidct.engine.evaluate_cls import save_ensemble
+    from covidct.models import registry
+
+    weights = tmp_path / "weights"
+    (weights / "cv").mkdir(parents=True)
+    for k in range(2):
+        shutil.copy(trained_cls[1], weights / "cv" / f"m{k}.pt")
+    monkeypatch.setattr(registry, "WEIGHTS_DIR", weights.resolve())
+    save_ensemble([weights / "cv" / "m0.pt", "cv/m1"], weights / "ens.pt", progress=False)
+    model, payload = registry.load_cls_model("ens")
+    assert payload["metrics"]["members"] == ["cv/m0", "cv/m1"] and len(model.members) == 2
+    assert [m["name"] for m in registry.list_models()] == ["ens"]
+
+
 def test_classify_prints_and_writes_slice_probabilities(trained_cls, tmp_path, capsys):
     from covidct.engine.evaluate_cls import evaluate_cls
 
@@ -171,6 +247,18 @@ def test_init_from_segmentation_encoder(tmp_path):
     torch.testing.assert_close(cls.net.layer1[0].conv1.weight, seg.net.encoder.layer1[0].conv1.weight)
     with pytest.raises(ValueError):
         build_cls_model(ClsModelConfig(encoder="resnet34"), init=str(seg_path))
+
+
+def test_temperature_and_offsets_undo_a_scale_and_a_shift():
+    from covidct.engine.train_cls import fit_temperature_and_bias
+
+    rng = np.random.default_rng(0)
+    y = torch.as_tensor(rng.integers(0, 2, 4000))
+    true_logit = torch.as_tensor(rng.normal(0, 1.5, 4000)).float()
+    y = (torch.rand(4000, generator=torch.Generator().manual_seed(1)) < torch.sigmoid(true_logit)).long()
+    seen = 3.0 * true_logit - 2.0  # over-confident and shifted towards class 0
+    t, c = fit_temperature_and_bias(torch.stack([torch.zeros(4000), seen], dim=1), y)
+    assert t == pytest.approx(3.0, rel=0.15) and c[0] == 0.0 and c[1] == pytest.approx(2.0, abs=0.4)
 
 
 def test_temperature_scaling_softens_overconfidence():
@@ -241,7 +329,8 @@ def test_expected_calibration_error():
 
 @pytest.mark.realdata
 def test_shipped_classifier_on_real_validation_images(tmp_path):
-    """Smoke test: the shipped UCSD classifier loads by name alone and scores held-out val images."""
+    """Smoke test: the shipped default classifier loads by name alone and scores real UCSD images
+    (not an estimate: the default k-fold ensemble trained on every train and val image)."""
     import shutil
 
     from conftest import need_data

@@ -86,6 +86,37 @@ def test_group_kfold_validates_every_item_once():
         group_kfold(items, groups, n_folds=5, fold=5)
 
 
+def test_group_kfold_stratified_keeps_each_class_share_and_big_groups_whole():
+    # 40 "NonCOVID" items with one group of 12, 20 "COVID" items in pairs
+    labels = ["N"] * 40 + ["C"] * 20
+    groups = ["big"] * 12 + [f"n{i}" for i in range(28)] + [f"c{i // 2}" for i in range(20)]
+    items = list(range(60))
+    seen: list[int] = []
+    for fold in range(4):
+        train, val = group_kfold(items, groups, n_folds=4, fold=fold, seed=0, strata=labels)
+        assert sum(labels[i] == "C" for i in val) in (4, 6)  # 20 COVID in pairs over 4 folds
+        assert sum(labels[i] == "N" for i in val) in (9, 10, 12)  # the big group is one fold's share
+        assert not {groups[i] for i in train} & {groups[i] for i in val}
+        seen += val
+    assert sorted(seen) == items
+
+
+def test_numbered_names_are_grouped_like_the_official_ucsd_split(tmp_path):
+    from covidct.data.classification import numbered_name_groups
+
+    names = ["N/25.png", "N/25%0.jpg", "N/26%3.jpg", "N/28.png", "N/1058.png", "N/1059.png", "N/1061.png", "N/a.png"]
+    assert numbered_name_groups(names) == ["run-25", "run-25", "run-25", "run-28", "run-1058", "run-1058",
+                                           "run-1061", None]
+    # numbers that are a plain index (one run holding most names): only shared leading numbers group
+    assert numbered_name_groups([f"{i}.png" for i in range(6)] + ["3%1.png"]) == [
+        "run-0", "run-1", "run-2", "run-3", "run-4", "run-5", "run-3"]
+    (tmp_path / "split.csv").write_text("path,label,split,source_paper\nC/1.png,COVID,train,doi:x\n"
+                                        "C/2.png,COVID,train,\nN/1.png,NonCOVID,train,\nN/2.png,NonCOVID,val,\n")
+    rec = load_records(tmp_path)
+    # a source column wins; numbering groups only within one label and folder
+    assert [r.patient for r in rec] == ["doi:x", "COVID/C/run-2", "NonCOVID/N/run-1", "NonCOVID/N/run-2"]
+
+
 def test_data_root_setting(monkeypatch, tmp_path):
     monkeypatch.setenv("COVIDCT_DATA", str(tmp_path))
     assert data_root() == tmp_path

@@ -85,3 +85,17 @@ def test_missing_model_file(tmp_path, seg_folder, capsys):
     junk.write_bytes(b"not a model")
     assert main(["evaluate", "seg", "--model", str(junk), "--data", str(seg_folder)]) == 2
     assert "junk.pt" in capsys.readouterr().err
+
+
+def test_classification_csvs_with_missing_columns_or_bad_values(tmp_path, capsys):
+    """A COVID-CT-MD-style folder whose CSVs lack a column or hold a non-number: one line naming the file."""
+    (tmp_path / "patients.csv").write_text("patient_id,diagnosis,path\nP9,COVID-19,P9.nii.gz\n")
+    labels = tmp_path / "slice_labels.csv"
+    labels.write_text("patient_id,slice_index\nP9,0\n")
+    assert main(["evaluate", "cls", "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(labels) in err and "'infection'" in err
+    labels.write_text("patient_id,slice_index,infection\nP9,0,1\nP9,one,1\n")
+    assert main(["evaluate", "cls", "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(labels) in err and "line 3" in err

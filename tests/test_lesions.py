@@ -92,6 +92,26 @@ def test_maskcls_trains_s_and_evaluates_through_evaluate_cls(tmp_path, seg_folde
     png = tmp_path / "x.png"
     assert main(["explain", str(data / "COVID" / "0.png"), "--model", str(out), "-o", str(png)]) == 0
     assert png.exists() and "RoIs read by S" in capsys.readouterr().out
+    # k-fold stage 2 (as `train cls --folds`): two folds hold out the 8 train + val images once each
+    from covidct.engine.evaluate_cls import evaluate_out_of_fold
+
+    folds = [tmp_path / f"mc{k}.pt" for k in range(2)]
+    for k, path in enumerate(folds):
+        assert main(["train", "maskcls", "--data", str(data), "--lesion-model", str(tmp_path / "les.pt"), "--top-n", "8",
+                     "--s-width", "16", "--epochs", "5", "--folds", "2", "--fold", str(k), "-o", str(path)]) == 0
+    oof = evaluate_out_of_fold(folds, data, progress=False)
+    assert oof["n_images"] == 8 and oof["models_per_image"] == 1 and oof["_probabilities"].shape == (8, 2)
+    # S only changed: the file stores S and takes the rest from the lesion model, checked by its sha256
+    from covidct.models.checkpoint import read_checkpoint, record_metrics
+
+    stored = read_checkpoint(out)
+    assert set(stored["state_dict"]) == {k for k in model.state_dict() if k.startswith("s.")}
+    assert stored["base_model"]["prefix"] == "lesion." and len(stored["base_model"]["sha256"]) == 64
+    record_metrics(tmp_path / "les.pt", note="changed")  # same weights, another file
+    capsys.readouterr()
+    assert main(["evaluate", "cls", "--model", str(out), "--data", str(data), "--split", "test"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "base model" in err and "changed" in err and len(err.splitlines()) == 1
 
 
 def test_efficientnet_backbone_starts_from_our_segmentation_encoder(tmp_path):
@@ -145,7 +165,7 @@ def test_maskcls_stage2_trains_only_what_was_chosen(tmp_path, train):
     assert res["trained"].startswith("S + ") and res["n_train"] == 4 and res["n_val"] == 4
     model, payload = load_cls_model(tmp_path / "mc.pt")
     assert payload["train_config"]["train"] == train
-    before = {k: v.half().float() for k, v in lesion.state_dict().items()}  # the checkpoint stores fp16
+    before = lesion.state_dict()  # what stage 2 left unchanged is read from the lesion file itself
     after = {k.removeprefix("lesion."): v for k, v in model.state_dict().items() if k.startswith("lesion.")}
 
     def moved(pattern: str) -> bool:

@@ -94,6 +94,19 @@ def _parse_fold(text: str) -> int | str:
         raise CovidctError(None, f"--fold must be 'all' or a fold number, not {text!r}") from None
 
 
+def _classifier_fold(args: argparse.Namespace) -> int:
+    fold = _parse_fold(args.fold)
+    if fold == "all":
+        raise CovidctError(None, "classifiers need a validation fold (epoch and temperature): --fold 0..folds-1")
+    return fold
+
+
+def _add_classifier_fold_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--folds", type=int, default=0, help="k-fold: pool train + val, cut K patient-grouped folds "
+                   "(0: the folder's val split, else a --seed share)")
+    s.add_argument("--fold", default="0", help="which fold validates (0..folds-1); keep --seed equal across folds")
+
+
 def _print_training_result(result: dict) -> None:
     """The training summary as JSON, once: under torchrun only rank 0 prints it."""
     from covidct.report.json_io import to_json
@@ -144,7 +157,7 @@ def _cmd_train_cls(args: argparse.Namespace) -> int:
         raise CovidctError(args.data, "no such folder")
     cfg = ClsTrainConfig(data=str(args.data), n_classes=args.classes, encoder=args.encoder, init=args.init,
                          input_size=args.input_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         seed=args.seed)
+                         seed=args.seed, folds=args.folds, fold=_classifier_fold(args))
     _print_training_result(train_cls(cfg, args.output))
     return 0
 
@@ -265,7 +278,8 @@ def _cmd_train_maskcls(args: argparse.Namespace) -> int:
         raise CovidctError(args.data, "no such folder")
     cfg = MaskClsTrainConfig(data=str(args.data), lesion_model=args.lesion_model, n_classes=args.classes,
                              top_n=args.top_n, s_width=args.s_width, train=args.train, epochs=args.epochs,
-                             batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+                             batch_size=args.batch_size, lr=args.lr, seed=args.seed, folds=args.folds,
+                             fold=_classifier_fold(args))
     _print_training_result(train_maskcls(cfg, args.output))
     return 0
 
@@ -276,7 +290,10 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
 
     if args.data is not None and not Path(args.data).is_dir():
         raise CovidctError(args.data, "no such folder")
-    print(to_json(save_ensemble(args.model, args.output, data=args.data, split=args.split), disclaimer=False))
+    if args.out_of_fold and args.data is None:
+        raise CovidctError(None, "--out-of-fold needs --data (the folder the fold models were trained on)")
+    print(to_json(save_ensemble(args.model, args.output, data=args.data, split=args.split, out_of_fold=args.out_of_fold),
+                  disclaimer=False))
     return 0
 
 
@@ -463,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--encoder", default="efficientnet-lite0")
     s.add_argument("--init", default="imagenet", help="random, imagenet, or a covidct segmentation model file")
     s.add_argument("--input-size", type=int, default=224)
+    _add_classifier_fold_options(s)
     _add_training_options(s, epochs=30, batch_size=16, lr=1e-3)
     s.set_defaults(func=_cmd_train_cls)
 
@@ -487,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train", choices=("s", "s+bn", "s+roi"), default="s",
                    help="what to train: s = the classification module S only; s+bn = S and the backbone's "
                    "batch-norm affine parameters; s+roi = S, box head and box predictor")
+    _add_classifier_fold_options(s)
     _add_training_options(s, epochs=None, batch_size=16, lr=1e-3)
     s.set_defaults(func=_cmd_train_maskcls)
 
@@ -494,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", action="append", required=True, help="member classifier (shipped name or .pt), repeat")
     s.add_argument("--data", help="score the ensemble on this classification folder and store it as validation")
     s.add_argument("--split", default="val", help="split of --data to score (default: val)")
+    s.add_argument("--out-of-fold", action="store_true", help="the members are k-fold models of --data (train cls "
+                   "--folds): score their out-of-fold predictions and fit a temperature and class offsets there")
     s.add_argument("-o", "--output", required=True, help="model file to write (.pt)")
     s.set_defaults(func=_cmd_ensemble)
 

@@ -1,6 +1,8 @@
 """Image-classification sets as lists of :class:`ClsRecord`, from four layouts.
 
-* ``split.csv`` with columns ``path,label[,split]`` (UCSD COVID-CT style); paths relative to the CSV.
+* ``split.csv`` with columns ``path,label[,split][,patient|source_paper]`` (UCSD COVID-CT style); paths
+  relative to the CSV. Images without a patient or source are grouped by their numbered names
+  (:func:`numbered_name_groups`) so that splits keep panels of one figure and runs of one case together.
 * COVID-CT-MD: ``patients.csv`` + ``slice_labels.csv`` + DICOM series folders / NIfTI volumes.
   Following the COVIDx-CT convention, COVID-19 and CAP patients contribute their infection-labelled
   slices, Normal patients all slices.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +33,15 @@ _ALIASES = {
     "covid": "COVID",
 }
 COVIDX_NAME = re.compile(r"^(NCP|CP|Normal)_([^_]+)_([^_]+)_(.+)\.(png|jpe?g|bmp|tiff?)$", re.IGNORECASE)
+
+
+def relative_name(record: ClsRecord, root: Path) -> str:
+    """A record as ``path`` relative to the data folder (``#k`` appended for a volume slice)."""
+    try:
+        name = record.path.relative_to(root).as_posix()
+    except ValueError:
+        name = record.path.as_posix()
+    return name if record.slice_index is None else f"{name}#{record.slice_index}"
 
 
 def canonical_label(label: str, classes: tuple[str, ...] | list[str]) -> str:
@@ -76,34 +88,77 @@ def detect_layout(root: str | Path) -> str:
                            "COVIDx-CT names, or one folder per class)")
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+    """The rows of a CSV with a header that names every ``required`` column (else one clear error)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in required if c not in (reader.fieldnames or [])]
+            if missing:
+                raise InputError(path, f"needs the column(s) {', '.join(repr(c) for c in missing)}"
+                                       f" (header: {', '.join(reader.fieldnames or []) or 'none'})")
+            return list(reader)
+    except UnicodeDecodeError:
+        raise InputError(path, "is not UTF-8 text") from None
+
+
+LEADING_NUMBER = re.compile(r"^(\d+)(?:%\d+)?\.[A-Za-z]+$")
+
+
+def numbered_name_groups(names: list[str]) -> list[str | None]:
+    """A source group per file name for sets that name images by number (UCSD NonCOVID): names
+    with one leading number (``25.png``, ``25%0.jpg``, ``25%3.jpg``: panels of one figure) and runs
+    of consecutive numbers (``1058.png`` … ``1062.png``: slices of one case) form one group, as
+    the official UCSD split keeps them; other names get ``None`` (a group of their own). When one
+    run would hold more than half of the numbered names, the numbers are a plain index
+    (``1.png`` … ``500.png``) and only names sharing their leading number are grouped."""
+    numbers = [int(m.group(1)) if (m := LEADING_NUMBER.match(Path(n).name)) else None for n in names]
+    start: dict[int, int] = {}
+    for n in sorted({n for n in numbers if n is not None}):
+        start[n] = start[n - 1] if n - 1 in start else n
+    numbered = [n for n in numbers if n is not None]
+    run_sizes = Counter(start[n] for n in numbered)
+    if numbered and max(run_sizes.values()) > len(numbered) / 2:
+        start = {n: n for n in start}
+    return [None if n is None else f"run-{start[n]}" for n in numbers]
 
 
 def load_split_csv(root: Path) -> list[ClsRecord]:
-    rows = _read_csv(root / "split.csv")
-    if not rows or "path" not in rows[0] or "label" not in rows[0]:
-        raise InputError(root / "split.csv", "needs 'path' and 'label' columns")
+    rows = _read_csv(root / "split.csv", ("path", "label"))
+    # numbered names are grouped per label and folder (COVID and NonCOVID numbers are unrelated)
+    unsourced: dict[tuple[str, str], list[int]] = {}
+    for i, r in enumerate(rows):
+        if not (r.get("patient") or r.get("source_paper")):
+            unsourced.setdefault((r["label"], str(Path(r["path"]).parent)), []).append(i)
+    derived: dict[int, str] = {}
+    for (label, folder), idx in unsourced.items():
+        for i, g in zip(idx, numbered_name_groups([rows[i]["path"] for i in idx])):
+            if g is not None:
+                derived[i] = f"{label}/{folder}/{g}"
     out = []
-    for r in rows:
-        patient = r.get("patient") or r.get("source_paper") or None
+    for i, r in enumerate(rows):
+        patient = r.get("patient") or r.get("source_paper") or derived.get(i)
         out.append(ClsRecord(root / r["path"], r["label"], r.get("split") or None, patient))
     return out
 
 
 def load_covid_ct_md(root: Path) -> list[ClsRecord]:
-    patients = {r["patient_id"]: r for r in _read_csv(root / "patients.csv")}
+    patients = {r["patient_id"]: r for r in _read_csv(root / "patients.csv", ("patient_id", "diagnosis", "path"))}
     out = []
-    for r in _read_csv(root / "slice_labels.csv"):
+    labels = root / "slice_labels.csv"
+    for line, r in enumerate(_read_csv(labels, ("patient_id", "slice_index", "infection")), start=2):
         p = patients.get(r["patient_id"])
         if p is None:
-            raise InputError(root / "slice_labels.csv", f"patient {r['patient_id']} is not in patients.csv")
+            raise InputError(labels, f"patient {r['patient_id']} is not in patients.csv")
         diagnosis = r.get("diagnosis") or p["diagnosis"]
-        normal = canonical_label(diagnosis, THREE_CLASSES) == "Control"
-        if not normal and int(r["infection"]) != 1:
+        try:
+            normal = canonical_label(diagnosis, THREE_CLASSES) == "Control"
+            infected, index = int(r["infection"]), int(r["slice_index"])
+        except ValueError as exc:
+            raise InputError(labels, f"line {line}: {exc}") from None
+        if not normal and infected != 1:
             continue
-        out.append(ClsRecord(root / p["path"], diagnosis, None, r["patient_id"], int(r["slice_index"])))
+        out.append(ClsRecord(root / p["path"], diagnosis, None, r["patient_id"], index))
     return out
 
 

@@ -48,12 +48,15 @@ def group_kfold(
     n_folds: int,
     fold: int,
     seed: int = 0,
+    strata: Sequence[Hashable] | None = None,
 ) -> tuple[list[T], list[T]]:
     """(train, val) for fold ``fold`` of ``n_folds`` with whole groups per fold.
 
-    Groups are shuffled with ``seed`` and each goes to the fold that holds the fewest items so
-    far, so folds differ in size by at most one group; every item is validated exactly once
-    over the ``n_folds`` folds.
+    Groups are shuffled with ``seed``, then taken largest first (a stable sort, so groups of one
+    item keep the shuffled order), each going to the fold that holds the fewest items so far: folds
+    differ in size by at most one group; every item is validated exactly once over the ``n_folds``
+    folds. With ``strata`` (e.g. the class labels) this is done per stratum, so every fold gets its
+    share of each class; a group belongs to the stratum of its first item.
     """
     if n_folds < 2:
         raise ValueError("n_folds must be at least 2")
@@ -64,11 +67,13 @@ def group_kfold(
         buckets[("__single__", i) if g is None else g].append(i)
     keys = sorted(buckets, key=str)
     random.Random(seed).shuffle(keys)
-    sizes = [0] * n_folds
+    keys.sort(key=lambda k: -len(buckets[k]))
+    sizes: dict[Hashable, list[int]] = defaultdict(lambda: [0] * n_folds)
     val_set: set[int] = set()
     for k in keys:
-        target = min(range(n_folds), key=lambda f: (sizes[f], f))
-        sizes[target] += len(buckets[k])
+        fold_sizes = sizes[None if strata is None else strata[buckets[k][0]]]
+        target = min(range(n_folds), key=lambda f: (fold_sizes[f], f))
+        fold_sizes[target] += len(buckets[k])
         if target == fold:
             val_set.update(buckets[k])
     train = [it for i, it in enumerate(items) if i not in val_set]

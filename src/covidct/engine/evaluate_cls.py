@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -135,26 +136,41 @@ def evaluate_cls(model_spec: str | Path | None | Sequence[str | Path], data: str
 
 
 def save_ensemble(model_specs: Sequence[str | Path], output: str | Path, *, data: str | Path | None = None,
-                  split: str = "val", progress: bool = True) -> dict[str, Any]:
+                  split: str = "val", out_of_fold: bool = False, progress: bool = True) -> dict[str, Any]:
     """Write a classifier ensemble (the mean of the members' calibrated probabilities) as one model
     file naming its members and their checksums; with ``data``, score it on that folder's ``split``,
-    fit a temperature for the mean there, and store both as its validation metrics."""
+    fit a temperature for the mean there, and store both as its validation metrics. With
+    ``out_of_fold`` the members are k-fold models of ``data`` (``train cls --folds``): the estimate is
+    their out-of-fold prediction (:func:`evaluate_out_of_fold`, stored as ``cross_validation``), on
+    which a temperature and class offsets are fitted (Platt scaling)."""
     from covidct.models.checkpoint import file_sha256, read_checkpoint, save_checkpoint
     from covidct.models.ensemble import EnsembleConfig, build_ensemble
-    from covidct.models.registry import WEIGHTS_DIR, resolve_model
+    from covidct.models.registry import model_name, resolve_model
 
     if len(model_specs) < 2:
         raise CovidctError(None, "an ensemble needs at least two --model")
     paths = [resolve_model(spec, task="cls") for spec in model_specs]
-    names = [p.stem if p.parent == WEIGHTS_DIR else str(p.resolve()) for p in paths]
+    names = [model_name(p) for p in paths]
     headers = [read_checkpoint(p) for p in paths]  # sizes and classes; build_ensemble loads the networks once
     config = EnsembleConfig(members=tuple(names), checksums=tuple(file_sha256(p) for p in paths),
                             classes=tuple(headers[0].get("classes", ())),
                             input_size=max(int(h["input_size"]) for h in headers))
-    model = build_ensemble(config)
     metrics: dict[str, Any] = {"members": names}
     temperature = 1.0
-    if data is not None:
+    if data is not None and out_of_fold:
+        from covidct.engine.train_cls import fit_temperature_and_bias
+
+        res = evaluate_out_of_fold(paths, data, progress=progress)
+        logits = torch.log(torch.as_tensor(res["_probabilities"]).clamp_min(1e-8))
+        temperature, offsets = fit_temperature_and_bias(logits, torch.as_tensor(res["_labels"]))
+        calibrated = torch.softmax((logits + torch.tensor(offsets)) / temperature, dim=1).numpy()
+        after = score_probabilities(calibrated, res["_labels"], config.classes)
+        config = dataclasses.replace(config, logit_offsets=tuple(offsets))
+        metrics["cross_validation_uncalibrated"] = {"data": str(data), "n_images": res["n_images"],
+                                                    "models_per_image": res["models_per_image"], **summarize(res)}
+        metrics["cross_validation"] = {"n_images": res["n_images"], **summarize(after)}
+    model = build_ensemble(config)
+    if data is not None and not out_of_fold:
         from covidct.engine.train_cls import fit_temperature
 
         records = load_records(data, split=split, classes=config.classes)
@@ -170,3 +186,53 @@ def save_ensemble(model_specs: Sequence[str | Path], output: str | Path, *, data
                     normalization="each member's own (grey [0,1]; the ensemble input is resized to each member's size)",
                     metrics=metrics)
     return {"output": str(output), **metrics}
+
+
+def evaluate_out_of_fold(model_specs: Sequence[str | Path], data: str | Path, *,
+                         progress: bool = True) -> dict[str, Any]:
+    """Cross-validation estimate of k-fold classifiers (``covidct train cls --folds K --fold k``): each
+    model scores only the images its own fold held out (re-derived from its stored training settings
+    on ``data`` and checked against the file list it stored), with its own temperature. Models of
+    several recipes trained on the same folds are averaged per image (the out-of-fold estimate of
+    their ensemble); every image must be held out by the same number of models."""
+    from dataclasses import fields
+
+    from covidct.data.classification import relative_name
+    from covidct.engine.train_cls import ClsTrainConfig, split_records
+    from covidct.models.registry import load_cls_model
+
+    sums: dict[tuple[str, int | None], np.ndarray] = {}
+    counts: dict[tuple[str, int | None], int] = {}
+    labels: dict[tuple[str, int | None], str] = {}
+    classes: list[str] | None = None
+    names = []
+    for spec in model_specs:
+        model, payload = load_cls_model(spec)
+        tc = payload.get("train_config") or {}
+        if not tc.get("folds"):
+            raise CovidctError(payload["path"], "not a k-fold model (train it with --folds K --fold k)")
+        known = {f.name for f in fields(ClsTrainConfig)}
+        cfg = ClsTrainConfig(**{**{k: v for k, v in tc.items() if k in known}, "data": str(data)})
+        if classes is None:
+            classes = list(model.config.classes)
+        elif list(model.config.classes) != classes:
+            raise CovidctError(payload["path"], f"classes {list(model.config.classes)} differ from {classes}")
+        _, val = split_records(load_records(data, classes=classes), cfg)
+        stored = payload.get("validation_files")
+        if stored is not None and sorted(stored) != sorted(relative_name(r, Path(data)) for r in val):
+            raise CovidctError(payload["path"], f"its held-out images are not those of fold {cfg.fold} of {data}")
+        res = evaluate_records(model, val, temperature=float(payload.get("temperature", 1.0)), progress=progress)
+        for r, p in zip(val, res["_probabilities"]):
+            key = (r.path.as_posix(), r.slice_index)
+            sums[key] = sums.get(key, 0.0) + p
+            counts[key] = counts.get(key, 0) + 1
+            labels[key] = r.label
+        names.append(Path(payload["path"]).name)
+    if len(set(counts.values())) != 1:
+        raise CovidctError(data, "the models do not hold out every image equally often (mixed folds?)")
+    keys = sorted(sums, key=lambda k: (k[0], -1 if k[1] is None else k[1]))
+    p = np.stack([sums[k] / counts[k] for k in keys])
+    result = score_probabilities(p, np.array([classes.index(labels[k]) for k in keys]), classes)
+    result["models"] = names
+    result["models_per_image"] = next(iter(counts.values()))
+    return result

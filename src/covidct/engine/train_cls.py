@@ -1,7 +1,10 @@
 """``covidct train cls``: slice classifier (binary or 3-class) on CPU.
 
 Validation: the folder's own ``val`` split when it has one (UCSD ``split.csv``), else a seeded
-patient-grouped share of the training records. The best epoch (validation AUC, ties by accuracy) is
+patient-grouped share of the training records. With ``folds=K`` the training and validation
+records are pooled (never a ``test`` split) and cut into K patient-grouped folds stratified by class
+(``covidct.data.splits.group_kfold``, seeded by ``seed``: use one seed for all folds); fold ``fold``
+validates, so K runs see every image once out of fold and their models form a K-fold ensemble. The best epoch (validation AUC, ties by accuracy) is
 kept; then a temperature is fitted on the validation logits (calibration) and stored in the checkpoint
 with the validation accuracy, F1, AUC and ECE before and after scaling. Launched by ``torchrun`` it
 trains data-parallel (the global batch split over the ranks; rank 0 validates and writes).
@@ -21,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from covidct.data.classification import BINARY_CLASSES, THREE_CLASSES, ClsRecord, RecordImages, load_records
+from covidct.data.classification import BINARY_CLASSES, THREE_CLASSES, ClsRecord, RecordImages, load_records, relative_name
 from covidct.data.cls_transforms import cls_train_transform
-from covidct.data.splits import group_split
+from covidct.data.splits import group_kfold, group_split
 from covidct.engine.common import Distributed, seed_everything, warmup_cosine, write_log
 from covidct.engine.evaluate_cls import evaluate_records, mean_auc, summarize
 from covidct.errors import CovidctError
@@ -44,6 +47,8 @@ class ClsTrainConfig:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.05
     val_fraction: float = 0.2
+    folds: int = 0  # >= 2: k-fold over train + val pooled, ``fold`` validates
+    fold: int = 0
     seed: int = 0
     half: bool = True
 
@@ -57,6 +62,13 @@ class ClsTrainConfig:
 
 
 def split_records(records: list[ClsRecord], cfg: ClsTrainConfig) -> tuple[list[ClsRecord], list[ClsRecord]]:
+    """(train, val) records of a training run: see the module docstring."""
+    if cfg.folds:
+        if cfg.folds < 2 or not 0 <= cfg.fold < cfg.folds:
+            raise CovidctError(None, f"--folds must be at least 2 and --fold in 0..{max(cfg.folds, 2) - 1}")
+        pool = [r for r in records if r.split in (None, "train", "val")]
+        return group_kfold(pool, [r.patient for r in pool], n_folds=cfg.folds, fold=cfg.fold, seed=cfg.seed,
+                           strata=[r.label for r in pool])
     if any(r.split == "val" for r in records):
         return [r for r in records if r.split == "train"], [r for r in records if r.split == "val"]
     train_pool = [r for r in records if r.split in (None, "train")]
@@ -73,6 +85,26 @@ class _Images(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         img = self.transform(image=self.images[i])["image"]
         return torch.from_numpy(np.ascontiguousarray(img, np.float32))[None], self.labels[i]
+
+
+def fit_temperature_and_bias(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, list[float]]:
+    """Temperature ``T`` and class offsets ``c`` (``c[0] = 0``) minimising the NLL of
+    ``softmax((logits + c) / T)``: Platt scaling for two classes (vector scaling beyond). Used for
+    ensembles, on out-of-fold predictions: it corrects a shift between the classes as well as the scale."""
+    n = logits.shape[1]
+    log_t = torch.zeros(1, requires_grad=True)
+    offsets = torch.zeros(n - 1, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t, offsets], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        c = torch.cat([torch.zeros(1), offsets])
+        loss = F.cross_entropy((logits + c) / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().exp()), [0.0, *(float(v) for v in offsets.detach())]
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -173,5 +205,6 @@ def train_cls(cfg: ClsTrainConfig, output: str | Path, *, progress: bool = True)
     save_checkpoint(output, task="cls", config=mcfg.to_dict(), state_dict=model.state_dict(), half=cfg.half,
                     classes=list(classes), input_size=cfg.input_size, temperature=temperature,
                     normalization="grey [0,1] (HU: model window L-420/W1480; 8-bit /255), resized to input_size; (x-0.449)/0.226 inside",
-                    train_config=asdict(cfg), metrics=metrics)
+                    train_config=asdict(cfg), metrics=metrics,
+                    validation_files=[relative_name(r, Path(cfg.data)) for r in val])
     return {"output": str(output), "temperature": temperature, **metrics}

@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from covidct.data.classification import BINARY_CLASSES, THREE_CLASSES, RecordImages, load_records
+from covidct.data.classification import BINARY_CLASSES, THREE_CLASSES, RecordImages, load_records, relative_name
 from covidct.data.cls_transforms import cls_eval_transform
 from covidct.engine.common import Distributed, seed_everything
 from covidct.engine.evaluate_cls import mean_auc, score_probabilities, summarize
 from covidct.engine.train_cls import ClsTrainConfig, fit_temperature, split_records
 from covidct.errors import CovidctError
-from covidct.models.checkpoint import save_checkpoint
+from covidct.models.checkpoint import delta_state, read_checkpoint, save_checkpoint
 from covidct.models.maskcls import TRAIN_CHOICES, MaskClsConfig, MaskClsNet
 
 DEFAULT_EPOCHS = {"s": 300, "s+bn": 15, "s+roi": 40}
@@ -58,6 +58,8 @@ class MaskClsTrainConfig:
     lr: float = 1e-3  # for S; the lesion network's parameters get lr / 10
     weight_decay: float = 1e-4
     val_fraction: float = 0.2
+    folds: int = 0  # >= 2: k-fold over train + val pooled, ``fold`` validates (as ``train cls``)
+    fold: int = 0
     seed: int = 0
 
     @property
@@ -110,7 +112,7 @@ def _tensor(image: np.ndarray) -> torch.Tensor:
 
 
 def train_maskcls(cfg: MaskClsTrainConfig, output: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    from covidct.models.registry import load_lesion_model
+    from covidct.models.registry import base_model_reference, load_lesion_model
 
     if cfg.train not in TRAIN_CHOICES:
         raise CovidctError(None, f"--train must be one of {', '.join(TRAIN_CHOICES)}")
@@ -134,7 +136,8 @@ def train_maskcls(cfg: MaskClsTrainConfig, output: str | Path, *, progress: bool
     for p in trainable:
         p.requires_grad_(True)
     records = load_records(cfg.data, classes=classes)
-    train, val = split_records(records, ClsTrainConfig(data=cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed))
+    train, val = split_records(records, ClsTrainConfig(data=cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                                                            folds=cfg.folds, fold=cfg.fold))
     if not train or not val:
         raise CovidctError(cfg.data, "need both training and validation records")
     n_train = len(train)
@@ -194,10 +197,14 @@ def train_maskcls(cfg: MaskClsTrainConfig, output: str | Path, *, progress: bool
                "n_val": len(val), "cache_seconds": round(cache_seconds, 1), "train_seconds": round(train_seconds, 1),
                "trained": {"s": "S only", "s+bn": "S + backbone batch-norm affine",
                            "s+roi": "S + RoI box head and predictor"}[cfg.train], "world_size": dist.world_size}
-    save_checkpoint(output, task="maskcls", config=mcfg.to_dict(), state_dict=model.state_dict(), half=True,
+    # only what stage 2 changed is stored; the rest comes from the lesion model file (checked by sha256)
+    base = {**base_model_reference(Path(lesion_payload["path"])), "prefix": "lesion."}
+    state = delta_state(model.state_dict(), read_checkpoint(lesion_payload["path"])["state_dict"], prefix="lesion.")
+    save_checkpoint(output, task="maskcls", config=mcfg.to_dict(), state_dict=state, half=True, base_model=base,
                     classes=list(classes), input_size=mcfg.input_size, temperature=temperature,
                     anchors={"sizes": list(lesion.config.anchor_sizes), "aspect_ratios": list(lesion.config.aspect_ratios)},
-                    lesion_model=Path(lesion_payload["path"]).name, train_config=asdict(cfg), metrics=metrics)
+                    lesion_model=Path(lesion_payload["path"]).name, train_config=asdict(cfg), metrics=metrics,
+                    validation_files=[relative_name(r, Path(cfg.data)) for r in val])
     dist.barrier()
     dist.close()
     return {"output": str(output), "temperature": temperature, **metrics}

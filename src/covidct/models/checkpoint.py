@@ -7,6 +7,10 @@ A checkpoint is a ``torch.save``-d dict::
      "input_size": int, "normalization": str, "train_config": {...}, "metrics": {...},
      "versions": {...}, "created": iso-time}
 
+A model built on another checkpoint (the Mask-Net classifier on its lesion model) may store only the
+tensors that differ from it, with ``"base_model": {"name", "sha256", "prefix"}``: loading fills in the
+rest from that file (shipped name or path) after checking its checksum (:func:`delta_state`).
+
 It loads with ``weights_only=True`` (plain types and tensors only).
 """
 
@@ -56,6 +60,21 @@ def save_checkpoint(path: str | Path, *, task: str, config: dict, state_dict: di
         **fields,
     }
     return _save_atomic(payload, path)
+
+
+def delta_state(state_dict: dict[str, torch.Tensor], base_state: dict[str, torch.Tensor], *,
+                prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``state_dict`` that differ from ``base_state`` (whose keys appear under
+    ``prefix`` in ``state_dict``), compared as stored: in fp16 for floating tensors."""
+    def stored(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().cpu().half() if t.is_floating_point() else t.detach().cpu()
+
+    out = {}
+    for k, v in state_dict.items():
+        b = base_state.get(k[len(prefix):]) if k.startswith(prefix) else None
+        if b is None or b.shape != v.shape or not torch.equal(stored(v), stored(b)):
+            out[k] = v
+    return out
 
 
 def _save_atomic(payload: dict[str, Any], path: Path) -> Path:

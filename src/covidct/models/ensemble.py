@@ -21,6 +21,9 @@ class EnsembleConfig:
     checksums: tuple[str, ...]
     classes: tuple[str, ...]
     input_size: int  # the largest member input size: what the ensemble is fed
+    # added to the log mean probability before the ensemble's temperature (Platt / vector scaling
+    # fitted on out-of-fold predictions); empty: none
+    logit_offsets: tuple[float, ...] = ()
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -28,11 +31,12 @@ class EnsembleConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "EnsembleConfig":
         return cls(members=tuple(d["members"]), checksums=tuple(d["checksums"]), classes=tuple(d["classes"]),
-                   input_size=int(d["input_size"]))
+                   input_size=int(d["input_size"]), logit_offsets=tuple(float(v) for v in d.get("logit_offsets", ())))
 
 
 class ClassifierEnsemble(nn.Module):
-    """``forward`` returns the log of the mean calibrated probability (so its softmax is that mean)."""
+    """``forward`` returns the log of the mean calibrated probability (so its softmax is that mean),
+    plus the configured class offsets, if any."""
 
     weights_from_members = True  # the registry loads no state dict into it
 
@@ -49,7 +53,10 @@ class ClassifierEnsemble(nn.Module):
             xi = x if x.shape[-1] == size and x.shape[-2] == size else F.interpolate(
                 x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
             probs.append(torch.softmax(member(xi) / t, dim=1))
-        return torch.log(torch.stack(probs).mean(dim=0).clamp_min(1e-12))
+        log_mean = torch.log(torch.stack(probs).mean(dim=0).clamp_min(1e-12))
+        if self.config.logit_offsets:
+            log_mean = log_mean + log_mean.new_tensor(self.config.logit_offsets)
+        return log_mean
 
 
 def build_ensemble(config: EnsembleConfig) -> ClassifierEnsemble:

@@ -12,7 +12,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 #: Default shipped model per task; ``cam``: the classifier whose activation maps ``covidct explain`` /
 #: ``evaluate cam`` use (one CNN; the most lesion-shaped maps measured); ``scan_cls``: the one fast
 #: classifier ``covidct analyze`` runs on every lung slice.
-DEFAULTS: dict[str, str] = {"seg": "seg-effl0-unet", "cls": "cls-ensemble-ucsd", "lesions": "lesions-effl0-maskrcnn",
+DEFAULTS: dict[str, str] = {"seg": "seg-effl0-unet", "cls": "cls-cv5-ucsd", "lesions": "lesions-effl0-maskrcnn",
                             "cam": "cls-effl0-ucsd", "scan_cls": "cls-effl0-seginit"}
 
 
@@ -86,7 +86,7 @@ def load_model(spec: str | Path | None, *, task: str, accept: tuple[str, ...] | 
     if payload["task"] not in accept:
         raise CovidctError(path, f"is a {payload['task']!r} model, not a {TASK_NAMES[task]}")
     model = _builders()[payload["task"]](payload["config"])
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()}
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in _full_state(path, payload).items()}
     try:
         if not getattr(model, "weights_from_members", False):  # an ensemble loads its members' own files
             model.load_state_dict(state)
@@ -95,6 +95,37 @@ def load_model(spec: str | Path | None, *, task: str, accept: tuple[str, ...] | 
     model.eval()
     payload["path"] = str(path)
     return model, payload
+
+
+def model_name(path: str | Path) -> str:
+    """How one model file names another: the shipped name (path under the weights folder, no
+    ``.pt``; fold models of a shipped ensemble sit in sub-folders) or the absolute path."""
+    path = Path(path).resolve()
+    return path.relative_to(WEIGHTS_DIR).with_suffix("").as_posix() if path.is_relative_to(WEIGHTS_DIR) else str(path)
+
+
+def base_model_reference(path: Path) -> dict[str, str]:
+    """How a checkpoint names the model it was built on (:func:`model_name`) and its checksum."""
+    from covidct.models.checkpoint import file_sha256
+
+    return {"name": model_name(path), "sha256": file_sha256(path)}
+
+
+def _full_state(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's state dict, completed from its ``base_model`` when it stores only a difference."""
+    base = payload.get("base_model")
+    if not base:
+        return payload["state_dict"]
+    from covidct.models.checkpoint import file_sha256
+
+    try:
+        base_path = resolve_model(base["name"], task=payload["task"])
+    except CovidctError:
+        raise CovidctError(path, f"needs its base model {base['name']!r}, which is not here") from None
+    if file_sha256(base_path) != base["sha256"]:
+        raise CovidctError(path, f"its base model {base_path} changed since this model was trained on it")
+    prefix = base.get("prefix", "")
+    return {**{prefix + k: v for k, v in read_checkpoint(base_path)["state_dict"].items()}, **payload["state_dict"]}
 
 
 def load_seg_model(spec: str | Path | None = None):
