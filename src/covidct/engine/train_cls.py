@@ -4,10 +4,11 @@ Validation: the folder's own ``val`` split when it has one (UCSD ``split.csv``),
 patient-grouped share of the training records. With ``folds=K`` the training and validation
 records are pooled (never a ``test`` split) and cut into K patient-grouped folds stratified by class
 (``covidct.data.splits.group_kfold``, seeded by ``seed``: use one seed for all folds); fold ``fold``
-validates, so K runs see every image once out of fold and their models form a K-fold ensemble. The best epoch (validation AUC, ties by accuracy) is
-kept; then a temperature is fitted on the validation logits (calibration) and stored in the checkpoint
-with the validation accuracy, F1, AUC and ECE before and after scaling. Launched by ``torchrun`` it
-trains data-parallel (the global batch split over the ranks; rank 0 validates and writes).
+validates, so K runs see every image once out of fold and their models form a K-fold ensemble.
+The best epoch (validation AUC, ties by accuracy) is kept; then a temperature is fitted on the
+validation logits (calibration) and stored in the checkpoint with the validation accuracy, F1, AUC
+and ECE before and after scaling. Launched by ``torchrun`` it trains data-parallel (the global batch
+split over the ranks; rank 0 validates and writes).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from covidct.data.classification import BINARY_CLASSES, THREE_CLASSES, ClsRecord, RecordImages, load_records, relative_name
+from covidct.data.classification import (BINARY_CLASSES, THREE_CLASSES, ClsRecord, RecordImages, load_records,
+                                         relative_name)
 from covidct.data.cls_transforms import cls_train_transform
 from covidct.data.splits import group_kfold, group_split
 from covidct.engine.common import Distributed, seed_everything, warmup_cosine, write_log
@@ -87,39 +89,30 @@ class _Images(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(img, np.float32))[None], self.labels[i]
 
 
-def fit_temperature_and_bias(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, list[float]]:
+def fit_temperature_and_bias(logits: torch.Tensor, labels: torch.Tensor, *,
+                             offsets: bool = True) -> tuple[float, list[float]]:
     """Temperature ``T`` and class offsets ``c`` (``c[0] = 0``) minimising the NLL of
-    ``softmax((logits + c) / T)``: Platt scaling for two classes (vector scaling beyond). Used for
-    ensembles, on out-of-fold predictions: it corrects a shift between the classes as well as the scale."""
-    n = logits.shape[1]
+    ``softmax((logits + c) / T)`` (LBFGS on log T and c): Platt scaling for two classes, vector
+    scaling beyond; ``offsets=False`` fits T alone (temperature scaling). With offsets it corrects a
+    shift between the classes as well as the scale (ensembles, on out-of-fold predictions)."""
     log_t = torch.zeros(1, requires_grad=True)
-    offsets = torch.zeros(n - 1, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t, offsets], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+    shift = torch.zeros(logits.shape[1] - 1, requires_grad=offsets)
+    opt = torch.optim.LBFGS([log_t, shift] if offsets else [log_t], lr=0.5, max_iter=200,
+                            line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        c = torch.cat([torch.zeros(1), offsets])
-        loss = F.cross_entropy((logits + c) / log_t.exp(), labels)
+        loss = F.cross_entropy((logits + torch.cat([torch.zeros(1), shift])) / log_t.exp(), labels)
         loss.backward()
         return loss
 
     opt.step(closure)
-    return float(log_t.detach().exp()), [0.0, *(float(v) for v in offsets.detach())]
+    return float(log_t.detach().exp()), [0.0, *(float(v) for v in shift.detach())]
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Temperature minimising the validation NLL (LBFGS on log T)."""
-    log_t = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=100)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), labels)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return float(np.clip(log_t.exp().item(), 0.05, 20.0))
+    """Temperature minimising the validation NLL (temperature scaling), kept within 0.05–20."""
+    return float(np.clip(fit_temperature_and_bias(logits, labels, offsets=False)[0], 0.05, 20.0))
 
 
 def train_cls(cfg: ClsTrainConfig, output: str | Path, *, progress: bool = True) -> dict[str, Any]:
