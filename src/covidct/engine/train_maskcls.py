@@ -39,7 +39,7 @@ from covidct.engine.common import Distributed, seed_everything
 from covidct.engine.evaluate_cls import mean_auc, score_probabilities, summarize
 from covidct.engine.train_cls import ClsTrainConfig, fit_temperature, split_records
 from covidct.errors import CovidctError
-from covidct.models.checkpoint import delta_state, read_checkpoint, save_checkpoint
+from covidct.models.checkpoint import delta_state, save_checkpoint
 from covidct.models.maskcls import TRAIN_CHOICES, MaskClsConfig, MaskClsNet
 
 DEFAULT_EPOCHS = {"s": 300, "s+bn": 15, "s+roi": 40}
@@ -199,7 +199,7 @@ def train_maskcls(cfg: MaskClsTrainConfig, output: str | Path, *, progress: bool
                            "s+roi": "S + RoI box head and predictor"}[cfg.train], "world_size": dist.world_size}
     # only what stage 2 changed is stored; the rest comes from the lesion model file (checked by sha256)
     base = {**base_model_reference(Path(lesion_payload["path"])), "prefix": "lesion."}
-    state = delta_state(model.state_dict(), read_checkpoint(lesion_payload["path"])["state_dict"], prefix="lesion.")
+    state = delta_state(model.state_dict(), lesion_payload["state_dict"], prefix="lesion.")  # as read at load
     save_checkpoint(output, task="maskcls", config=mcfg.to_dict(), state_dict=state, half=True, base_model=base,
                     classes=list(classes), input_size=mcfg.input_size, temperature=temperature,
                     anchors={"sizes": list(lesion.config.anchor_sizes), "aspect_ratios": list(lesion.config.aspect_ratios)},
