@@ -77,6 +77,7 @@ def main() -> int:
             "ggo_pct": rep["lesions"]["ggo"]["percent_of_lung"], "cons_pct": rep["lesions"]["consolidation"]["percent_of_lung"],
             "total_pct": rep["lesions"]["total"]["percent_of_lung"], "effusion_ml": rep["lesions"]["effusion"]["volume_ml"],
             "severity": rep["severity_score"], "answer": rep["diagnosis"]["label"],
+            "p_covid19": rep["diagnosis"]["probabilities"].get("COVID-19"), "inside_s": rep["seconds"],
             "slice_auc": round(roc_auc(y, pr), 4) if 0 < sum(y) < len(y) else None,
         })
     keys = list(rows[0]) if rows else []

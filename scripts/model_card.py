@@ -32,7 +32,8 @@ def main() -> None:
         f"* training time up to the kept epoch {m.get('epoch', 'n/a')}: {m.get('train_seconds', 'n/a')} s on this 2-core CPU",
         "", "## Reproduce", "", "```bash", args.command, "```", "",
         "## Data and terms", "", args.data_terms, "",
-        "## Metrics (validation split or cross-validation, carved out of the training data)", "", "```json",
+        ("## Metrics (in-sample: fitted and scored on the same data; no estimate for unseen data)" if "in_sample" in m
+         else "## Metrics (validation split or cross-validation, carved out of the training data)"), "", "```json",
         json.dumps({k: v for k, v in m.items() if k != "val_ids"}, indent=2), "```", "",
         "## Architecture (rebuilt from this checkpoint alone)", "", "```json", json.dumps(p["config"], indent=2), "```",
     ]

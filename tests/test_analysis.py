@@ -152,12 +152,14 @@ def test_analyze_dicom_series_outputs_on_input_grid(tmp_path, tiny_seg_model, ca
     lungs = nib.load(out / "lungs.nii.gz").get_fdata().transpose(2, 1, 0)
     assert set(np.unique(lungs)) == {0, 1, 2}
     assert report["input"]["model_window"] == {"level": -420.0, "width": 1480.0}
-    # the shipped slice classifier's probabilities: on every slice with lung, summing to one
+    # the shipped slice classifier's probabilities: on every slice with lesions, summing to one
     cls_block = report["diagnosis"]["classifier"]
-    assert cls_block["model"] == DEFAULTS["scan_cls"] and {m["task"] for m in report["models"]} == {"seg", "cls"}
-    with_lung = [s for s in report["slices"] if "class_probabilities" in s]
-    assert len(with_lung) == int((lungs > 0).any(axis=(1, 2)).sum())
-    assert all(abs(sum(s["class_probabilities"].values()) - 1.0) < 1e-4 for s in with_lung)
+    assert cls_block["model"] == DEFAULTS["scan_cls"] and {m["task"] for m in report["models"]} == {"seg", "cls",
+                                                                                                    "triage"}
+    classified = [s for s in report["slices"] if "class_probabilities" in s]
+    assert [s["index"] for s in classified] == [s["index"] for s in report["slices"] if s["lesion_area_mm2"] > 0]
+    assert all(abs(sum(s["class_probabilities"].values()) - 1.0) < 1e-4 for s in classified)
+    assert report["diagnosis"]["label"] in ("Control", "Common pneumonia", "COVID-19")
     assert "slice classifier" in (out / "report.html").read_text()
 
 
@@ -168,7 +170,7 @@ def test_analyze_window_option(tmp_path, tiny_seg_model, capsys):
                  "--window=-600,1500", "--classifier", "none"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["input"]["model_window"] == {"level": -600.0, "width": 1500.0}
-    assert "classifier" not in report["diagnosis"] and len(report["models"]) == 1
+    assert "classifier" not in report["diagnosis"] and [m["task"] for m in report["models"]] == ["seg", "triage"]
     capsys.readouterr()
     assert main(["analyze", str(tmp_path / "v.nii.gz"), "-o", str(tmp_path / "bad"), "--model", str(tiny_seg_model),
                  "--window", "wide"]) == 2

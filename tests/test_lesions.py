@@ -264,3 +264,33 @@ def test_shipped_lesion_model_on_real_validation_slices(tmp_path, capsys):
     res = json.loads(js.read_text())
     assert res["n_images"] == 3 and res["ap50"] is not None and res["infection_dice"] > 0.5
     assert "lesion region Dice" in capsys.readouterr().out
+
+
+def test_ensemble_shares_one_backbone_pass_between_mask_net_members():
+    """Mask-Net members with the same backbone and RPN (stage 2 trained S / RoI heads only) share one
+    pass through them; a member with another backbone does not; the probabilities are unchanged."""
+    from covidct.models.ensemble import ClassifierEnsemble, EnsembleConfig
+    from covidct.models.maskcls import MaskClsConfig, MaskClsNet
+
+    torch.manual_seed(0)
+    lesion_cfg = LesionModelConfig.from_dict(TINY)
+    base = build_lesion_model(lesion_cfg)
+    cfg = MaskClsConfig(top_n=8, s_width=16, lesion=lesion_cfg.to_dict())
+    members = []
+    for k in range(3):
+        m = MaskClsNet(cfg, build_lesion_model(lesion_cfg))
+        m.lesion.load_state_dict(base.state_dict())
+        if k == 1:   # S + RoI heads trained: still the same front
+            torch.nn.init.normal_(m.lesion.net.roi_heads.box_head.fc6.weight, std=0.05)
+        members.append((m.eval(), 1.0))
+    other = MaskClsNet(cfg, build_lesion_model(lesion_cfg)).eval()   # its own random backbone
+    members.append((other, 1.0))
+    ens = ClassifierEnsemble(EnsembleConfig(members=("a", "b", "c", "d"), checksums=("",) * 4,
+                                            classes=("NonCOVID", "COVID"), input_size=64), members).eval()
+    assert ens.shared_front == {1: 0, 2: 0}
+    x = torch.rand(3, 1, 64, 64)
+    with torch.inference_mode():
+        shared = ens(x)
+        ens.shared_front = {}
+        alone = ens(x)
+    torch.testing.assert_close(shared, alone)

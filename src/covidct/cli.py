@@ -74,7 +74,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
     for m in models:
         print(f"{m['name']:<24} task={m['task']:<8} input={m['input_size']} classes={','.join(m['classes'])}")
         metrics = m["metrics"] if isinstance(m["metrics"], dict) else {}
-        for key, label in (("validation", "validation"), ("cross_validation", "cross-validation")):
+        for key, label in (("validation", "validation"), ("cross_validation", "cross-validation"),
+                           ("in_sample", "in-sample")):
             block = metrics.get(key) or {}
             keys = ("ap50", "ap75", "map", "infection_dice") if "ap50" in block else ("accuracy", "auc")
             shown = block.get("dice") or {k: block[k] for k in keys if isinstance(block.get(k), float)}
@@ -169,13 +170,26 @@ def _cmd_evaluate_cls(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     specs = args.model if args.model and len(args.model) > 1 else (args.model[0] if args.model else None)
-    result = evaluate_cls(specs, args.data, split=args.split, tta=args.tta)
+    if _is_triage(specs, args.data):
+        from covidct.analysis.triage import evaluate_triage
+
+        if args.tta or args.split:
+            raise CovidctError(None, "--tta and --split do not apply to a triage model (CT volumes)")
+        result = evaluate_triage(specs, args.data)
+        print(f"model: {result['model']} (3-class CT triage: lesions decide pneumonia or not, the classifier "
+              "COVID-19 or not)")
+    else:
+        result = evaluate_cls(specs, args.data, split=args.split, tta=args.tta)
     report = result["_report"]
     print(report.confusion_text())
     print(f"\noverall accuracy: {report.overall_accuracy:.4f}")
     auc = result["auc"]
     print("ROC AUC: " + (f"{auc:.4f}" if isinstance(auc, float) else ", ".join(f"{k} {v:.4f}" for k, v in auc.items())))
     print(f"\n{report.table()}\n")
+    if "ct_slice_targets" in result:
+        t = result["ct_slice_targets"]
+        print(f"COVID-19 sensitivity {t['covid_sensitivity']:.4f}; Control slices not called COVID-19 "
+              f"{t['control_not_covid']:.4f}, called Control {t['control_called_control']:.4f}")
     print(f"{result['n_images']} images, {result['images_per_second']} images/s")
     print(f"Evaluation took {time.time() - t0:.1f} s")
     if args.plot:
@@ -183,6 +197,29 @@ def _cmd_evaluate_cls(args: argparse.Namespace) -> int:
     if args.json:
         write_json({k: v for k, v in result.items() if not k.startswith("_")}, args.json)
         print(f"wrote {args.json}")
+    return 0
+
+
+def _is_triage(spec, data: str) -> bool:
+    """Whether ``evaluate cls`` runs a CT triage model: one named on the command line, or the shipped
+    one when no model is named and ``data`` holds CT volumes (COVID-CT-MD layout)."""
+    from covidct.data.classification import detect_layout
+    from covidct.models.checkpoint import read_checkpoint
+    from covidct.models.registry import resolve_model
+
+    if spec is None:
+        return Path(data).is_dir() and detect_layout(data) == "covid-ct-md"
+    if isinstance(spec, list):
+        return False
+    return read_checkpoint(resolve_model(spec, task="cls"))["task"] == "triage"
+
+
+def _cmd_train_triage(args: argparse.Namespace) -> int:
+    from covidct.analysis.triage import fit_triage
+    from covidct.report.json_io import to_json
+
+    print(to_json(fit_triage(args.data, args.output, classifier=args.classifier, seg_model=args.model),
+                  disclaimer=False))
     return 0
 
 
@@ -355,11 +392,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _classifier_spec(text: str | None) -> str | None:
-    """``--classifier``: unset = the shipped default, ``none`` = no classifier."""
-    from covidct.report.scan_report import DEFAULT_CLASSIFIER
+def _optional_model(text: str | None, task: str) -> str | None:
+    """``--classifier`` / ``--triage`` of ``analyze``: unset = the shipped default, ``none`` = none."""
+    from covidct.models.registry import DEFAULTS
 
-    return DEFAULT_CLASSIFIER if text is None else None if text == "none" else text
+    return DEFAULTS[task] if text is None else None if text == "none" else text
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -389,7 +426,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CovidctError(None, f"--window: {exc}") from None
     report = analyze(args.path, args.output, model_spec=args.model, device=args.device, series_uid=args.series,
-                     window=args.window, classifier_spec=_classifier_spec(args.classifier), viewer=not args.no_viewer)
+                     window=args.window, classifier_spec=_optional_model(args.classifier, "scan_cls"), viewer=not args.no_viewer,
+                     triage_spec=_optional_model(args.triage, "triage"))
     if args.json:
         print(to_json(report))
         return 0
@@ -403,7 +441,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         ml = les[name]["volume_ml"]
         print(f"{name:>14}: {'' if ml is None else f'{ml:8.1f} mL '}{les[name]['percent_of_lung']:6.2f} % of lung")
     print(f"severity score (zone-based): {report['severity_score']}/{report['severity_score_max']}")
-    print(f"answer: {report['diagnosis']['label']} (p={report['diagnosis']['probabilities']['lesions_present']:.3f})")
+    probs = report["diagnosis"]["probabilities"]
+    print(f"answer: {report['diagnosis']['label']} ("
+          + ", ".join(f"{k} {v:.3f}" for k, v in probs.items()) + ")")
     viewer = ", viewer.html" if not args.no_viewer else ""
     print(f"wrote {args.output}/report.html, report.json{viewer}, lesions.nii.gz, lungs.nii.gz, overlays/ in {report['seconds']} s")
     print(DISCLAIMER)
@@ -509,6 +549,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(s, epochs=None, batch_size=16, lr=1e-3)
     s.set_defaults(func=_cmd_train_maskcls)
 
+    s = train.add_parser("triage", help="3-class CT triage: fit the COVID-19 shift of a slice classifier on CT "
+                         "volumes (COVID-CT-MD layout; see covidct.analysis.triage)")
+    s.add_argument("--data", required=True, help="COVID-CT-MD-layout folder with COVID-19 and CAP patients")
+    s.add_argument("--classifier", help="binary slice classifier (default: the shipped default classifier)")
+    s.add_argument("--model", help="segmentation model (default: the shipped one)")
+    s.add_argument("-o", "--output", required=True, help="model file to write (.pt)")
+    s.set_defaults(func=_cmd_train_triage)
+
     s = sub.add_parser("ensemble", help="combine classifiers into one model file (mean of calibrated probabilities)")
     s.add_argument("--model", action="append", required=True, help="member classifier (shipped name or .pt), repeat")
     s.add_argument("--data", help="score the ensemble on this classification folder and store it as validation")
@@ -577,6 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(0.55 of the model input) means -346 HU only under the model window")
     s.add_argument("--classifier", help="slice classifier whose per-slice class probabilities are reported "
                    "(shipped name or .pt file; default: the shipped default classifier), or 'none'")
+    s.add_argument("--triage", help="3-class patient answer (Control / Common pneumonia / "
+                   "COVID-19) for volumes with a pixel spacing: shipped triage model or .pt file; 'none' for the "
+                   "lesion-only answer (default: triage-ct)")
     s.add_argument("--no-viewer", action="store_true", help="do not write viewer.html (every slice with its overlay)")
     s.add_argument("--json", action="store_true", help="print report.json to stdout")
     s.set_defaults(func=_cmd_analyze)

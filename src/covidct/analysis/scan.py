@@ -19,6 +19,7 @@ reported beside it.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -162,14 +163,14 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     return ScanResult(lesions, lungs, burden, slices, diagnosis, lung_method, timings)
 
 
-def classify_slices(vol: Volume, model, *, temperature: float = 1.0, lungs: np.ndarray | None = None,
+def classify_slices(vol: Volume, model, *, temperature: float = 1.0, indices: Sequence[int] | None = None,
                     window: str | Window = "model", batch_size: int = 16,
                     progress: bool = True) -> dict[int, dict[str, float]]:
     """Per-slice class probabilities of a slice classifier (each slice cropped to the body and windowed,
-    :func:`~covidct.io.body.classifier_input`), for the slices that hold lung (all when ``lungs`` is None)."""
+    :func:`~covidct.io.body.classifier_input`) for slices ``indices`` (all when None)."""
     from covidct.engine.evaluate_cls import predict_probabilities
 
-    ks = [k for k in range(vol.n_slices) if lungs is None or lungs[k].any()]
+    ks = list(range(vol.n_slices)) if indices is None else [int(k) for k in indices]
     names = list(model.config.classes)
     out: dict[int, dict[str, float]] = {}
     for start in tqdm(range(0, len(ks), batch_size), desc="classifier", unit="batch", disable=not progress):

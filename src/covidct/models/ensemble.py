@@ -45,18 +45,54 @@ class ClassifierEnsemble(nn.Module):
         self.config = config
         self.members = nn.ModuleList(m for m, _ in members)
         self.temperatures = [float(t) for _, t in members]
+        # Mask-Net members whose backbone and RPN are identical (stage 2 trained S and the RoI heads
+        # only) share one pass through them: member index -> index of the member whose pass it reuses
+        self.shared_front: dict[int, int] = {}
+        leaders: list[int] = []
+        for i, m in enumerate(self.members):
+            if not hasattr(m, "pooled_rois"):
+                continue
+            lead = next((j for j in leaders if _same_front(self.members[j], m)), None)
+            if lead is None:
+                leaders.append(i)
+            else:
+                self.shared_front[i] = lead
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = []
-        for member, t in zip(self.members, self.temperatures):
+        fronts: dict[int, tuple] = {}
+        sharing = set(self.shared_front) | set(self.shared_front.values())
+        for i, (member, t) in enumerate(zip(self.members, self.temperatures)):
             size = member.config.input_size
             xi = x if x.shape[-1] == size and x.shape[-2] == size else F.interpolate(
                 x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-            probs.append(torch.softmax(member(xi) / t, dim=1))
+            if i in sharing:
+                lead = self.shared_front.get(i, i)
+                if lead not in fronts:
+                    with torch.no_grad():
+                        fronts[lead] = member.pooled_rois(xi)
+                with torch.no_grad():
+                    logits = member.classify(member.detections_tensor(*fronts[lead]))
+            else:
+                logits = member(xi)
+            probs.append(torch.softmax(logits / t, dim=1))
         log_mean = torch.log(torch.stack(probs).mean(dim=0).clamp_min(1e-12))
         if self.config.logit_offsets:
             log_mean = log_mean + log_mean.new_tensor(self.config.logit_offsets)
         return log_mean
+
+
+def _same_front(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two Mask-Net classifiers compute the same RoI proposals and pooled features: same
+    lesion-network settings and input size, equal backbone and RPN tensors."""
+    if a.config.input_size != b.config.input_size or a.config.lesion != b.config.lesion:
+        return False
+    na, nb = a.lesion.net, b.lesion.net
+    for part_a, part_b in ((na.backbone, nb.backbone), (na.rpn, nb.rpn)):
+        sa, sb = part_a.state_dict(), part_b.state_dict()
+        if sa.keys() != sb.keys() or not all(torch.equal(sa[k], sb[k]) for k in sa):
+            return False
+    return True
 
 
 def build_ensemble(config: EnsembleConfig) -> ClassifierEnsemble:

@@ -11,9 +11,11 @@ from covidct.models.checkpoint import read_checkpoint
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 #: Default shipped model per task; ``cam``: the classifier whose activation maps ``covidct explain`` /
 #: ``evaluate cam`` use (one CNN; the most lesion-shaped maps measured); ``scan_cls``: the one fast
-#: classifier ``covidct analyze`` runs on every lung slice.
+#: classifier ``covidct analyze`` runs on every lung slice; ``triage``: the 3-class CT triage
+#: (:mod:`covidct.analysis.triage`) of ``analyze`` and of ``evaluate cls`` on CT volumes.
 DEFAULTS: dict[str, str] = {"seg": "seg-effl0-unet", "cls": "cls-cv5-ucsd", "lesions": "lesions-effl0-maskrcnn",
-                            "cam": "cls-effl0-ucsd", "scan_cls": "cls-effl0-seginit"}
+                            "cam": "cls-effl0-ucsd", "scan_cls": "cls-effl0-seginit",
+                            "triage": "triage-ct"}
 
 
 def shipped_files() -> list[Path]:
@@ -41,9 +43,12 @@ def resolve_model(spec: str | Path | None, *, task: str) -> Path:
 def model_entry(path: Path, payload: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``covidct models --json`` entry of one checkpoint."""
     payload = payload or read_checkpoint(path)
+    # a CT triage model classifies slices (3 classes): listed as a classifier, its kind said beside
+    triage = payload["task"] == "triage"
     return {
         "name": path.stem,
-        "task": payload["task"],
+        "task": "cls" if triage else payload["task"],
+        **({"kind": "ct-triage"} if triage else {}),
         "classes": list(payload.get("classes", [])),
         "file": str(path),
         "input_size": payload.get("input_size"),
@@ -73,7 +78,7 @@ def _builders() -> dict[str, Any]:
 
 
 TASK_NAMES = {"seg": "segmentation model", "cls": "classifier", "lesions": "lesion (Mask R-CNN) model",
-              "maskcls": "Mask-Net classifier"}
+              "maskcls": "Mask-Net classifier", "triage": "CT triage model"}
 
 
 def load_model(spec: str | Path | None, *, task: str, accept: tuple[str, ...] | None = None):

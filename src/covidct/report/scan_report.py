@@ -110,7 +110,7 @@ figure{{display:inline-block;margin:.3em}} figure img{{max-width:340px}} .kv td{
 <tr><td>percentage of opacity</td><td>{report['percent_opacity']:.2f} %</td></tr>
 <tr><td>percentage of high opacity</td><td>{'n/a' if report['percent_high_opacity'] is None else f"{report['percent_high_opacity']:.2f} %"}</td></tr>
 <tr><td>severity score</td><td>{report['severity_score']} / {report['severity_score_max']} ({html.escape(report['severity_method'])})</td></tr>
-<tr><td>answer</td><td>{html.escape(report['diagnosis']['label'])} (p = {report['diagnosis']['probabilities']['lesions_present']:.3f}; {html.escape(report['diagnosis']['rule'])})</td></tr>
+<tr><td>answer</td><td><b>{html.escape(report['diagnosis']['label'])}</b> ({html.escape(_probability_text(report['diagnosis']['probabilities']))}; {html.escape(report['diagnosis']['rule'])})</td></tr>
 {_classifier_row(report['diagnosis'].get('classifier'))}
 </table>
 <h2>Lesions</h2><table><tr><th>type</th><th>volume (mL)</th><th>% of lung</th></tr>{rows}</table>
@@ -123,10 +123,14 @@ figure{{display:inline-block;margin:.3em}} figure img{{max-width:340px}} .kv td{
 """
 
 
+def _probability_text(probs: dict[str, float]) -> str:
+    return ", ".join(f"{'p(lesions present)' if k == 'lesions_present' else k} {v:.3f}" for k, v in probs.items())
+
+
 def _classifier_row(block: dict | None) -> str:
     if not block:
         return ""
-    means = block.get("mean_probabilities_lesion_slices") or block.get("mean_probabilities_lung_slices") or {}
+    means = block.get("mean_probabilities_lesion_slices") or {}
     text = ", ".join(f"{html.escape(c)} {p:.2f}" for c, p in means.items())
     return (f"<tr><td>slice classifier</td><td>{html.escape(block['model'])}: mean {text} "
             f"({html.escape(block['note'])})</td></tr>")
@@ -138,7 +142,8 @@ DEFAULT_CLASSIFIER = DEFAULTS["scan_cls"]
 
 def _add_classifier(result: ScanResult, vol: Volume, spec: str | Path, models: list[dict], *, window,
                     progress: bool) -> None:
-    """Per-slice probabilities of the slice classifier into ``result.slices`` and a summary into
+    """Per-slice probabilities of the slice classifier, on the slices with lesions (the others are
+    Control for the triage whatever a classifier says), into ``result.slices``; their mean into
     ``result.diagnosis["classifier"]``."""
     from covidct.models.checkpoint import file_sha256
     from covidct.models.registry import load_cls_model
@@ -146,34 +151,61 @@ def _add_classifier(result: ScanResult, vol: Volume, spec: str | Path, models: l
     model, payload = load_cls_model(spec)
     models.append({"name": Path(payload["path"]).stem, "task": "cls", "sha256": file_sha256(payload["path"])})
     t0 = time.perf_counter()
-    per_slice = classify_slices(vol, model, temperature=float(payload.get("temperature", 1.0)), lungs=result.lungs,
+    with_lesions = [s["index"] for s in result.slices if s["lesion_area_mm2"] > 0]
+    per_slice = classify_slices(vol, model, temperature=float(payload.get("temperature", 1.0)), indices=with_lesions,
                                 window=window, progress=progress)
     result.timings["classifier_s"] = round(time.perf_counter() - t0, 2)
     for k, probs in per_slice.items():
         result.slices[k]["class_probabilities"] = probs
     names = list(model.config.classes)
-    with_lesions = [per_slice[k] for k in per_slice if result.slices[k]["lesion_percent"] > 0]
-
-    def mean(rows: list[dict[str, float]]) -> dict[str, float] | None:
-        return {c: round(float(np.mean([r[c] for r in rows])), 6) for c in names} if rows else None
-
+    rows = list(per_slice.values())
     result.diagnosis["classifier"] = {
         "model": Path(payload["path"]).stem,
-        "mean_probabilities_lung_slices": mean(list(per_slice.values())),
-        "mean_probabilities_lesion_slices": mean(with_lesions),
-        "note": "slice classifier on whole windowed slices; reported beside the lesion-based answer, not used "
-                "for the label (its external validation on COVID-CT-MD is weak: see benchmarks/RESULTS.md)",
+        "mean_probabilities_lesion_slices": ({c: round(float(np.mean([r[c] for r in rows])), 6) for c in names}
+                                             if rows else None),
+        "note": "slice classifier on whole windowed slices with lesions; reported beside the answer, not used for "
+                "it (its external validation on COVID-CT-MD is weak: see benchmarks/RESULTS.md)",
     }
+
+
+def _add_triage(result: ScanResult, vol: Volume, spec: str | Path, models: list[dict], *, window) -> None:
+    """The 3-class answer of a triage model becomes ``result.diagnosis``'s label and probabilities; the
+    lesion-only answer stays as ``lesion_finding``."""
+    from covidct.analysis.triage import load_triage, triage_scan
+    from covidct.models.checkpoint import file_sha256
+    from covidct.models.registry import resolve_model
+
+    t0 = time.perf_counter()
+    triage = load_triage(spec)
+    answer = triage_scan(triage, vol, result, window=window)
+    path = resolve_model(spec, task="triage")
+    models.append({"name": triage.name, "task": "triage", "sha256": file_sha256(path),
+                   "classifier": triage.config.classifier})
+    d = result.diagnosis
+    d["lesion_finding"] = d["label"]
+    d["label"] = answer.pop("label")
+    d["probabilities"] = {**d["probabilities"], **answer.pop("probabilities")}
+    d["rule"] = (f"Control when GGO + consolidation cover < {triage.config.min_burden_percent:g} % of the lung; "
+                 f"else COVID-19 when the mean COVID-19 probability (classifier {triage.config.classifier}, shifted "
+                 f"for CT by {triage.config.covid_logit_shift:+.3f} logits) of the {triage.config.top_k} slices "
+                 "with the largest lesion area is >= 0.5, else Common pneumonia")
+    d["note"] = ("3-class triage: the shift was fitted on 1 COVID-19 and 1 CAP patient of COVID-CT-MD "
+                 "(see the model card); research software, not for diagnosis")
+    d["triage"] = answer
+    result.timings["triage_s"] = round(time.perf_counter() - t0, 2)
 
 
 def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | None = None, progress: bool = True,
             device: str = "cpu", series_uid: str | None = None, window: str = "model",
-            classifier_spec: str | Path | None = DEFAULT_CLASSIFIER, viewer: bool = True) -> dict[str, Any]:
+            classifier_spec: str | Path | None = DEFAULT_CLASSIFIER, viewer: bool = True,
+            triage_spec: str | Path | None = DEFAULTS["triage"]) -> dict[str, Any]:
     """Analyse one scan and write every output into ``outdir``; returns the report dict. HU slices
     reach the model through ``window`` (a preset of :mod:`covidct.io.window` or ``"L,W"``).
     ``classifier_spec`` (a shipped name or file; ``None`` for none) adds per-slice class
     probabilities of a slice classifier; they are reported, not used for the patient label.
-    ``viewer`` writes ``viewer.html`` (every slice with its overlay, :mod:`covidct.report.viewer`)."""
+    ``viewer`` writes ``viewer.html`` (every slice with its overlay, :mod:`covidct.report.viewer`).
+    ``triage_spec`` (``None``: none) gives the 3-class patient answer (:mod:`covidct.analysis.triage`)
+    for volumes with a pixel spacing."""
     from covidct.models.checkpoint import file_sha256
     from covidct.models.registry import load_seg_model
 
@@ -191,6 +223,8 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
                             window=hu_window)
     if classifier_spec:
         _add_classifier(result, vol, classifier_spec, models, window=hu_window, progress=progress)
+    if triage_spec and vol.spacing is not None:
+        _add_triage(result, vol, triage_spec, models, window=hu_window)
     report = build_report(vol, result, models, time.perf_counter() - t0)
     if vol.is_hu:
         report["input"]["model_window"] = {"level": hu_window.level, "width": hu_window.width}

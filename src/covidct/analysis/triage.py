@@ -1,0 +1,285 @@
+"""Three-class CT triage of slices and scans (Control / Common pneumonia / COVID-19): the lesion
+model decides *whether* a slice or scan holds pneumonia, a binary slice classifier *which* one.
+
+Why two stages: the slice classifiers learnt on UCSD figure crops rank real CT slices well (the
+20-member ``cls-cv5-ucsd``: COVID-19 vs CAP slices of the open COVID-CT-MD patients AUC 0.99) but
+their threshold does not carry over (median COVID probability 0.21 on the COVID-19 patient's infected
+slices), and they rank Normal slices worse (AUC 0.92) than the lesion model does (0.98).
+
+* Slice: ``g`` = the slice infection probability of :mod:`covidct.analysis.scan` (``A / (A + 1 cm²)``,
+  ``A`` the GGO + consolidation area in the lungs; fixed a priori), ``q = sigmoid(logit(p) + shift)``
+  with ``p`` the classifier's COVID probability and ``shift`` fitted on CT (:func:`fit_covid_shift`).
+  Probabilities: Control ``1 - g``, Common pneumonia ``g (1 - q)``, COVID-19 ``g q``.
+* Scan: Control when the lesion burden ``b`` (GGO + consolidation, % of lung) is under 1 % (the rule of
+  ``analyze``); else COVID-19 when the mean ``q`` of the :data:`TOP_K` slices with the largest lesion
+  area is at least 0.5, else Common pneumonia. Probabilities: as for a slice, with ``g = b / (b + 1 %)``
+  (0.5 at the threshold) and that mean ``q``.
+
+A triage model file (task ``triage``) holds no weights: it names its classifier and segmentation
+model with their checksums, and stores the fitted shift, the data it was fitted on and the scores.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from covidct.analysis.scan import MIN_BURDEN_PERCENT, ScanResult, analyze_volume
+from covidct.data.classification import THREE_CLASSES, ClsRecord, load_records
+from covidct.errors import CovidctError, InputError
+from covidct.io import classifier_input, read
+from covidct.io.nifti import working_slice
+from covidct.io.window import Window
+
+#: Slices with the largest lesion area whose COVID-19 probability decides a scan's answer.
+TOP_K = 5
+#: A slice takes part in fitting the shift when its infection probability reaches this (a 1 cm² lesion).
+GATE = 0.5
+TRIAGE_CLASSES: tuple[str, ...] = THREE_CLASSES
+
+
+@dataclass
+class TriageConfig:
+    classifier: str             # shipped name or file of a binary NonCOVID / COVID slice classifier
+    classifier_sha256: str
+    seg_model: str              # the segmentation model whose lesions give ``g``
+    seg_model_sha256: str
+    covid_logit_shift: float    # added to the classifier's COVID logit on CT
+    top_k: int = TOP_K
+    min_burden_percent: float = MIN_BURDEN_PERCENT
+    classes: tuple[str, ...] = TRIAGE_CLASSES
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TriageConfig":
+        return cls(**{**d, "classes": tuple(d.get("classes", TRIAGE_CLASSES))})
+
+
+def covid_given_lesion(p_covid: np.ndarray, shift: float) -> np.ndarray:
+    """``sigmoid(logit(p) + shift)``: the classifier's COVID probability moved to CT."""
+    p = np.clip(np.asarray(p_covid, np.float64), 1e-7, 1 - 1e-7)
+    return 1.0 / (1.0 + np.exp(-(np.log(p) - np.log1p(-p) + shift)))
+
+
+def three_class(g: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """``(N, 3)`` probabilities in :data:`TRIAGE_CLASSES` order from lesion probability ``g`` and
+    COVID-given-lesion probability ``q``."""
+    g, q = np.asarray(g, np.float64), np.asarray(q, np.float64)
+    return np.stack([1.0 - g, g * (1.0 - q), g * q], axis=1)
+
+
+def fit_covid_shift(p_covid: np.ndarray, is_covid: np.ndarray) -> float:
+    """The logit shift that minimises the class-balanced log loss of ``q`` (one parameter: the
+    classifier's ranking is kept, only its threshold moves)."""
+    from scipy.optimize import minimize_scalar
+
+    t = np.asarray(is_covid, bool)
+    if t.all() or not t.any():
+        raise CovidctError(None, "fitting the COVID-19 shift needs slices of both COVID-19 and other pneumonia")
+    p = np.clip(np.asarray(p_covid, np.float64), 1e-7, 1 - 1e-7)
+    x = np.log(p) - np.log1p(-p)
+    w = np.where(t, 0.5 / t.mean(), 0.5 / (1 - t.mean()))
+
+    def loss(b: float) -> float:
+        z = x + b
+        return float(np.sum(w * np.where(t, np.logaddexp(0, -z), np.logaddexp(0, z))))
+
+    return float(minimize_scalar(loss, bounds=(-20, 20), method="bounded").x)
+
+
+def scan_answer(slices: Sequence[dict], q: dict[int, float], percent_opacity: float, *,
+                top_k: int = TOP_K, min_burden_percent: float = MIN_BURDEN_PERCENT) -> dict[str, Any]:
+    """The scan's label and 3-class probabilities (see the module docstring); ``q`` holds the
+    COVID-given-lesion probability of (at least) the ``top_k`` slices with the largest lesion area."""
+    top = top_lesion_slices(slices, top_k)
+    g = percent_opacity / (percent_opacity + min_burden_percent)   # 0.5 at the threshold, like a slice's 1 cm²
+    qm = float(np.mean([q[k] for k in top])) if top else 0.5
+    probs = dict(zip(TRIAGE_CLASSES, (round(v, 6) for v in three_class([g], [qm])[0])))
+    if percent_opacity < min_burden_percent:
+        label = TRIAGE_CLASSES[0]
+    else:
+        label = TRIAGE_CLASSES[2] if qm >= 0.5 else TRIAGE_CLASSES[1]
+    return {"label": label, "probabilities": probs, "covid_given_lesions": round(qm, 6),
+            "slices_used": top}
+
+
+def top_lesion_slices(slices: Sequence[dict], top_k: int = TOP_K) -> list[int]:
+    """Indices of the ``top_k`` slices with the largest lesion area (slices with lesions only)."""
+    order = sorted((s for s in slices if s["lesion_area_mm2"] > 0), key=lambda s: -s["lesion_area_mm2"])
+    return sorted(int(s["index"]) for s in order[:top_k])
+
+
+class Triage:
+    """A triage model ready to run: its config, classifier (with temperature) and segmentation
+    predictor, each checked against the checksum the config stores."""
+
+    def __init__(self, config: TriageConfig, *, name: str, device: str = "cpu") -> None:
+        from covidct.models.checkpoint import file_sha256
+        from covidct.models.registry import resolve_model
+
+        self.config, self.name, self.device = config, name, device
+        self._paths = {}
+        for task, spec, sha in (("cls", config.classifier, config.classifier_sha256),
+                                ("seg", config.seg_model, config.seg_model_sha256)):
+            self._paths[task] = path = resolve_model(spec, task=task)
+            if file_sha256(path) != sha:
+                raise CovidctError(path, f"changed since the triage model {name} was fitted on it")
+        self._classifier = self._predictor = None
+        self.temperature = 1.0
+
+    @property
+    def classifier(self):
+        """The slice classifier, loaded on first use (a scan without lesions does not need it)."""
+        if self._classifier is None:
+            from covidct.models.registry import load_cls_model
+
+            model, payload = load_cls_model(self._paths["cls"])
+            if list(model.config.classes) != ["NonCOVID", "COVID"]:
+                raise CovidctError(payload["path"], "triage needs a binary NonCOVID / COVID slice classifier")
+            self._classifier, self.temperature = model, float(payload.get("temperature", 1.0))
+        return self._classifier
+
+    @property
+    def predictor(self):
+        """The segmentation model's predictor, loaded on first use (``analyze`` brings its own)."""
+        if self._predictor is None:
+            from covidct.engine.infer import SegPredictor
+            from covidct.models.registry import load_seg_model
+
+            model = load_seg_model(self._paths["seg"])[0]
+            self._predictor = SegPredictor(model, device=self.device, crop_to_lung=False)
+        return self._predictor
+
+    def covid_probability(self, vol, indices: Sequence[int], *, window: str | Window = "model") -> np.ndarray:
+        """The classifier's own COVID probability (before the shift) of slices ``indices`` of ``vol``."""
+        from covidct.engine.evaluate_cls import predict_probabilities
+
+        if not indices:
+            return np.zeros(0)
+        model = self.classifier
+        images = [classifier_input(vol.array[k], is_hu=vol.is_hu, window=window) for k in indices]
+        return predict_probabilities(model, images, temperature=self.temperature)[:, 1]
+
+
+def load_triage(spec: str | Path | None = None, *, device: str = "cpu") -> Triage:
+    """A shipped triage model by name, a file, or ``None`` for the default."""
+    from covidct.models.checkpoint import read_checkpoint
+    from covidct.models.registry import resolve_model
+
+    path = resolve_model(spec, task="triage")
+    payload = read_checkpoint(path)
+    if payload["task"] != "triage":
+        raise CovidctError(path, f"is a {payload['task']!r} model, not a triage model")
+    return Triage(TriageConfig.from_dict(payload["config"]), name=path.stem, device=device)
+
+
+def _slice_scores(triage: Triage, records: list[ClsRecord], *,
+                  progress: bool) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per record: lesion probability ``g`` and the classifier's COVID probability ``p``; and the
+    seconds spent in the models. Each volume is read and analysed once."""
+    g = np.zeros(len(records))
+    p = np.zeros(len(records))
+    by_volume: dict[Path, list[int]] = {}
+    for i, r in enumerate(records):
+        if r.slice_index is None:
+            raise InputError(r.path, "triage needs CT volumes (DICOM series or NIfTI with slice labels), not images")
+        by_volume.setdefault(r.path, []).append(i)
+    seconds = 0.0
+    for path, rows in tqdm(by_volume.items(), desc="triage scans", unit="scan", disable=not progress):
+        vol = read(path)
+        if vol.spacing is None:
+            raise InputError(path, "triage needs the pixel spacing (lesion areas in mm²)")
+        t0 = time.perf_counter()
+        result = analyze_volume(vol, triage.predictor, progress=False)
+        ks = [working_slice(vol, records[i].slice_index) for i in rows]
+        g[rows] = [result.slices[k]["infection_probability"] for k in ks]
+        p[rows] = triage.covid_probability(vol, ks)
+        seconds += time.perf_counter() - t0
+    return g, p, seconds
+
+
+def evaluate_triage(spec: str | Path | None, data: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """``covidct evaluate cls`` with a triage model: 3-class slice probabilities of every labelled
+    slice of a COVID-CT-MD-layout folder, scored like any classifier."""
+    from covidct.engine.evaluate_cls import score_probabilities
+
+    records = load_records(data, classes=TRIAGE_CLASSES)
+    triage = load_triage(spec)
+    g, p, seconds = _slice_scores(triage, records, progress=progress)
+    probs = three_class(g, covid_given_lesion(p, triage.config.covid_logit_shift))
+    result = score_probabilities(probs, np.array([TRIAGE_CLASSES.index(r.label) for r in records]), TRIAGE_CLASSES)
+    result["images_per_second"] = round(len(records) / seconds, 2) if seconds else None
+    result["model"] = triage.name
+    result["tta"] = False
+    result["ct_slice_targets"] = ct_slice_targets(result)
+    result["_lesion_probability"], result["_covid_probability"], result["_records"] = g, p, records
+    return result
+
+
+def ct_slice_targets(result: dict[str, Any]) -> dict[str, float]:
+    """Issue 4's slice-level figures from a 3-class result: COVID-19 sensitivity, and the share of
+    Control slices not called COVID-19 ("Normal specificity") or called Control."""
+    cm = np.asarray(result["confusion"], np.float64)
+    control = max(1.0, cm[0].sum())
+    return {"covid_sensitivity": round(float(cm[2, 2] / max(1.0, cm[2].sum())), 6),
+            "control_not_covid": round(float(1 - cm[0, 2] / control), 6),
+            "control_called_control": round(float(cm[0, 0] / control), 6)}
+
+
+def fit_triage(data: str | Path, output: str | Path, *, classifier: str | Path | None = None,
+               seg_model: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Fit a triage model's COVID-19 shift on the infection-labelled slices of the COVID-19 and
+    common-pneumonia patients of ``data`` (COVID-CT-MD layout) whose lesion probability reaches
+    :data:`GATE`, and write it to ``output``."""
+    from covidct.engine.evaluate_cls import score_probabilities, summarize
+    from covidct.models.checkpoint import file_sha256, save_checkpoint
+    from covidct.models.registry import model_name, resolve_model
+
+    cls_path = resolve_model(classifier, task="cls")
+    seg_path = resolve_model(seg_model, task="seg")
+    config = TriageConfig(classifier=model_name(cls_path), classifier_sha256=file_sha256(cls_path),
+                          seg_model=model_name(seg_path), seg_model_sha256=file_sha256(seg_path),
+                          covid_logit_shift=0.0)
+    records = load_records(data, classes=TRIAGE_CLASSES)
+    triage = Triage(config, name=Path(output).stem)
+    g, p, _ = _slice_scores(triage, records, progress=progress)
+    y = np.array([TRIAGE_CLASSES.index(r.label) for r in records])
+    fit = (g >= GATE) & (y > 0)
+    shift = fit_covid_shift(p[fit], y[fit] == 2)
+    config.covid_logit_shift = round(shift, 6)
+    in_sample = score_probabilities(three_class(g, covid_given_lesion(p, shift)), y, TRIAGE_CLASSES)
+
+    metrics = {"fit": {"data": str(data), "slices": int(fit.sum()), "covid_slices": int((y[fit] == 2).sum()),
+                       "patients": sorted({r.patient for r, f in zip(records, fit) if f}),
+                       "covid_logit_shift": round(shift, 6)},
+               "in_sample": {"n_images": len(records), **summarize(in_sample), **ct_slice_targets(in_sample)},
+               "note": "in-sample: fitted and scored on the same patients; not an estimate for unseen patients"}
+    save_checkpoint(output, task="triage", config=config.to_dict(), state_dict={}, classes=list(TRIAGE_CLASSES),
+                    input_size=None, metrics=metrics)
+    return {"output": str(output), **metrics}
+
+
+def triage_scan(triage: Triage, vol, result: ScanResult, *, window: str | Window = "model") -> dict[str, Any]:
+    """The scan-level 3-class answer for an analysed volume (``analyze``). The classifier runs on the
+    :data:`TOP_K` slices with the largest lesion area only, and only when the lesion burden reaches the
+    threshold (otherwise the answer is Control and the split of the small rest between the two
+    pneumonias is left even)."""
+    top = top_lesion_slices(result.slices, triage.config.top_k)
+    if result.burden["percent_opacity"] >= triage.config.min_burden_percent:
+        p = triage.covid_probability(vol, top, window=window)
+        q = dict(zip(top, covid_given_lesion(p, triage.config.covid_logit_shift).tolist()))
+    else:
+        q = {k: 0.5 for k in top}
+    answer = scan_answer(result.slices, q, result.burden["percent_opacity"], top_k=triage.config.top_k,
+                         min_burden_percent=triage.config.min_burden_percent)
+    answer["model"] = triage.name
+    answer["slice_covid_given_lesion"] = {str(k): round(v, 6) for k, v in q.items()}
+    return answer
