@@ -58,7 +58,7 @@ def main() -> int:
             continue
         rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
         rep = json.loads((out / "report.json").read_text())
-        by_index = labels[p["patient_id"]]
+        by_index = labels.get(p["patient_id"], {})  # a Normal patient may have no slice labels
         if str(p["path"]).lower().endswith((".nii", ".nii.gz")):  # labels name the file's slices k
             import nibabel as nib
 

@@ -135,3 +135,22 @@ def test_real_layouts():
     medseg = SegFolder(need_data("medseg-512"))
     assert len(medseg) == 52 and medseg.has_effusion
     assert set(semiseg.groups) <= set(medseg.groups)
+
+
+def test_covid_ct_md_normal_patients_need_no_slice_labels(tmp_path):
+    """COVID-CT-MD distributes no slice labels for Normal patients: a Normal patient without rows in
+    slice_labels.csv contributes all its slices (``n_slices`` of patients.csv, else counted in the scan)."""
+    from conftest import phantom_hu, write_nifti
+
+    write_nifti(tmp_path / "N2.nii.gz", phantom_hu(5, 32))
+    (tmp_path / "patients.csv").write_text("patient_id,diagnosis,path,n_slices\nP1,COVID-19,P1.nii.gz,4\n"
+                                           "N1,Normal,N1.nii.gz,3\nN2,Normal,N2.nii.gz,\n")
+    (tmp_path / "slice_labels.csv").write_text("patient_id,slice_index,infection\nP1,0,0\nP1,1,1\nP1,2,1\nP1,3,0\n")
+    recs = load_records(tmp_path, classes=THREE_CLASSES)
+    assert [(r.patient, r.slice_index, r.label) for r in recs] == [
+        ("P1", 1, "COVID-19"), ("P1", 2, "COVID-19"), ("N1", 0, "Control"), ("N1", 1, "Control"),
+        ("N1", 2, "Control"), *[("N2", k, "Control") for k in range(5)]]
+    (tmp_path / "patients.csv").write_text("patient_id,diagnosis,path,n_slices\nP1,COVID-19,P1.nii.gz,4\n"
+                                           "N1,Normal,N1.nii.gz,three\n")
+    with pytest.raises(InputError, match="n_slices"):
+        load_records(tmp_path, classes=THREE_CLASSES)

@@ -146,7 +146,8 @@ def load_covid_ct_md(root: Path) -> list[ClsRecord]:
     patients = {r["patient_id"]: r for r in _read_csv(root / "patients.csv", ("patient_id", "diagnosis", "path"))}
     out = []
     labels = root / "slice_labels.csv"
-    for line, r in enumerate(_read_csv(labels, ("patient_id", "slice_index", "infection")), start=2):
+    rows = _read_csv(labels, ("patient_id", "slice_index", "infection")) if labels.is_file() else []
+    for line, r in enumerate(rows, start=2):
         p = patients.get(r["patient_id"])
         if p is None:
             raise InputError(labels, f"patient {r['patient_id']} is not in patients.csv")
@@ -159,7 +160,30 @@ def load_covid_ct_md(root: Path) -> list[ClsRecord]:
         if not normal and infected != 1:
             continue
         out.append(ClsRecord(root / p["path"], diagnosis, None, r["patient_id"], index))
+    # Normal patients need no slice labels (COVID-CT-MD distributes none for them): all their slices
+    listed = {r["patient_id"] for r in rows}
+    for pid, p in patients.items():
+        try:
+            normal = canonical_label(p["diagnosis"], THREE_CLASSES) == "Control"
+        except ValueError as exc:
+            raise InputError(root / "patients.csv", f"patient {pid}: {exc}") from None
+        if normal and pid not in listed:
+            out += [ClsRecord(root / p["path"], p["diagnosis"], None, pid, k)
+                    for k in range(_slice_count(root, p))]
     return out
+
+
+def _slice_count(root: Path, patient: dict[str, str]) -> int:
+    """Slices of a patient's scan: ``n_slices`` of ``patients.csv`` when given, else read from the scan."""
+    if (patient.get("n_slices") or "").strip():
+        try:
+            return int(patient["n_slices"])
+        except ValueError:
+            raise InputError(root / "patients.csv", f"patient {patient['patient_id']}: n_slices "
+                                                    f"{patient['n_slices']!r} is not a number") from None
+    from covidct.io import read
+
+    return read(root / patient["path"]).n_slices
 
 
 def load_covidx(root: Path) -> list[ClsRecord]:
