@@ -64,11 +64,13 @@ def test_severity_bins_and_burden():
     lesions = np.zeros_like(sides)
     lesions[0, :5, :10] = 1  # half of the right upper zone: GGO
     lesions[2, :, 15:] = 2   # half of the left lower zone: consolidation
+    lesions[1, 9, 0:2] = 3   # effusion: measured on its own, not as lung involvement
     hu = np.full(sides.shape, -800.0)
     hu[2, :, 15:] = 20.0
     b = lesion_burden(lesions, sides, zone_index(sides), voxel_ml=0.5, hu=hu)
     assert b["lung_volume_ml"] == pytest.approx(300.0)
-    assert b["lesions"]["ggo"]["volume_ml"] == pytest.approx(25.0)
+    assert b["lesions"]["ggo"]["volume_ml"] == pytest.approx(25.0) and b["lesions"]["effusion"]["voxels"] == 2
+    assert b["sides"]["left"]["consolidation"] == pytest.approx(100 * 50 / 300, abs=1e-3)
     assert b["lesions"]["total"]["percent_of_lung"] == pytest.approx(100 * 100 / 600, abs=1e-3)
     assert b["percent_high_opacity"] == pytest.approx(100 * 50 / 600, abs=1e-3)
     assert b["zones"]["right_upper"]["score"] == 3 and b["zones"]["left_lower"]["score"] == 3

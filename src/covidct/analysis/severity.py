@@ -43,33 +43,44 @@ def lesion_burden(lesions: np.ndarray, lung_sides: np.ndarray, zones: np.ndarray
     ``lesions``: 0 none, 1 GGO, 2 consolidation, 3 effusion; ``lung_sides``: 0 outside, 1 right,
     2 left, already including the GGO/consolidation it encloses (effusion lies outside the lung and
     is measured on its own)."""
-    lung = lung_sides > 0
-    infected = np.isin(lesions, (1, 2)) & lung
-    n_lung = int(lung.sum())
-    types = {"ggo": (lesions == 1) & lung, "consolidation": (lesions == 2) & lung, "effusion": lesions == 3, "total": infected}
+    # one pass over the volume: gather the lung voxels, then count (side, zone, type) with bincount
+    idx = np.flatnonzero(lung_sides > 0)
+    side = lung_sides.ravel()[idx].astype(np.intp) - 1                 # 0 right, 1 left
+    zone = zones.ravel()[idx].astype(np.intp) + 1                      # 0 no zone, 1-3 upper/middle/lower
+    les = lesions.ravel()[idx]
+    kind = np.where(np.isin(les, (1, 2)), les, 0).astype(np.intp)      # 0 lung, 1 GGO, 2 consolidation
+    counts = np.bincount((side * 4 + zone) * 3 + kind, minlength=2 * 4 * 3).reshape(2, 4, 3)
+    n_lung = int(idx.size)
+    n_by_type = {"ggo": int(counts[..., 1].sum()), "consolidation": int(counts[..., 2].sum()),
+                 "effusion": int(np.count_nonzero(lesions == 3))}
+    n_by_type["total"] = n_by_type["ggo"] + n_by_type["consolidation"]
     out: dict = {"lung_volume_ml": _ml(n_lung, voxel_ml), "lung_voxels": n_lung, "lesions": {}}
-    for name, m in types.items():
-        n = int(m.sum())
+    for name, n in n_by_type.items():
         out["lesions"][name] = {"volume_ml": _ml(n, voxel_ml), "voxels": n, "percent_of_lung": _pct(n, n_lung)}
-    out["percent_opacity"] = _pct(int(infected.sum()), n_lung)
-    out["percent_high_opacity"] = _pct(int((infected & (hu > HIGH_OPACITY_HU)).sum()), n_lung) if hu is not None else None
+    out["percent_opacity"] = _pct(n_by_type["total"], n_lung)
+    if hu is not None:
+        out["percent_high_opacity"] = _pct(int(np.count_nonzero(hu.ravel()[idx][kind > 0] > HIGH_OPACITY_HU)), n_lung)
+    else:
+        out["percent_high_opacity"] = None
     per_zone = {}
     score = 0
-    for side, side_name in SIDE_NAMES.items():
-        side_mask = lung_sides == side
+    for side_label, side_name in SIDE_NAMES.items():
+        c = counts[side_label - 1]
+        n_side = int(c.sum())
         out.setdefault("sides", {})[side_name] = {
-            "lung_volume_ml": _ml(int(side_mask.sum()), voxel_ml),
-            **{name: _pct(int((m & side_mask).sum()), int(side_mask.sum())) for name, m in types.items() if name != "effusion"},
+            "lung_volume_ml": _ml(n_side, voxel_ml),
+            "ggo": _pct(int(c[:, 1].sum()), n_side), "consolidation": _pct(int(c[:, 2].sum()), n_side),
+            "total": _pct(int(c[:, 1:].sum()), n_side),
         }
         for z, zone_name in enumerate(ZONE_NAMES):
-            zm = side_mask & (zones == z)
-            pct = _pct(int((infected & zm).sum()), int(zm.sum()))
+            cz = c[z + 1]
+            n_zone = int(cz.sum())
+            pct = _pct(int(cz[1:].sum()), n_zone)
             s = involvement_score(pct)
             score += s
             per_zone[f"{side_name}_{zone_name}"] = {
                 "percent_involved": pct, "score": s,
-                "ggo_percent": _pct(int((types["ggo"] & zm).sum()), int(zm.sum())),
-                "consolidation_percent": _pct(int((types["consolidation"] & zm).sum()), int(zm.sum())),
+                "ggo_percent": _pct(int(cz[1]), n_zone), "consolidation_percent": _pct(int(cz[2]), n_zone),
             }
     out["zones"] = per_zone
     out["severity_score"] = score
