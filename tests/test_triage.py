@@ -127,6 +127,27 @@ def test_fit_and_evaluate_triage(tmp_path, tiny_seg_model, tiny_cls_model, monke
     assert len(err.splitlines()) == 1 and "changed since the triage model" in err
 
 
+def test_classify_with_a_triage_model(tmp_path, tiny_seg_model, tiny_cls_model, monkeypatch, capsys):
+    data = _ct_md_folder(tmp_path / "ctmd")
+    _labelled_lesions(monkeypatch)
+    assert main(["train", "triage", "--data", str(data), "--classifier", str(tiny_cls_model), "--model",
+                 str(tiny_seg_model), "-o", str(tmp_path / "t.pt")]) == 0
+    capsys.readouterr()
+    js = tmp_path / "c.json"
+    assert main(["classify", str(data / "P1.nii.gz"), "--model", str(tmp_path / "t.pt"), "--json", str(js)]) == 0
+    res = json.loads(js.read_text())
+    assert res["classes"] == list(TRIAGE_CLASSES) and len(res["slices"]) == 6
+    labels = [r["label"] for r in res["slices"]]
+    assert [labels[k] for k in (0, 1, 5)] == ["Control"] * 3 and all(labels[k] != "Control" for k in (2, 3, 4))
+    from PIL import Image
+
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "x.png")
+    capsys.readouterr()
+    assert main(["classify", str(tmp_path / "x.png"), "--model", str(tmp_path / "t.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "x.png" in err and "pixel spacing" in err
+
+
 def test_triage_needs_volumes(tmp_path):
     from PIL import Image
 

@@ -640,8 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("classify", help="class probabilities of slices (images, DICOM, NIfTI) with a slice classifier")
     s.add_argument("paths", nargs="+")
-    s.add_argument("--model", help="classifier, Mask-Net classifier or ensemble: shipped name or .pt file "
-                   "(default: the shipped default classifier)")
+    s.add_argument("--model", help="classifier, Mask-Net classifier, ensemble or CT triage model (3 classes; CT "
+                   "with a pixel spacing): shipped name or .pt file (default: the shipped default classifier)")
     s.add_argument("--json", help="also write the result to this JSON file")
     s.set_defaults(func=_cmd_classify)
 

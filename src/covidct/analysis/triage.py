@@ -181,10 +181,27 @@ def load_triage(spec: str | Path | None = None, *, device: str = "cpu") -> Triag
     return Triage(TriageConfig.from_dict(payload["config"]), name=path.stem, device=device)
 
 
+def slice_scores(triage: Triage, vol, indices: Sequence[int] | None = None, *,
+                 window: str | Window = "model") -> tuple[np.ndarray, np.ndarray]:
+    """Lesion probability ``g`` and the classifier's COVID probability ``p`` of slices ``indices`` (all
+    when None) of a volume with a pixel spacing: the volume is analysed once (lungs, lesions); the
+    classifier runs only on slices with lesions (``g > 0``; the others are Control whatever it says,
+    and their ``p`` is 0.5)."""
+    if vol.spacing is None:
+        raise InputError(vol.source, "triage needs the pixel spacing (lesion areas in mm²)")
+    ks = list(range(vol.n_slices)) if indices is None else [int(k) for k in indices]
+    result = analyze_volume(vol, triage.predictor, progress=False, window=window)
+    g = np.array([result.slices[k]["infection_probability"] for k in ks], np.float64)
+    p = np.full(len(ks), 0.5)
+    sick = np.flatnonzero(g > 0)
+    p[sick] = triage.covid_probability(vol, [ks[i] for i in sick], window=window)
+    return g, p
+
+
 def _slice_scores(triage: Triage, records: list[ClsRecord], *,
                   progress: bool) -> tuple[np.ndarray, np.ndarray, float]:
-    """Per record: lesion probability ``g`` and the classifier's COVID probability ``p``; and the
-    seconds spent in the models. Each volume is read and analysed once."""
+    """:func:`slice_scores` of every record (each volume read and analysed once), and the seconds
+    spent in the models."""
     g = np.zeros(len(records))
     p = np.zeros(len(records))
     by_volume: dict[Path, list[int]] = {}
@@ -195,15 +212,16 @@ def _slice_scores(triage: Triage, records: list[ClsRecord], *,
     seconds = 0.0
     for path, rows in tqdm(by_volume.items(), desc="triage scans", unit="scan", disable=not progress):
         vol = read(path)
-        if vol.spacing is None:
-            raise InputError(path, "triage needs the pixel spacing (lesion areas in mm²)")
         t0 = time.perf_counter()
-        result = analyze_volume(vol, triage.predictor, progress=False)
-        ks = [working_slice(vol, records[i].slice_index) for i in rows]
-        g[rows] = [result.slices[k]["infection_probability"] for k in ks]
-        p[rows] = triage.covid_probability(vol, ks)
+        g[rows], p[rows] = slice_scores(triage, vol, [working_slice(vol, records[i].slice_index) for i in rows])
         seconds += time.perf_counter() - t0
     return g, p, seconds
+
+
+def classify_volume(triage: Triage, vol, *, window: str | Window = "model") -> np.ndarray:
+    """``(slices, 3)`` triage probabilities of every slice of a volume (``covidct classify``)."""
+    g, p = slice_scores(triage, vol, window=window)
+    return three_class(g, covid_given_lesion(p, triage.config.covid_logit_shift))
 
 
 def evaluate_triage(spec: str | Path | None, data: str | Path, *, progress: bool = True) -> dict[str, Any]:

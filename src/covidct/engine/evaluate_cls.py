@@ -151,10 +151,14 @@ def save_ensemble(model_specs: Sequence[str | Path], output: str | Path, *, data
         raise CovidctError(None, "an ensemble needs at least two --model")
     paths = [resolve_model(spec, task="cls") for spec in model_specs]
     names = [model_name(p) for p in paths]
-    headers = [read_checkpoint(p) for p in paths]  # sizes and classes; build_ensemble loads the networks once
+    headers = [read_checkpoint(p) for p in paths]  # sizes and classes
     config = EnsembleConfig(members=tuple(names), checksums=tuple(file_sha256(p) for p in paths),
                             classes=tuple(headers[0].get("classes", ())),
                             input_size=max(int(h["input_size"]) for h in headers))
+    for path, header in zip(paths, headers):
+        if tuple(header.get("classes", ())) != config.classes:
+            raise CovidctError(path, f"member classes {list(header.get('classes', ()))} differ from "
+                                     f"{list(config.classes)}")
     metrics: dict[str, Any] = {"members": names}
     temperature = 1.0
     if data is not None and out_of_fold:
@@ -169,9 +173,10 @@ def save_ensemble(model_specs: Sequence[str | Path], output: str | Path, *, data
         metrics["cross_validation_uncalibrated"] = {"data": str(data), "n_images": res["n_images"],
                                                     "models_per_image": res["models_per_image"], **summarize(res)}
         metrics["cross_validation"] = {"n_images": res["n_images"], **summarize(after)}
-    model = build_ensemble(config)
     if data is not None and not out_of_fold:
         from covidct.engine.train_cls import fit_temperature
+
+        model = build_ensemble(config)  # (out of fold, the members were loaded one by one above)
 
         records = load_records(data, split=split, classes=config.classes)
         res = evaluate_records(model, records, progress=progress)

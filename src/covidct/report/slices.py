@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from covidct.engine.infer import SegPredictor
 from covidct.engine.lesions import INSTANCE_SCORE
+from covidct.errors import InputError
 from covidct.io import classifier_input, read, to_model_input
 from covidct.report.json_io import write_json
 from covidct.report.overlay import instances_rgb, overlay_rgb, save_png, with_legend
@@ -93,9 +94,12 @@ def classify_paths(paths: list[str | Path], *, model_spec: str | Path | None = N
     """Class probabilities (calibrated) of every slice of every input with a slice classifier (a CNN,
     a Mask-Net classifier or an ensemble; default: the shipped default). All inputs are read first."""
     from covidct.engine.evaluate_cls import predict_probabilities
-    from covidct.models.registry import load_cls_model
+    from covidct.models.checkpoint import read_checkpoint
+    from covidct.models.registry import load_cls_model, resolve_model
 
     volumes = [read(p) for p in paths]
+    if model_spec is not None and read_checkpoint(resolve_model(model_spec, task="cls"))["task"] == "triage":
+        return _classify_with_triage(volumes, model_spec, progress=progress)
     model, payload = load_cls_model(model_spec)
     classes = list(model.config.classes)
     temperature = float(payload.get("temperature", 1.0))
@@ -113,3 +117,20 @@ def classify_paths(paths: list[str | Path], *, model_spec: str | Path | None = N
             bar.update(len(ks))
     bar.close()
     return {"model": Path(payload["path"]).name, "classes": classes, "slices": rows}
+
+
+def _classify_with_triage(volumes: list, spec: str | Path, *, progress: bool) -> dict[str, Any]:
+    """:func:`classify_paths` with a CT triage model: 3-class probabilities of every slice of each
+    volume (which needs a pixel spacing); each volume is analysed once for its lesions."""
+    from covidct.analysis.triage import TRIAGE_CLASSES, classify_volume, load_triage
+
+    for vol in volumes:
+        if vol.spacing is None:
+            raise InputError(vol.source, "a triage model needs CT with a pixel spacing (DICOM or NIfTI)")
+    triage = load_triage(spec)
+    rows = []
+    for vol in tqdm(volumes, desc="triage", unit="scan", disable=not progress):
+        for k, p in enumerate(classify_volume(triage, vol)):
+            rows.append({"input": str(vol.source), "slice": k, "label": TRIAGE_CLASSES[int(np.argmax(p))],
+                         "probabilities": {c: round(float(v), 6) for c, v in zip(TRIAGE_CLASSES, p)}})
+    return {"model": triage.name, "classes": list(TRIAGE_CLASSES), "slices": rows}
