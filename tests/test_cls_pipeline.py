@@ -122,6 +122,17 @@ def test_ensemble_model_file_is_the_mean_of_its_members(trained_cls, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert "changed since the ensemble was made" in err and len(err.splitlines()) == 1
     assert main(["ensemble", "--model", str(other), "-o", str(tmp_path / "one.pt")]) == 2
+    # members must answer the same classes
+    from covidct.models.checkpoint import read_checkpoint, save_checkpoint
+
+    three = read_checkpoint(other)
+    save_checkpoint(tmp_path / "three.pt", **{**{k: three[k] for k in ("task", "config", "state_dict", "input_size")},
+                                             "classes": ["Control", "Common pneumonia", "COVID-19"]})
+    capsys.readouterr()
+    assert main(["ensemble", "--model", str(other), "--model", str(tmp_path / "three.pt"), "-o",
+                 str(tmp_path / "mixed.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "three.pt" in err and "differ" in err and not (tmp_path / "mixed.pt").exists()
 
 
 def test_k_fold_training_and_out_of_fold_estimate(trained_cls, tmp_path, capsys):
