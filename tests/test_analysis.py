@@ -154,15 +154,22 @@ def test_analyze_dicom_series_outputs_on_input_grid(tmp_path, tiny_seg_model, ca
     lungs = nib.load(out / "lungs.nii.gz").get_fdata().transpose(2, 1, 0)
     assert set(np.unique(lungs)) == {0, 1, 2}
     assert report["input"]["model_window"] == {"level": -420.0, "width": 1480.0}
-    # the shipped slice classifier's probabilities: on every slice with lesions, summing to one
+    # the triage: a 3-class answer and 3-class probabilities on every slice; no slice classifier by default
+    assert report["diagnosis"]["label"] in ("Control", "Common pneumonia", "COVID-19")
+    assert all(abs(sum(s["triage_probabilities"].values()) - 1.0) < 1e-5 for s in report["slices"])
+    assert "classifier" not in report["diagnosis"] and [m["task"] for m in report["models"]] == ["seg", "triage"]
+    # without the triage the fast slice classifier reports on every slice with lesions
+    out2 = tmp_path / "out2"
+    assert main(["analyze", str(tmp_path / "s"), "-o", str(out2), "--model", str(tiny_seg_model), "--triage", "none",
+                 "--no-viewer"]) == 0
+    report = json.loads((out2 / "report.json").read_text())
     cls_block = report["diagnosis"]["classifier"]
-    assert cls_block["model"] == DEFAULTS["scan_cls"] and {m["task"] for m in report["models"]} == {"seg", "cls",
-                                                                                                    "triage"}
+    assert cls_block["model"] == DEFAULTS["scan_cls"] and [m["task"] for m in report["models"]] == ["seg", "cls"]
     classified = [s for s in report["slices"] if "class_probabilities" in s]
     assert [s["index"] for s in classified] == [s["index"] for s in report["slices"] if s["lesion_area_mm2"] > 0]
     assert all(abs(sum(s["class_probabilities"].values()) - 1.0) < 1e-4 for s in classified)
-    assert report["diagnosis"]["label"] in ("Control", "Common pneumonia", "COVID-19")
-    assert "slice classifier" in (out / "report.html").read_text()
+    assert report["diagnosis"]["label"] in ("lesions present", "no lesions found")
+    assert "slice classifier" in (out2 / "report.html").read_text()
 
 
 def test_analyze_window_option(tmp_path, tiny_seg_model, capsys):

@@ -173,6 +173,10 @@ def test_analyze_gives_the_triage_answer(tmp_path, tiny_seg_model, tiny_cls_mode
     assert sum(d["probabilities"][c] for c in TRIAGE_CLASSES) == pytest.approx(1.0, abs=1e-5)
     assert (d["label"] == "Control") == (report["percent_opacity"] < 1.0)
     assert d["triage"]["model"] == "t" and "triage" in {m["task"] for m in report["models"]}
+    assert "C1, P1 (6 slices" in d["note"]                              # what its shift was fitted on
+    for row in report["slices"]:   # every slice: its own g; its own q where the classifier ran, else the scan's
+        q = d["triage"]["slice_covid_given_lesion"].get(str(row["index"]), d["triage"]["covid_given_lesions"])
+        assert row["triage_probabilities"]["COVID-19"] == pytest.approx(row["infection_probability"] * q, abs=2e-6)
     assert d["label"] in (out / "report.html").read_text()
     # without a triage model the lesion-only answer stays
     assert main(["analyze", str(data / "P1.nii.gz"), "-o", str(tmp_path / "out2"), "--model", str(tiny_seg_model),

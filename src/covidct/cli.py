@@ -392,11 +392,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _optional_model(text: str | None, task: str) -> str | None:
-    """``--classifier`` / ``--triage`` of ``analyze``: unset = the shipped default, ``none`` = none."""
-    from covidct.models.registry import DEFAULTS
-
-    return DEFAULTS[task] if text is None else None if text == "none" else text
+def _optional_model(text: str | None, default: str) -> str | None:
+    """``--classifier`` / ``--triage`` of ``analyze``: unset = ``default``, ``none`` = none."""
+    return default if text is None else None if text == "none" else text
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -416,18 +414,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
+    from covidct.io import get_window
+    from covidct.models.registry import DEFAULTS
     from covidct.report.json_io import to_json
     from covidct.report.scan_report import analyze
-
-    from covidct.io import get_window
 
     try:
         get_window(args.window)
     except ValueError as exc:
         raise CovidctError(None, f"--window: {exc}") from None
     report = analyze(args.path, args.output, model_spec=args.model, device=args.device, series_uid=args.series,
-                     window=args.window, classifier_spec=_optional_model(args.classifier, "scan_cls"), viewer=not args.no_viewer,
-                     triage_spec=_optional_model(args.triage, "triage"))
+                     window=args.window, classifier_spec=_optional_model(args.classifier, "auto"),
+                     viewer=not args.no_viewer, triage_spec=_optional_model(args.triage, DEFAULTS["triage"]))
     if args.json:
         print(to_json(report))
         return 0
@@ -623,8 +621,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--window", default="model", help="HU window into the model: 'model' (L-420/W1480, matched to "
                    "the training slices), 'lung', or --window=LEVEL,WIDTH; the GGO / consolidation density split "
                    "(0.55 of the model input) means -346 HU only under the model window")
-    s.add_argument("--classifier", help="slice classifier whose per-slice class probabilities are reported "
-                   "(shipped name or .pt file; default: the shipped default classifier), or 'none'")
+    s.add_argument("--classifier", help="slice classifier whose class probabilities are reported for the slices "
+                   "with lesions (shipped name or .pt file), or 'none'; default: cls-effl0-seginit when the triage "
+                   "does not run (no pixel spacing, or --triage none), else none (the triage gives every slice "
+                   "3-class probabilities)")
     s.add_argument("--triage", help="3-class patient answer (Control / Common pneumonia / "
                    "COVID-19) for volumes with a pixel spacing: shipped triage model or .pt file; 'none' for the "
                    "lesion-only answer (default: triage-ct)")

@@ -121,11 +121,13 @@ class Triage:
     """A triage model ready to run: its config, classifier (with temperature) and segmentation
     predictor, each checked against the checksum the config stores."""
 
-    def __init__(self, config: TriageConfig, *, name: str, device: str = "cpu") -> None:
+    def __init__(self, config: TriageConfig, *, name: str, device: str = "cpu", path: Path | None = None,
+                 fit: dict | None = None) -> None:
         from covidct.models.checkpoint import file_sha256
         from covidct.models.registry import resolve_model
 
         self.config, self.name, self.device = config, name, device
+        self.path, self.fit = path, fit or {}   # the model file and what its shift was fitted on
         self._paths = {}
         for task, spec, sha in (("cls", config.classifier, config.classifier_sha256),
                                 ("seg", config.seg_model, config.seg_model_sha256)):
@@ -178,7 +180,8 @@ def load_triage(spec: str | Path | None = None, *, device: str = "cpu") -> Triag
     payload = read_checkpoint(path)
     if payload["task"] != "triage":
         raise CovidctError(path, f"is a {payload['task']!r} model, not a triage model")
-    return Triage(TriageConfig.from_dict(payload["config"]), name=path.stem, device=device)
+    return Triage(TriageConfig.from_dict(payload["config"]), name=path.stem, device=device, path=path,
+                  fit=(payload.get("metrics") or {}).get("fit"))
 
 
 def slice_scores(triage: Triage, vol, indices: Sequence[int] | None = None, *,
@@ -286,7 +289,9 @@ def fit_triage(data: str | Path, output: str | Path, *, classifier: str | Path |
 
 
 def triage_scan(triage: Triage, vol, result: ScanResult, *, window: str | Window = "model") -> dict[str, Any]:
-    """The scan-level 3-class answer for an analysed volume (``analyze``). The classifier runs on the
+    """The scan-level 3-class answer for an analysed volume (``analyze``), and 3-class probabilities of
+    every slice (``slice_probabilities``: the slice's own ``g``; its own ``q`` where the classifier ran,
+    else the scan's mean ``q`` — one patient, one kind of pneumonia). The classifier runs on the
     :data:`TOP_K` slices with the largest lesion area only, and only when the lesion burden reaches the
     threshold (otherwise the answer is Control and the split of the small rest between the two
     pneumonias is left even)."""
@@ -300,4 +305,9 @@ def triage_scan(triage: Triage, vol, result: ScanResult, *, window: str | Window
                          min_burden_percent=triage.config.min_burden_percent)
     answer["model"] = triage.name
     answer["slice_covid_given_lesion"] = {str(k): round(v, 6) for k, v in q.items()}
+    # every slice: its own lesion probability, its own q where the classifier ran, else the scan's
+    g = [s["infection_probability"] for s in result.slices]
+    qs = [q.get(int(s["index"]), answer["covid_given_lesions"]) for s in result.slices]
+    answer["slice_probabilities"] = [dict(zip(TRIAGE_CLASSES, (round(float(v), 6) for v in row)))
+                                     for row in three_class(g, qs)]
     return answer

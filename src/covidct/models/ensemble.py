@@ -57,6 +57,9 @@ class ClassifierEnsemble(nn.Module):
                 leaders.append(i)
             else:
                 self.shared_front[i] = lead
+                # equal tensors: keep one copy in memory
+                m.lesion.net.backbone = self.members[lead].lesion.net.backbone
+                m.lesion.net.rpn = self.members[lead].lesion.net.rpn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from covidct.models.checkpoint import read_checkpoint
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 #: Default shipped model per task; ``cam``: the classifier whose activation maps ``covidct explain`` /
 #: ``evaluate cam`` use (one CNN; the most lesion-shaped maps measured); ``scan_cls``: the one fast
-#: classifier ``covidct analyze`` runs on every lung slice; ``triage``: the 3-class CT triage
+#: classifier ``covidct analyze`` runs on every slice with lesions; ``triage``: the 3-class CT triage
 #: (:mod:`covidct.analysis.triage`) of ``analyze`` and of ``evaluate cls`` on CT volumes.
 DEFAULTS: dict[str, str] = {"seg": "seg-effl0-unet", "cls": "cls-cv5-ucsd", "lesions": "lesions-effl0-maskrcnn",
                             "cam": "cls-effl0-ucsd", "scan_cls": "cls-effl0-seginit",
@@ -121,16 +122,25 @@ def _full_state(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
     base = payload.get("base_model")
     if not base:
         return payload["state_dict"]
-    from covidct.models.checkpoint import file_sha256
-
     try:
         base_path = resolve_model(base["name"], task=payload["task"])
     except CovidctError:
         raise CovidctError(path, f"needs its base model {base['name']!r}, which is not here") from None
-    if file_sha256(base_path) != base["sha256"]:
+    stat = base_path.stat()
+    sha256, base_state = _base_checkpoint(str(base_path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if sha256 != base["sha256"]:
         raise CovidctError(path, f"its base model {base_path} changed since this model was trained on it")
     prefix = base.get("prefix", "")
-    return {**{prefix + k: v for k, v in read_checkpoint(base_path)["state_dict"].items()}, **payload["state_dict"]}
+    return {**{prefix + k: v for k, v in base_state.items()}, **payload["state_dict"]}
+
+
+@lru_cache(maxsize=2)
+def _base_checkpoint(path: str, mtime_ns: int, size: int) -> tuple[str, dict[str, Any]]:
+    """sha256 and state dict of a base model file, read once for the several models built on it (the
+    five Mask-Net members of an ensemble); a changed file (mtime or size) is read again."""
+    from covidct.models.checkpoint import file_sha256
+
+    return file_sha256(path), read_checkpoint(path)["state_dict"]
 
 
 def load_seg_model(spec: str | Path | None = None):

@@ -173,13 +173,11 @@ def _add_triage(result: ScanResult, vol: Volume, spec: str | Path, models: list[
     lesion-only answer stays as ``lesion_finding``."""
     from covidct.analysis.triage import load_triage, triage_scan
     from covidct.models.checkpoint import file_sha256
-    from covidct.models.registry import resolve_model
 
     t0 = time.perf_counter()
     triage = load_triage(spec)
     answer = triage_scan(triage, vol, result, window=window)
-    path = resolve_model(spec, task="triage")
-    models.append({"name": triage.name, "task": "triage", "sha256": file_sha256(path),
+    models.append({"name": triage.name, "task": "triage", "sha256": file_sha256(triage.path),
                    "classifier": triage.config.classifier})
     d = result.diagnosis
     d["lesion_finding"] = d["label"]
@@ -189,23 +187,27 @@ def _add_triage(result: ScanResult, vol: Volume, spec: str | Path, models: list[
                  f"else COVID-19 when the mean COVID-19 probability (classifier {triage.config.classifier}, shifted "
                  f"for CT by {triage.config.covid_logit_shift:+.3f} logits) of the {triage.config.top_k} slices "
                  "with the largest lesion area is >= 0.5, else Common pneumonia")
-    d["note"] = ("3-class triage: the shift was fitted on 1 COVID-19 and 1 CAP patient of COVID-CT-MD "
-                 "(see the model card); research software, not for diagnosis")
+    fitted_on = ", ".join(triage.fit.get("patients", [])) or "unknown patients"
+    d["note"] = (f"3-class triage: its one fitted number (the shift) comes from {fitted_on} "
+                 f"({triage.fit.get('slices', '?')} slices; see the model card); research software, not for diagnosis")
+    for row, probs in zip(result.slices, answer.pop("slice_probabilities")):
+        row["triage_probabilities"] = probs
     d["triage"] = answer
     result.timings["triage_s"] = round(time.perf_counter() - t0, 2)
 
 
 def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | None = None, progress: bool = True,
             device: str = "cpu", series_uid: str | None = None, window: str = "model",
-            classifier_spec: str | Path | None = DEFAULT_CLASSIFIER, viewer: bool = True,
+            classifier_spec: str | Path | None = "auto", viewer: bool = True,
             triage_spec: str | Path | None = DEFAULTS["triage"]) -> dict[str, Any]:
     """Analyse one scan and write every output into ``outdir``; returns the report dict. HU slices
     reach the model through ``window`` (a preset of :mod:`covidct.io.window` or ``"L,W"``).
-    ``classifier_spec`` (a shipped name or file; ``None`` for none) adds per-slice class
-    probabilities of a slice classifier; they are reported, not used for the patient label.
-    ``viewer`` writes ``viewer.html`` (every slice with its overlay, :mod:`covidct.report.viewer`).
-    ``triage_spec`` (``None``: none) gives the 3-class patient answer (:mod:`covidct.analysis.triage`)
-    for volumes with a pixel spacing."""
+    ``triage_spec`` (``None``: none) gives the 3-class patient answer and every slice's 3-class
+    probabilities (:mod:`covidct.analysis.triage`) for volumes with a pixel spacing.
+    ``classifier_spec`` (a shipped name or file; ``None`` for none; ``"auto"``: the fast slice
+    classifier only when the triage does not run) adds the class probabilities of a slice classifier
+    on the slices with lesions; they are reported, not used for the patient label.
+    ``viewer`` writes ``viewer.html`` (every slice with its overlay, :mod:`covidct.report.viewer`)."""
     from covidct.models.checkpoint import file_sha256
     from covidct.models.registry import load_seg_model
 
@@ -221,9 +223,12 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
     # slices reach the model already cropped to their HU lungs: no second, lung-cropped pass
     result = analyze_volume(vol, SegPredictor(model, device=device, crop_to_lung=False), progress=progress,
                             window=hu_window)
+    triage_runs = bool(triage_spec) and vol.spacing is not None
+    if classifier_spec == "auto":  # the triage gives every slice class probabilities; else the fast classifier
+        classifier_spec = None if triage_runs else DEFAULT_CLASSIFIER
     if classifier_spec:
         _add_classifier(result, vol, classifier_spec, models, window=hu_window, progress=progress)
-    if triage_spec and vol.spacing is not None:
+    if triage_runs:
         _add_triage(result, vol, triage_spec, models, window=hu_window)
     report = build_report(vol, result, models, time.perf_counter() - t0)
     if vol.is_hu:
