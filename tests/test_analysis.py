@@ -127,6 +127,7 @@ def test_viewer_embeds_every_slice_with_its_overlay():
     lesions[2, 10:20, 30:50] = 2   # consolidation
     slices = [{"index": k, "infection_probability": p, "lesion_percent": q}
               for k, p, q in ((0, 0.0, 0.0), (1, 0.7, 13.0), (2, 0.9, 17.0))]
+    slices[2]["triage_probabilities"] = {"Control": 0.1, "Common pneumonia": 0.3, "COVID-19": 0.6}
     page = viewer_html(lambda k: np.full((40, 60), k / 2.0), lesions, lungs, slices, spacing=(5.0, 1.0, 0.5))
     data = _viewer_data(page)
     assert len(data["frames"]) == 3 and data["start"] == 2           # opens on the most affected slice
@@ -140,6 +141,7 @@ def test_viewer_embeds_every_slice_with_its_overlay():
     assert tuple(ov2[30, 40, :3]) == tuple(LESION_COLOURS["consolidation"])
     ct = np.asarray(Image.open(io.BytesIO(base64.b64decode(data["frames"][2]["ct"]))))
     assert abs(float(ct.mean()) - 255) < 3 and data["info"][1]["p"] == 0.7
+    assert data["info"][2]["tri"]["COVID-19"] == 0.6 and data["info"][0]["tri"] is None   # shown per slice
     assert "http://" not in page and "https://" not in page         # self-contained: nothing fetched
 
 

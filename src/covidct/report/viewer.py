@@ -74,7 +74,8 @@ def viewer_html(grey_slices: Callable[[int], np.ndarray], lesions: np.ndarray, l
         frames.append({"ct": _b64(grey, "JPEG", quality=JPEG_QUALITY),
                        "ov": _label_png(lesions[k], lungs[k], size) if has_overlay else ""})
     info = [{"p": s.get("infection_probability", 0.0), "pct": s.get("lesion_percent", 0.0),
-             "ggo": s.get("ggo_percent"), "cons": s.get("consolidation_percent")} for s in slices]
+             "ggo": s.get("ggo_percent"), "cons": s.get("consolidation_percent"),
+             "tri": s.get("triage_probabilities")} for s in slices]
     start = int(np.argmax([s["pct"] for s in info])) if info else 0
     legend = "".join(f'<span><i style="background:rgb{tuple(LESION_COLOURS[c])}"></i>{label}</span>'
                      for c, label in (("ggo", "GGO"), ("consolidation", "consolidation"), ("effusion", "effusion"),
@@ -132,7 +133,8 @@ function show_slice(i) {
   ov.style.opacity = alpha.value / 100;
   const s = D.info[k] || {p: 0, pct: 0};
   const types = (s.ggo == null) ? '' : ` (GGO ${s.ggo.toFixed(2)} %, consolidation ${s.cons.toFixed(2)} %)`;
-  where.textContent = `${k + 1} / ${n} (index ${k}) - infection probability ${s.p.toFixed(3)}, lesions ${s.pct.toFixed(2)} % of lung${types}`;
+  const tri = s.tri ? ' - ' + Object.entries(s.tri).map(([c, v]) => `${c} ${v.toFixed(2)}`).join(', ') : '';
+  where.textContent = `${k + 1} / ${n} (index ${k}) - infection probability ${s.p.toFixed(3)}, lesions ${s.pct.toFixed(2)} % of lung${types}${tri}`;
   drawStrip();
 }
 slider.oninput = () => show_slice(+slider.value);
