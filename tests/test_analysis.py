@@ -151,6 +151,8 @@ def test_analyze_dicom_series_outputs_on_input_grid(tmp_path, tiny_seg_model, ca
     out = tmp_path / "out"
     assert main(["analyze", str(tmp_path / "s"), "-o", str(out), "--model", str(tiny_seg_model)]) == 0
     report = json.loads((out / "report.json").read_text())
+    printed = capsys.readouterr().out
+    assert f"answer: {report['diagnosis']['label']} (Control " in printed and "p(lesions present)" in printed
     _check_outputs(out, vol, report)
     assert report["lung_volume_ml"] > 100 and report["input"]["kind"] == "dicom-series"
     lungs = nib.load(out / "lungs.nii.gz").get_fdata().transpose(2, 1, 0)

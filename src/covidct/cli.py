@@ -439,9 +439,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         ml = les[name]["volume_ml"]
         print(f"{name:>14}: {'' if ml is None else f'{ml:8.1f} mL '}{les[name]['percent_of_lung']:6.2f} % of lung")
     print(f"severity score (zone-based): {report['severity_score']}/{report['severity_score_max']}")
-    probs = report["diagnosis"]["probabilities"]
-    print(f"answer: {report['diagnosis']['label']} ("
-          + ", ".join(f"{k} {v:.3f}" for k, v in probs.items()) + ")")
+    probs = dict(report["diagnosis"]["probabilities"])
+    lesions_p = probs.pop("lesions_present", None)
+    shown = [f"{k} {v:.3f}" for k, v in probs.items()]
+    if lesions_p is not None:
+        shown.append(f"p(lesions present) {lesions_p:.3f}")
+    print(f"answer: {report['diagnosis']['label']} ({', '.join(shown)})")
     viewer = ", viewer.html" if not args.no_viewer else ""
     print(f"wrote {args.output}/report.html, report.json{viewer}, lesions.nii.gz, lungs.nii.gz, overlays/ in {report['seconds']} s")
     print(DISCLAIMER)
