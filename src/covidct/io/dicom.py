@@ -72,6 +72,15 @@ def _pixels_hu(path: Path, ds: Any | None = None) -> tuple[np.ndarray, Any]:
     return hu, ds
 
 
+def _release_pixels(ds: Any) -> None:
+    """Drop the pixel data a dataset loaded (its header stays usable)."""
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in ds:
+            del ds[keyword]
+    if getattr(ds, "_pixel_array", None) is not None:
+        ds._pixel_array = None
+
+
 def _direction(ds: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     iop = getattr(ds, "ImageOrientationPatient", None)
     if iop is None or len(iop) != 6:
@@ -210,8 +219,18 @@ def read_dicom_series(
             raise InputError(folder, "mixed series: two slices share one position (duplicate or multi-phase series)")
     # decoding (JPEG Lossless etc.) runs in C outside the GIL: threads use the machine's cores
     # (P001, 148 JPEG-Lossless slices on 2 cores: 3.1 s -> 2.2 s); the first bad file in series order raises
+    # each slice goes straight into one preallocated float32 volume, and its dataset lets go of the
+    # pixel data it loaded (compressed bytes and the decoded array): one copy of the volume in memory
+    rows, cols = shapes.pop()
+    volume = np.empty((len(items), rows, cols), np.float32)
+
+    def decode(i: int) -> None:
+        path, ds = items[i]
+        volume[i] = _pixels_hu(path, ds)[0]
+        _release_pixels(ds)
+
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        arrays = [hu for hu, _ in pool.map(lambda item: _pixels_hu(*item), items)]
+        list(pool.map(decode, range(len(items))))
     spacing_rc = _pixel_spacing(first)
     if len(positions) > 1:
         slice_spacing = float(np.median(np.abs(np.diff([float(np.dot(p, normal)) for p in positions]))))
@@ -220,7 +239,7 @@ def read_dicom_series(
     meta = _metadata(first)
     if len(groups) > 1:
         meta["series_available"] = available
-    array, affine = np.stack(arrays).astype(np.float32, copy=False), _affine(first, positions, spacing_rc)
+    array, affine = volume, _affine(first, positions, spacing_rc)
     files = [str(p) for p, _ in items]
     array, affine, spacing_rc, files = _to_working_orientation(array, affine, spacing_rc, files, meta)
     return Volume(
