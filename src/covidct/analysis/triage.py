@@ -54,6 +54,7 @@ class TriageConfig:
     top_k: int = TOP_K
     min_burden_percent: float = MIN_BURDEN_PERCENT
     classes: tuple[str, ...] = TRIAGE_CLASSES
+    window: str = "model"       # the HU window of the classifier's input when the shift was fitted
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -187,9 +188,9 @@ def load_triage(spec: str | Path | None = None, *, device: str = "cpu") -> Triag
 def slice_scores(triage: Triage, vol, indices: Sequence[int] | None = None, *,
                  window: str | Window = "model") -> tuple[np.ndarray, np.ndarray]:
     """Lesion probability ``g`` and the classifier's COVID probability ``p`` of slices ``indices`` (all
-    when None) of a volume with a pixel spacing: the volume is analysed once (lungs, lesions); the
-    classifier runs only on slices with lesions (``g > 0``; the others are Control whatever it says,
-    and their ``p`` is 0.5)."""
+    when None) of a volume with a pixel spacing: the volume is analysed once (lungs, lesions; HU slices
+    through ``window``); the classifier (through the window its shift was fitted with) runs only on
+    slices with lesions (``g > 0``; the others are Control whatever it says, and their ``p`` is 0.5)."""
     if vol.spacing is None:
         raise InputError(vol.source, "triage needs the pixel spacing (lesion areas in mm²)")
     ks = list(range(vol.n_slices)) if indices is None else [int(k) for k in indices]
@@ -197,7 +198,7 @@ def slice_scores(triage: Triage, vol, indices: Sequence[int] | None = None, *,
     g = np.array([result.slices[k]["infection_probability"] for k in ks], np.float64)
     p = np.full(len(ks), 0.5)
     sick = np.flatnonzero(g > 0)
-    p[sick] = triage.covid_probability(vol, [ks[i] for i in sick], window=window)
+    p[sick] = triage.covid_probability(vol, [ks[i] for i in sick], window=triage.config.window)
     return g, p
 
 
@@ -288,7 +289,7 @@ def fit_triage(data: str | Path, output: str | Path, *, classifier: str | Path |
     return {"output": str(output), **metrics}
 
 
-def triage_scan(triage: Triage, vol, result: ScanResult, *, window: str | Window = "model") -> dict[str, Any]:
+def triage_scan(triage: Triage, vol, result: ScanResult) -> dict[str, Any]:
     """The scan-level 3-class answer for an analysed volume (``analyze``), and 3-class probabilities of
     every slice (``slice_probabilities``: the slice's own ``g``; its own ``q`` where the classifier ran,
     else the scan's mean ``q`` — one patient, one kind of pneumonia). The classifier runs on the
@@ -297,7 +298,7 @@ def triage_scan(triage: Triage, vol, result: ScanResult, *, window: str | Window
     pneumonias is left even)."""
     top = top_lesion_slices(result.slices, triage.config.top_k)
     if result.burden["percent_opacity"] >= triage.config.min_burden_percent:
-        p = triage.covid_probability(vol, top, window=window)
+        p = triage.covid_probability(vol, top, window=triage.config.window)   # the window its shift was fitted with
         q = dict(zip(top, covid_given_lesion(p, triage.config.covid_logit_shift).tolist()))
     else:
         q = {k: 0.5 for k in top}

@@ -168,7 +168,7 @@ def _add_classifier(result: ScanResult, vol: Volume, spec: str | Path, models: l
     }
 
 
-def _add_triage(result: ScanResult, vol: Volume, spec: str | Path, models: list[dict], *, window) -> None:
+def _add_triage(result: ScanResult, vol: Volume, spec: str | Path, models: list[dict]) -> None:
     """The 3-class answer of a triage model becomes ``result.diagnosis``'s label and probabilities; the
     lesion-only answer stays as ``lesion_finding``."""
     from covidct.analysis.triage import load_triage, triage_scan
@@ -176,7 +176,7 @@ def _add_triage(result: ScanResult, vol: Volume, spec: str | Path, models: list[
 
     t0 = time.perf_counter()
     triage = load_triage(spec)
-    answer = triage_scan(triage, vol, result, window=window)
+    answer = triage_scan(triage, vol, result)
     models.append({"name": triage.name, "task": "triage", "sha256": file_sha256(triage.path),
                    "classifier": triage.config.classifier})
     d = result.diagnosis
@@ -229,7 +229,7 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
     if classifier_spec:
         _add_classifier(result, vol, classifier_spec, models, window=hu_window, progress=progress)
     if triage_runs:
-        _add_triage(result, vol, triage_spec, models, window=hu_window)
+        _add_triage(result, vol, triage_spec, models)
     report = build_report(vol, result, models, time.perf_counter() - t0)
     if vol.is_hu:
         report["input"]["model_window"] = {"level": hu_window.level, "width": hu_window.width}
