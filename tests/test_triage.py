@@ -200,3 +200,25 @@ def test_shipped_triage_on_real_slices():
     q_covid = covid_given_lesion(t.covid_probability(p001, [60]), t.config.covid_logit_shift)[0]
     q_cap = covid_given_lesion(t.covid_probability(cap, [working_slice(cap, 100)]), t.config.covid_logit_shift)[0]
     assert 0 <= q_cap < q_covid <= 1
+
+
+def test_triage_checks_slice_indices_and_reports_missing_classes(tmp_path, tiny_seg_model, tiny_cls_model,
+                                                                  monkeypatch, capsys):
+    data = _ct_md_folder(tmp_path / "ctmd")
+    _labelled_lesions(monkeypatch)
+    assert main(["train", "triage", "--data", str(data), "--classifier", str(tiny_cls_model), "--model",
+                 str(tiny_seg_model), "-o", str(tmp_path / "t.pt")]) == 0
+    # only the COVID-19 patient: no Control slices, so no Control figures
+    (data / "patients.csv").write_text("patient_id,diagnosis,path\nP1,COVID-19,P1.nii.gz\n")
+    (data / "slice_labels.csv").write_text("patient_id,slice_index,infection\nP1,2,1\nP1,3,1\n")
+    capsys.readouterr()
+    js = tmp_path / "e.json"
+    assert main(["evaluate", "cls", "--model", str(tmp_path / "t.pt"), "--data", str(data), "--json", str(js)]) == 0
+    targets = json.loads(js.read_text())["ct_slice_targets"]
+    assert targets["control_not_covid"] is None and targets["covid_sensitivity"] in (0.0, 0.5, 1.0)
+    assert "called Control n/a" in capsys.readouterr().out
+    # a labelled slice the scan does not have: one line naming the scan
+    (data / "slice_labels.csv").write_text("patient_id,slice_index,infection\nP1,2,1\nP1,9,1\n")
+    assert main(["evaluate", "cls", "--model", str(tmp_path / "t.pt"), "--data", str(data)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]   # after the progress bar: one line, no traceback
+    assert last.startswith("covidct: error: ") and "P1.nii.gz" in last and "slice 9 outside" in last

@@ -187,9 +187,9 @@ def _cmd_evaluate_cls(args: argparse.Namespace) -> int:
     print("ROC AUC: " + (f"{auc:.4f}" if isinstance(auc, float) else ", ".join(f"{k} {v:.4f}" for k, v in auc.items())))
     print(f"\n{report.table()}\n")
     if "ct_slice_targets" in result:
-        t = result["ct_slice_targets"]
-        print(f"COVID-19 sensitivity {t['covid_sensitivity']:.4f}; Control slices not called COVID-19 "
-              f"{t['control_not_covid']:.4f}, called Control {t['control_called_control']:.4f}")
+        t = {k: "n/a" if v is None else f"{v:.4f}" for k, v in result["ct_slice_targets"].items()}
+        print(f"COVID-19 sensitivity {t['covid_sensitivity']}; Control slices not called COVID-19 "
+              f"{t['control_not_covid']}, called Control {t['control_called_control']}")
     print(f"{result['n_images']} images, {result['images_per_second']} images/s")
     print(f"Evaluation took {time.time() - t0:.1f} s")
     if args.plot:

@@ -216,6 +216,9 @@ def _slice_scores(triage: Triage, records: list[ClsRecord], *,
     seconds = 0.0
     for path, rows in tqdm(by_volume.items(), desc="triage scans", unit="scan", disable=not progress):
         vol = read(path)
+        for i in rows:
+            if not 0 <= records[i].slice_index < vol.n_slices:
+                raise InputError(path, f"slice {records[i].slice_index} outside the volume's {vol.n_slices} slices")
         t0 = time.perf_counter()
         g[rows], p[rows] = slice_scores(triage, vol, [working_slice(vol, records[i].slice_index) for i in rows])
         seconds += time.perf_counter() - t0
@@ -246,14 +249,17 @@ def evaluate_triage(spec: str | Path | None, data: str | Path, *, progress: bool
     return result
 
 
-def ct_slice_targets(result: dict[str, Any]) -> dict[str, float]:
+def ct_slice_targets(result: dict[str, Any]) -> dict[str, float | None]:
     """Issue 4's slice-level figures from a 3-class result: COVID-19 sensitivity, and the share of
-    Control slices not called COVID-19 ("Normal specificity") or called Control."""
+    Control slices not called COVID-19 ("Normal specificity") or called Control (None without such slices)."""
     cm = np.asarray(result["confusion"], np.float64)
-    control = max(1.0, cm[0].sum())
-    return {"covid_sensitivity": round(float(cm[2, 2] / max(1.0, cm[2].sum())), 6),
-            "control_not_covid": round(float(1 - cm[0, 2] / control), 6),
-            "control_called_control": round(float(cm[0, 0] / control), 6)}
+
+    def share(part: float, whole: float) -> float | None:
+        return round(float(part / whole), 6) if whole else None
+
+    return {"covid_sensitivity": share(cm[2, 2], cm[2].sum()),
+            "control_not_covid": share(cm[0].sum() - cm[0, 2], cm[0].sum()),
+            "control_called_control": share(cm[0, 0], cm[0].sum())}
 
 
 def fit_triage(data: str | Path, output: str | Path, *, classifier: str | Path | None = None,
