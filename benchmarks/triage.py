@@ -1,10 +1,16 @@
-"""The CT triage model on a COVID-CT-MD-layout folder: its 3-class slice scores, and how stable its one
-fitted number (the COVID-19 logit shift) is — refitted on one half of every patient's labelled slices
-(by slice position) and scored on the other half, both ways.
+"""The CT triage model on a COVID-CT-MD-layout folder, in four parts:
+
+1. its two stages alone: the lesion probability ``g`` (Control vs COVID-19 slices) and its binary
+   classifier's own COVID probability (``covidct evaluate cls --model <classifier>``: COVID-19 vs CAP and
+   vs Control slices, medians per class);
+2. its 3-class slice scores (as ``covidct evaluate cls --model <triage>``);
+3. the COVID-19 slices it misses (their lesion areas and COVID probabilities);
+4. how stable its one fitted number (the COVID-19 logit shift) is: refitted on one half of every
+   patient's labelled slices (by slice position) and scored on the other half, both ways.
 
     python benchmarks/triage.py --data $COVIDCT_DATA/covid-ct-md [--model triage-ct]
 
-With the open patients this is a within-patient check (the shipped shift was fitted on all of them):
+With the open patients part 4 is a within-patient check (the shipped shift was fitted on all of them):
 it shows whether the shift depends on which slices it sees, not how it carries over to other patients.
 """
 
@@ -19,8 +25,11 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+from covidct.analysis.scan import AREA_SCALE_MM2  # noqa: E402
 from covidct.analysis.triage import (GATE, TRIAGE_CLASSES, covid_given_lesion, evaluate_triage,  # noqa: E402
-                                     fit_covid_shift, three_class)
+                                     fit_covid_shift, load_triage, three_class)
+from covidct.engine.evaluate_cls import evaluate_cls  # noqa: E402
+from covidct.metrics import roc_auc  # noqa: E402
 
 
 def main() -> None:
@@ -30,18 +39,50 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.perf_counter()
     res = evaluate_triage(args.model, args.data)
-    print(f"{res['model']}: {res['n_images']} labelled slices in {time.perf_counter() - t0:.1f} s")
-    print(res["_report"].confusion_text())
-    print(f"accuracy {res['overall_accuracy']:.4f}; " + ", ".join(f"{k} {v:.4f}" for k, v in res["ct_slice_targets"].items()))
+    seconds = time.perf_counter() - t0
     g, p, records = res["_lesion_probability"], res["_covid_probability"], res["_records"]
     y = np.array([TRIAGE_CLASSES.index(r.label) for r in records])
+    control, cap, covid = (y == 0), (y == 1), (y == 2)
+
+    print("1. the two stages alone")
+    for k, cls in enumerate(TRIAGE_CLASSES):
+        m = y == k
+        if m.any():
+            print(f"  {cls}: {int(m.sum())} slices; lesions found on {np.mean(g[m] > 0):.3f}, "
+                  f">= {AREA_SCALE_MM2 / 100:g} cm² (g >= {GATE}) on {np.mean(g[m] >= GATE):.3f}")
+    if covid.any() and control.any():
+        print(f"  lesion probability g, COVID-19 vs Control slices: AUC {roc_auc(y[covid | control] == 2, g[covid | control]):.4f}")
+    classifier = load_triage(args.model).config.classifier
+    binary = evaluate_cls(classifier, args.data)["_probabilities"][:, 1]   # same records, same order
+    for name, other in (("CAP", cap), ("Control", control)):
+        if covid.any() and other.any():
+            m = covid | other
+            print(f"  classifier {classifier} alone, COVID-19 vs {name} slices: AUC {roc_auc(y[m] == 2, binary[m]):.4f}")
+    print("  its COVID probability, median: " + ", ".join(f"{cls} {np.median(binary[y == k]):.4f}"
+                                                         for k, cls in enumerate(TRIAGE_CLASSES) if (y == k).any()))
+
+    print(f"\n2. {res['model']}: {res['n_images']} labelled slices in {seconds:.1f} s")
+    print(res["_report"].confusion_text())
+    print(f"accuracy {res['overall_accuracy']:.4f}; "
+          + ", ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in res["ct_slice_targets"].items()))
+
+    pred = res["_probabilities"].argmax(axis=1)
+    q = covid_given_lesion(p, load_triage(args.model).config.covid_logit_shift)
+    area = AREA_SCALE_MM2 * g / np.maximum(1 - g, 1e-9) / 100.0   # cm², from g = A / (A + 1 cm²)
+    print("\n3. COVID-19 slices not called COVID-19")
+    for k, cls in ((0, "Control"), (1, "Common pneumonia")):
+        m = covid & (pred == k)
+        if m.any():
+            print(f"  called {cls}: {int(m.sum())}; lesion area (cm²) " + " ".join(f"{a:.2f}" for a in np.sort(area[m]))
+                  + "; COVID-19 probability q " + " ".join(f"{v:.2f}" if a > 0 else "-"   # no lesion: not classified
+                                                             for v, a in sorted(zip(q[m], area[m]), key=lambda t: t[1])))
     patients = np.array([r.patient for r in records])
     index = np.array([r.slice_index for r in records])
     first = np.zeros(len(y), bool)
     for pt in np.unique(patients):
         rows = np.flatnonzero(patients == pt)
         first[rows] = index[rows] < np.median(index[rows])
-    print("\nsplit-half check (fit the shift on one half of each patient's labelled slices, score the other):")
+    print("\n4. split-half check (fit the shift on one half of each patient's labelled slices, score the other):")
     for name, fit_half in (("first", first), ("second", ~first)):
         fit = fit_half & (g >= GATE) & (y > 0)
         if len(set(y[fit])) < 2:
