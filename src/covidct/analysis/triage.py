@@ -14,6 +14,8 @@ slices), and they rank Normal slices worse (AUC 0.92) than the lesion model does
   ``analyze``); else COVID-19 when the mean ``q`` of the :data:`TOP_K` slices with the largest lesion
   area is at least 0.5, else Common pneumonia. Probabilities: as for a slice, with ``g = b / (b + 1 %)``
   (0.5 at the threshold) and that mean ``q``.
+* Where the classifier runs: ``evaluate cls`` / ``classify`` run it on every slice with lesions (each slice
+  its own ``q``); ``analyze`` only on those 5 slices (the other slices take the scan's mean ``q``).
 
 A triage model file (task ``triage``) holds no weights: it names its classifier and segmentation
 model with their checksums, and stores the fitted shift, the data it was fitted on and the scores.
@@ -61,7 +63,8 @@ class TriageConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TriageConfig":
-        return cls(**{**d, "classes": tuple(d.get("classes", TRIAGE_CLASSES))})
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**{**known, "classes": tuple(d.get("classes", TRIAGE_CLASSES))})
 
 
 def covid_given_lesion(p_covid: np.ndarray, shift: float) -> np.ndarray:
