@@ -93,8 +93,21 @@ def main() -> int:
         y = by_patient[a][0] + by_patient[b][0]
         if 0 < sum(y) < len(y):
             print(f"  pooled over {a} + {b}: {roc_auc(y, by_patient[a][1] + by_patient[b][1]):.4f}")
+    # the patient answers against the diagnoses (3-class triage answers only)
+    from covidct.data.classification import THREE_CLASSES, canonical_label
+    from covidct.metrics import classification_report, confusion_matrix
+
+    answered = [r for r in rows if r["answer"] in THREE_CLASSES]
+    patient_accuracy = None
+    if answered:
+        truth = [THREE_CLASSES.index(canonical_label(r["diagnosis"], THREE_CLASSES)) for r in answered]
+        said = [THREE_CLASSES.index(r["answer"]) for r in answered]
+        rep = classification_report(confusion_matrix(truth, said, len(THREE_CLASSES)), THREE_CLASSES)
+        patient_accuracy = rep.overall_accuracy
+        print(f"\npatient answers ({len(answered)} scans):\n{rep.confusion_text()}\naccuracy {patient_accuracy:.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"patients": rows, "pooled_slice_auc": pooled}, indent=2))
+        Path(args.json).write_text(json.dumps({"patients": rows, "pooled_slice_auc": pooled,
+                                               "patient_accuracy": patient_accuracy}, indent=2))
     return 0
 
 
