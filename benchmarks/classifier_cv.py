@@ -57,12 +57,13 @@ def main() -> int:
     ap.add_argument("--data", required=True, help="the folder the folds were drawn from")
     ap.add_argument("models", nargs="+", help="fold model files (one recipe or several on the same folds)")
     ap.add_argument("--json")
+    ap.add_argument("--tta", action="store_true", help="each image averaged with its left-right mirror image")
     ap.add_argument("--nested-calibration", type=int, default=0, metavar="SHUFFLES",
                     help="also check the Platt calibration of `ensemble --out-of-fold` out of sample: fit it on "
                     "4/5 of the out-of-fold scores, apply it to the rest (stratified 5-fold, this many shuffles)")
     args = ap.parse_args()
     try:
-        result = evaluate_out_of_fold(args.models, args.data)
+        result = evaluate_out_of_fold(args.models, args.data, tta=args.tta)
     except CovidctError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

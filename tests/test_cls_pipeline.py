@@ -371,3 +371,22 @@ def test_train_cls_with_fewer_images_than_a_batch_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "do not fill one batch" in err and len(err.splitlines()) == 1
     assert not out.exists() and not (tmp_path / "c_run").exists()
+
+
+def test_ensemble_tta_averages_each_member_over_the_mirror_image():
+    """An ensemble with ``tta`` returns the log of the mean over members and over (input, mirrored input)
+    of the calibrated member probabilities, plus its class offsets once."""
+    from covidct.models.ensemble import ClassifierEnsemble, EnsembleConfig
+
+    torch.manual_seed(0)
+    members = [(build_cls_model(ClsModelConfig(encoder="resnet18", input_size=32)).eval(), t) for t in (1.0, 2.0)]
+    cfg = dict(members=("a", "b"), checksums=("", ""), classes=("NonCOVID", "COVID"), input_size=32,
+               logit_offsets=(0.0, -0.5))
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        out = ClassifierEnsemble(EnsembleConfig(**cfg, tta=True), members)(x)
+        plain = ClassifierEnsemble(EnsembleConfig(**cfg), members)(x)
+        by_hand = torch.stack([torch.softmax(m(v) / t, dim=1) for m, t in members
+                               for v in (x, torch.flip(x, dims=[3]))]).mean(dim=0)
+    torch.testing.assert_close(out, torch.log(by_hand) + torch.tensor([0.0, -0.5]))
+    assert not torch.allclose(out, plain)                    # the mirror image does change the answer

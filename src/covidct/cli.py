@@ -329,8 +329,8 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
         raise CovidctError(args.data, "no such folder")
     if args.out_of_fold and args.data is None:
         raise CovidctError(None, "--out-of-fold needs --data (the folder the fold models were trained on)")
-    print(to_json(save_ensemble(args.model, args.output, data=args.data, split=args.split, out_of_fold=args.out_of_fold),
-                  disclaimer=False))
+    print(to_json(save_ensemble(args.model, args.output, data=args.data, split=args.split, out_of_fold=args.out_of_fold,
+                                tta=args.tta), disclaimer=False))
     return 0
 
 
@@ -565,6 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-of-fold", action="store_true", help="the members are k-fold models of --data (train cls "
                    "--folds): score their out-of-fold predictions and fit a temperature and class offsets there")
     s.add_argument("-o", "--output", required=True, help="model file to write (.pt)")
+    s.add_argument("--tta", action="store_true", help="the ensemble averages each member over the input and its "
+                   "left-right mirror image (scored and calibrated that way)")
     s.set_defaults(func=_cmd_ensemble)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a model on a data folder").add_subparsers(dest="task", required=True)

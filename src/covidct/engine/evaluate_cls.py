@@ -136,13 +136,15 @@ def evaluate_cls(model_spec: str | Path | None | Sequence[str | Path], data: str
 
 
 def save_ensemble(model_specs: Sequence[str | Path], output: str | Path, *, data: str | Path | None = None,
-                  split: str = "val", out_of_fold: bool = False, progress: bool = True) -> dict[str, Any]:
+                  split: str = "val", out_of_fold: bool = False, tta: bool = False,
+                  progress: bool = True) -> dict[str, Any]:
     """Write a classifier ensemble (the mean of the members' calibrated probabilities) as one model
     file naming its members and their checksums; with ``data``, score it on that folder's ``split``,
     fit a temperature for the mean there, and store both as its validation metrics. With
     ``out_of_fold`` the members are k-fold models of ``data`` (``train cls --folds``): the estimate is
     their out-of-fold prediction (:func:`evaluate_out_of_fold`, stored as ``cross_validation``), on
-    which a temperature and class offsets are fitted (Platt scaling)."""
+    which a temperature and class offsets are fitted (Platt scaling). ``tta``: the ensemble averages
+    every member over the input and its left-right mirror image (scored and calibrated that way)."""
     from covidct.models.checkpoint import file_sha256, read_checkpoint, save_checkpoint
     from covidct.models.ensemble import EnsembleConfig, build_ensemble
     from covidct.models.registry import model_name, resolve_model
@@ -154,17 +156,17 @@ def save_ensemble(model_specs: Sequence[str | Path], output: str | Path, *, data
     headers = [read_checkpoint(p) for p in paths]  # sizes and classes
     config = EnsembleConfig(members=tuple(names), checksums=tuple(file_sha256(p) for p in paths),
                             classes=tuple(headers[0].get("classes", ())),
-                            input_size=max(int(h["input_size"]) for h in headers))
+                            input_size=max(int(h["input_size"]) for h in headers), tta=tta)
     for path, header in zip(paths, headers):
         if tuple(header.get("classes", ())) != config.classes:
             raise CovidctError(path, f"member classes {list(header.get('classes', ()))} differ from "
                                      f"{list(config.classes)}")
-    metrics: dict[str, Any] = {"members": names}
+    metrics: dict[str, Any] = {"members": names, "tta": tta}
     temperature = 1.0
     if data is not None and out_of_fold:
         from covidct.engine.train_cls import fit_temperature_and_bias
 
-        res = evaluate_out_of_fold(paths, data, progress=progress)
+        res = evaluate_out_of_fold(paths, data, progress=progress, tta=tta)
         logits = torch.log(torch.as_tensor(res["_probabilities"]).clamp_min(1e-8))
         temperature, offsets = fit_temperature_and_bias(logits, torch.as_tensor(res["_labels"]))
         calibrated = torch.softmax((logits + torch.tensor(offsets)) / temperature, dim=1).numpy()
@@ -194,7 +196,7 @@ def save_ensemble(model_specs: Sequence[str | Path], output: str | Path, *, data
 
 
 def evaluate_out_of_fold(model_specs: Sequence[str | Path], data: str | Path, *,
-                         progress: bool = True) -> dict[str, Any]:
+                         progress: bool = True, tta: bool = False) -> dict[str, Any]:
     """Cross-validation estimate of k-fold classifiers (``covidct train cls --folds K --fold k``): each
     model scores only the images its own fold held out (re-derived from its stored training settings
     on ``data`` and checked against the file list it stored), with its own temperature. Models of
@@ -226,7 +228,8 @@ def evaluate_out_of_fold(model_specs: Sequence[str | Path], data: str | Path, *,
         stored = payload.get("validation_files")
         if stored is not None and sorted(stored) != sorted(relative_name(r, Path(data)) for r in val):
             raise CovidctError(payload["path"], f"its held-out images are not those of fold {cfg.fold} of {data}")
-        res = evaluate_records(model, val, temperature=float(payload.get("temperature", 1.0)), progress=progress)
+        res = evaluate_records(model, val, temperature=float(payload.get("temperature", 1.0)), progress=progress,
+                               tta=tta)
         for r, p in zip(val, res["_probabilities"]):
             key = (r.path.as_posix(), r.slice_index)
             sums[key] = sums.get(key, 0.0) + p

@@ -8,6 +8,7 @@ the input resized to its own input size.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -24,6 +25,9 @@ class EnsembleConfig:
     # added to the log mean probability before the ensemble's temperature (Platt / vector scaling
     # fitted on out-of-fold predictions); empty: none
     logit_offsets: tuple[float, ...] = ()
+    # each member's probabilities averaged with those of the left-right mirrored input (test-time
+    # augmentation, as ``evaluate cls --tta``); its calibration was fitted that way
+    tta: bool = False
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -31,12 +35,14 @@ class EnsembleConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "EnsembleConfig":
         return cls(members=tuple(d["members"]), checksums=tuple(d["checksums"]), classes=tuple(d["classes"]),
-                   input_size=int(d["input_size"]), logit_offsets=tuple(float(v) for v in d.get("logit_offsets", ())))
+                   input_size=int(d["input_size"]), logit_offsets=tuple(float(v) for v in d.get("logit_offsets", ())),
+                   tta=bool(d.get("tta", False)))
 
 
 class ClassifierEnsemble(nn.Module):
     """``forward`` returns the log of the mean calibrated probability (so its softmax is that mean),
-    plus the configured class offsets, if any."""
+    plus the configured class offsets, if any; with ``config.tta`` the mean also runs over the
+    left-right mirrored input."""
 
     weights_from_members = True  # the registry loads no state dict into it
 
@@ -62,6 +68,12 @@ class ClassifierEnsemble(nn.Module):
                 m.lesion.net.rpn = self.members[lead].lesion.net.rpn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.config.tta:
+            return self._log_mean(x)
+        # log of the mean of the two mean probabilities; the class offsets (in both terms) stay added once
+        return torch.logaddexp(self._log_mean(x), self._log_mean(torch.flip(x, dims=[3]))) - math.log(2.0)
+
+    def _log_mean(self, x: torch.Tensor) -> torch.Tensor:
         probs = []
         fronts: dict[int, tuple] = {}
         sharing = set(self.shared_front) | set(self.shared_front.values())

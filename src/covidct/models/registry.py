@@ -14,7 +14,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 #: ``evaluate cam`` use (one CNN; the most lesion-shaped maps measured); ``scan_cls``: the one fast
 #: classifier ``covidct analyze`` runs on every slice with lesions; ``triage``: the 3-class CT triage
 #: (:mod:`covidct.analysis.triage`) of ``analyze`` and of ``evaluate cls`` on CT volumes.
-DEFAULTS: dict[str, str] = {"seg": "seg-effl0-unet", "cls": "cls-cv5-ucsd", "lesions": "lesions-effl0-maskrcnn",
+DEFAULTS: dict[str, str] = {"seg": "seg-effl0-unet", "cls": "cls-cv5-ucsd-tta", "lesions": "lesions-effl0-maskrcnn",
                             "cam": "cls-effl0-ucsd", "scan_cls": "cls-effl0-seginit",
                             "triage": "triage-ct"}
 
