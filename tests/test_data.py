@@ -154,3 +154,15 @@ def test_covid_ct_md_normal_patients_need_no_slice_labels(tmp_path):
                                            "N1,Normal,N1.nii.gz,three\n")
     with pytest.raises(InputError, match="n_slices"):
         load_records(tmp_path, classes=THREE_CLASSES)
+
+
+def test_label_spellings_map_onto_classes_and_unknown_labels_are_refused():
+    """UCSD's own folder names (CT_COVID / CT_NonCOVID) and other common spellings map onto the classes;
+    an unknown label is an error, never silently NonCOVID."""
+    assert canonical_label("CT_COVID", BINARY_CLASSES) == "COVID"
+    assert canonical_label("CT_NonCOVID", BINARY_CLASSES) == "NonCOVID"
+    assert canonical_label("covid 19", THREE_CLASSES) == "COVID-19"
+    assert canonical_label("Bacterial pneumonia", BINARY_CLASSES) == "NonCOVID"
+    assert canonical_label("Bacterial_Pneumonia", THREE_CLASSES) == "Common pneumonia"
+    with pytest.raises(ValueError, match="not one of"):
+        canonical_label("lung cancer", BINARY_CLASSES)

@@ -26,12 +26,22 @@ from covidct.io.image import list_images
 THREE_CLASSES: tuple[str, ...] = ("Control", "Common pneumonia", "COVID-19")
 BINARY_CLASSES: tuple[str, ...] = ("NonCOVID", "COVID")
 
+# label spellings, compared lower-case with "_" / " " read as "-" and a "ct-" prefix (UCSD's CT_COVID) dropped
 _ALIASES = {
-    "normal": "Control", "control": "Control", "noncovid": "NonCOVID", "non-covid": "NonCOVID",
-    "cp": "Common pneumonia", "cap": "Common pneumonia", "common pneumonia": "Common pneumonia",
-    "pneumonia": "Common pneumonia", "ncp": "COVID-19", "covid-19": "COVID-19", "covid19": "COVID-19",
-    "covid": "COVID",
+    "normal": "Control", "control": "Control", "healthy": "Control",
+    "noncovid": "NonCOVID", "non-covid": "NonCOVID", "not-covid": "NonCOVID", "negative": "NonCOVID",
+    "cp": "Common pneumonia", "cap": "Common pneumonia", "common-pneumonia": "Common pneumonia",
+    "pneumonia": "Common pneumonia", "bacterial": "Common pneumonia", "bacterial-pneumonia": "Common pneumonia",
+    "viral-pneumonia": "Common pneumonia", "other-pneumonia": "Common pneumonia",
+    "ncp": "COVID-19", "covid-19": "COVID-19", "covid19": "COVID-19",
+    "covid": "COVID", "positive": "COVID",
 }
+
+
+def _alias(label: str) -> str | None:
+    key = re.sub(r"[\s_]+", "-", label.strip().lower())
+    key = key[3:] if key.startswith("ct-") else key
+    return _ALIASES.get(key)
 COVIDX_NAME = re.compile(r"^(NCP|CP|Normal)_([^_]+)_([^_]+)_(.+)\.(png|jpe?g|bmp|tiff?)$", re.IGNORECASE)
 
 
@@ -48,11 +58,11 @@ def canonical_label(label: str, classes: tuple[str, ...] | list[str]) -> str:
     """Map a label spelling onto one of ``classes`` (e.g. ``CAP`` -> ``Common pneumonia``)."""
     if label in classes:
         return label
-    alias = _ALIASES.get(label.strip().lower())
+    alias = _alias(label)
     if alias in classes:
         return alias
-    # Binary task over a 3-class source: anything not COVID is NonCOVID.
-    if tuple(classes) == BINARY_CLASSES:
+    # Binary task over a 3-class source: a known class that is not COVID is NonCOVID (an unknown label is an error)
+    if tuple(classes) == BINARY_CLASSES and alias is not None:
         return "COVID" if alias in ("COVID", "COVID-19") else "NonCOVID"
     if tuple(classes) == THREE_CLASSES and alias == "COVID":
         return "COVID-19"
