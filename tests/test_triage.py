@@ -113,12 +113,14 @@ def test_fit_and_evaluate_triage(tmp_path, tiny_seg_model, tiny_cls_model, monke
     assert main(["evaluate", "cls", "--model", str(out), "--data", str(data), "--json", str(js)]) == 0
     text = capsys.readouterr().out
     assert "3-class CT triage" in text and "COVID-19 sensitivity" in text
+    assert "fitted on C1, P1: in-sample" in text
     res = json.loads(js.read_text())
     assert res["classes"] == list(TRIAGE_CLASSES) and res["n_images"] == 3 + 3 + 6
     cm = np.array(res["confusion"])
     # every unlabelled Normal slice has no lesion: Control; every gated slice is one of the pneumonias
     assert cm[0].tolist() == [6, 0, 0] and cm[1:, 0].sum() == 0 and cm.sum() == 12
     assert set(res["auc"]) == set(TRIAGE_CLASSES) and res["ct_slice_targets"]["control_not_covid"] == 1.0
+    assert res["in_sample_patients"] == ["C1", "P1"]
 
     # the fitted classifier file changes: the triage model refuses it
     torch.save({**torch.load(tiny_cls_model, weights_only=True), "temperature": 2.0}, tiny_cls_model)

@@ -190,6 +190,8 @@ def _cmd_evaluate_cls(args: argparse.Namespace) -> int:
         t = {k: "n/a" if v is None else f"{v:.4f}" for k, v in result["ct_slice_targets"].items()}
         print(f"COVID-19 sensitivity {t['covid_sensitivity']}; Control slices not called COVID-19 "
               f"{t['control_not_covid']}, called Control {t['control_called_control']}")
+    if result.get("in_sample_patients"):
+        print(f"note: the triage's shift was fitted on {', '.join(result['in_sample_patients'])}: in-sample for them")
     print(f"{result['n_images']} images, {result['images_per_second']} images/s")
     print(f"Evaluation took {time.time() - t0:.1f} s")
     if args.plot:
@@ -347,6 +349,8 @@ def _cmd_evaluate_lesions(args: argparse.Namespace) -> int:
     if result.get("infection_dice") is not None:
         print(f"lesion region Dice (union of instances scoring >= {result['instance_score_threshold']}): "
               f"{result['infection_dice']:.4f}")
+    if result.get("in_sample_patients"):
+        print(f"note: the triage's shift was fitted on {', '.join(result['in_sample_patients'])}: in-sample for them")
     print(f"{result['n_images']} images, {result['images_per_second']} images/s")
     print(f"Evaluation took {time.time() - t0:.1f} s")
     if args.json:

@@ -248,6 +248,8 @@ def evaluate_triage(spec: str | Path | None, data: str | Path, *, progress: bool
     result["model"] = triage.name
     result["tta"] = False
     result["ct_slice_targets"] = ct_slice_targets(result)
+    # patients whose slices fitted the shift are scored in-sample: say so
+    result["in_sample_patients"] = sorted({r.patient for r in records} & set(triage.fit.get("patients", [])))
     result["_lesion_probability"], result["_covid_probability"], result["_records"] = g, p, records
     return result
 
