@@ -1,0 +1,96 @@
+"""Re-save a COVID-CT-MD-layout folder as a folder the models have never seen: every scan as a NIfTI
+volume, chosen scans resampled in-plane to another matrix size and / or stored in RAS axis order, with
+``slice_labels.csv`` rewritten to the new files' slice order. For checking that the evaluation
+commands do not depend on the layout, resolution or axis order of the open data.
+
+    python benchmarks/resave_ctmd.py --data $COVIDCT_DATA/covid-ct-md -o SIM \\
+        --size P001=384 --size normal001=320 --ras P001
+    covidct evaluate cls --data SIM;  python benchmarks/analyze.py --data SIM
+
+(The RESULTS entry "Other layouts and resolutions" used exactly these options, with the patients renamed
+P002 / normal002 / cap002 by hand.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> int:
+    import nibabel as nib
+    from scipy.ndimage import zoom
+
+    from covidct.errors import CovidctError
+    from covidct.io import read
+    from covidct.io.nifti import working_slice, working_slice_of_file
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, type=Path)
+    ap.add_argument("-o", "--output", required=True, type=Path, help="new folder (must not exist)")
+    ap.add_argument("--size", action="append", default=[], metavar="ID=N", help="resample this patient's slices to N×N")
+    ap.add_argument("--ras", action="append", default=[], metavar="ID", help="store this patient's volume in RAS order")
+    args = ap.parse_args()
+    if args.output.exists():
+        print(f"error: {args.output} exists", file=sys.stderr)
+        return 2
+    sizes = {k: int(v) for k, v in (s.split("=", 1) for s in args.size)}
+    with open(args.data / "patients.csv", newline="") as fh:
+        patients = list(csv.DictReader(fh))
+    with open(args.data / "slice_labels.csv", newline="") as fh:
+        labels = list(csv.DictReader(fh))
+    args.output.mkdir(parents=True)
+    new_index: dict[tuple[str, int], int] = {}
+    for p in patients:
+        pid = p["patient_id"]
+        try:
+            vol = read(args.data / p["path"])
+        except CovidctError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        array, affine = vol.array, np.asarray(vol.affine, float).copy()
+        if pid in sizes:
+            f = sizes[pid] / array.shape[1]
+            array = zoom(array, (1, f, sizes[pid] / array.shape[2]), order=1)
+            affine[:3, 1] /= f
+            affine[:3, 0] /= sizes[pid] / vol.array.shape[2]
+        img = nib.Nifti1Image(np.round(array).astype(np.int16).transpose(2, 1, 0), affine)  # i, j, k = L, P, I
+        if pid in args.ras:
+            img = nib.as_closest_canonical(img)
+        img.set_qform(img.affine, code=1)
+        img.set_sform(img.affine, code=1)
+        name = f"{pid}.nii.gz"
+        nib.save(img, args.output / name)
+        n = array.shape[0]
+        flipped = working_slice_of_file(img.affine, n, 0) != 0
+        for r in labels:
+            if r["patient_id"] == pid:
+                w = working_slice(vol, int(r["slice_index"]))           # the labelled slice, head = 0
+                new_index[(pid, int(r["slice_index"]))] = n - 1 - w if flipped else w
+        p.update({"path": name, "format": "nifti"})
+        print(f"{pid}: {nib.aff2axcodes(img.affine)} {img.shape}")
+    with open(args.output / "patients.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(patients[0]))
+        w.writeheader()
+        w.writerows(patients)
+    with open(args.output / "slice_labels.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(labels[0]))
+        w.writeheader()
+        for r in labels:
+            r = dict(r)
+            r["slice_index"] = str(new_index[(r["patient_id"], int(r["slice_index"]))])
+            if "file" in r:
+                r["file"] = f"{r['patient_id']}.nii.gz"
+            w.writerow(r)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
