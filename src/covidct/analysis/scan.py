@@ -158,7 +158,8 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
         "probabilities": {"lesions_present": round(p_patient, 6)},
         "rule": f"lesions present when GGO + consolidation cover >= {MIN_BURDEN_PERCENT:g} % of the lung; the "
                 f"probability is the mean of the {TOP_K} highest slice infection probabilities (not calibrated)",
-        "note": "segmentation-based; no 3-class (COVID-19 / common pneumonia / normal) patient classifier yet",
+        "note": "segmentation-based; the 3-class answer (Control / Common pneumonia / COVID-19) comes from a CT "
+                "triage model (covidct analyze --triage, for volumes with a pixel spacing)",
     }
     return ScanResult(lesions, lungs, burden, slices, diagnosis, lung_method, timings)
 

@@ -73,12 +73,11 @@ def _pixels_hu(path: Path, ds: Any | None = None) -> tuple[np.ndarray, Any]:
 
 
 def _release_pixels(ds: Any) -> None:
-    """Drop the pixel data a dataset loaded (its header stays usable)."""
+    """Drop the pixel data a dataset loaded (its header stays usable); pydicom forgets the decoded
+    array it cached with it."""
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if keyword in ds:
             del ds[keyword]
-    if getattr(ds, "_pixel_array", None) is not None:
-        ds._pixel_array = None
 
 
 def _direction(ds: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
