@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -41,12 +42,18 @@ def main() -> int:
     if args.output.exists():
         print(f"error: {args.output} exists", file=sys.stderr)
         return 2
-    sizes = {k: int(v) for k, v in (s.split("=", 1) for s in args.size)}
+    try:
+        sizes = {k: int(v) for k, v in (s.split("=", 1) for s in args.size)}
+    except ValueError:
+        print(f"error: --size takes ID=N (e.g. P001=384), not {args.size}", file=sys.stderr)
+        return 2
     with open(args.data / "patients.csv", newline="") as fh:
         patients = list(csv.DictReader(fh))
     with open(args.data / "slice_labels.csv", newline="") as fh:
         labels = list(csv.DictReader(fh))
-    args.output.mkdir(parents=True)
+    final, args.output = args.output, args.output.with_name(args.output.name + ".partial")
+    shutil.rmtree(args.output, ignore_errors=True)
+    args.output.mkdir(parents=True)   # written here, renamed to the real name when complete
     new_index: dict[tuple[str, int], int] = {}
     for p in patients:
         pid = p["patient_id"]
@@ -54,6 +61,7 @@ def main() -> int:
             vol = read(args.data / p["path"])
         except CovidctError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            shutil.rmtree(args.output, ignore_errors=True)
             return 2
         array, affine = vol.array, np.asarray(vol.affine, float).copy()
         if pid in sizes:
@@ -89,6 +97,7 @@ def main() -> int:
             if "file" in r:
                 r["file"] = f"{r['patient_id']}.nii.gz"
             w.writerow(r)
+    args.output.rename(final)
     return 0
 
 

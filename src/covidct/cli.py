@@ -205,15 +205,12 @@ def _cmd_evaluate_cls(args: argparse.Namespace) -> int:
 def _is_triage(spec, data: str) -> bool:
     """Whether ``evaluate cls`` runs a CT triage model: one named on the command line, or the shipped
     one when no model is named and ``data`` holds CT volumes (COVID-CT-MD layout)."""
+    from covidct.analysis.triage import is_triage_model
     from covidct.data.classification import detect_layout
-    from covidct.models.checkpoint import read_checkpoint
-    from covidct.models.registry import resolve_model
 
     if spec is None:
         return Path(data).is_dir() and detect_layout(data) == "covid-ct-md"
-    if isinstance(spec, list):
-        return False
-    return read_checkpoint(resolve_model(spec, task="cls"))["task"] == "triage"
+    return not isinstance(spec, list) and is_triage_model(spec)
 
 
 def _cmd_train_triage(args: argparse.Namespace) -> int:

@@ -175,6 +175,14 @@ class Triage:
         return predict_probabilities(model, images, temperature=self.temperature)[:, 1]
 
 
+def is_triage_model(spec: str | Path) -> bool:
+    """Whether a ``--model`` (shipped name or file) is a triage model rather than a classifier."""
+    from covidct.models.checkpoint import read_checkpoint
+    from covidct.models.registry import resolve_model
+
+    return read_checkpoint(resolve_model(spec, task="cls"))["task"] == "triage"
+
+
 def load_triage(spec: str | Path | None = None, *, device: str = "cpu") -> Triage:
     """A shipped triage model by name, a file, or ``None`` for the default."""
     from covidct.models.checkpoint import read_checkpoint

@@ -93,12 +93,12 @@ def classify_paths(paths: list[str | Path], *, model_spec: str | Path | None = N
                    progress: bool = True) -> dict[str, Any]:
     """Class probabilities (calibrated) of every slice of every input with a slice classifier (a CNN,
     a Mask-Net classifier or an ensemble; default: the shipped default). All inputs are read first."""
+    from covidct.analysis.triage import is_triage_model
     from covidct.engine.evaluate_cls import predict_probabilities
-    from covidct.models.checkpoint import read_checkpoint
-    from covidct.models.registry import load_cls_model, resolve_model
+    from covidct.models.registry import load_cls_model
 
     volumes = [read(p) for p in paths]
-    if model_spec is not None and read_checkpoint(resolve_model(model_spec, task="cls"))["task"] == "triage":
+    if model_spec is not None and is_triage_model(model_spec):
         return _classify_with_triage(volumes, model_spec, progress=progress)
     model, payload = load_cls_model(model_spec)
     classes = list(model.config.classes)
