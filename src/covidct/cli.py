@@ -14,6 +14,7 @@ from pathlib import Path
 
 from covidct import DISCLAIMER, __version__
 from covidct.errors import CovidctError
+from covidct.runtime import keep_freed_memory
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -676,6 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()
     try:
         return int(args.func(args) or 0)
     except CovidctError as exc:

@@ -100,10 +100,12 @@ def fit_covid_shift(p_covid: np.ndarray, is_covid: np.ndarray) -> float:
 
 
 def scan_answer(slices: Sequence[dict], q: dict[int, float], percent_opacity: float, *,
-                top_k: int = TOP_K, min_burden_percent: float = MIN_BURDEN_PERCENT) -> dict[str, Any]:
+                top_k: int = TOP_K, min_burden_percent: float = MIN_BURDEN_PERCENT,
+                top: Sequence[int] | None = None) -> dict[str, Any]:
     """The scan's label and 3-class probabilities (see the module docstring); ``q`` holds the
-    COVID-given-lesion probability of (at least) the ``top_k`` slices with the largest lesion area."""
-    top = top_lesion_slices(slices, top_k)
+    COVID-given-lesion probability of (at least) the ``top_k`` slices with the largest lesion area
+    (``top``: those slices when the caller already has them)."""
+    top = top_lesion_slices(slices, top_k) if top is None else list(top)
     g = percent_opacity / (percent_opacity + min_burden_percent)   # 0.5 at the threshold, like a slice's 1 cm²
     qm = float(np.mean([q[k] for k in top])) if top else 0.5
     probs = dict(zip(TRIAGE_CLASSES, (round(v, 6) for v in three_class([g], [qm])[0])))
@@ -322,7 +324,7 @@ def triage_scan(triage: Triage, vol, result: ScanResult) -> dict[str, Any]:
     else:
         q = {k: 0.5 for k in top}
     answer = scan_answer(result.slices, q, result.burden["percent_opacity"], top_k=triage.config.top_k,
-                         min_burden_percent=triage.config.min_burden_percent)
+                         min_burden_percent=triage.config.min_burden_percent, top=top)
     answer["model"] = triage.name
     answer["slice_covid_given_lesion"] = {str(k): round(v, 6) for k, v in q.items()}
     # every slice: its own lesion probability, its own q where the classifier ran, else the scan's
