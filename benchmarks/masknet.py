@@ -33,6 +33,7 @@ def main() -> int:
     from torchvision.models.detection import maskrcnn_resnet50_fpn
 
     from covidct.models.lesions import LesionModelConfig, build_lesion_model
+    from covidct.runtime import keep_freed_memory
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="trained lesion model (shipped name or file); default: an untrained default config")
@@ -43,6 +44,7 @@ def main() -> int:
                     help="cap on detections per slice for covidct's model (repeatable; default: the model's own)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()   # as the covidct command line does
     torch.manual_seed(0)
     if args.data:  # real slices resized to 512x512: a trained model's detection count is the real one
         import torch.nn.functional as F

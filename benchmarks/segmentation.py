@@ -54,6 +54,7 @@ def main() -> int:
     from covidct.engine.infer import SegPredictor
     from covidct.models import SegModelConfig, build_seg_model
     from covidct.models.registry import load_seg_model
+    from covidct.runtime import keep_freed_memory
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
@@ -65,8 +66,12 @@ def main() -> int:
                     "the two-pass (lung-cropped) prediction on")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="leave glibc malloc as it is (the covidct command line keeps freed memory for reuse)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if not args.default_allocator:
+        keep_freed_memory()   # as the covidct command line does
 
     model, payload = load_seg_model(args.model)
     shipped = SegPredictor(model)
@@ -100,7 +105,8 @@ def main() -> int:
     ref = SegPredictor(reference, crop_to_lung=False)
     rows["reference_unet_resnet34_512"] = {**speed(ref), "params_m": round(sum(p.numel() for p in reference.parameters()) / 1e6, 2),
                                            "input_size": 512, "peak_rss_mb": round(peak_rss_mb(), 1)}
-    print(f"\n== speed at 512x512, {args.threads} threads (peak RSS before speed runs {rss0:.0f} MB)")
+    allocator = "default glibc allocator" if args.default_allocator else "freed memory kept, as the CLI"
+    print(f"\n== speed at 512x512, {args.threads} threads, {allocator} (peak RSS before speed runs {rss0:.0f} MB)")
     print(f"{'model':<42}{'slices/s':>10}{'params (M)':>12}{'input':>8}{'peak RSS MB':>13}")
     for name, r in rows.items():
         print(f"{name:<42}{r['slices_per_second']:>10}{r['params_m']:>12}{r['input_size']:>8}{r['peak_rss_mb']:>13}")

@@ -128,12 +128,13 @@ class Triage:
     predictor, each checked against the checksum the config stores."""
 
     def __init__(self, config: TriageConfig, *, name: str, device: str = "cpu", path: Path | None = None,
-                 fit: dict | None = None) -> None:
+                 fit: dict | None = None, fold_bn: bool = False) -> None:
         from covidct.models.checkpoint import file_sha256
         from covidct.models.registry import resolve_model
 
         self.config, self.name, self.device = config, name, device
         self.path, self.fit = path, fit or {}   # the model file and what its shift was fitted on
+        # fold the classifier's BatchNorms (covidct.models.fusion): pays off from ~20 slices on
         self._paths = {}
         for task, spec, sha in (("cls", config.classifier, config.classifier_sha256),
                                 ("seg", config.seg_model, config.seg_model_sha256)):
@@ -142,6 +143,7 @@ class Triage:
                 raise CovidctError(path, f"changed since the triage model {name} was fitted on it")
         self._classifier = self._predictor = None
         self.temperature = 1.0
+        self.fold_bn = fold_bn
 
     @property
     def classifier(self):
@@ -149,7 +151,7 @@ class Triage:
         if self._classifier is None:
             from covidct.models.registry import load_cls_model
 
-            model, payload = load_cls_model(self._paths["cls"])
+            model, payload = load_cls_model(self._paths["cls"], fold_bn=self.fold_bn)
             if list(model.config.classes) != ["NonCOVID", "COVID"]:
                 raise CovidctError(payload["path"], "triage needs a binary NonCOVID / COVID slice classifier")
             self._classifier, self.temperature = model, float(payload.get("temperature", 1.0))
@@ -185,8 +187,9 @@ def is_triage_model(spec: str | Path) -> bool:
     return read_checkpoint(resolve_model(spec, task="cls"))["task"] == "triage"
 
 
-def load_triage(spec: str | Path | None = None, *, device: str = "cpu") -> Triage:
-    """A shipped triage model by name, a file, or ``None`` for the default."""
+def load_triage(spec: str | Path | None = None, *, device: str = "cpu", fold_bn: bool = False) -> Triage:
+    """A shipped triage model by name, a file, or ``None`` for the default; ``fold_bn`` as in
+    :func:`covidct.models.registry.load_cls_model` (for many slices)."""
     from covidct.models.checkpoint import read_checkpoint
     from covidct.models.registry import resolve_model
 
@@ -195,7 +198,7 @@ def load_triage(spec: str | Path | None = None, *, device: str = "cpu") -> Triag
     if payload["task"] != "triage":
         raise CovidctError(path, f"is a {payload['task']!r} model, not a triage model")
     return Triage(TriageConfig.from_dict(payload["config"]), name=path.stem, device=device, path=path,
-                  fit=(payload.get("metrics") or {}).get("fit"))
+                  fit=(payload.get("metrics") or {}).get("fit"), fold_bn=fold_bn)
 
 
 def slice_scores(triage: Triage, vol, indices: Sequence[int] | None = None, *,
@@ -250,7 +253,7 @@ def evaluate_triage(spec: str | Path | None, data: str | Path, *, progress: bool
     from covidct.engine.evaluate_cls import score_probabilities
 
     records = load_records(data, classes=TRIAGE_CLASSES)
-    triage = load_triage(spec)
+    triage = load_triage(spec, fold_bn=True)
     g, p, seconds = _slice_scores(triage, records, progress=progress)
     probs = three_class(g, covid_given_lesion(p, triage.config.covid_logit_shift))
     result = score_probabilities(probs, np.array([TRIAGE_CLASSES.index(r.label) for r in records]), TRIAGE_CLASSES)
@@ -292,7 +295,7 @@ def fit_triage(data: str | Path, output: str | Path, *, classifier: str | Path |
                           seg_model=model_name(seg_path), seg_model_sha256=file_sha256(seg_path),
                           covid_logit_shift=0.0)
     records = load_records(data, classes=TRIAGE_CLASSES)
-    triage = Triage(config, name=Path(output).stem)
+    triage = Triage(config, name=Path(output).stem, fold_bn=True)
     g, p, _ = _slice_scores(triage, records, progress=progress)
     y = np.array([TRIAGE_CLASSES.index(r.label) for r in records])
     fit = (g >= GATE) & (y > 0)

@@ -124,7 +124,7 @@ def evaluate_cls(model_spec: str | Path | None | Sequence[str | Path], data: str
     from covidct.models.registry import load_cls_model
 
     specs = list(model_spec) if isinstance(model_spec, (list, tuple)) else [model_spec]
-    loaded = [load_cls_model(spec) for spec in specs]
+    loaded = [load_cls_model(spec, fold_bn=True) for spec in specs]
     members = [(m, float(p.get("temperature", 1.0))) for m, p in loaded]
     model, temperature = members[0]
     records = load_records(data, split=split, classes=model.config.classes)
@@ -214,7 +214,7 @@ def evaluate_out_of_fold(model_specs: Sequence[str | Path], data: str | Path, *,
     classes: list[str] | None = None
     names = []
     for spec in model_specs:
-        model, payload = load_cls_model(spec)
+        model, payload = load_cls_model(spec, fold_bn=True)
         tc = payload.get("train_config") or {}
         if not tc.get("folds"):
             raise CovidctError(payload["path"], "not a k-fold model (train it with --folds K --fold k)")

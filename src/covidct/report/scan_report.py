@@ -148,7 +148,7 @@ def _add_classifier(result: ScanResult, vol: Volume, spec: str | Path, models: l
     from covidct.models.checkpoint import file_sha256
     from covidct.models.registry import load_cls_model
 
-    model, payload = load_cls_model(spec)
+    model, payload = load_cls_model(spec, fold_bn=True)
     models.append({"name": Path(payload["path"]).stem, "task": "cls", "sha256": file_sha256(payload["path"])})
     t0 = time.perf_counter()
     with_lesions = [s["index"] for s in result.slices if s["lesion_area_mm2"] > 0]

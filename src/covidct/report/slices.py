@@ -100,7 +100,7 @@ def classify_paths(paths: list[str | Path], *, model_spec: str | Path | None = N
     volumes = [read(p) for p in paths]
     if model_spec is not None and is_triage_model(model_spec):
         return _classify_with_triage(volumes, model_spec, progress=progress)
-    model, payload = load_cls_model(model_spec)
+    model, payload = load_cls_model(model_spec, fold_bn=True)
     classes = list(model.config.classes)
     temperature = float(payload.get("temperature", 1.0))
     rows = []
