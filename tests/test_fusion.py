@@ -73,3 +73,29 @@ def test_a_conv_output_used_twice_is_left_alone() -> None:
     assert folded is net and isinstance(net.bn, nn.BatchNorm2d)   # the check failed, the fold was undone
     with torch.no_grad():
         torch.testing.assert_close(folded(x), want)
+
+
+def test_seg_predictor_with_folded_batchnorms_predicts_as_before() -> None:
+    """A U-Net (ResNet-18 encoder, smp decoder) with non-trivial BatchNorm statistics: the folded copy
+    inside ``SegPredictor`` gives the same probabilities and labels; the caller's model keeps its BatchNorms."""
+    import numpy as np
+
+    from covidct.engine.infer import SegPredictor
+    from covidct.models import SegModelConfig, build_seg_model
+
+    torch.manual_seed(0)
+    net = build_seg_model(SegModelConfig(encoder="resnet18", decoder_channels=(32, 16, 16, 8, 8), input_size=64))
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                _randomise(m)
+    n_bn = _count(net, nn.BatchNorm2d)
+    images = [np.random.default_rng(k).random((80, 72), dtype=np.float32) for k in range(3)]
+    plain = SegPredictor(net, fold_bn=False, crop_to_lung=False, density_classes=False).predict(images)
+    folded_predictor = SegPredictor(net, crop_to_lung=False, density_classes=False)
+    folded = folded_predictor.predict(images)
+    assert _count(folded_predictor.model, nn.BatchNorm2d) == 0 and _count(net, nn.BatchNorm2d) == n_bn > 0
+    for a, b in zip(plain, folded):
+        np.testing.assert_allclose(b.probs, a.probs, atol=1e-4)
+        np.testing.assert_allclose(b.lung_prob, a.lung_prob, atol=1e-4)
+        assert (a.labels != b.labels).mean() < 1e-3
