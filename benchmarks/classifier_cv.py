@@ -65,7 +65,7 @@ def main() -> int:
     try:
         result = evaluate_out_of_fold(args.models, args.data, tta=args.tta)
     except CovidctError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{os.path.basename(sys.argv[0])}: error: {exc}", file=sys.stderr)
         return 2
     print(result["_report"].confusion_text())
     summary = {"n_images": result["n_images"], "models": result["models"],

@@ -48,7 +48,7 @@ def main() -> int:
     try:
         sets = fold_validation_sets(args.models, args.data)
     except CovidctError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{os.path.basename(sys.argv[0])}: error: {exc}", file=sys.stderr)
         return 2
     folds = []
     for model, _, folder in sets:

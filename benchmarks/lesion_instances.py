@@ -48,7 +48,7 @@ def main() -> int:
                 p = predictor.predict([to_model_input(s.image, is_hu=False)])[0]
                 preds.append((s.labels, p.labels, p.probs))
     except CovidctError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{os.path.basename(sys.argv[0])}: error: {exc}", file=sys.stderr)
         return 2
     print(f"{len(preds)} out-of-fold slices")
     print("| mask mode | min area (px) | AP50 | AP75 | mAP | per class AP50 |")

@@ -40,12 +40,12 @@ def main() -> int:
     ap.add_argument("--ras", action="append", default=[], metavar="ID", help="store this patient's volume in RAS order")
     args = ap.parse_args()
     if args.output.exists():
-        print(f"error: {args.output} exists", file=sys.stderr)
+        print(f"{os.path.basename(sys.argv[0])}: error: {args.output} exists", file=sys.stderr)
         return 2
     try:
         sizes = {k: int(v) for k, v in (s.split("=", 1) for s in args.size)}
     except ValueError:
-        print(f"error: --size takes ID=N (e.g. P001=384), not {args.size}", file=sys.stderr)
+        print(f"{os.path.basename(sys.argv[0])}: error: --size takes ID=N (e.g. P001=384), not {args.size}", file=sys.stderr)
         return 2
     with open(args.data / "patients.csv", newline="") as fh:
         patients = list(csv.DictReader(fh))
@@ -60,7 +60,7 @@ def main() -> int:
         try:
             vol = read(args.data / p["path"])
         except CovidctError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"{os.path.basename(sys.argv[0])}: error: {exc}", file=sys.stderr)
             shutil.rmtree(args.output, ignore_errors=True)
             return 2
         array, affine = vol.array, np.asarray(vol.affine, float).copy()

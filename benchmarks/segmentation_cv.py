@@ -49,7 +49,7 @@ def main() -> int:
         result = evaluate_out_of_fold(args.models, args.data, id_map=id_map, crop_to_lung=not args.no_crop,
                                       density_classes=not args.network_classes, tta=args.tta)
     except CovidctError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{os.path.basename(sys.argv[0])}: error: {exc}", file=sys.stderr)
         return 2
     print(format_table(result))
     summary = {k: v for k, v in result.items() if k != "details"}

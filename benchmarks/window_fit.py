@@ -10,6 +10,7 @@ This is where the ``model`` window of ``covidct.io.window`` comes from.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -57,5 +58,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except CovidctError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{os.path.basename(sys.argv[0])}: error: {exc}", file=sys.stderr)
         sys.exit(2)
