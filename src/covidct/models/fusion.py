@@ -2,7 +2,8 @@
 
 In evaluation mode a BatchNorm is a fixed per-channel scale and shift, which the convolution that feeds
 it can absorb (``torch.nn.utils.fusion.fuse_conv_bn_weights``); the BatchNorm then leaves the graph.
-On this CPU the 58 BatchNorms of the EfficientNet-Lite0 U-Net took a third of its forward time.
+On this CPU the 58 BatchNorms of the EfficientNet-Lite0 U-Net took a third of its forward time under
+glibc's default allocator, 8-15 % with the command line's (:mod:`covidct.runtime`).
 
 The pairs are found by running the network once with hooks (a BatchNorm is folded when, in every call,
 its input is the output of the same convolution and both ran equally often), so any architecture
@@ -13,6 +14,7 @@ outputs differ beyond the tolerance the original is returned unchanged.
 from __future__ import annotations
 
 import copy
+import weakref
 from collections import Counter
 
 import torch
@@ -40,19 +42,18 @@ def _remainder(bn: nn.Module) -> nn.Module:
 
 def _find_pairs(model: nn.Module, example: torch.Tensor) -> tuple[list[tuple[nn.Conv2d, nn.Module]], list]:
     """The foldable (conv, BatchNorm) pairs of ``model``, and its outputs on ``example``."""
-    produced_by: dict[int, nn.Module] = {}
-    keep_alive: list[torch.Tensor] = []    # so that no id() is reused while tracing
+    produced_by: dict[int, tuple[weakref.ref, nn.Module]] = {}   # id(output) -> (the output, its conv)
     calls: Counter = Counter()
     source: dict[nn.Module, nn.Module | None] = {}
 
     def after_conv(m: nn.Module, args, out) -> None:
         calls[m] += 1
-        produced_by[id(out)] = m
-        keep_alive.append(out)
+        produced_by[id(out)] = (weakref.ref(out), m)   # weak: an id is trusted only while its tensor lives
 
     def before_bn(m: nn.Module, args) -> None:
         calls[m] += 1
-        src = produced_by.get(id(args[0])) if args else None
+        ref, src = produced_by.get(id(args[0]), (None, None)) if args else (None, None)
+        src = src if ref is not None and ref() is args[0] else None
         source[m] = src if source.get(m, src) is src else None   # None: inconsistent between calls
 
     hooks = []

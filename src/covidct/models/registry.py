@@ -151,7 +151,7 @@ def load_seg_model(spec: str | Path | None = None):
 def load_cls_model(spec: str | Path | None = None, *, fold_bn: bool = False):
     """``(classifier, checkpoint dict)`` for ``cls`` and ``maskcls`` checkpoints; the calibration
     ``temperature`` is in the dict. ``fold_bn``: for inference only, BatchNorms folded into their
-    convolutions (:mod:`covidct.models.fusion`; 20-25 % faster on CPU, not trainable as before)."""
+    convolutions (:mod:`covidct.models.fusion`; faster on CPU, see benchmarks/RESULTS.md; not for training)."""
     model, payload = load_model(spec, task="cls", accept=("cls", "maskcls"))
     if fold_bn:
         from covidct.models.fusion import fold_for_inference
