@@ -12,6 +12,9 @@ the random-slice rows time one pass.
 ``--model-val`` keeps only the slices the model's checkpoint lists as its validation slices (the others
 are training slices); ``--ids`` picks slices by id; ``--split`` by manifest split.
 
+Speed runs as the command line does: BatchNorms folded (``SegPredictor``'s default) and glibc keeping
+freed memory; ``--no-fold`` and ``--default-allocator`` leave either out, to measure what each adds.
+
 Prints the evaluation table and a speed table; ``--json OUT`` writes everything.
 """
 
@@ -66,6 +69,7 @@ def main() -> int:
                     "the two-pass (lung-cropped) prediction on")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
+    ap.add_argument("--no-fold", action="store_true", help="time the networks with their BatchNorms (not folded)")
     ap.add_argument("--default-allocator", action="store_true",
                     help="leave glibc malloc as it is (the covidct command line keeps freed memory for reuse)")
     args = ap.parse_args()
@@ -89,7 +93,9 @@ def main() -> int:
     print(format_table(result))
 
     rss0 = peak_rss_mb()
-    one_pass = SegPredictor(model, crop_to_lung=False)
+    fold = not args.no_fold
+    shipped = SegPredictor(model, fold_bn=fold)
+    one_pass = SegPredictor(model, crop_to_lung=False, fold_bn=fold)
     rows = {"shipped": {**speed(one_pass), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
                         "input_size": model.config.input_size}}
     rows["shipped"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
@@ -102,11 +108,12 @@ def main() -> int:
             **speed(shipped, slices=real), "params_m": rows["shipped"]["params_m"],
             "input_size": model.config.input_size, "peak_rss_mb": round(peak_rss_mb(), 1)}
     reference = build_seg_model(SegModelConfig(encoder="resnet34", decoder_channels=(256, 128, 64, 32, 16), input_size=512))
-    ref = SegPredictor(reference, crop_to_lung=False)
+    ref = SegPredictor(reference, crop_to_lung=False, fold_bn=fold)
     rows["reference_unet_resnet34_512"] = {**speed(ref), "params_m": round(sum(p.numel() for p in reference.parameters()) / 1e6, 2),
                                            "input_size": 512, "peak_rss_mb": round(peak_rss_mb(), 1)}
     allocator = "default glibc allocator" if args.default_allocator else "freed memory kept, as the CLI"
-    print(f"\n== speed at 512x512, {args.threads} threads, {allocator} (peak RSS before speed runs {rss0:.0f} MB)")
+    folding = "BatchNorms folded" if fold else "BatchNorms not folded"
+    print(f"\n== speed at 512x512, {args.threads} threads, {folding}, {allocator} (peak RSS before speed runs {rss0:.0f} MB)")
     print(f"{'model':<42}{'slices/s':>10}{'params (M)':>12}{'input':>8}{'peak RSS MB':>13}")
     for name, r in rows.items():
         print(f"{name:<42}{r['slices_per_second']:>10}{r['params_m']:>12}{r['input_size']:>8}{r['peak_rss_mb']:>13}")

@@ -64,8 +64,8 @@ class SegPredictor:
 
     def __init__(self, model: SegmentationNet, *, batch_size: int = 8, device: str = "cpu", tta: bool = False,
                  crop_to_lung: bool = True, density_classes: bool = True, fold_bn: bool = True) -> None:
-        # BatchNorms folded into their convolutions (a copy; ``model`` is unchanged): 8-15 % faster with the
-        # CLI's allocator, ~35 % with glibc's default; channels-last runs the depthwise convolutions of
+        # BatchNorms folded into their convolutions (a copy; ``model`` is unchanged): 0-10 % faster with the
+        # CLI's allocator, ~30 % with glibc's default; channels-last runs the depthwise convolutions of
         # EfficientNet-Lite ~1.5x faster
         self.model = (fold_for_inference(model) if fold_bn else model.eval()).to(device)
         self.model = self.model.to(memory_format=torch.channels_last)

@@ -2,8 +2,10 @@
 
 In evaluation mode a BatchNorm is a fixed per-channel scale and shift, which the convolution that feeds
 it can absorb (``torch.nn.utils.fusion.fuse_conv_bn_weights``); the BatchNorm then leaves the graph.
-On this CPU the 58 BatchNorms of the EfficientNet-Lite0 U-Net took a third of its forward time under
-glibc's default allocator, 8-15 % with the command line's (:mod:`covidct.runtime`).
+Measured on this CPU (``benchmarks/segmentation.py --no-fold``): the EfficientNet-Lite0 U-Net runs about
+30 % faster folded under glibc's default allocator, 0-10 % faster under the command line's
+(:mod:`covidct.runtime`), which removes most of what the BatchNorms' fresh outputs cost. torch.fx's
+``fuse`` cannot trace these networks (data-dependent control flow), hence the hooks.
 
 The pairs are found by running the network once with hooks (a BatchNorm is folded when, in every call,
 its input is the output of the same convolution and both ran equally often), so any architecture
