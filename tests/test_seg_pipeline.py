@@ -13,7 +13,8 @@ from PIL import Image
 
 from conftest import need_data
 from covidct.cli import main
-from covidct.engine.train_seg import SegTrainConfig, train_seg
+from covidct.engine.train_seg import SegTrainConfig, selection_score, train_seg
+from covidct.errors import CovidctError
 from covidct.models import read_checkpoint
 from covidct.models.registry import WEIGHTS_DIR
 
@@ -77,6 +78,31 @@ def test_fold_all_trains_on_every_slice_and_keeps_last_epoch(tmp_path, seg_folde
     assert payload["metrics"]["epoch"] == 1 and payload["metrics"]["n_val"] == 0
     config = json.loads(out.with_name("all_run").joinpath("config.json").read_text())
     assert config["n_val"] == 0 and config["n_train"] == len(list((seg_folder / "images").iterdir()))
+
+
+def test_swa_writes_the_weight_average_with_recomputed_batchnorm(tmp_path, seg_folder):
+    out = tmp_path / "swa.pt"
+    result = train_seg(_tiny(seg_folder, epochs=3, swa_epochs=2, select="last"), out, progress=False)
+    run = tmp_path / "swa_run"
+    with open(run / "log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["epoch"] for r in rows] == ["0", "1", "2", "swa"]
+    assert float(rows[-1]["val_score"]) == pytest.approx(selection_score(result["validation"], "masks4"))
+    shipped = read_checkpoint(out)
+    last = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    assert shipped["train_config"]["swa_epochs"] == 2 and last["averaged"]["n_averaged"].item() == 2
+    # the averaged weights and their recomputed BatchNorm statistics, not the last epoch's
+    key = next(k for k in shipped["state_dict"] if k.endswith("running_mean"))
+    assert not torch.allclose(shipped["state_dict"][key].float(), last["model"][key].float(), atol=1e-3)
+    weight = next(k for k in last["averaged"] if k.startswith("module.") and k.endswith("weight"))
+    torch.testing.assert_close(shipped["state_dict"][weight[len("module."):]].float(),
+                               last["averaged"][weight].float(), atol=2e-3, rtol=2e-3)   # fp16 file
+    # resuming a finished run trains nothing and averages nothing again
+    train_seg(_tiny(seg_folder, epochs=3, swa_epochs=2, select="last"), out, progress=False)
+    with open(run / "log.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 4
+    with pytest.raises(CovidctError, match="--swa-epochs"):
+        train_seg(_tiny(seg_folder, swa_epochs=2), tmp_path / "best.pt", progress=False)   # --select best
 
 
 def test_class_weights_favour_rare_classes_and_keep_the_loss_scale():

@@ -131,7 +131,7 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
         encoder=args.encoder, input_size=args.input_size, imagenet=not args.random_init, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, encoder_lr_scale=args.encoder_lr_scale, val_fraction=args.val_fraction, seed=args.seed, threads=args.threads,
         folds=args.folds, fold=_parse_fold(args.fold), select=args.select, class_weighting=args.class_weighting,
-        decoder_channels=tuple(int(c) for c in args.decoder_channels.split(",")),
+        decoder_channels=tuple(int(c) for c in args.decoder_channels.split(",")), swa_epochs=args.swa_epochs,
     )
     _print_training_result(train_seg(cfg, args.output, resume=not args.no_resume))
     return 0
@@ -513,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cross-entropy class weights from the training pixel frequencies")
     s.add_argument("--select", choices=("best", "last"), default="best", help="keep the best validation epoch "
                    "or the last one (always the last with --fold all)")
+    s.add_argument("--swa-epochs", type=int, default=0, metavar="N", help="stochastic weight averaging: the model "
+                   "is the mean of the weights after each of the last N epochs, BatchNorm statistics recomputed "
+                   "(needs --select last)")
     s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     s.add_argument("--no-resume", action="store_true")
     s.set_defaults(func=_cmd_train_seg)

@@ -74,6 +74,9 @@ class SegTrainConfig:
     elastic: bool = True
     threads: int = 0
     half: bool = True
+    # stochastic weight averaging: the model is the mean of the weights after each of the last N epochs,
+    # its BatchNorm statistics recomputed on the (augmented) training slices; 0 = off
+    swa_epochs: int = 0
 
     def model_config(self) -> SegModelConfig:
         return SegModelConfig(arch=self.arch, encoder=self.encoder, decoder_channels=tuple(self.decoder_channels),
@@ -193,6 +196,8 @@ def plot_curves(log_rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    swa = [r for r in log_rows if r["epoch"] == "swa"]   # the weight average, drawn after the last epoch
+    log_rows = [r for r in log_rows if r["epoch"] != "swa"]
     ep = [r["epoch"] for r in log_rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     a1.plot(ep, [r["train_loss"] for r in log_rows])
@@ -200,7 +205,9 @@ def plot_curves(log_rows: list[dict[str, Any]], path: Path) -> None:
     for key in ("val_dice_infection", "val_dice_ggo", "val_dice_consolidation", "val_dice_lung"):
         vals = [r.get(key) for r in log_rows]
         if any(v not in (None, "") for v in vals):
-            a2.plot(ep, [np.nan if v in (None, "") else v for v in vals], label=key.replace("val_dice_", ""))
+            line, = a2.plot(ep, [np.nan if v in (None, "") else v for v in vals], label=key.replace("val_dice_", ""))
+            if swa and swa[0].get(key) not in (None, ""):
+                a2.plot([len(ep)], [swa[0][key]], "*", color=line.get_color(), markersize=9)
     a2.set_xlabel("epoch"); a2.set_ylabel("validation Dice (pooled)"); a2.set_ylim(0, 1)
     if a2.lines:
         a2.legend()
@@ -223,6 +230,8 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
     if cfg.batch_size % dist.world_size:
         raise CovidctError(None, f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} ranks")
     progress = progress and dist.is_main
+    if cfg.swa_epochs and (cfg.select != "last" and cfg.fold != "all" or not 0 < cfg.swa_epochs <= cfg.epochs):
+        raise CovidctError(None, "--swa-epochs needs --select last and at most --epochs epochs")
     seed_everything(cfg.seed)
     train, val = load_training_data(cfg)
     if len(train) // dist.world_size < cfg.batch_size // dist.world_size:
@@ -241,6 +250,8 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
     warm = cfg.warmup_epochs * steps_per_epoch
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, warm))
+    swa_start = cfg.epochs - cfg.swa_epochs
+    averaged = torch.optim.swa_utils.AveragedModel(model) if cfg.swa_epochs else None
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": mcfg.to_dict(),
@@ -254,6 +265,8 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
         if state["train_config"] == asdict(cfg):
             model.load_state_dict(state["model"]); opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
+            if averaged is not None:
+                averaged.load_state_dict(state["averaged"])
             start_epoch, best, best_result = state["epoch"] + 1, state["best"], state["best_result"]
             log_rows, elapsed = state["log"], state["elapsed"]
             torch.set_rng_state(state["torch_rng"]); np.random.set_state(state["numpy_rng"]); random.setstate(state["py_rng"])
@@ -292,6 +305,8 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
             sched.step()
             losses.append(float(loss.detach()))
         train_loss = dist.mean(float(np.mean(losses)))
+        if averaged is not None and epoch >= swa_start:
+            averaged.update_parameters(model)
         model.eval()
         if not dist.is_main:  # rank 0 validates, selects and writes; the others wait for it
             dist.barrier()
@@ -315,15 +330,39 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "epoch": epoch, "best": best, "best_result": best_result, "log": log_rows, "elapsed": elapsed,
                     "train_config": asdict(cfg), "torch_rng": torch.get_rng_state(),
-                    "numpy_rng": np.random.get_state(), "py_rng": random.getstate()}, last.with_suffix(".tmp"))
+                    "numpy_rng": np.random.get_state(), "py_rng": random.getstate(),
+                    "averaged": averaged.state_dict() if averaged is not None else None}, last.with_suffix(".tmp"))
         os.replace(last.with_suffix(".tmp"), last)
         write_log(log_rows, run_dir / "log.csv")
         dist.barrier()
+    if averaged is not None and dist.is_main and not any(r["epoch"] == "swa" for r in log_rows):
+        best_result, elapsed = _finish_swa(averaged, loader, val, cfg, mcfg, output, elapsed, log_rows, len(train))
+        write_log(log_rows, run_dir / "log.csv")
     if log_rows and dist.is_main:
         plot_curves(log_rows, run_dir / "curve.png")
     dist.close()
     return {"selected_epoch_score": best if cfg.select == "best" and val else None, "validation": best_result, "seconds": round(elapsed, 1), "output": str(output),
             "run_dir": str(run_dir)}
+
+
+def _finish_swa(averaged, loader, val: list[SegSample], cfg: SegTrainConfig, mcfg: SegModelConfig, output: Path,
+                elapsed: float, log_rows: list[dict], n_train: int) -> tuple[dict | None, float]:
+    """Recompute the averaged weights' BatchNorm statistics over one pass of the training loader, then
+    validate and write them as the model (one log row, ``epoch`` = "swa")."""
+    t0 = time.time()
+    model = averaged.module
+    torch.optim.swa_utils.update_bn(((img.to(memory_format=torch.channels_last),) for img, *_ in loader), model)
+    model.eval()
+    result = None
+    if val:
+        result = evaluate_folder(SegPredictor(model), _SampleList(val), progress=False, compute_hd95=False)
+        result = {k: v for k, v in result.items() if k != "details"}
+    elapsed += time.time() - t0
+    log_rows.append({"epoch": "swa", "train_loss": "", "lr": "",
+                     **{f"val_dice_{k}": ("" if v is None else v) for k, v in (result or {"dice": {}})["dice"].items()},
+                     "val_score": selection_score(result, cfg.labels) if val else "", "seconds": round(elapsed, 1)})
+    _save_model(output, model, mcfg, cfg, result, cfg.epochs - 1, elapsed, n_train, [s.id for s in val])
+    return result, elapsed
 
 
 def _save_model(output: Path, model, mcfg: SegModelConfig, cfg: SegTrainConfig, result: dict, epoch: int,
