@@ -3,7 +3,7 @@
 slices (random ones, or the first ``--n`` slices of ``--data`` resized to 512), inference mode, 2 threads;
 with ``--model`` and ``--data`` also the AP of that trained lesion model on the folder.
 
-    python benchmarks/masknet.py [--model NAME|FILE] [--data ../shared/data/covid-semiseg] [--n 8]
+    python benchmarks/masknet.py [--model NAME|FILE] [--data ../shared/data/covid-semiseg [--ids 0,1,15]] [--n 8]
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="trained lesion model (shipped name or file); default: an untrained default config")
     ap.add_argument("--data", help="COVID-SemiSeg-layout folder to report AP on")
+    ap.add_argument("--ids", help="comma-separated slice ids of --data to use (e.g. a model's validation slices "
+                    "0,1,15,20,24,37,39,46,53,57); default: all")
     ap.add_argument("--n", type=int, default=6, help="slices per timing")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--detections", type=int, action="append",
@@ -51,9 +53,14 @@ def main() -> int:
         import torch.nn.functional as F
 
         from covidct.data.segmentation import SegFolder
+        from covidct.errors import CovidctError
         from covidct.io.window import to_model_input
 
-        folder = SegFolder(args.data)
+        try:
+            folder = SegFolder(args.data, ids=args.ids.split(",") if args.ids else None)
+        except CovidctError as exc:
+            print(f"{os.path.basename(sys.argv[0])}: error: {exc}", file=sys.stderr)
+            return 2
         grey = [F.interpolate(torch.from_numpy(to_model_input(folder[i].image, is_hu=False))[None, None], size=(512, 512),
                               mode="bilinear", align_corners=False)[0] for i in range(min(args.n, len(folder)))]
     else:
@@ -83,12 +90,11 @@ def main() -> int:
     for name, params, sec in rows:
         print(f"{name:<66}{params / 1e6:>11.2f}{sec:>10.3f}{1 / sec:>10.2f}{base / sec:>9.1f}x")
     if args.data and args.model:
-        from covidct.data.segmentation import SegFolder
         from covidct.engine.lesions import evaluate_instances
 
         for cap in caps:
             ours.net.roi_heads.detections_per_img = cap
-            r = evaluate_instances(ours, SegFolder(args.data), progress=False)
+            r = evaluate_instances(ours, folder, progress=False)
             print(f"<= {cap} detections, on {args.data}: AP50 {r['ap50']}, AP75 {r['ap75']}, mAP {r['map']}, "
                   f"lesion region Dice {r['infection_dice']}; per class {r['per_class']}")
     return 0

@@ -23,6 +23,11 @@ def test_seg_folder(seg_folder):
     assert set(np.unique(s.labels)) <= {0, 1, 2, 3} and 3 in s.labels
     assert len(SegFolder(seg_folder, split="test")) == 2
     assert f.groups == [f"infnet:{i}" for i in f.ids]
+    assert SegFolder(seg_folder, ids=f.ids[:2]).ids == f.ids[:2]
+    with pytest.raises(InputError, match="no image with id nope"):
+        SegFolder(seg_folder, ids=[f.ids[0], "nope"])
+    with pytest.raises(InputError, match="no slice in split 'validation' \\(its splits: test, train\\)"):
+        SegFolder(seg_folder, split="validation")
 
 
 def test_seg_folder_without_masks4_has_no_effusion(tmp_path):

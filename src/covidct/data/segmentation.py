@@ -65,7 +65,11 @@ class SegFolder:
             wanted = self._manifest_ids(split)
             images = {k: v for k, v in images.items() if k in wanted}
         if ids is not None:
-            images = {k: images[k] for k in ids if k in images}
+            unknown = [k for k in ids if k not in images]
+            if unknown:
+                raise InputError(self.root, f"no image with id {', '.join(unknown[:5])}"
+                                            f"{' ...' if len(unknown) > 5 else ''}{' in split ' + split if split else ''}")
+            images = {k: images[k] for k in ids}
         self.ids = [k for k in images if (masks4_dir if self.has_masks4 else masks_dir).joinpath(k + ".png").exists()]
         if not self.ids:
             raise InputError(self.root, "no image with a matching mask found")
@@ -95,7 +99,11 @@ class SegFolder:
             rows = list(csv.DictReader(fh))
         if not rows or "split" not in rows[0] or "image" not in rows[0]:
             raise InputError(manifest, "manifest.csv needs 'image' and 'split' columns")
-        return {Path(r["image"]).stem for r in rows if r["split"] == split}
+        wanted = {Path(r["image"]).stem for r in rows if r["split"] == split}
+        if not wanted:
+            splits = sorted({r["split"] for r in rows})
+            raise InputError(manifest, f"no slice in split {split!r} (its splits: {', '.join(splits)})")
+        return wanted
 
     def _masks_use_label3(self) -> bool:
         for k in self.ids:
