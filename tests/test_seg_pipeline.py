@@ -97,10 +97,12 @@ def test_swa_writes_the_weight_average_with_recomputed_batchnorm(tmp_path, seg_f
     weight = next(k for k in last["averaged"] if k.startswith("module.") and k.endswith("weight"))
     torch.testing.assert_close(shipped["state_dict"][weight[len("module."):]].float(),
                                last["averaged"][weight].float(), atol=2e-3, rtol=2e-3)   # fp16 file
-    # resuming a finished run trains nothing and averages nothing again
+    # resuming a finished run trains nothing and averages nothing again (the model file is not rewritten)
+    written = out.stat().st_mtime_ns
     train_seg(_tiny(seg_folder, epochs=3, swa_epochs=2, select="last"), out, progress=False)
     with open(run / "log.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 4
+    assert out.stat().st_mtime_ns == written
     with pytest.raises(CovidctError, match="--swa-epochs"):
         train_seg(_tiny(seg_folder, swa_epochs=2), tmp_path / "best.pt", progress=False)   # --select best
 

@@ -54,7 +54,7 @@ def _targets_for(sample_labels: np.ndarray, mask_mode: str) -> dict:
 
 def predict_instances(model: LesionNet, images01: list[np.ndarray]) -> list[dict]:
     """Instances (``boxes``, ``labels``, ``scores``, ``masks``) of grey ``[0, 1]`` slices. The network runs
-    channels-last (backbone and mask head: 0.34 -> 0.28-0.31 s per 512² slice; ``benchmarks/masknet.py``),
+    channels-last (0.346 -> 0.291-0.298 s per 512² slice in ``benchmarks/masknet.py``),
     converted outside inference mode so that its parameters stay trainable."""
     model.eval().to(memory_format=torch.channels_last)
     with torch.inference_mode():

@@ -280,7 +280,16 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size // dist.world_size, shuffle=sampler is None,
                                          sampler=sampler, drop_last=True, generator=gen if sampler is None else None)
     trained = dist.wrap(model)
-    val_folder = _SampleList(val)
+
+    def save_last(epoch: int) -> None:
+        """Everything a resume needs, written atomically, and the CSV log."""
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "epoch": epoch, "best": best, "best_result": best_result, "log": log_rows, "elapsed": elapsed,
+                    "train_config": asdict(cfg), "torch_rng": torch.get_rng_state(),
+                    "numpy_rng": np.random.get_state(), "py_rng": random.getstate(),
+                    "averaged": averaged.state_dict() if averaged is not None else None}, last.with_suffix(".tmp"))
+        os.replace(last.with_suffix(".tmp"), last)
+        write_log(log_rows, run_dir / "log.csv")
     n_lesion = len(mcfg.lesion_classes)
     ce_weight = None
     if cfg.class_weighting == "sqrt-inverse" and n_lesion:
@@ -311,33 +320,30 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
         if not dist.is_main:  # rank 0 validates, selects and writes; the others wait for it
             dist.barrier()
             continue
-        if val:
-            result = evaluate_folder(SegPredictor(model), val_folder, progress=False, compute_hd95=False)
-            val_score = selection_score(result, cfg.labels)
-        else:  # fold "all": no validation, the last epoch is the model
-            result, val_score = {"dice": {}}, ""
+        result, val_score = _validate(model, val, cfg.labels)
         score = val_score if cfg.select == "best" and val else float(epoch)
         elapsed += time.time() - t0
-        row = {"epoch": epoch, "train_loss": train_loss, "lr": opt.param_groups[1]["lr"],
-               **{f"val_dice_{k}": ("" if v is None else v) for k, v in result["dice"].items()},
-               "val_score": val_score, "seconds": round(elapsed, 1)}
+        row = _log_row(epoch, result, val_score, elapsed, train_loss=train_loss, lr=opt.param_groups[1]["lr"])
         log_rows.append(row)
         if score > best:
-            best, best_result = score, ({k: v for k, v in result.items() if k != "details"} if val else None)
+            best, best_result = score, result
             _save_model(output, model, mcfg, cfg, best_result, epoch, elapsed, len(train), [s.id for s in val],
                         world_size=dist.world_size)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{val_score:.3f}" if val else "-")
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "epoch": epoch, "best": best, "best_result": best_result, "log": log_rows, "elapsed": elapsed,
-                    "train_config": asdict(cfg), "torch_rng": torch.get_rng_state(),
-                    "numpy_rng": np.random.get_state(), "py_rng": random.getstate(),
-                    "averaged": averaged.state_dict() if averaged is not None else None}, last.with_suffix(".tmp"))
-        os.replace(last.with_suffix(".tmp"), last)
-        write_log(log_rows, run_dir / "log.csv")
+        save_last(epoch)
         dist.barrier()
     if averaged is not None and dist.is_main and not any(r["epoch"] == "swa" for r in log_rows):
-        best_result, elapsed = _finish_swa(averaged, loader, val, cfg, mcfg, output, elapsed, log_rows, len(train))
-        write_log(log_rows, run_dir / "log.csv")
+        # stochastic weight averaging: BatchNorm statistics of the mean weights over one pass of the training
+        # slices, then validated and written as the model; last.pt records it, so a resume does not redo it
+        t0 = time.time()
+        torch.optim.swa_utils.update_bn(((img.to(memory_format=torch.channels_last),) for img, *_ in loader),
+                                        averaged.module)
+        best_result, val_score = _validate(averaged.module, val, cfg.labels)
+        elapsed += time.time() - t0
+        log_rows.append(_log_row("swa", best_result, val_score, elapsed))
+        _save_model(output, averaged.module, mcfg, cfg, best_result, cfg.epochs - 1, elapsed, len(train),
+                    [s.id for s in val], world_size=dist.world_size)
+        save_last(cfg.epochs - 1)
     if log_rows and dist.is_main:
         plot_curves(log_rows, run_dir / "curve.png")
     dist.close()
@@ -345,24 +351,20 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
             "run_dir": str(run_dir)}
 
 
-def _finish_swa(averaged, loader, val: list[SegSample], cfg: SegTrainConfig, mcfg: SegModelConfig, output: Path,
-                elapsed: float, log_rows: list[dict], n_train: int) -> tuple[dict | None, float]:
-    """Recompute the averaged weights' BatchNorm statistics over one pass of the training loader, then
-    validate and write them as the model (one log row, ``epoch`` = "swa")."""
-    t0 = time.time()
-    model = averaged.module
-    torch.optim.swa_utils.update_bn(((img.to(memory_format=torch.channels_last),) for img, *_ in loader), model)
-    model.eval()
-    result = None
-    if val:
-        result = evaluate_folder(SegPredictor(model), _SampleList(val), progress=False, compute_hd95=False)
-        result = {k: v for k, v in result.items() if k != "details"}
-    elapsed += time.time() - t0
-    log_rows.append({"epoch": "swa", "train_loss": "", "lr": "",
-                     **{f"val_dice_{k}": ("" if v is None else v) for k, v in (result or {"dice": {}})["dice"].items()},
-                     "val_score": selection_score(result, cfg.labels) if val else "", "seconds": round(elapsed, 1)})
-    _save_model(output, model, mcfg, cfg, result, cfg.epochs - 1, elapsed, n_train, [s.id for s in val])
-    return result, elapsed
+def _validate(model, val: list[SegSample], labels: str) -> tuple[dict | None, float | str]:
+    """Pooled validation metrics (without per-image details) and the selection score; ``(None, "")``
+    without a validation split (fold "all")."""
+    if not val:
+        return None, ""
+    result = evaluate_folder(SegPredictor(model), _SampleList(val), progress=False, compute_hd95=False)
+    return {k: v for k, v in result.items() if k != "details"}, selection_score(result, labels)
+
+
+def _log_row(epoch: int | str, result: dict | None, val_score: float | str, elapsed: float, *,
+             train_loss: float | str = "", lr: float | str = "") -> dict[str, Any]:
+    return {"epoch": epoch, "train_loss": train_loss, "lr": lr,
+            **{f"val_dice_{k}": ("" if v is None else v) for k, v in (result or {"dice": {}})["dice"].items()},
+            "val_score": val_score, "seconds": round(elapsed, 1)}
 
 
 def _save_model(output: Path, model, mcfg: SegModelConfig, cfg: SegTrainConfig, result: dict, epoch: int,
