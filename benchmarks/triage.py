@@ -3,10 +3,11 @@
 1. its two stages alone: the lesion probability ``g`` (Control vs COVID-19 slices) and its binary
    classifier's own COVID probability (``covidct evaluate cls --model <classifier>``: COVID-19 vs CAP and
    vs Control slices, medians per class);
-2. its 3-class slice scores (as ``covidct evaluate cls --model <triage>``);
-3. the COVID-19 slices it misses (their lesion areas and COVID probabilities);
+2. its 3-class slice scores, each slice with its scan's COVID-19 probability (as ``covidct evaluate cls
+   --model <triage>``) and with its own (``--slice-context slice``);
+3. the COVID-19 slices it misses (their lesion areas and own COVID probabilities);
 4. how stable its one fitted number (the COVID-19 logit shift) is: refitted on one half of every
-   patient's labelled slices (by slice position) and scored on the other half, both ways.
+   patient's labelled slices (by slice position) and scored on the other half, both ways, both contexts.
 
     python benchmarks/triage.py --data $COVIDCT_DATA/covid-ct-md [--model triage-ct]
 
@@ -26,9 +27,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from covidct.analysis.scan import AREA_SCALE_MM2  # noqa: E402
-from covidct.analysis.triage import (GATE, TRIAGE_CLASSES, covid_given_lesion, evaluate_triage,  # noqa: E402
-                                     fit_covid_shift, load_triage, three_class)
-from covidct.engine.evaluate_cls import evaluate_cls  # noqa: E402
+from covidct.analysis.triage import (GATE, TRIAGE_CLASSES, covid_given_lesion, ct_slice_targets,  # noqa: E402
+                                     evaluate_triage, fit_covid_shift, load_triage, record_arrays, record_probabilities)
+from covidct.engine.evaluate_cls import evaluate_cls, score_probabilities  # noqa: E402
 from covidct.metrics import roc_auc  # noqa: E402
 
 
@@ -38,9 +39,11 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="triage model (default: the shipped one)")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    res = evaluate_triage(args.model, args.data)
+    res = evaluate_triage(args.model, args.data, classify_all=True)   # own q of every slice with lesions too
     seconds = time.perf_counter() - t0
-    g, p, records = res["_lesion_probability"], res["_covid_probability"], res["_records"]
+    groups, records = res["_groups"], res["_records"]
+    g, p = record_arrays(groups, len(records))
+    shift = load_triage(args.model).config.covid_logit_shift
     y = np.array([TRIAGE_CLASSES.index(r.label) for r in records])
     control, cap, covid = (y == 0), (y == 1), (y == 2)
 
@@ -67,15 +70,19 @@ def main() -> None:
     print("  its COVID probability, median: " + ", ".join(f"{cls} {np.median(binary[y == k]):.4f}"
                                                          for k, cls in enumerate(TRIAGE_CLASSES) if (y == k).any()))
 
-    print(f"\n2. {res['model']}: {res['n_images']} labelled slices in {seconds:.1f} s")
-    print(res["_report"].confusion_text())
-    print(f"accuracy {res['overall_accuracy']:.4f}; "
-          + ", ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in res["ct_slice_targets"].items()))
+    print(f"\n2. {res['model']}: {res['n_images']} labelled slices in {seconds:.1f} s (classifier on every slice "
+          "with lesions)")
+    own = score_probabilities(record_probabilities(groups, len(records), shift, context="slice"), y, TRIAGE_CLASSES)
+    for name, r in (("scan's q (default)", res), ("slice's own q", own)):
+        print(f"  each slice with its {name}:")
+        print(r["_report"].confusion_text())
+        print(f"  accuracy {r['overall_accuracy']:.4f}; " + ", ".join(
+            f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in ct_slice_targets(r).items()))
 
     pred = res["_probabilities"].argmax(axis=1)
-    q = covid_given_lesion(p, load_triage(args.model).config.covid_logit_shift)
+    q = covid_given_lesion(np.nan_to_num(p, nan=0.5), shift)
     area = AREA_SCALE_MM2 * g / np.maximum(1 - g, 1e-9) / 100.0   # cm², from g = A / (A + 1 cm²)
-    print("\n3. COVID-19 slices not called COVID-19")
+    print("\n3. COVID-19 slices not called COVID-19 (scan's q)")
     for k, cls in ((0, "Control"), (1, "Common pneumonia")):
         m = covid & (pred == k)
         if m.any():
@@ -94,17 +101,19 @@ def main() -> None:
         if len(set(y[fit])) < 2:
             print(f"  fit on the {name} halves: not both pneumonias among its gated slices; skipped")
             continue
-        shift = fit_covid_shift(p[fit], y[fit] == 2)
-        pred = three_class(g, covid_given_lesion(p, shift)).argmax(axis=1)
+        half_shift = fit_covid_shift(p[fit], y[fit] == 2)
         held = ~fit_half
-        parts = []
-        for k, cls in enumerate(TRIAGE_CLASSES):
-            m = held & (y == k)
-            if m.any():
-                parts.append(f"{cls} recall {np.mean(pred[m] == k):.3f} (n={int(m.sum())})")
-        control = held & (y == 0)
-        extra = f", Control not called COVID-19 {np.mean(pred[control] != 2):.3f}" if control.any() else ""
-        print(f"  fit on the {name} halves: shift {shift:+.3f}; other halves: " + ", ".join(parts) + extra)
+        for context in ("scan", "slice"):
+            pred = record_probabilities(groups, len(records), half_shift, context=context).argmax(axis=1)
+            parts = []
+            for k, cls in enumerate(TRIAGE_CLASSES):
+                m = held & (y == k)
+                if m.any():
+                    parts.append(f"{cls} recall {np.mean(pred[m] == k):.3f} (n={int(m.sum())})")
+            control = held & (y == 0)
+            extra = f", Control not called COVID-19 {np.mean(pred[control] != 2):.3f}" if control.any() else ""
+            print(f"  fit on the {name} halves: shift {half_shift:+.3f}; other halves, {context}'s q: "
+                  + ", ".join(parts) + extra)
 
 
 if __name__ == "__main__":

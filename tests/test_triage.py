@@ -60,6 +60,44 @@ def test_scan_answer_rule():
     assert none["label"] == "Control" and none["probabilities"]["Control"] == 1.0
 
 
+def test_slices_take_the_scan_q_or_their_own():
+    from covidct.analysis.triage import VolumeScores
+
+    g = np.array([0.0, 0.8, 0.8, 0.8, 0.2])
+    scores = VolumeScores(g=g, p={1: 0.9, 2: 0.2, 3: 0.9}, top=[1, 2, 3], percent_opacity=3.0)
+    assert scores.scan_q(0.0) == pytest.approx((0.9 + 0.2 + 0.9) / 3)
+    scan = scores.probabilities(range(5), 0.0)
+    assert scan.argmax(axis=1).tolist() == [0, 2, 2, 2, 0]          # one patient, one kind of pneumonia
+    assert np.allclose(scan[1:, 2] / g[1:], scores.scan_q(0.0)) and np.allclose(scan.sum(axis=1), 1.0)
+    own = scores.probabilities(range(5), 0.0, context="slice")
+    assert own.argmax(axis=1).tolist() == [0, 2, 1, 2, 0]           # slice 2's own q calls it Common pneumonia
+    assert own[4].tolist() == pytest.approx([0.8, 0.1, 0.1])         # no own q: undecided between the two
+    assert scores.scan_q(-10.0) < 0.01 and scores.probabilities([1], -10.0).argmax() == 1   # the shift moves q
+    low = VolumeScores(g=g, p={}, top=[1, 2, 3], percent_opacity=0.5)  # under 1 %: the scan's q stays 0.5
+    assert low.scan_q(3.0) == 0.5
+    with pytest.raises(Exception, match="slice context"):
+        scores.probabilities([1], 0.0, context="patient")
+
+
+def test_score_volume_classifies_the_top_slices_only(monkeypatch):
+    from covidct.analysis.triage import TriageConfig, score_volume
+
+    calls = []
+    cfg = TriageConfig(classifier="c", classifier_sha256="", seg_model="s", seg_model_sha256="", covid_logit_shift=0.0,
+                       top_k=2)
+    triage = SimpleNamespace(config=cfg, covid_probability=lambda vol, ks, window: calls.append(list(ks))
+                             or np.full(len(ks), 0.7))
+    vol = SimpleNamespace(spacing=(1.0, 1.0), source="v.nii.gz", n_slices=5)
+    result = SimpleNamespace(slices=_slices([0, 50, 400, 900, 10]), burden={"percent_opacity": 2.0})
+    top = score_volume(triage, vol, result=result)
+    assert calls == [[2, 3]] and top.p == {2: 0.7, 3: 0.7} and top.top == [2, 3]
+    assert sorted(score_volume(triage, vol, result=result, classify="lesions").p) == [1, 2, 3, 4]
+    result.burden["percent_opacity"] = 0.2                             # under 1 %: no classifier for the scan
+    assert score_volume(triage, vol, result=result).p == {} and calls[-1] == []
+    with pytest.raises(Exception, match="pixel spacing"):
+        score_volume(triage, SimpleNamespace(spacing=None, source="x.png"), result=result)
+
+
 def _ct_md_folder(root: Path) -> Path:
     """COVID-CT-MD layout: a COVID-19, a CAP and a Normal patient as small NIfTI phantoms."""
     root.mkdir(parents=True)
@@ -91,7 +129,7 @@ def _labelled_lesions(monkeypatch) -> None:
     def fake_analyze(vol, predictor, *, progress=True, batch_size=8, window="model"):
         sick = not Path(str(vol.source)).name.startswith("N1")
         areas = [400.0 if sick and k in (2, 3, 4) else 0.0 for k in range(vol.n_slices)]
-        return SimpleNamespace(slices=_slices(areas))
+        return SimpleNamespace(slices=_slices(areas), burden={"percent_opacity": 3.0 if sick else 0.0})
 
     monkeypatch.setattr(triage_mod, "analyze_volume", fake_analyze)
 
@@ -156,8 +194,8 @@ def test_triage_needs_volumes(tmp_path):
     (tmp_path / "COVID").mkdir()
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "COVID" / "a.png")
     with pytest.raises(Exception, match="needs CT volumes"):
-        triage_mod._slice_scores(SimpleNamespace(), triage_mod.load_records(tmp_path, classes=TRIAGE_CLASSES),
-                                 progress=False)
+        triage_mod._record_scores(SimpleNamespace(), triage_mod.load_records(tmp_path, classes=TRIAGE_CLASSES),
+                                  classify="top", progress=False)
 
 
 def test_analyze_gives_the_triage_answer(tmp_path, tiny_seg_model, tiny_cls_model, monkeypatch, capsys):
@@ -176,8 +214,8 @@ def test_analyze_gives_the_triage_answer(tmp_path, tiny_seg_model, tiny_cls_mode
     assert (d["label"] == "Control") == (report["percent_opacity"] < 1.0)
     assert d["triage"]["model"] == "t" and "triage" in {m["task"] for m in report["models"]}
     assert "C1, P1 (6 slices" in d["note"]                              # what its shift was fitted on
-    for row in report["slices"]:   # every slice: its own g; its own q where the classifier ran, else the scan's
-        q = d["triage"]["slice_covid_given_lesion"].get(str(row["index"]), d["triage"]["covid_given_lesions"])
+    q = d["triage"]["covid_given_lesions"]
+    for row in report["slices"]:   # every slice: its own g and the scan's q
         assert row["triage_probabilities"]["COVID-19"] == pytest.approx(row["infection_probability"] * q, abs=2e-6)
     assert d["label"] in (out / "report.html").read_text()
     # without a triage model the lesion-only answer stays

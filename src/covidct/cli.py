@@ -176,9 +176,9 @@ def _cmd_evaluate_cls(args: argparse.Namespace) -> int:
 
         if args.tta or args.split:
             raise CovidctError(None, "--tta and --split do not apply to a triage model (CT volumes)")
-        result = evaluate_triage(specs, args.data)
+        result = evaluate_triage(specs, args.data, context=args.slice_context)
         print(f"model: {result['model']} (3-class CT triage: lesions decide pneumonia or not, the classifier "
-              "COVID-19 or not)")
+              f"COVID-19 or not, for each slice by its {result['slice_context']})")
     else:
         result = evaluate_cls(specs, args.data, split=args.split, tta=args.tta)
     report = result["_report"]
@@ -593,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", help="only records of this split (split.csv layouts)")
     s.add_argument("--json", metavar="OUT")
     s.add_argument("--plot", metavar="PNG", help="confusion-matrix picture")
+    s.add_argument("--slice-context", choices=("scan", "slice"), default="scan",
+                   help="CT triage models only: which pneumonia a slice's lesions are is decided by its scan (the "
+                   "mean over the scan's 5 largest-lesion slices, as analyze reports; default) or by the slice alone")
     s.set_defaults(func=_cmd_evaluate_cls)
 
     s = evaluate.add_parser("lesions", help="Mask R-CNN lesion AP on a COVID-SemiSeg-layout folder")

@@ -14,8 +14,12 @@ slices), and they rank Normal slices worse (AUC 0.92) than the lesion model does
   ``analyze``); else COVID-19 when the mean ``q`` of the :data:`TOP_K` slices with the largest lesion
   area is at least 0.5, else Common pneumonia. Probabilities: as for a slice, with ``g = b / (b + 1 %)``
   (0.5 at the threshold) and that mean ``q``.
-* Where the classifier runs: ``evaluate cls`` / ``classify`` run it on every slice with lesions (each slice
-  its own ``q``); ``analyze`` only on those 5 slices (the other slices take the scan's mean ``q``).
+* Slices of a scan (``analyze``, ``classify`` and ``evaluate cls`` on volumes alike): each slice keeps its
+  own ``g`` and takes the scan's ``q`` (the mean over those 5 slices; one patient, one kind of pneumonia),
+  so the classifier runs on 5 slices a scan. ``context="slice"`` (``evaluate cls --slice-context slice``)
+  gives each slice with lesions its own ``q`` instead; fitting the shift always uses every gated slice.
+  On the open COVID-CT-MD patients (in-sample for the shift) the scan's ``q`` calls 73 of the 80 COVID-19
+  slices COVID-19 against 65 with each slice's own ``q`` (``benchmarks/RESULTS.md``).
 
 A triage model file (task ``triage``) holds no weights: it names its classifier and segmentation
 model with their checksums, and stores the fitted shift, the data it was fitted on and the scores.
@@ -44,6 +48,8 @@ TOP_K = 5
 #: A slice takes part in fitting the shift when its infection probability reaches this (a 1 cm² lesion).
 GATE = 0.5
 TRIAGE_CLASSES: tuple[str, ...] = THREE_CLASSES
+#: Which ``q`` a slice of a scan takes: the scan's (default) or its own (see the module docstring).
+SLICE_CONTEXTS: tuple[str, ...] = ("scan", "slice")
 
 
 @dataclass
@@ -202,69 +208,142 @@ def load_triage(spec: str | Path | None = None, *, device: str = "cpu", fold_bn:
                   fit=(payload.get("metrics") or {}).get("fit"), fold_bn=fold_bn)
 
 
-def slice_scores(triage: Triage, vol, indices: Sequence[int] | None = None, *,
-                 window: str | Window = "model") -> tuple[np.ndarray, np.ndarray]:
-    """Lesion probability ``g`` and the classifier's COVID probability ``p`` of slices ``indices`` (all
-    when None) of a volume with a pixel spacing: the volume is analysed once (lungs, lesions; HU slices
-    through ``window``); the classifier (through the window its shift was fitted with) runs only on
-    slices with lesions (``g > 0``; the others are Control whatever it says, and their ``p`` is 0.5)."""
+@dataclass
+class VolumeScores:
+    """One analysed volume: every slice's lesion probability ``g``, the classifier's own COVID
+    probability of the slices it ran on (``p``, slice index -> probability, before the shift), the
+    :data:`TOP_K` slices with the largest lesion area and the lesion burden (% of lung)."""
+
+    g: np.ndarray
+    p: dict[int, float]
+    top: list[int]
+    percent_opacity: float
+
+    def covid_given_lesion(self, shift: float) -> dict[int, float]:
+        """``q`` of every slice the classifier ran on."""
+        ks = sorted(self.p)
+        return dict(zip(ks, covid_given_lesion([self.p[k] for k in ks], shift).tolist())) if ks else {}
+
+    def scan_q(self, shift: float, min_burden_percent: float = MIN_BURDEN_PERCENT) -> float:
+        """The scan's ``q``: the mean over its top slices; 0.5 (undecided) under the burden threshold,
+        where the classifier does not run for the scan's answer."""
+        if self.percent_opacity < min_burden_percent or not self.top:
+            return 0.5
+        q = self.covid_given_lesion(shift)
+        return float(np.mean([q[k] for k in self.top]))
+
+    def probabilities(self, indices: Sequence[int], shift: float, *, context: str = "scan",
+                      min_burden_percent: float = MIN_BURDEN_PERCENT) -> np.ndarray:
+        """``(len(indices), 3)`` triage probabilities of slices ``indices``: their own ``g``; the scan's
+        ``q`` (``context="scan"``) or each slice's own (``"slice"``; 0.5 where the classifier did not run)."""
+        ks = [int(k) for k in indices]
+        if context == "scan":
+            q = np.full(len(ks), self.scan_q(shift, min_burden_percent))
+        elif context == "slice":
+            own = self.covid_given_lesion(shift)
+            q = np.array([own.get(k, 0.5) for k in ks])
+        else:
+            raise CovidctError(None, f"slice context must be one of {', '.join(SLICE_CONTEXTS)}, not {context!r}")
+        return three_class(self.g[ks], q)
+
+
+def score_volume(triage: Triage, vol, *, classify: str = "top", window: str | Window = "model",
+                 result: ScanResult | None = None) -> VolumeScores:
+    """Analyse a volume with a pixel spacing once (lungs, lesions; HU slices through ``window``; or take
+    ``analyze``'s ``result``) and run the classifier (through the window its shift was fitted with) on
+    ``classify="top"``: the :data:`TOP_K` largest-lesion slices, when the burden reaches the threshold
+    (what the scan's answer needs); ``"lesions"``: every slice with lesions (``g > 0``; lesion-free slices
+    are Control whatever it says)."""
     if vol.spacing is None:
         raise InputError(vol.source, "triage needs the pixel spacing (lesion areas in mm²)")
-    ks = list(range(vol.n_slices)) if indices is None else [int(k) for k in indices]
-    result = analyze_volume(vol, triage.predictor, progress=False, window=window)
-    g = np.array([result.slices[k]["infection_probability"] for k in ks], np.float64)
-    p = np.full(len(ks), 0.5)
-    sick = np.flatnonzero(g > 0)
-    p[sick] = triage.covid_probability(vol, [ks[i] for i in sick], window=triage.config.window)
-    return g, p
+    if result is None:
+        result = analyze_volume(vol, triage.predictor, progress=False, window=window)
+    g = np.array([s["infection_probability"] for s in result.slices], np.float64)
+    top = top_lesion_slices(result.slices, triage.config.top_k)
+    burden = float(result.burden["percent_opacity"])
+    if classify == "lesions":
+        run = np.flatnonzero(g > 0).tolist()
+    elif classify == "top":
+        run = top if burden >= triage.config.min_burden_percent else []
+    else:
+        raise ValueError(f"classify must be 'top' or 'lesions', not {classify!r}")
+    p = triage.covid_probability(vol, run, window=triage.config.window)
+    return VolumeScores(g=g, p=dict(zip(run, p.tolist())), top=top, percent_opacity=burden)
 
 
-def _slice_scores(triage: Triage, records: list[ClsRecord], *,
-                  progress: bool) -> tuple[np.ndarray, np.ndarray, float]:
-    """:func:`slice_scores` of every record (each volume read and analysed once), and the seconds
-    spent in the models."""
-    g = np.zeros(len(records))
-    p = np.zeros(len(records))
+def _record_scores(triage: Triage, records: list[ClsRecord], *, classify: str,
+                   progress: bool) -> tuple[list[tuple[list[int], list[int], VolumeScores]], float]:
+    """Every record's volume read and scored once (:func:`score_volume`): ``(record rows, their working
+    slice indices, the volume's scores)`` per volume, and the seconds spent in the models."""
     by_volume: dict[Path, list[int]] = {}
     for i, r in enumerate(records):
         if r.slice_index is None:
             raise InputError(r.path, "triage needs CT volumes (DICOM series or NIfTI with slice labels), not images")
         by_volume.setdefault(r.path, []).append(i)
-    seconds = 0.0
+    seconds, out = 0.0, []
     for path, rows in tqdm(by_volume.items(), desc="triage scans", unit="scan", disable=not progress):
         vol = read(path)
         for i in rows:
             if not 0 <= records[i].slice_index < vol.n_slices:
                 raise InputError(path, f"slice {records[i].slice_index} outside the volume's {vol.n_slices} slices")
         t0 = time.perf_counter()
-        g[rows], p[rows] = slice_scores(triage, vol, [working_slice(vol, records[i].slice_index) for i in rows])
+        scores = score_volume(triage, vol, classify=classify)
         seconds += time.perf_counter() - t0
-    return g, p, seconds
+        out.append((rows, [working_slice(vol, records[i].slice_index) for i in rows], scores))
+    return out, seconds
+
+
+def record_probabilities(groups: list[tuple[list[int], list[int], VolumeScores]], n: int, shift: float, *,
+                         context: str = "scan", min_burden_percent: float = MIN_BURDEN_PERCENT) -> np.ndarray:
+    """``(n, 3)`` triage probabilities of the records scored by :func:`_record_scores`."""
+    probs = np.zeros((n, 3))
+    for rows, ks, scores in groups:
+        probs[rows] = scores.probabilities(ks, shift, context=context, min_burden_percent=min_burden_percent)
+    return probs
+
+
+def record_arrays(groups: list[tuple[list[int], list[int], VolumeScores]], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per record: lesion probability ``g`` and the classifier's own COVID probability (NaN where it did not run)."""
+    g, p = np.zeros(n), np.full(n, np.nan)
+    for rows, ks, scores in groups:
+        g[rows] = scores.g[ks]
+        p[rows] = [scores.p.get(k, np.nan) for k in ks]
+    return g, p
 
 
 def classify_volume(triage: Triage, vol, *, window: str | Window = "model") -> np.ndarray:
-    """``(slices, 3)`` triage probabilities of every slice of a volume (``covidct classify``)."""
-    g, p = slice_scores(triage, vol, window=window)
-    return three_class(g, covid_given_lesion(p, triage.config.covid_logit_shift))
+    """``(slices, 3)`` triage probabilities of every slice of a volume (``covidct classify``), the scan's ``q``."""
+    scores = score_volume(triage, vol, window=window)
+    return scores.probabilities(range(vol.n_slices), triage.config.covid_logit_shift,
+                                min_burden_percent=triage.config.min_burden_percent)
 
 
-def evaluate_triage(spec: str | Path | None, data: str | Path, *, progress: bool = True) -> dict[str, Any]:
+def evaluate_triage(spec: str | Path | None, data: str | Path, *, context: str = "scan",
+                    classify_all: bool = False, progress: bool = True) -> dict[str, Any]:
     """``covidct evaluate cls`` with a triage model: 3-class slice probabilities of every labelled
-    slice of a COVID-CT-MD-layout folder, scored like any classifier."""
+    slice of a COVID-CT-MD-layout folder (``context`` as in :meth:`VolumeScores.probabilities`), scored
+    like any classifier. ``classify_all`` runs the classifier on every slice with lesions even for the
+    scan context (for the benchmark's looks at single slices)."""
     from covidct.engine.evaluate_cls import score_probabilities
 
+    if context not in SLICE_CONTEXTS:
+        raise CovidctError(None, f"slice context must be one of {', '.join(SLICE_CONTEXTS)}, not {context!r}")
     records = load_records(data, classes=TRIAGE_CLASSES)
     triage = load_triage(spec, fold_bn=True)
-    g, p, seconds = _slice_scores(triage, records, progress=progress)
-    probs = three_class(g, covid_given_lesion(p, triage.config.covid_logit_shift))
+    classify = "lesions" if classify_all or context == "slice" else "top"
+    groups, seconds = _record_scores(triage, records, classify=classify, progress=progress)
+    cfg = triage.config
+    probs = record_probabilities(groups, len(records), cfg.covid_logit_shift, context=context,
+                                 min_burden_percent=cfg.min_burden_percent)
     result = score_probabilities(probs, np.array([TRIAGE_CLASSES.index(r.label) for r in records]), TRIAGE_CLASSES)
     result["images_per_second"] = round(len(records) / seconds, 2) if seconds else None
     result["model"] = triage.name
     result["tta"] = False
+    result["slice_context"] = context
     result["ct_slice_targets"] = ct_slice_targets(result)
     # patients whose slices fitted the shift are scored in-sample: say so
     result["in_sample_patients"] = sorted({r.patient for r in records} & set(triage.fit.get("patients", [])))
-    result["_lesion_probability"], result["_covid_probability"], result["_records"] = g, p, records
+    result["_groups"], result["_records"] = groups, records
     return result
 
 
@@ -297,12 +376,13 @@ def fit_triage(data: str | Path, output: str | Path, *, classifier: str | Path |
                           covid_logit_shift=0.0)
     records = load_records(data, classes=TRIAGE_CLASSES)
     triage = Triage(config, name=Path(output).stem, fold_bn=True)
-    g, p, _ = _slice_scores(triage, records, progress=progress)
+    groups, _ = _record_scores(triage, records, classify="lesions", progress=progress)
+    g, p = record_arrays(groups, len(records))
     y = np.array([TRIAGE_CLASSES.index(r.label) for r in records])
     fit = (g >= GATE) & (y > 0)
     shift = fit_covid_shift(p[fit], y[fit] == 2)
     config.covid_logit_shift = round(shift, 6)
-    in_sample = score_probabilities(three_class(g, covid_given_lesion(p, shift)), y, TRIAGE_CLASSES)
+    in_sample = score_probabilities(record_probabilities(groups, len(records), shift), y, TRIAGE_CLASSES)
 
     metrics = {"fit": {"data": str(data), "slices": int(fit.sum()), "covid_slices": int((y[fit] == 2).sum()),
                        "patients": sorted({r.patient for r, f in zip(records, fit) if f}),
@@ -316,24 +396,19 @@ def fit_triage(data: str | Path, output: str | Path, *, classifier: str | Path |
 
 def triage_scan(triage: Triage, vol, result: ScanResult) -> dict[str, Any]:
     """The scan-level 3-class answer for an analysed volume (``analyze``), and 3-class probabilities of
-    every slice (``slice_probabilities``: the slice's own ``g``; its own ``q`` where the classifier ran,
-    else the scan's mean ``q`` — one patient, one kind of pneumonia). The classifier runs on the
-    :data:`TOP_K` slices with the largest lesion area only, and only when the lesion burden reaches the
-    threshold (otherwise the answer is Control and the split of the small rest between the two
-    pneumonias is left even)."""
-    top = top_lesion_slices(result.slices, triage.config.top_k)
-    if result.burden["percent_opacity"] >= triage.config.min_burden_percent:
-        p = triage.covid_probability(vol, top, window=triage.config.window)   # the window its shift was fitted with
-        q = dict(zip(top, covid_given_lesion(p, triage.config.covid_logit_shift).tolist()))
-    else:
-        q = {k: 0.5 for k in top}
-    answer = scan_answer(result.slices, q, result.burden["percent_opacity"], top_k=triage.config.top_k,
-                         min_burden_percent=triage.config.min_burden_percent, top=top)
+    every slice (``slice_probabilities``: the slice's own ``g`` and the scan's ``q`` — one patient, one
+    kind of pneumonia). The classifier runs on the :data:`TOP_K` slices with the largest lesion area only,
+    and only when the lesion burden reaches the threshold (otherwise the answer is Control and the split
+    of the small rest between the two pneumonias is left even); their own ``q`` is reported too."""
+    cfg = triage.config
+    scores = score_volume(triage, vol, classify="top", result=result)
+    q = scores.covid_given_lesion(cfg.covid_logit_shift) or {k: 0.5 for k in scores.top}
+    answer = scan_answer(result.slices, q, scores.percent_opacity, top_k=cfg.top_k,
+                         min_burden_percent=cfg.min_burden_percent, top=scores.top)
     answer["model"] = triage.name
     answer["slice_covid_given_lesion"] = {str(k): round(v, 6) for k, v in q.items()}
-    # every slice: its own lesion probability, its own q where the classifier ran, else the scan's
-    g = [s["infection_probability"] for s in result.slices]
-    qs = [q.get(int(s["index"]), answer["covid_given_lesions"]) for s in result.slices]
-    answer["slice_probabilities"] = [dict(zip(TRIAGE_CLASSES, (round(float(v), 6) for v in row)))
-                                     for row in three_class(g, qs)]
+    answer["slice_probabilities"] = [
+        dict(zip(TRIAGE_CLASSES, (round(float(v), 6) for v in row)))
+        for row in scores.probabilities(range(len(result.slices)), cfg.covid_logit_shift,
+                                        min_burden_percent=cfg.min_burden_percent)]
     return answer

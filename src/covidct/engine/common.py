@@ -1,10 +1,13 @@
-"""Pieces every training loop shares: seeding, the CSV log, the learning-rate schedule."""
+"""Pieces every training loop shares: seeding, the run's config and CSV log, the learning-rate
+schedule, one epoch of optimizer steps, data-parallel training."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,36 @@ def write_log(rows: list[dict[str, Any]], path: Path) -> None:
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, path)
+
+
+def write_run_config(run_dir: Path, **fields: Any) -> None:
+    """Create the run folder and write ``config.json`` (the settings beside the model, as nnU-Net keeps its plan)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(fields, indent=2))
+
+
+def train_one_epoch(trained: torch.nn.Module, batches: Iterable, loss_of: Callable[[Any], torch.Tensor],
+                    opt: torch.optim.Optimizer, sched: Any, *, dist: "Distributed", sampler: Any = None,
+                    epoch: int = 0, clip_params: Iterable[torch.Tensor] | None = None,
+                    clip_norm: float = 10.0) -> float:
+    """One pass over ``batches`` in training mode: for each, ``loss_of(batch)``, backward, gradient norm
+    clipped to ``clip_norm`` when ``clip_params`` are given, optimizer and schedule step. Returns the mean
+    loss over the batches and the ranks."""
+    trained.train()
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+    clip = list(clip_params) if clip_params is not None else None
+    losses = []
+    for batch in batches:
+        loss = loss_of(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(clip, clip_norm)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    return dist.mean(float(np.mean(losses)))
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.02):

@@ -8,7 +8,6 @@ masks (torchmetrics ``MeanAveragePrecision``, pycocotools backend), per class an
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,7 +20,8 @@ from tqdm import tqdm
 
 from covidct.data.segmentation import SegFolder, SegSample
 from covidct.data.transforms import seg_train_transform
-from covidct.engine.common import Distributed, seed_everything, warmup_cosine, write_log
+from covidct.engine.common import (Distributed, seed_everything, train_one_epoch, warmup_cosine, write_log,
+                                   write_run_config)
 from covidct.engine.train_seg import split_seg_folders
 from covidct.errors import CovidctError
 from covidct.io.window import to_model_input
@@ -135,28 +135,14 @@ def train_lesions(cfg: LesionTrainConfig, output: str | Path, *, progress: bool 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.epochs * len(dl), 2 * len(dl)))
     trained = dist.wrap(model)
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": mcfg.to_dict(),
-                                                         "n_train": len(train), "n_val": len(val),
-                                                         "world_size": dist.world_size}, indent=2))
+        write_run_config(run_dir, train=asdict(cfg), model=mcfg.to_dict(), n_train=len(train), n_val=len(val),
+                         world_size=dist.world_size)
     best, best_result, log_rows, elapsed = -1.0, None, [], 0.0
     bar = tqdm(range(cfg.epochs), desc="train lesions", unit="epoch", disable=not progress)
     for epoch in bar:
         t0 = time.time()
-        trained.train()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        losses = []
-        for images, targets in dl:
-            loss_dict = trained(list(images), list(targets))
-            loss = sum(loss_dict.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 10.0)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-        train_loss = dist.mean(float(np.mean(losses)))
+        train_loss = train_one_epoch(trained, dl, lambda batch: sum(trained(list(batch[0]), list(batch[1])).values()),
+                                     opt, sched, dist=dist, sampler=sampler, epoch=epoch, clip_params=params)
         if not dist.is_main:  # rank 0 validates, selects and writes; the others wait for it
             dist.barrier()
             continue

@@ -13,7 +13,6 @@ split over the ranks; rank 0 validates and writes).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -29,7 +28,8 @@ from covidct.data.classification import (BINARY_CLASSES, THREE_CLASSES, ClsRecor
                                          relative_name)
 from covidct.data.cls_transforms import cls_train_transform
 from covidct.data.splits import group_kfold, group_split
-from covidct.engine.common import Distributed, seed_everything, warmup_cosine, write_log
+from covidct.engine.common import (Distributed, seed_everything, train_one_epoch, warmup_cosine, write_log,
+                                   write_run_config)
 from covidct.engine.evaluate_cls import evaluate_records, mean_auc, summarize
 from covidct.errors import CovidctError
 from covidct.models.checkpoint import save_checkpoint
@@ -150,26 +150,15 @@ def train_cls(cfg: ClsTrainConfig, output: str | Path, *, progress: bool = True)
     steps = max(1, len(dl)) * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, max(1, len(dl))))
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": mcfg.to_dict(),
-                                                         "n_train": len(train), "n_val": len(val),
-                                                         "world_size": dist.world_size}, indent=2))
+        write_run_config(run_dir, train=asdict(cfg), model=mcfg.to_dict(), n_train=len(train), n_val=len(val),
+                         world_size=dist.world_size)
     best_key, best_state, log_rows, elapsed = (-1.0, -1.0), None, [], 0.0
     bar = tqdm(range(cfg.epochs), desc="train cls", unit="epoch", disable=not progress)
     for epoch in bar:
         t0 = time.time()
-        trained.train()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        losses = []
-        for x, y in dl:
-            loss = F.cross_entropy(trained(x), y, weight=weights, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-        train_loss = dist.mean(float(np.mean(losses)))
+        train_loss = train_one_epoch(
+            trained, dl, lambda b: F.cross_entropy(trained(b[0]), b[1], weight=weights, label_smoothing=cfg.label_smoothing),
+            opt, sched, dist=dist, sampler=sampler, epoch=epoch)
         if not dist.is_main:  # rank 0 validates and selects; the others wait for it
             dist.barrier()
             continue

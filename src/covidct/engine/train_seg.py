@@ -14,7 +14,6 @@ global ``batch_size`` is split over the ranks and rank 0 validates and writes.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -30,7 +29,8 @@ from tqdm import tqdm
 from covidct.data.segmentation import SegFolder, SegSample
 from covidct.data.splits import group_kfold, group_split
 from covidct.data.transforms import seg_train_transform
-from covidct.engine.common import Distributed, seed_everything, warmup_cosine, write_log
+from covidct.engine.common import (Distributed, seed_everything, train_one_epoch, warmup_cosine, write_log,
+                                   write_run_config)
 from covidct.engine.evaluate_seg import evaluate_folder
 from covidct.engine.infer import SegPredictor
 from covidct.errors import CovidctError
@@ -253,11 +253,8 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
     swa_start = cfg.epochs - cfg.swa_epochs
     averaged = torch.optim.swa_utils.AveragedModel(model) if cfg.swa_epochs else None
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": mcfg.to_dict(),
-                                                         "n_train": len(train), "n_val": len(val),
-                                                         "val_ids": [s.id for s in val],
-                                                         "world_size": dist.world_size}, indent=2))
+        write_run_config(run_dir, train=asdict(cfg), model=mcfg.to_dict(), n_train=len(train), n_val=len(val),
+                         val_ids=[s.id for s in val], world_size=dist.world_size)
     start_epoch, best, best_result, log_rows, elapsed = 0, -1.0, None, [], 0.0
     last = run_dir / "last.pt"
     if resume and last.exists():
@@ -301,19 +298,10 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
                initial=start_epoch, total=cfg.epochs)
     for epoch in bar:
         t0 = time.time()
-        trained.train()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        losses = []
-        for img, lab, lung, _ in loader:
-            img = img.to(memory_format=torch.channels_last)
-            loss = seg_loss(trained(img), lab, lung, n_lesion, mcfg.lung_head, cfg.lung_weight, ce_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-        train_loss = dist.mean(float(np.mean(losses)))
+        train_loss = train_one_epoch(
+            trained, loader, lambda b: seg_loss(trained(b[0].to(memory_format=torch.channels_last)), b[1], b[2], n_lesion,
+                                                mcfg.lung_head, cfg.lung_weight, ce_weight),
+            opt, sched, dist=dist, sampler=sampler, epoch=epoch)
         if averaged is not None and epoch >= swa_start:
             averaged.update_parameters(model)
         model.eval()
