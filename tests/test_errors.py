@@ -99,3 +99,12 @@ def test_classification_csvs_with_missing_columns_or_bad_values(tmp_path, capsys
     assert main(["evaluate", "cls", "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(labels) in err and "line 3" in err
+
+
+def test_a_listed_file_that_is_missing_fails_before_any_work(tmp_path, capsys):
+    """split.csv naming a file that is not there: one line naming it, before a progress bar starts."""
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "split.csv").write_text("path,label\na.png,COVID\nb.png,NonCOVID\n")
+    assert main(["evaluate", "cls", "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(tmp_path / "b.png") in err and "file not found" in err

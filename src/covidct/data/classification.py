@@ -221,15 +221,21 @@ _LOADERS = {
 }
 
 
-def load_records(root: str | Path, *, split: str | None = None, classes: tuple[str, ...] | list[str] | None = None) -> list[ClsRecord]:
+def load_records(root: str | Path, *, split: str | None = None, classes: tuple[str, ...] | list[str] | None = None,
+                 require_files: bool = True) -> list[ClsRecord]:
     """All records of a classification folder (any layout above), optionally one split, with
-    labels mapped onto ``classes``."""
+    labels mapped onto ``classes``. ``require_files``: a listed file (image, scan) that is not there is an
+    error now, before any work starts; ``False`` only reads the lists."""
     root = Path(root)
     records = _LOADERS[detect_layout(root)](root)
     if split is not None:
         records = [r for r in records if r.split == split]
     if not records:
         raise InputError(root, f"no labelled images found{f' in split {split!r}' if split else ''}")
+    if require_files:
+        missing = next((r.path for r in records if not r.path.exists()), None)
+        if missing is not None:
+            raise InputError(missing, f"file not found (listed in {root})")
     if classes is not None:
         try:
             records = [ClsRecord(r.path, canonical_label(r.label, classes), r.split, r.patient, r.slice_index) for r in records]
