@@ -108,3 +108,15 @@ def test_a_listed_file_that_is_missing_fails_before_any_work(tmp_path, capsys):
     assert main(["evaluate", "cls", "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(tmp_path / "b.png") in err and "file not found" in err
+
+
+def test_segmentation_folder_with_a_wrong_size_mask_fails_before_any_work(tmp_path, capsys):
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+    for k in range(3):
+        Image.fromarray(np.zeros((40, 48), np.uint8)).save(tmp_path / "images" / f"{k}.png")
+        Image.fromarray(np.zeros((40, 48) if k != 2 else (48, 40), np.uint8)).save(tmp_path / "masks" / f"{k}.png")
+    assert main(["evaluate", "seg", "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err                       # no progress bar started
+    assert str(tmp_path / "masks" / "2.png") in err and "differs from its image" in err

@@ -74,6 +74,7 @@ class SegFolder:
         if not self.ids:
             raise InputError(self.root, "no image with a matching mask found")
         self._images = images
+        self._check_sizes()
         # Effusion is labelled when masks4/ exists, or when masks/ itself uses label 3 (medseg-512).
         self.has_effusion = self.has_masks4 or self._masks_use_label3()
         self.groups = self._manifest_groups()
@@ -104,6 +105,25 @@ class SegFolder:
             splits = sorted({r["split"] for r in rows})
             raise InputError(manifest, f"no slice in split {split!r} (its splits: {', '.join(splits)})")
         return wanted
+
+    def _check_sizes(self) -> None:
+        """Every label map the same size as its image, read from the file headers before any work starts
+        (a mismatch found half-way through an evaluation or a training run would waste it)."""
+        from PIL import Image, UnidentifiedImageError
+
+        def size(path: Path) -> tuple[int, int]:
+            try:
+                with Image.open(path) as im:
+                    return im.height, im.width
+            except (OSError, UnidentifiedImageError) as exc:
+                raise InputError(path, f"not a readable image ({type(exc).__name__})") from None
+
+        for k in self.ids:
+            want = size(self._images[k])
+            for sub in ("masks", "masks4", "lung"):
+                mask = self.root / sub / f"{k}.png"
+                if mask.exists() and size(mask) != want:
+                    raise InputError(mask, f"size {size(mask)} differs from its image {self._images[k].name} {want}")
 
     def _masks_use_label3(self) -> bool:
         for k in self.ids:
