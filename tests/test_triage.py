@@ -73,8 +73,9 @@ def test_slices_take_the_scan_q_or_their_own():
     assert own.argmax(axis=1).tolist() == [0, 2, 1, 2, 0]           # slice 2's own q calls it Common pneumonia
     assert own[4].tolist() == pytest.approx([0.8, 0.1, 0.1])         # no own q: undecided between the two
     assert scores.scan_q(-10.0) < 0.01 and scores.probabilities([1], -10.0).argmax() == 1   # the shift moves q
-    low = VolumeScores(g=g, p={}, top=[1, 2, 3], percent_opacity=0.5)  # under 1 %: the scan's q stays 0.5
-    assert low.scan_q(3.0) == 0.5
+    low = VolumeScores(g=g, p={1: 0.9, 2: 0.2, 3: 0.9}, top=[1, 2, 3], percent_opacity=0.5)
+    assert low.scan_q(0.0) == scores.scan_q(0.0)                      # under 1 % the slices still get the scan's q
+    assert VolumeScores(g=np.zeros(3), p={}, top=[], percent_opacity=0.0).scan_q(3.0) == 0.5   # no lesions
     with pytest.raises(Exception, match="slice context"):
         scores.probabilities([1], 0.0, context="patient")
 
@@ -92,7 +93,9 @@ def test_score_volume_classifies_the_top_slices_only(monkeypatch):
     top = score_volume(triage, vol, result=result)
     assert calls == [[2, 3]] and top.p == {2: 0.7, 3: 0.7} and top.top == [2, 3]
     assert sorted(score_volume(triage, vol, result=result, classify="lesions").p) == [1, 2, 3, 4]
-    result.burden["percent_opacity"] = 0.2                             # under 1 %: no classifier for the scan
+    result.burden["percent_opacity"] = 0.2                             # under 1 %: the top slices still get a q
+    assert score_volume(triage, vol, result=result).p == {2: 0.7, 3: 0.7} and calls[-1] == [2, 3]
+    result.slices = _slices([0, 0, 0, 0, 0])                           # no lesions: nothing to classify
     assert score_volume(triage, vol, result=result).p == {} and calls[-1] == []
     with pytest.raises(Exception, match="pixel spacing"):
         score_volume(triage, SimpleNamespace(spacing=None, source="x.png"), result=result)

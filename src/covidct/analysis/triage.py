@@ -16,7 +16,8 @@ slices), and they rank Normal slices worse (AUC 0.92) than the lesion model does
   (0.5 at the threshold) and that mean ``q``.
 * Slices of a scan (``analyze``, ``classify`` and ``evaluate cls`` on volumes alike): each slice keeps its
   own ``g`` and takes the scan's ``q`` (the mean over those 5 slices; one patient, one kind of pneumonia),
-  so the classifier runs on 5 slices a scan. ``context="slice"`` (``evaluate cls --slice-context slice``)
+  so the classifier runs on 5 slices a scan (under the 1 % threshold too: the answer is Control, yet its
+  slices with lesions still need a ``q``). ``context="slice"`` (``evaluate cls --slice-context slice``)
   gives each slice with lesions its own ``q`` instead; fitting the shift always uses every gated slice.
   On the open COVID-CT-MD patients (in-sample for the shift) the scan's ``q`` calls 73 of the 80 COVID-19
   slices COVID-19 against 65 with each slice's own ``q`` (``benchmarks/RESULTS.md``).
@@ -224,21 +225,19 @@ class VolumeScores:
         ks = sorted(self.p)
         return dict(zip(ks, covid_given_lesion([self.p[k] for k in ks], shift).tolist())) if ks else {}
 
-    def scan_q(self, shift: float, min_burden_percent: float = MIN_BURDEN_PERCENT) -> float:
-        """The scan's ``q``: the mean over its top slices; 0.5 (undecided) under the burden threshold,
-        where the classifier does not run for the scan's answer."""
-        if self.percent_opacity < min_burden_percent or not self.top:
+    def scan_q(self, shift: float) -> float:
+        """The scan's ``q``: the mean over its top slices (0.5, undecided, for a scan without lesions)."""
+        if not self.top:
             return 0.5
         q = self.covid_given_lesion(shift)
         return float(np.mean([q[k] for k in self.top]))
 
-    def probabilities(self, indices: Sequence[int], shift: float, *, context: str = "scan",
-                      min_burden_percent: float = MIN_BURDEN_PERCENT) -> np.ndarray:
+    def probabilities(self, indices: Sequence[int], shift: float, *, context: str = "scan") -> np.ndarray:
         """``(len(indices), 3)`` triage probabilities of slices ``indices``: their own ``g``; the scan's
         ``q`` (``context="scan"``) or each slice's own (``"slice"``; 0.5 where the classifier did not run)."""
         ks = [int(k) for k in indices]
         if context == "scan":
-            q = np.full(len(ks), self.scan_q(shift, min_burden_percent))
+            q = np.full(len(ks), self.scan_q(shift))
         elif context == "slice":
             own = self.covid_given_lesion(shift)
             q = np.array([own.get(k, 0.5) for k in ks])
@@ -251,9 +250,9 @@ def score_volume(triage: Triage, vol, *, classify: str = "top", window: str | Wi
                  result: ScanResult | None = None) -> VolumeScores:
     """Analyse a volume with a pixel spacing once (lungs, lesions; HU slices through ``window``; or take
     ``analyze``'s ``result``) and run the classifier (through the window its shift was fitted with) on
-    ``classify="top"``: the :data:`TOP_K` largest-lesion slices, when the burden reaches the threshold
-    (what the scan's answer needs); ``"lesions"``: every slice with lesions (``g > 0``; lesion-free slices
-    are Control whatever it says)."""
+    ``classify="top"``: the :data:`TOP_K` largest-lesion slices (what the scan's ``q`` needs; also under the
+    burden threshold, where the scan's answer is Control but its slices with lesions still need a ``q``);
+    ``"lesions"``: every slice with lesions (``g > 0``; lesion-free slices are Control whatever it says)."""
     if vol.spacing is None:
         raise InputError(vol.source, "triage needs the pixel spacing (lesion areas in mm²)")
     if result is None:
@@ -264,7 +263,7 @@ def score_volume(triage: Triage, vol, *, classify: str = "top", window: str | Wi
     if classify == "lesions":
         run = np.flatnonzero(g > 0).tolist()
     elif classify == "top":
-        run = top if burden >= triage.config.min_burden_percent else []
+        run = top
     else:
         raise ValueError(f"classify must be 'top' or 'lesions', not {classify!r}")
     p = triage.covid_probability(vol, run, window=triage.config.window)
@@ -294,11 +293,11 @@ def _record_scores(triage: Triage, records: list[ClsRecord], *, classify: str,
 
 
 def record_probabilities(groups: list[tuple[list[int], list[int], VolumeScores]], n: int, shift: float, *,
-                         context: str = "scan", min_burden_percent: float = MIN_BURDEN_PERCENT) -> np.ndarray:
+                         context: str = "scan") -> np.ndarray:
     """``(n, 3)`` triage probabilities of the records scored by :func:`_record_scores`."""
     probs = np.zeros((n, 3))
     for rows, ks, scores in groups:
-        probs[rows] = scores.probabilities(ks, shift, context=context, min_burden_percent=min_burden_percent)
+        probs[rows] = scores.probabilities(ks, shift, context=context)
     return probs
 
 
@@ -314,8 +313,7 @@ def record_arrays(groups: list[tuple[list[int], list[int], VolumeScores]], n: in
 def classify_volume(triage: Triage, vol, *, window: str | Window = "model") -> np.ndarray:
     """``(slices, 3)`` triage probabilities of every slice of a volume (``covidct classify``), the scan's ``q``."""
     scores = score_volume(triage, vol, window=window)
-    return scores.probabilities(range(vol.n_slices), triage.config.covid_logit_shift,
-                                min_burden_percent=triage.config.min_burden_percent)
+    return scores.probabilities(range(vol.n_slices), triage.config.covid_logit_shift)
 
 
 def evaluate_triage(spec: str | Path | None, data: str | Path, *, context: str = "scan",
@@ -333,8 +331,7 @@ def evaluate_triage(spec: str | Path | None, data: str | Path, *, context: str =
     classify = "lesions" if classify_all or context == "slice" else "top"
     groups, seconds = _record_scores(triage, records, classify=classify, progress=progress)
     cfg = triage.config
-    probs = record_probabilities(groups, len(records), cfg.covid_logit_shift, context=context,
-                                 min_burden_percent=cfg.min_burden_percent)
+    probs = record_probabilities(groups, len(records), cfg.covid_logit_shift, context=context)
     result = score_probabilities(probs, np.array([TRIAGE_CLASSES.index(r.label) for r in records]), TRIAGE_CLASSES)
     result["images_per_second"] = round(len(records) / seconds, 2) if seconds else None
     result["model"] = triage.name
@@ -397,18 +394,17 @@ def fit_triage(data: str | Path, output: str | Path, *, classifier: str | Path |
 def triage_scan(triage: Triage, vol, result: ScanResult) -> dict[str, Any]:
     """The scan-level 3-class answer for an analysed volume (``analyze``), and 3-class probabilities of
     every slice (``slice_probabilities``: the slice's own ``g`` and the scan's ``q`` — one patient, one
-    kind of pneumonia). The classifier runs on the :data:`TOP_K` slices with the largest lesion area only,
-    and only when the lesion burden reaches the threshold (otherwise the answer is Control and the split
-    of the small rest between the two pneumonias is left even); their own ``q`` is reported too."""
+    kind of pneumonia). The classifier runs on the :data:`TOP_K` slices with the largest lesion area only
+    (their own ``q`` is reported too), also when the burden is under the threshold: the answer is then
+    Control, but the scan's slices with lesions are still split between the two pneumonias by its ``q``."""
     cfg = triage.config
     scores = score_volume(triage, vol, classify="top", result=result)
-    q = scores.covid_given_lesion(cfg.covid_logit_shift) or {k: 0.5 for k in scores.top}
+    q = scores.covid_given_lesion(cfg.covid_logit_shift)
     answer = scan_answer(result.slices, q, scores.percent_opacity, top_k=cfg.top_k,
                          min_burden_percent=cfg.min_burden_percent, top=scores.top)
     answer["model"] = triage.name
     answer["slice_covid_given_lesion"] = {str(k): round(v, 6) for k, v in q.items()}
     answer["slice_probabilities"] = [
         dict(zip(TRIAGE_CLASSES, (round(float(v), 6) for v in row)))
-        for row in scores.probabilities(range(len(result.slices)), cfg.covid_logit_shift,
-                                        min_burden_percent=cfg.min_burden_percent)]
+        for row in scores.probabilities(range(len(result.slices)), cfg.covid_logit_shift)]
     return answer
