@@ -60,3 +60,29 @@ def test_checkpoint_rebuilds_without_hyperparameters(tmp_path):
     save_checkpoint(tmp_path / "c.pt", task="cls", config={}, state_dict={})
     with pytest.raises(CovidctError, match="not a segmentation model"):
         load_seg_model(tmp_path / "c.pt")
+
+
+def test_every_saved_config_survives_json_and_other_versions():
+    """Each config dataclass stored in checkpoints: JSON round trip gives the same config (tuples back),
+    keys from another version are dropped and missing ones take their defaults."""
+    import json
+
+    from covidct.analysis.triage import TriageConfig
+    from covidct.models.classification import ClsModelConfig
+    from covidct.models.ensemble import EnsembleConfig
+    from covidct.models.lesions import LesionModelConfig
+    from covidct.models.maskcls import MaskClsConfig
+
+    configs = [SegModelConfig(decoder_channels=(32, 16, 8, 8, 4), lesion_classes=("background", "ggo")),
+               ClsModelConfig(classes=("Control", "Common pneumonia", "COVID-19")),
+               EnsembleConfig(members=("a.pt", "b.pt"), checksums=("1", "2"), classes=("NonCOVID", "COVID"),
+                              input_size=224, logit_offsets=(0.0, 0.5), tta=True),
+               LesionModelConfig(anchor_sizes=(4, 8, 16, 32, 64), mask_mode="merge"),
+               MaskClsConfig(top_n=16, lesion=LesionModelConfig().to_dict()),
+               TriageConfig(classifier="c", classifier_sha256="x", seg_model="s", seg_model_sha256="y",
+                            covid_logit_shift=2.5)]
+    for cfg in configs:
+        d = json.loads(json.dumps(cfg.to_dict()))
+        assert type(cfg).from_dict(d) == cfg
+        assert type(cfg).from_dict({**d, "added_in_a_later_version": 1}) == cfg
+    assert SegModelConfig.from_dict({"encoder": "resnet18"}) == SegModelConfig(encoder="resnet18")

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from covidct.errors import CovidctError, InputError
 from covidct.io import classifier_input, read
 from covidct.io.nifti import working_slice
 from covidct.io.window import Window
+from covidct.models.base import SavedConfig
 
 #: Slices with the largest lesion area whose COVID-19 probability decides a scan's answer.
 TOP_K = 5
@@ -54,7 +55,7 @@ SLICE_CONTEXTS: tuple[str, ...] = ("scan", "slice")
 
 
 @dataclass
-class TriageConfig:
+class TriageConfig(SavedConfig):
     classifier: str             # shipped name or file of a binary NonCOVID / COVID slice classifier
     classifier_sha256: str
     seg_model: str              # the segmentation model whose lesions give ``g``
@@ -64,14 +65,6 @@ class TriageConfig:
     min_burden_percent: float = MIN_BURDEN_PERCENT
     classes: tuple[str, ...] = TRIAGE_CLASSES
     window: str = "model"       # the HU window of the classifier's input when the shift was fitted
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TriageConfig":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**{**known, "classes": tuple(d.get("classes", TRIAGE_CLASSES))})
 
 
 def covid_given_lesion(p_covid: np.ndarray, shift: float) -> np.ndarray:

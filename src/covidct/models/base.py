@@ -1,11 +1,30 @@
-"""The wrapper every covidct network shares: its config, and input normalisation inside."""
+"""What every covidct network shares: a config that saves itself into checkpoints, and input
+normalisation inside the network."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import asdict, fields
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+
+_C = TypeVar("_C", bound="SavedConfig")
+
+
+class SavedConfig:
+    """Mixin for the config dataclasses stored in checkpoints: ``to_dict`` gives plain JSON-able values
+    (tuples as lists); ``from_dict`` rebuilds the config, list values back to tuples, keys the class does
+    not know (from another version) dropped, missing ones at their defaults."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls: type[_C], d: dict[str, Any]) -> _C:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
 
 
 class NormalizedNet(nn.Module):

@@ -5,11 +5,11 @@ trained covidct segmentation model (same encoder name)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from torch import nn
 
-from covidct.models.base import NormalizedNet
+from covidct.models.base import NormalizedNet, SavedConfig
 from covidct.models.encoders import (
     IMAGENET_GREY_MEAN, IMAGENET_GREY_STD, OFFLINE_IMAGENET, copy_matching, imagenet_state_dict, seg_encoder_state_dict,
 )
@@ -24,7 +24,7 @@ TIMM_NAMES: dict[str, str] = {
 
 
 @dataclass
-class ClsModelConfig:
+class ClsModelConfig(SavedConfig):
     """Everything needed to rebuild a classifier (saved in its checkpoint)."""
 
     encoder: str = "efficientnet-lite0"
@@ -33,17 +33,6 @@ class ClsModelConfig:
     dropout: float = 0.2
     input_mean: float = IMAGENET_GREY_MEAN
     input_std: float = IMAGENET_GREY_STD
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["classes"] = list(self.classes)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ClsModelConfig":
-        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        d["classes"] = tuple(d.get("classes", ("NonCOVID", "COVID")))
-        return cls(**d)
 
 
 class ClassificationNet(NormalizedNet):

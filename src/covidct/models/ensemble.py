@@ -9,15 +9,17 @@ the input resized to its own input size.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from covidct.models.base import SavedConfig
+
 
 @dataclass
-class EnsembleConfig:
+class EnsembleConfig(SavedConfig):
     members: tuple[str, ...]
     checksums: tuple[str, ...]
     classes: tuple[str, ...]
@@ -28,15 +30,6 @@ class EnsembleConfig:
     # each member's probabilities averaged with those of the left-right mirrored input (test-time
     # augmentation, as ``evaluate cls --tta``); its calibration was fitted that way
     tta: bool = False
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "EnsembleConfig":
-        return cls(members=tuple(d["members"]), checksums=tuple(d["checksums"]), classes=tuple(d["classes"]),
-                   input_size=int(d["input_size"]), logit_offsets=tuple(float(v) for v in d.get("logit_offsets", ())),
-                   tta=bool(d.get("tta", False)))
 
 
 class ClassifierEnsemble(nn.Module):

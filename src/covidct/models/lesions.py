@@ -14,11 +14,13 @@ least :data:`MIN_INSTANCE_AREA` pixels (at the slice's own resolution).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+
+from covidct.models.base import SavedConfig
 
 MASK_MODES: dict[str, tuple[str, ...]] = {
     "ggo": ("background", "ggo"),
@@ -29,7 +31,7 @@ MIN_INSTANCE_AREA = 16
 
 
 @dataclass
-class LesionModelConfig:
+class LesionModelConfig(SavedConfig):
     backbone: str = "efficientnet-lite0"
     truncate_last_stage: bool = False
     mask_mode: str = "both"
@@ -49,20 +51,6 @@ class LesionModelConfig:
     @property
     def classes(self) -> tuple[str, ...]:
         return MASK_MODES[self.mask_mode]
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["anchor_sizes"] = list(self.anchor_sizes)
-        d["aspect_ratios"] = list(self.aspect_ratios)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LesionModelConfig":
-        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        for key in ("anchor_sizes", "aspect_ratios"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d)
 
 
 class TimmFPNBackbone(nn.Module):

@@ -9,12 +9,13 @@ skipped at this stage.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from covidct.models.base import SavedConfig
 from covidct.models.lesions import LesionModelConfig, LesionNet, build_lesion_model
 
 
@@ -22,7 +23,7 @@ TRAIN_CHOICES = ("s", "s+bn", "s+roi")
 
 
 @dataclass
-class MaskClsConfig:
+class MaskClsConfig(SavedConfig):
     classes: tuple[str, ...] = ("NonCOVID", "COVID")
     top_n: int = 32
     s_width: int = 128
@@ -31,17 +32,6 @@ class MaskClsConfig:
     @property
     def input_size(self) -> int:
         return LesionModelConfig.from_dict(self.lesion or {}).input_size
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["classes"] = list(self.classes)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MaskClsConfig":
-        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        d["classes"] = tuple(d.get("classes", ("NonCOVID", "COVID")))
-        return cls(**d)
 
 
 class MaskClsNet(nn.Module):

@@ -7,10 +7,9 @@ effusion) followed, when ``lung_head`` is on, by one sigmoid logit for the lung 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-
-from covidct.models.base import NormalizedNet
+from covidct.models.base import NormalizedNet, SavedConfig
 from covidct.models.encoders import (
     IMAGENET_GREY_MEAN, IMAGENET_GREY_STD, OFFLINE_IMAGENET, load_imagenet_encoder, smp_encoder_name,
 )
@@ -19,7 +18,7 @@ ARCHITECTURES = ("unet", "fpn")
 
 
 @dataclass
-class SegModelConfig:
+class SegModelConfig(SavedConfig):
     """Everything needed to rebuild a segmentation network (saved in every checkpoint)."""
 
     arch: str = "unet"
@@ -31,20 +30,6 @@ class SegModelConfig:
     in_channels: int = 1
     input_mean: float = IMAGENET_GREY_MEAN
     input_std: float = IMAGENET_GREY_STD
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["decoder_channels"] = list(self.decoder_channels)
-        d["lesion_classes"] = list(self.lesion_classes)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SegModelConfig":
-        d = dict(d)
-        d["decoder_channels"] = tuple(d.get("decoder_channels", cls.decoder_channels))
-        d["lesion_classes"] = tuple(d.get("lesion_classes", ("background", "ggo", "consolidation", "effusion")))
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class SegmentationNet(NormalizedNet):
