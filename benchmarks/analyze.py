@@ -5,6 +5,9 @@ child), lesion burden, severity, and the slice-level AUC of ``slices[].infection
 against ``slice_labels.csv`` (all patients pooled, and per patient where both classes occur).
 
     python benchmarks/analyze.py --data ../shared/data/covid-ct-md [--model NAME|FILE] [--out out/bench-analyze]
+
+``--z-sigma-mm S`` (repeatable) also prints the AUCs of a variant that was tried and not adopted: each
+slice's lesion area smoothed along the scan axis (Gaussian, S mm) before ``A / (A + 1 cm²)``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -32,6 +37,8 @@ def main() -> int:
     ap.add_argument("--window", help="HU window into the model (covidct analyze --window); default: model")
     ap.add_argument("--out", default="out/bench-analyze")
     ap.add_argument("--json")
+    ap.add_argument("--z-sigma-mm", type=float, action="append", default=[],
+                    help="also score slice probabilities from lesion areas smoothed along z (Gaussian sigma, mm)")
     args = ap.parse_args()
     data = Path(args.data)
     with open(data / "patients.csv", newline="") as fh:
@@ -42,6 +49,7 @@ def main() -> int:
             labels.setdefault(r["patient_id"], {})[int(r["slice_index"])] = int(r["infection"])
     rows, all_y, all_p = [], [], []
     by_patient: dict[str, tuple[list[int], list[float]]] = {}
+    areas: dict[str, tuple[list[float], float]] = {}   # lesion area per slice (mm²), slice spacing (mm)
     for p in patients:
         out = Path(args.out) / p["patient_id"]
         cmd = [sys.executable, "-m", "covidct.cli", "analyze", str(data / p["path"]), "-o", str(out)]
@@ -71,6 +79,7 @@ def main() -> int:
         all_y += y
         all_p += pr
         by_patient[p["patient_id"]] = (y, pr)
+        areas[p["patient_id"]] = ([s["lesion_area_mm2"] for s in rep["slices"]], float(rep["input"]["spacing_mm"][0]))
         rows.append({
             "patient": p["patient_id"], "diagnosis": p["diagnosis"], "shape": rep["input"]["shape"],
             "seconds": round(wall, 1), "peak_rss_mb_so_far": round(rss_mb), "lung_ml": rep["lung_volume_ml"],
@@ -93,6 +102,20 @@ def main() -> int:
         y = by_patient[a][0] + by_patient[b][0]
         if 0 < sum(y) < len(y):
             print(f"  pooled over {a} + {b}: {roc_auc(y, by_patient[a][1] + by_patient[b][1]):.4f}")
+    for sigma_mm in args.z_sigma_mm:
+        from scipy.ndimage import gaussian_filter1d
+
+        from covidct.analysis.scan import AREA_SCALE_MM2
+
+        smooth = {}
+        for pid, (a, dz) in areas.items():
+            sa = gaussian_filter1d(np.asarray(a, float), sigma_mm / dz, mode="constant")
+            smooth[pid] = list(sa / (sa + AREA_SCALE_MM2))
+        per = ", ".join(f"{pid} {roc_auc(by_patient[pid][0], pr):.4f}" for pid, pr in smooth.items()
+                        if 0 < sum(by_patient[pid][0]) < len(pr))
+        ys = [v for pid in smooth for v in by_patient[pid][0]]
+        print(f"z-smoothed areas (sigma {sigma_mm:g} mm): pooled AUC {roc_auc(ys, [v for pr in smooth.values() for v in pr]):.4f}"
+              f"; {per}")
     # the patient answers against the diagnoses (3-class triage answers only)
     from covidct.data.classification import THREE_CLASSES, canonical_label
     from covidct.metrics import classification_report, confusion_matrix

@@ -9,6 +9,10 @@ saw it. Trains nothing.
 The same slices in another frame (MedSeg's full 512² slices of the COVID-SemiSeg crops), each scored by
 the fold model that did not train on it: ``--data $COVIDCT_DATA/medseg-512 --id-column infnet_id`` (the
 manifest column that holds the COVID-SemiSeg id). ``--no-crop`` turns off the second, lung-cropped pass.
+
+``--average-with M0,M1,...`` (repeatable): another recipe's fold models, one per fold in the same order; each
+slice is then scored by the mean of the fold models' probabilities (an ensemble estimate, tried and not
+adopted; see benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ def main() -> int:
     ap.add_argument("--network-classes", action="store_true", help="the network's own GGO / consolidation split "
                     "(no density rule)")
     ap.add_argument("--tta", action="store_true", help="average each model with its left-right mirrored pass")
+    ap.add_argument("--average-with", action="append", default=[], metavar="M0,M1,...",
+                    help="another recipe's fold models (same folds, same order) to average probabilities with")
     ap.add_argument("--record-in", metavar="MODEL", help="also store the estimate in this model's metrics "
                     "(`cross_validation`), e.g. the --fold all model trained with the same recipe")
     args = ap.parse_args()
@@ -46,8 +52,13 @@ def main() -> int:
         with open(Path(args.data) / "manifest.csv", newline="") as fh:
             id_map = {r[args.id_column]: Path(r["image"]).stem for r in csv.DictReader(fh) if r.get(args.id_column)}
     try:
-        result = evaluate_out_of_fold(args.models, args.data, id_map=id_map, crop_to_lung=not args.no_crop,
-                                      density_classes=not args.network_classes, tta=args.tta)
+        if args.average_with:
+            result = _ensemble_out_of_fold([args.models] + [g.split(",") for g in args.average_with], args.data,
+                                           id_map=id_map, crop_to_lung=not args.no_crop,
+                                           density_classes=not args.network_classes, tta=args.tta)
+        else:
+            result = evaluate_out_of_fold(args.models, args.data, id_map=id_map, crop_to_lung=not args.no_crop,
+                                          density_classes=not args.network_classes, tta=args.tta)
     except CovidctError as exc:
         print(f"{os.path.basename(sys.argv[0])}: error: {exc}", file=sys.stderr)
         return 2
@@ -65,6 +76,46 @@ def main() -> int:
         record_metrics(args.record_in, cross_validation=summary)
         print(f"recorded the estimate in {args.record_in}")
     return 0
+
+
+def _ensemble_out_of_fold(recipes: list[list[str]], data: str, *, id_map, crop_to_lung: bool,
+                          density_classes: bool, tta: bool) -> dict:
+    """Out-of-fold estimate of per-fold ensembles: fold k's slices scored by the mean probabilities of
+    every recipe's fold-k model (density split after averaging, as the predictor does)."""
+    import time
+
+    import numpy as np
+
+    from covidct.engine.evaluate_seg import _summary, fold_validation_sets, score_sample
+    from covidct.engine.infer import SegPrediction, SegPredictor, split_by_density
+    from covidct.errors import CovidctError
+    from covidct.io.window import to_model_input
+    from covidct.metrics.segmentation import SegmentationMetrics
+
+    sets = [fold_validation_sets(r, data, id_map=id_map) for r in recipes]
+    if len({len(s) for s in sets}) != 1:
+        raise CovidctError(None, "every --average-with needs one model per fold, as many as the positional models")
+    metrics, n, seconds = SegmentationMetrics(), 0, 0.0
+    for k, (_, _, folder) in enumerate(sets[0]):
+        for other in sets[1:]:
+            if other[k][2].ids != folder.ids:
+                raise CovidctError(None, f"fold {k}: the models do not hold out the same slices")
+        predictors = [SegPredictor(s[k][0], crop_to_lung=crop_to_lung, density_classes=False, tta=tta) for s in sets]
+        has_eff = "effusion" in predictors[0].model.config.lesion_classes
+        for i in range(len(folder)):
+            sample = folder[i]
+            image = to_model_input(sample.image, is_hu=False)
+            t0 = time.perf_counter()
+            preds = [p.predict([image])[0] for p in predictors]
+            probs = np.mean([r.probs for r in preds], axis=0)
+            lung = None if preds[0].lung_prob is None else np.mean([r.lung_prob for r in preds], axis=0)
+            labels = probs.argmax(axis=0).astype(np.uint8)
+            if density_classes:
+                split_by_density(labels, np.asarray(image, np.float32))
+            seconds += time.perf_counter() - t0
+            score_sample(metrics, sample, SegPrediction(labels, probs, lung), has_effusion_head=has_eff)
+            n += 1
+    return _summary(metrics, n, seconds)
 
 
 if __name__ == "__main__":
