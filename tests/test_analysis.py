@@ -313,3 +313,42 @@ def test_small_lesion_components_are_dropped_in_3d():
     assert 0 < int((expected > 0).sum()) < int((lesions > 0).sum())  # some components go, some stay
     _drop_small_lesions(lesions, None, voxel_ml)
     assert np.array_equal(lesions, expected)
+
+
+def test_analyze_several_scans_and_every_series(tmp_path, tiny_seg_model, capsys, monkeypatch):
+    """Several inputs: one subfolder each, the models loaded once, a summary row per scan; a bad input
+    is one error line and the others go on (exit 2); ``--series all`` analyses each series of a folder."""
+    import csv
+
+    import covidct.models.registry as registry
+
+    write_ct_series(tmp_path / "study" / "a", phantom_hu(6, 80), spacing=(5.0, 3.0, 3.0), series_uid="1.2.840.1")
+    write_ct_series(tmp_path / "study" / "b", phantom_hu(3, 80), spacing=(5.0, 3.0, 3.0), series_uid="1.2.840.2")
+    write_nifti(tmp_path / "v.nii.gz", phantom_hu(4, 64, seed=1), spacing=(5.0, 3.0, 3.0))
+    (tmp_path / "other").mkdir()
+    write_nifti(tmp_path / "other" / "v.nii.gz", phantom_hu(4, 64, seed=2), spacing=(5.0, 3.0, 3.0))
+    loads = []
+    real = registry.load_seg_model
+    monkeypatch.setattr(registry, "load_seg_model", lambda spec: loads.append(spec) or real(spec))
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_seg_model), "--triage", "none", "--classifier", "none", "--no-viewer"]
+    code = main(["analyze", str(tmp_path / "v.nii.gz"), str(tmp_path / "missing.nii.gz"),
+                 str(tmp_path / "other" / "v.nii.gz"), str(tmp_path / "study"), "--series", "all", "-o", str(out), *args])
+    captured = capsys.readouterr()
+    assert code == 2 and len(loads) == 1                             # one bad input; the model loaded once
+    err = [line for line in captured.err.splitlines() if line.startswith("covidct: error:")]
+    assert len(err) == 1 and str(tmp_path / "missing.nii.gz") in err[0] and "no such file" in err[0]
+    with open(out / "summary.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["name"] for r in rows] == ["v", "missing", "v-2", "study-s1", "study-s2"]   # unique names
+    assert [r["status"] for r in rows] == ["ok", "error", "ok", "ok", "ok"]
+    assert [r["series_uid"] for r in rows[3:]] == ["1.2.840.1", "1.2.840.2"]
+    for r in rows:
+        assert (out / r["name"] / "report.json").exists() == (r["status"] == "ok")   # nothing for the failed one
+    study2 = json.loads((out / "study-s2" / "report.json").read_text())
+    assert study2["input"]["shape"][0] == 3 and study2["input"]["series_uid"] == "1.2.840.2"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_scans"] == 5 and summary["n_failed"] == 1 and "not for diagnosis" in summary["disclaimer"]
+    one = json.loads((out / "v" / "report.json").read_text())
+    assert float(rows[0]["total_percent"]) == pytest.approx(one["lesions"]["total"]["percent_of_lung"])
+    assert "[5/5] study-s2" in captured.out and "1 failed" in captured.out

@@ -415,6 +415,36 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze_batch(args: argparse.Namespace, specs: dict) -> int:
+    """``analyze`` with several inputs (or ``--series all``): OUTDIR/<name>/ each, models loaded once,
+    OUTDIR/summary.csv + summary.json; a failing scan is one error line and the others go on (exit 2)."""
+    from covidct.report.batch import analyze_many, scan_jobs
+    from covidct.report.json_io import to_json
+    from covidct.report.scan_report import ScanModels
+
+    jobs = scan_jobs(args.path, series=args.series)
+    models = ScanModels(specs["model_spec"], device=specs["device"], classifier_spec=specs["classifier_spec"],
+                        triage_spec=specs["triage_spec"])
+
+    def said(i: int, job, row: dict) -> None:
+        if row["status"] != "ok":
+            print(f"covidct: error: {row['error']}", file=sys.stderr)
+        elif not args.json:
+            print(f"[{i + 1}/{len(jobs)}] {job.name}: {row['answer']}, lesions {row['total_percent']:.2f} % of lung, "
+                  f"severity {row['severity_score']}, {row['seconds']:.1f} s")
+
+    rows = analyze_many(jobs, args.output, models=models, on_scan=said, window=args.window,
+                        viewer=not args.no_viewer)
+    failed = sum(r["status"] != "ok" for r in rows)
+    if args.json:
+        print(to_json({"scans": rows}))
+    else:
+        print(f"wrote {len(rows) - failed} of {len(rows)} scans to {args.output}/<name>/ and "
+              f"{args.output}/summary.csv, summary.json ({failed} failed); browse: covidct serve {args.output}")
+        print(DISCLAIMER)
+    return 2 if failed else 0
+
+
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from covidct.io import get_window
     from covidct.models.registry import DEFAULTS
@@ -425,9 +455,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         get_window(args.window)
     except ValueError as exc:
         raise CovidctError(None, f"--window: {exc}") from None
-    report = analyze(args.path, args.output, model_spec=args.model, device=args.device, series_uid=args.series,
-                     window=args.window, classifier_spec=_optional_model(args.classifier, "auto"),
-                     viewer=not args.no_viewer, triage_spec=_optional_model(args.triage, DEFAULTS["triage"]))
+    specs = dict(model_spec=args.model, device=args.device, classifier_spec=_optional_model(args.classifier, "auto"),
+                 triage_spec=_optional_model(args.triage, DEFAULTS["triage"]))
+    if len(args.path) > 1 or args.series == "all":
+        return _analyze_batch(args, specs)
+    report = analyze(args.path[0], args.output, series_uid=args.series, window=args.window,
+                     viewer=not args.no_viewer, **specs)
     if args.json:
         print(to_json(report))
         return 0
@@ -626,11 +659,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_explain)
 
     s = sub.add_parser("analyze", help="scan-level analysis: lungs, lesions, burden, severity, report")
-    s.add_argument("path", help="DICOM series folder or file, NIfTI volume, image, or folder of images")
+    s.add_argument("path", nargs="+", help="DICOM series folder or file, NIfTI volume, image, or folder of images; "
+                   "several: each into OUTDIR/<name>/ with OUTDIR/summary.csv and summary.json")
     s.add_argument("-o", "--output", required=True, help="output folder")
     s.add_argument("--model", help="segmentation model: shipped name or .pt file")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--series", help="SeriesInstanceUID when the folder holds several series")
+    s.add_argument("--series", help="SeriesInstanceUID when a folder holds several series (default: the largest, "
+                   "and the report says so); 'all': analyse each series into OUTDIR/<folder>-s1, -s2, ...")
     s.add_argument("--window", default="model", help="HU window into the model: 'model' (L-420/W1480, matched to "
                    "the training slices), 'lung', or --window=LEVEL,WIDTH; the GGO / consolidation density split "
                    "(0.55 of the model input) means -346 HU only under the model window")

@@ -164,6 +164,21 @@ def scan_series(folder: str | Path) -> tuple[dict[str, list[tuple[Path, Any]]], 
     return dict(series), skipped
 
 
+def _series_list(groups: dict[str, list[tuple[Path, Any]]]) -> list[dict[str, Any]]:
+    """``[{"series_uid", "n_files", "description"}, ...]``, the series with the most files first."""
+    return sorted(({"series_uid": uid, "n_files": len(items),
+                    "description": str(getattr(items[0][1], "SeriesDescription", "") or "")}
+                   for uid, items in groups.items()), key=lambda r: -r["n_files"])
+
+
+def list_series(folder: str | Path) -> list[dict[str, Any]]:
+    """The DICOM series below ``folder`` (headers only), the one with the most files first."""
+    groups, _ = scan_series(folder)
+    if not groups:
+        raise InputError(folder, "no DICOM files found")
+    return _series_list(groups)
+
+
 def _sort_key_factory(normal: np.ndarray):
     def key(item: tuple[Path, Any]) -> tuple[float, float]:
         _, ds = item
@@ -188,9 +203,7 @@ def read_dicom_series(
     groups, skipped = scan_series(folder)
     if not groups:
         raise InputError(folder, "no DICOM files found")
-    available = sorted(({"series_uid": uid, "n_files": len(items),
-                         "description": str(getattr(items[0][1], "SeriesDescription", "") or "")}
-                        for uid, items in groups.items()), key=lambda r: -r["n_files"])
+    available = _series_list(groups)
     if series_uid is None and largest_series:
         series_uid = available[0]["series_uid"]
     if series_uid is None:

@@ -140,16 +140,59 @@ def _classifier_row(block: dict | None) -> str:
 DEFAULT_CLASSIFIER = DEFAULTS["scan_cls"]
 
 
-def _add_classifier(result: ScanResult, vol: Volume, spec: str | Path, models: list[dict], *, window,
+class ScanModels:
+    """The models of ``analyze``, each loaded on first use and kept: a batch of scans
+    (:func:`covidct.report.batch.analyze_many`) loads them once. ``model_spec``: segmentation model;
+    ``classifier_spec`` / ``triage_spec`` as in :func:`analyze`."""
+
+    def __init__(self, model_spec: str | Path | None = None, *, device: str = "cpu",
+                 classifier_spec: str | Path | None = "auto", triage_spec: str | Path | None = DEFAULTS["triage"]) -> None:
+        self.model_spec, self.device = model_spec, device
+        self.classifier_spec, self.triage_spec = classifier_spec, triage_spec
+        self._predictor = self._triage = None
+        self._classifiers: dict[str, tuple[Any, dict, dict]] = {}
+        self.seg_entry: dict[str, str] = {}
+
+    @property
+    def predictor(self) -> SegPredictor:
+        """The segmentation predictor (slices reach it already cropped to their HU lungs: one pass)."""
+        if self._predictor is None:
+            from covidct.models.checkpoint import file_sha256
+            from covidct.models.registry import load_seg_model
+
+            model, payload = load_seg_model(self.model_spec)
+            self.seg_entry = {"name": Path(payload["path"]).stem, "task": "seg", "sha256": file_sha256(payload["path"])}
+            self._predictor = SegPredictor(model, device=self.device, crop_to_lung=False)
+        return self._predictor
+
+    def classifier(self, spec: str | Path) -> tuple[Any, dict, dict]:
+        """``(model, checkpoint, models-list entry)`` of a slice classifier (BatchNorms folded)."""
+        key = str(spec)
+        if key not in self._classifiers:
+            from covidct.models.checkpoint import file_sha256
+            from covidct.models.registry import load_cls_model
+
+            model, payload = load_cls_model(spec, fold_bn=True)
+            entry = {"name": Path(payload["path"]).stem, "task": "cls", "sha256": file_sha256(payload["path"])}
+            self._classifiers[key] = (model, payload, entry)
+        return self._classifiers[key]
+
+    def triage(self):
+        """The triage model (its classifier loads on first use, and stays)."""
+        if self._triage is None:
+            from covidct.analysis.triage import load_triage
+
+            self._triage = load_triage(self.triage_spec)
+        return self._triage
+
+
+def _add_classifier(result: ScanResult, vol: Volume, loaded: tuple[Any, dict, dict], models: list[dict], *, window,
                     progress: bool) -> None:
     """Per-slice probabilities of the slice classifier, on the slices with lesions (the others are
     Control for the triage whatever a classifier says), into ``result.slices``; their mean into
     ``result.diagnosis["classifier"]``."""
-    from covidct.models.checkpoint import file_sha256
-    from covidct.models.registry import load_cls_model
-
-    model, payload = load_cls_model(spec, fold_bn=True)
-    models.append({"name": Path(payload["path"]).stem, "task": "cls", "sha256": file_sha256(payload["path"])})
+    model, payload, entry = loaded
+    models.append(entry)
     t0 = time.perf_counter()
     with_lesions = [s["index"] for s in result.slices if s["lesion_area_mm2"] > 0]
     per_slice = classify_slices(vol, model, temperature=float(payload.get("temperature", 1.0)), indices=with_lesions,
@@ -168,14 +211,13 @@ def _add_classifier(result: ScanResult, vol: Volume, spec: str | Path, models: l
     }
 
 
-def _add_triage(result: ScanResult, vol: Volume, spec: str | Path, models: list[dict]) -> None:
+def _add_triage(result: ScanResult, vol: Volume, triage, models: list[dict]) -> None:
     """The 3-class answer of a triage model becomes ``result.diagnosis``'s label and probabilities; the
     lesion-only answer stays as ``lesion_finding``."""
-    from covidct.analysis.triage import load_triage, triage_scan
+    from covidct.analysis.triage import triage_scan
     from covidct.models.checkpoint import file_sha256
 
     t0 = time.perf_counter()
-    triage = load_triage(spec)
     answer = triage_scan(triage, vol, result)
     models.append({"name": triage.name, "task": "triage", "sha256": file_sha256(triage.path),
                    "classifier": triage.config.classifier})
@@ -199,7 +241,7 @@ def _add_triage(result: ScanResult, vol: Volume, spec: str | Path, models: list[
 def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | None = None, progress: bool = True,
             device: str = "cpu", series_uid: str | None = None, window: str = "model",
             classifier_spec: str | Path | None = "auto", viewer: bool = True,
-            triage_spec: str | Path | None = DEFAULTS["triage"]) -> dict[str, Any]:
+            triage_spec: str | Path | None = DEFAULTS["triage"], models: ScanModels | None = None) -> dict[str, Any]:
     """Analyse one scan and write every output into ``outdir``; returns the report dict. HU slices
     reach the model through ``window`` (a preset of :mod:`covidct.io.window` or ``"L,W"``).
     ``triage_spec`` (``None``: none) gives the 3-class patient answer and every slice's 3-class
@@ -207,10 +249,10 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
     ``classifier_spec`` (a shipped name or file; ``None`` for none; ``"auto"``: the fast slice
     classifier only when the triage does not run) adds the class probabilities of a slice classifier
     on the slices with lesions; they are reported, not used for the patient label.
-    ``viewer`` writes ``viewer.html`` (every slice with its overlay, :mod:`covidct.report.viewer`)."""
-    from covidct.models.checkpoint import file_sha256
-    from covidct.models.registry import load_seg_model
-
+    ``viewer`` writes ``viewer.html`` (every slice with its overlay, :mod:`covidct.report.viewer`).
+    ``models``: already loaded models to use (and keep) instead of the three specs (a batch of scans)."""
+    if models is None:
+        models = ScanModels(model_spec, device=device, classifier_spec=classifier_spec, triage_spec=triage_spec)
     t0 = time.perf_counter()
     # a folder of several series: take the one with the most slices (one header scan), and say so
     hu_window = get_window(window)
@@ -218,19 +260,17 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
     series_note = None
     if "series_available" in vol.metadata and series_uid is None:
         series_note = {"series_chosen": vol.metadata["series_uid"], "series_available": vol.metadata["series_available"]}
-    model, payload = load_seg_model(model_spec)
-    models = [{"name": Path(payload["path"]).stem, "task": "seg", "sha256": file_sha256(payload["path"])}]
-    # slices reach the model already cropped to their HU lungs: no second, lung-cropped pass
-    result = analyze_volume(vol, SegPredictor(model, device=device, crop_to_lung=False), progress=progress,
-                            window=hu_window)
-    triage_runs = bool(triage_spec) and vol.spacing is not None
+    result = analyze_volume(vol, models.predictor, progress=progress, window=hu_window)
+    used = [models.seg_entry]
+    triage_runs = bool(models.triage_spec) and vol.spacing is not None
+    classifier_spec = models.classifier_spec
     if classifier_spec == "auto":  # the triage gives every slice class probabilities; else the fast classifier
         classifier_spec = None if triage_runs else DEFAULT_CLASSIFIER
     if classifier_spec:
-        _add_classifier(result, vol, classifier_spec, models, window=hu_window, progress=progress)
+        _add_classifier(result, vol, models.classifier(classifier_spec), used, window=hu_window, progress=progress)
     if triage_runs:
-        _add_triage(result, vol, triage_spec, models)
-    report = build_report(vol, result, models, time.perf_counter() - t0)
+        _add_triage(result, vol, models.triage(), used)
+    report = build_report(vol, result, used, time.perf_counter() - t0)
     if vol.is_hu:
         report["input"]["model_window"] = {"level": hu_window.level, "width": hu_window.width}
     if series_note:
