@@ -352,3 +352,20 @@ def test_analyze_several_scans_and_every_series(tmp_path, tiny_seg_model, capsys
     one = json.loads((out / "v" / "report.json").read_text())
     assert float(rows[0]["total_percent"]) == pytest.approx(one["lesions"]["total"]["percent_of_lung"])
     assert "[5/5] study-s2" in captured.out and "1 failed" in captured.out
+
+
+def test_analyze_writes_a_dicom_seg_for_dicom_series_only(tmp_path, tiny_seg_model, capsys):
+    write_ct_series(tmp_path / "s", phantom_hu(4, 64), spacing=(5.0, 3.0, 3.0))
+    args = ["--model", str(tiny_seg_model), "--triage", "none", "--classifier", "none", "--no-viewer", "--dicom-seg"]
+    assert main(["analyze", str(tmp_path / "s"), "-o", str(tmp_path / "out"), *args]) == 0
+    assert "lesions.seg.dcm" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["dicom_seg"]["file"] == "lesions.seg.dcm"
+    import highdicom as hd
+
+    seg = hd.seg.segread(tmp_path / "out" / "lesions.seg.dcm")
+    assert "Lung" in [d.SegmentLabel for d in seg.SegmentSequence]       # the phantom has lungs
+    assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 4
+    write_nifti(tmp_path / "v.nii.gz", phantom_hu(4, 64), spacing=(5.0, 3.0, 3.0))
+    assert main(["analyze", str(tmp_path / "v.nii.gz"), "-o", str(tmp_path / "out2"), *args]) == 0
+    assert "not a DICOM series" in capsys.readouterr().out and not (tmp_path / "out2" / "lesions.seg.dcm").exists()

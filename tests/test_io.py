@@ -211,3 +211,34 @@ def test_prone_series_is_read_in_the_working_orientation(tmp_path):
     np.testing.assert_array_equal(prone.array, supine.array)
     np.testing.assert_allclose(prone.affine, supine.affine, atol=1e-6)
     assert prone.spacing == supine.spacing
+
+
+@pytest.mark.parametrize("prone", [False, True])
+def test_dicom_seg_lands_on_the_source_images(tmp_path, prone):
+    """A label map on the working grid, written as DICOM SEG and read back per source image, covers the
+    same pixels of each stored slice as the structure it was drawn from (a prone series is stored flipped)."""
+    import highdicom as hd
+    import pydicom
+
+    from covidct.io.dicom_seg import write_dicom_seg
+
+    hu = phantom_hu(6, 48).astype(np.float32)
+    hu[2:4, 5:12, 30:40] = 1000                                   # an off-centre dense block
+    files = write_ct_series(tmp_path / "s", hu, spacing=(5.0, 3.0, 3.0), prone=prone)
+    vol = read(tmp_path / "s")
+    assert ("source_affine" in vol.metadata) == prone            # only a reoriented series records its stored grid
+    labels = (vol.array > 500).astype(np.uint8) * 2               # "consolidation" where the block is
+    lung = (vol.array < -500).astype(np.uint8)
+    before = {f: f.read_bytes() for f in files}
+    seg = hd.seg.segread(write_dicom_seg(labels, vol, tmp_path / "l.seg.dcm", lung=lung))
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["Consolidation", "Lung"]   # empty segments left out
+    assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "95436008"
+    for f in files:
+        ds = pydicom.dcmread(f)
+        stored = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        got = seg.get_pixels_by_source_instance(source_sop_instance_uids=[ds.SOPInstanceUID], segment_numbers=[1, 2],
+                                                assert_missing_frames_are_empty=True)[0].astype(bool)
+        assert (got[..., 0] == (stored > 500)).all() and (got[..., 1] == (stored < -500)).all()
+    assert all(f.read_bytes() == b for f, b in before.items())    # the source files are untouched
+    assert write_dicom_seg(np.zeros_like(labels), vol, tmp_path / "none.seg.dcm") is None
+    assert not (tmp_path / "none.seg.dcm").exists()

@@ -434,7 +434,7 @@ def _analyze_batch(args: argparse.Namespace, specs: dict) -> int:
                   f"severity {row['severity_score']}, {row['seconds']:.1f} s")
 
     rows = analyze_many(jobs, args.output, models=models, on_scan=said, window=args.window,
-                        viewer=not args.no_viewer)
+                        viewer=not args.no_viewer, dicom_seg=args.dicom_seg)
     failed = sum(r["status"] != "ok" for r in rows)
     if args.json:
         print(to_json({"scans": rows}))
@@ -460,7 +460,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if len(args.path) > 1 or args.series == "all":
         return _analyze_batch(args, specs)
     report = analyze(args.path[0], args.output, series_uid=args.series, window=args.window,
-                     viewer=not args.no_viewer, **specs)
+                     viewer=not args.no_viewer, dicom_seg=args.dicom_seg, **specs)
     if args.json:
         print(to_json(report))
         return 0
@@ -481,7 +481,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         shown.append(f"p(lesions present) {lesions_p:.3f}")
     print(f"answer: {report['diagnosis']['label']} ({', '.join(shown)})")
     viewer = ", viewer.html" if not args.no_viewer else ""
-    print(f"wrote {args.output}/report.html, report.json{viewer}, lesions.nii.gz, lungs.nii.gz, overlays/ in {report['seconds']} s")
+    seg = report.get("dicom_seg") or {}
+    if seg and not seg["file"]:
+        print(f"lesions.seg.dcm {seg['note']}")
+    seg_name = ", lesions.seg.dcm" if seg.get("file") else ""
+    print(f"wrote {args.output}/report.html, report.json{viewer}, lesions.nii.gz{seg_name}, lungs.nii.gz, overlays/ "
+          f"in {report['seconds']} s")
     print(DISCLAIMER)
     return 0
 
@@ -677,6 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "COVID-19) for volumes with a pixel spacing: shipped triage model or .pt file; 'none' for the "
                    "lesion-only answer (default: triage-ct)")
     s.add_argument("--no-viewer", action="store_true", help="do not write viewer.html (every slice with its overlay)")
+    s.add_argument("--dicom-seg", action="store_true", help="DICOM series inputs: also write lesions.seg.dcm, a DICOM "
+                   "Segmentation of the lesions and lungs on the source images (for PACS / OHIF / 3D Slicer)")
     s.add_argument("--json", action="store_true", help="print report.json to stdout")
     s.set_defaults(func=_cmd_analyze)
 

@@ -280,6 +280,8 @@ def _to_working_orientation(array: np.ndarray, affine: np.ndarray, spacing_rc: t
     ornt = ornt_to_working(affine)
     if int(ornt[2, 0]) != 2 or is_identity(ornt):
         return array, affine, spacing_rc, files
+    # the grid as stored, to write results back onto the source images (DICOM SEG)
+    meta["source_affine"], meta["source_files"] = affine.tolist(), list(files)
     array, affine = reorient_kji(array, affine, ornt)
     if ornt[2, 1] < 0:
         files = files[::-1]

@@ -238,10 +238,25 @@ def _add_triage(result: ScanResult, vol: Volume, triage, models: list[dict]) -> 
     result.timings["triage_s"] = round(time.perf_counter() - t0, 2)
 
 
+def _write_dicom_seg(result: ScanResult, vol: Volume, outdir: Path) -> dict[str, Any]:
+    """``lesions.seg.dcm`` for a DICOM series input; what was written (or why not) for the report."""
+    from covidct.io.dicom_seg import write_dicom_seg
+
+    if vol.kind != "dicom-series":
+        return {"file": None, "note": f"not written: the input is a {vol.kind}, not a DICOM series"}
+    t0 = time.perf_counter()
+    written = write_dicom_seg(result.lesions, vol, outdir / "lesions.seg.dcm", lung=result.lungs)
+    result.timings["dicom_seg_s"] = round(time.perf_counter() - t0, 2)
+    if written is None:
+        return {"file": None, "note": "not written: no lesion and no lung voxel"}
+    return {"file": written.name, "segments": "GGO, consolidation, pleural effusion (those present), lung; SNOMED CT"}
+
+
 def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | None = None, progress: bool = True,
             device: str = "cpu", series_uid: str | None = None, window: str = "model",
             classifier_spec: str | Path | None = "auto", viewer: bool = True,
-            triage_spec: str | Path | None = DEFAULTS["triage"], models: ScanModels | None = None) -> dict[str, Any]:
+            triage_spec: str | Path | None = DEFAULTS["triage"], models: ScanModels | None = None,
+            dicom_seg: bool = False) -> dict[str, Any]:
     """Analyse one scan and write every output into ``outdir``; returns the report dict. HU slices
     reach the model through ``window`` (a preset of :mod:`covidct.io.window` or ``"L,W"``).
     ``triage_spec`` (``None``: none) gives the 3-class patient answer and every slice's 3-class
@@ -250,7 +265,9 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
     classifier only when the triage does not run) adds the class probabilities of a slice classifier
     on the slices with lesions; they are reported, not used for the patient label.
     ``viewer`` writes ``viewer.html`` (every slice with its overlay, :mod:`covidct.report.viewer`).
-    ``models``: already loaded models to use (and keep) instead of the three specs (a batch of scans)."""
+    ``models``: already loaded models to use (and keep) instead of the three specs (a batch of scans).
+    ``dicom_seg``: also ``lesions.seg.dcm``, a DICOM Segmentation of the lesions and lungs referencing the
+    source images (DICOM series inputs; :mod:`covidct.io.dicom_seg`)."""
     if models is None:
         models = ScanModels(model_spec, device=device, classifier_spec=classifier_spec, triage_spec=triage_spec)
     t0 = time.perf_counter()
@@ -280,6 +297,8 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
     (outdir / "overlays").mkdir(parents=True, exist_ok=True)
     write_nifti(result.lesions, vol, outdir / "lesions.nii.gz")
     write_nifti(result.lungs, vol, outdir / "lungs.nii.gz")
+    if dicom_seg:
+        report["dicom_seg"] = _write_dicom_seg(result, vol, outdir)
     order = np.argsort([-s["lesion_percent"] for s in result.slices])[:N_OVERLAYS]
     order = [int(k) for k in order if result.slices[k]["lesion_percent"] > 0] or [vol.n_slices // 2]
     overlays = []
