@@ -78,18 +78,37 @@ def main() -> int:
     return 0
 
 
+class _MeanPredictor:
+    """Several fold-k predictors as one: the mean of their probabilities, then the density split, as
+    :class:`~covidct.engine.infer.SegPredictor` does for one network (scored by the same loop)."""
+
+    def __init__(self, predictors: list, *, density_classes: bool) -> None:
+        self.predictors, self.density_classes = predictors, density_classes
+        self.model = predictors[0].model   # what the scoring loop reads (its lesion classes)
+
+    def predict(self, images: list) -> list:
+        import numpy as np
+
+        from covidct.engine.infer import SegPrediction, split_by_density
+
+        out = []
+        for image, preds in zip(images, zip(*(p.predict(images) for p in self.predictors))):
+            probs = np.mean([r.probs for r in preds], axis=0)
+            lung = None if preds[0].lung_prob is None else np.mean([r.lung_prob for r in preds], axis=0)
+            labels = probs.argmax(axis=0).astype(np.uint8)
+            if self.density_classes:
+                split_by_density(labels, np.asarray(image, np.float32))
+            out.append(SegPrediction(labels, probs, lung))
+        return out
+
+
 def _ensemble_out_of_fold(recipes: list[list[str]], data: str, *, id_map, crop_to_lung: bool,
                           density_classes: bool, tta: bool) -> dict:
     """Out-of-fold estimate of per-fold ensembles: fold k's slices scored by the mean probabilities of
-    every recipe's fold-k model (density split after averaging, as the predictor does)."""
-    import time
-
-    import numpy as np
-
-    from covidct.engine.evaluate_seg import _summary, fold_validation_sets, score_sample
-    from covidct.engine.infer import SegPrediction, SegPredictor, split_by_density
+    every recipe's fold-k model."""
+    from covidct.engine.evaluate_seg import _score_folder, _summary, fold_validation_sets
+    from covidct.engine.infer import SegPredictor
     from covidct.errors import CovidctError
-    from covidct.io.window import to_model_input
     from covidct.metrics.segmentation import SegmentationMetrics
 
     sets = [fold_validation_sets(r, data, id_map=id_map) for r in recipes]
@@ -97,24 +116,12 @@ def _ensemble_out_of_fold(recipes: list[list[str]], data: str, *, id_map, crop_t
         raise CovidctError(None, "every --average-with needs one model per fold, as many as the positional models")
     metrics, n, seconds = SegmentationMetrics(), 0, 0.0
     for k, (_, _, folder) in enumerate(sets[0]):
-        for other in sets[1:]:
-            if other[k][2].ids != folder.ids:
-                raise CovidctError(None, f"fold {k}: the models do not hold out the same slices")
-        predictors = [SegPredictor(s[k][0], crop_to_lung=crop_to_lung, density_classes=False, tta=tta) for s in sets]
-        has_eff = "effusion" in predictors[0].model.config.lesion_classes
-        for i in range(len(folder)):
-            sample = folder[i]
-            image = to_model_input(sample.image, is_hu=False)
-            t0 = time.perf_counter()
-            preds = [p.predict([image])[0] for p in predictors]
-            probs = np.mean([r.probs for r in preds], axis=0)
-            lung = None if preds[0].lung_prob is None else np.mean([r.lung_prob for r in preds], axis=0)
-            labels = probs.argmax(axis=0).astype(np.uint8)
-            if density_classes:
-                split_by_density(labels, np.asarray(image, np.float32))
-            seconds += time.perf_counter() - t0
-            score_sample(metrics, sample, SegPrediction(labels, probs, lung), has_effusion_head=has_eff)
-            n += 1
+        if any(other[k][2].ids != folder.ids for other in sets[1:]):
+            raise CovidctError(None, f"fold {k}: the models do not hold out the same slices")
+        members = [SegPredictor(s[k][0], crop_to_lung=crop_to_lung, density_classes=False, tta=tta) for s in sets]
+        seconds += _score_folder(metrics, _MeanPredictor(members, density_classes=density_classes), folder,
+                                 progress=True)
+        n += len(folder)
     return _summary(metrics, n, seconds)
 
 
