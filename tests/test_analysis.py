@@ -343,6 +343,14 @@ def test_analyze_several_scans_and_every_series(tmp_path, tiny_seg_model, capsys
     assert [r["name"] for r in rows] == ["v", "missing", "v-2", "study-s1", "study-s2"]   # unique names
     assert [r["status"] for r in rows] == ["ok", "error", "ok", "ok", "ok"]
     assert [r["series_uid"] for r in rows[3:]] == ["1.2.840.1", "1.2.840.2"]
+    # each series read from its own subfolder (only its headers scanned); one nested in another's folder is not
+    assert [r["input"] for r in rows[3:]] == [str(tmp_path / "study" / "a"), str(tmp_path / "study" / "b")]
+    from covidct.io.dicom import list_series
+
+    write_ct_series(tmp_path / "mixed", phantom_hu(3, 32), spacing=(5.0, 3.0, 3.0), series_uid="1.2.840.3")
+    write_ct_series(tmp_path / "mixed" / "sub", phantom_hu(2, 32), spacing=(5.0, 3.0, 3.0), series_uid="1.2.840.4")
+    assert [(s["series_uid"], s["folder"]) for s in list_series(tmp_path / "mixed")] == [
+        ("1.2.840.3", tmp_path / "mixed"), ("1.2.840.4", tmp_path / "mixed" / "sub")]
     for r in rows:
         assert (out / r["name"] / "report.json").exists() == (r["status"] == "ok")   # nothing for the failed one
     study2 = json.loads((out / "study-s2" / "report.json").read_text())

@@ -172,11 +172,20 @@ def _series_list(groups: dict[str, list[tuple[Path, Any]]]) -> list[dict[str, An
 
 
 def list_series(folder: str | Path) -> list[dict[str, Any]]:
-    """The DICOM series below ``folder`` (headers only), the one with the most files first."""
+    """The DICOM series below ``folder`` (headers only), the one with the most files first, each with
+    ``folder``: the narrowest folder that holds all its files and no file of another series (reading the
+    series from there scans only its own headers), else ``folder`` itself."""
     groups, _ = scan_series(folder)
     if not groups:
         raise InputError(folder, "no DICOM files found")
-    return _series_list(groups)
+    out = _series_list(groups)
+    for row in out:
+        own = [p for p, _ in groups[row["series_uid"]]]
+        home = Path(os.path.commonpath(own))
+        home = home.parent if home.is_file() else home
+        others = (p for uid, items in groups.items() if uid != row["series_uid"] for p, _ in items)
+        row["folder"] = Path(folder) if any(home in p.parents for p in others) else home
+    return out
 
 
 def _sort_key_factory(normal: np.ndarray):

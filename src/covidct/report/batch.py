@@ -62,17 +62,19 @@ def scan_jobs(paths: Sequence[str | Path], *, series: str | None = None) -> list
 
     for raw in paths:
         path = Path(raw)
-        uids: list[str | None] = [None if series == "all" else series]
+        # (folder to read, series): a series in a subfolder of its own is read from there, so each read
+        # scans only its own headers
+        targets: list[tuple[Path, str | None]] = [(path, None if series == "all" else series)]
         if series == "all" and path.is_dir():
             try:
-                found = [s["series_uid"] for s in list_series(path)]
+                found = list_series(path)
             except CovidctError:
                 found = []   # a folder of images, or no DICOM: analysed (or refused) as one input
             if len(found) > 1:
-                uids = found
-        for i, uid in enumerate(uids):
-            name = _stem(path) + (f"-s{i + 1}" if len(uids) > 1 else "")
-            jobs.append(ScanJob(path, uid, unique(name)))
+                targets = [(s["folder"], s["series_uid"]) for s in found]
+        for i, (where, uid) in enumerate(targets):
+            name = _stem(path) + (f"-s{i + 1}" if len(targets) > 1 else "")
+            jobs.append(ScanJob(where, uid, unique(name)))
     return jobs
 
 
