@@ -5,7 +5,8 @@ model and for a plain reference U-Net (ResNet-34 encoder, smp default decoder, 5
     python benchmarks/segmentation.py --data ../shared/data/covid-semiseg --model-val [--model NAME|FILE]
         [--frames ../shared/data/medseg-512]
 
-``--frames`` also times the shipped model on real full 512² frames, where the lungs fill part of the slice
+A model file with a companion network (the effusion model of ``covidct attach``) is timed with it, and
+once more without it (``shipped without its companions``). ``--frames`` also times the shipped model on real full 512² frames, where the lungs fill part of the slice
 and the predictor runs its second, lung-cropped pass (``SegPredictor(crop_to_lung=True)``, the default);
 the random-slice rows time one pass.
 
@@ -96,9 +97,16 @@ def main() -> int:
     fold = not args.no_fold
     shipped = SegPredictor(model, fold_bn=fold)
     one_pass = SegPredictor(model, crop_to_lung=False, fold_bn=fold)
-    rows = {"shipped": {**speed(one_pass), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-                        "input_size": model.config.input_size}}
+    # a companion network stored in the file (the effusion model) runs beside the main one: counted in
+    nets = [model, *model.companions.values()]
+    params_m = round(sum(p.numel() for net in nets for p in net.parameters()) / 1e6, 2)
+    rows = {"shipped": {**speed(one_pass), "params_m": params_m, "input_size": model.config.input_size}}
     rows["shipped"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    if model.companions:
+        rows["shipped without its companions"] = {
+            **speed(SegPredictor(model, crop_to_lung=False, fold_bn=fold, effusion_model=None)),
+            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            "input_size": model.config.input_size, "peak_rss_mb": round(peak_rss_mb(), 1)}
     if args.frames:
         from covidct.io.window import to_model_input
 

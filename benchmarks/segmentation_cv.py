@@ -13,6 +13,10 @@ manifest column that holds the COVID-SemiSeg id). ``--no-crop`` turns off the se
 ``--average-with M0,M1,...`` (repeatable): another recipe's fold models, one per fold in the same order; each
 slice is then scored by the mean of the fold models' probabilities (an ensemble estimate, tried and not
 adopted; see benchmarks/RESULTS.md).
+
+``--effusion E0,E1,...``: an effusion recipe's fold models (same folds, same order), each run beside its
+fold's model as the effusion companion (:class:`~covidct.engine.infer.SegPredictor`), which is how a
+model file with an attached effusion model (``covidct attach``) predicts.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ def main() -> int:
     ap.add_argument("--tta", action="store_true", help="average each model with its left-right mirrored pass")
     ap.add_argument("--average-with", action="append", default=[], metavar="M0,M1,...",
                     help="another recipe's fold models (same folds, same order) to average probabilities with")
+    ap.add_argument("--effusion", metavar="E0,E1,...", help="an effusion recipe's fold models (same folds, same "
+                    "order), each the effusion companion of its fold's model")
     ap.add_argument("--record-in", metavar="MODEL", help="also store the estimate in this model's metrics "
                     "(`cross_validation`), e.g. the --fold all model trained with the same recipe")
     args = ap.parse_args()
@@ -52,13 +58,16 @@ def main() -> int:
         with open(Path(args.data) / "manifest.csv", newline="") as fh:
             id_map = {r[args.id_column]: Path(r["image"]).stem for r in csv.DictReader(fh) if r.get(args.id_column)}
     try:
+        if args.average_with and args.effusion:
+            raise CovidctError(None, "--effusion and --average-with do not combine")
         if args.average_with:
             result = _ensemble_out_of_fold([args.models] + [g.split(",") for g in args.average_with], args.data,
                                            id_map=id_map, crop_to_lung=not args.no_crop,
                                            density_classes=not args.network_classes, tta=args.tta)
         else:
             result = evaluate_out_of_fold(args.models, args.data, id_map=id_map, crop_to_lung=not args.no_crop,
-                                          density_classes=not args.network_classes, tta=args.tta)
+                                          density_classes=not args.network_classes, tta=args.tta,
+                                          effusion_specs=args.effusion.split(",") if args.effusion else None)
     except CovidctError as exc:
         print(f"{os.path.basename(sys.argv[0])}: error: {exc}", file=sys.stderr)
         return 2
@@ -73,6 +82,8 @@ def main() -> int:
         from covidct.models.checkpoint import record_metrics
 
         summary["fold_models"] = [Path(m).name for m in args.models]
+        if args.effusion:
+            summary["effusion_fold_models"] = [Path(m).name for m in args.effusion.split(",")]
         record_metrics(args.record_in, cross_validation=summary)
         print(f"recorded the estimate in {args.record_in}")
     return 0
@@ -84,7 +95,7 @@ class _MeanPredictor:
 
     def __init__(self, predictors: list, *, density_classes: bool) -> None:
         self.predictors, self.density_classes = predictors, density_classes
-        self.model = predictors[0].model   # what the scoring loop reads (its lesion classes)
+        self.predicts_effusion = any(p.predicts_effusion for p in predictors)   # read by the scoring loop
 
     def predict(self, images: list) -> list:
         import numpy as np

@@ -37,6 +37,15 @@ def main() -> None:
         json.dumps({k: v for k, v in m.items() if k != "val_ids"}, indent=2), "```", "",
         "## Architecture (rebuilt from this checkpoint alone)", "", "```json", json.dumps(p["config"], indent=2), "```",
     ]
+    for role, c in (p.get("companions") or {}).items():
+        cm = c.get("metrics", {})
+        lines += ["", f"## Companion network: {role}", "",
+                  f"Stored inside this file and run beside the main network on the same input "
+                  f"(`covidct attach`; it alone decides {role}). Classes: {', '.join(c.get('classes', []))}; "
+                  f"input size: {c.get('input_size')}; training time up to its kept epoch {cm.get('epoch', 'n/a')}: "
+                  f"{cm.get('train_seconds', 'n/a')} s.", "", "```json",
+                  json.dumps({"config": c["config"], "metrics": {k: v for k, v in cm.items() if k != "val_ids"}},
+                             indent=2), "```"]
     if args.notes:
         lines += ["", "## Notes", "", args.notes]
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")

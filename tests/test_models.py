@@ -26,6 +26,21 @@ def test_forward_shape_lesions_plus_lung():
         build_seg_model(TINY, encoder="vgg99")
 
 
+def test_fpn_channels_are_built_and_rebuilt_from_the_checkpoint(tmp_path):
+    net = build_seg_model(TINY, arch="fpn", fpn_channels=(24, 32))
+    head = net.net.segmentation_head[0]
+    assert head.in_channels == 32
+    assert net.net.decoder.p5.out_channels == 24
+    path = save_checkpoint(tmp_path / "fpn.pt", task="seg", config=net.config.to_dict(), state_dict=net.state_dict())
+    loaded, _ = load_seg_model(path)
+    assert loaded.config.fpn_channels == (24, 32) and loaded.net.segmentation_head[0].in_channels == 32
+    # a checkpoint written before the option existed rebuilds smp's default FPN (256 / 128)
+    old = {k: v for k, v in build_seg_model(TINY, arch="fpn").config.to_dict().items() if k != "fpn_channels"}
+    assert build_seg_model(SegModelConfig.from_dict(old)).net.segmentation_head[0].in_channels == 128
+    with pytest.raises(ValueError, match="multiple of 32"):
+        build_seg_model(TINY, arch="fpn", fpn_channels=(24, 12))
+
+
 def test_offline_imagenet_weights_load_into_encoder():
     weights = imagenet_state_dict("efficientnet-lite0")
     net = build_seg_model(SegModelConfig(encoder="efficientnet-lite0", input_size=64), imagenet=True)

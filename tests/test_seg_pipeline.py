@@ -116,14 +116,18 @@ def test_class_weights_favour_rare_classes_and_keep_the_loss_scale():
     labels[2, :5] = 2       # 5 % consolidation; no effusion
     sample = SegSample(id="a", image_path=None, image=np.zeros((10, 10), np.float32), labels=labels, lung=None,
                        has_effusion=False)
-    w = class_weights([sample], 4).numpy()
+    w = class_weights([sample], ("background", "ggo", "consolidation", "effusion")).numpy()
     freq = np.array([0.75, 0.20, 0.05, 0.0])
     assert w[3] == 0.0 and w[2] > w[1] > w[0]
     np.testing.assert_allclose((w * freq).sum(), 1.0, rtol=1e-6)
     # with masks (3 classes) effusion pixels count as background, as in training
     labels[9, :] = 3
-    w3 = class_weights([sample], 3).numpy()
+    w3 = class_weights([sample], ("background", "ggo", "consolidation")).numpy()
     np.testing.assert_allclose((w3 * np.array([0.75, 0.20, 0.05])).sum(), 1.0, rtol=1e-6)
+    # the effusion-only label set: GGO and consolidation are background, effusion (10 %) its class 1
+    we = class_weights([sample], ("background", "effusion")).numpy()
+    assert we[1] > we[0]
+    np.testing.assert_allclose((we * np.array([0.90, 0.10])).sum(), 1.0, rtol=1e-6)
 
 
 def test_out_of_fold_pools_each_slice_once(tmp_path, seg_folder):
@@ -140,6 +144,11 @@ def test_out_of_fold_pools_each_slice_once(tmp_path, seg_folder):
     assert 0.0 <= result["dice"]["infection"] <= 1.0
     with pytest.raises(CovidctError, match="overlap"):
         evaluate_out_of_fold([models[0], models[0]], seg_folder, progress=False)
+    # an effusion recipe's fold models pair with the models fold by fold, never across folds
+    paired = evaluate_out_of_fold(models, seg_folder, progress=False, compute_hd95=False, effusion_specs=models)
+    assert paired["n_images"] == result["n_images"] and paired["dice"]["effusion"] is not None
+    with pytest.raises(CovidctError, match="same slices"):
+        evaluate_out_of_fold(models, seg_folder, progress=False, effusion_specs=models[::-1])
 
 
 def test_kfold_training_validates_on_its_fold(tmp_path, seg_folder, capsys):
@@ -385,3 +394,85 @@ def test_repeat_first_repeats_the_labelled_training_slices(tmp_path, seg_folder)
     n_extra = 3 - sum(1 for i in config["val_ids"] if int(i) < 3)  # the extra folder shares slice ids 0-2
     assert config["train"]["data"][:3] == [str(seg_folder)] * 3 and config["train"]["warmup_epochs"] == 0.5
     assert config["n_train"] == 3 * (n - config["n_val"]) + n_extra
+
+
+def test_effusion_label_set_trains_a_binary_effusion_model(tmp_path, seg_folder):
+    from conftest import make_seg_folder
+    from covidct.data.segmentation import SegFolder
+    from covidct.data.transforms import seg_train_transform
+    from covidct.engine.train_seg import LABEL_SETS, _Augmented
+
+    sample = SegFolder(seg_folder)[0]
+    assert (sample.labels == 3).any() and (sample.labels == 1).any()
+    ds = _Augmented([sample], seg_train_transform(48, elastic=False, seed=0), LABEL_SETS["effusion"])
+    ds.transform = lambda image, masks: {"image": image, "masks": masks}   # no augmentation: compare pixels
+    _, labels, _, _ = ds[0]
+    np.testing.assert_array_equal(labels.numpy(), (sample.labels == 3).astype(np.int64))
+    out = tmp_path / "eff.pt"
+    train_seg(_tiny(seg_folder, labels="effusion", lung_head=False, epochs=1), out, progress=False)
+    payload = read_checkpoint(out)
+    assert payload["classes"] == ["background", "effusion"]
+    assert payload["metrics"]["validation"]["dice"]["effusion"] is not None
+    no_effusion = make_seg_folder(tmp_path / "plain", masks4=False)
+    with pytest.raises(CovidctError, match="effusion labels"):
+        train_seg(_tiny(no_effusion, labels="effusion", lung_head=False, epochs=1), tmp_path / "x.pt", progress=False)
+
+
+def _bias_effusion(net, value: float) -> None:
+    """Make a seg network's effusion logit ``value`` everywhere above the others (its last conv's bias)."""
+    head = net.net.segmentation_head[0]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[net.config.lesion_classes.index("effusion")] = value
+
+
+def test_effusion_companion_travels_in_the_checkpoint_and_decides_effusion(tmp_path):
+    from covidct.engine.infer import SegPredictor
+    from covidct.models import SegModelConfig, build_seg_model, save_checkpoint
+    from covidct.models.checkpoint import attach_companion
+    from covidct.models.registry import load_seg_model
+
+    torch.manual_seed(0)
+    main_cfg = SegModelConfig(encoder="resnet18", decoder_channels=(16, 16, 8, 8, 8), input_size=32,
+                              lesion_classes=("background", "ggo", "consolidation"))
+    main_net = build_seg_model(main_cfg)
+    main_path = save_checkpoint(tmp_path / "main.pt", task="seg", config=main_cfg.to_dict(),
+                                state_dict=main_net.state_dict(), classes=[*main_cfg.lesion_classes, "lung"])
+    eff_cfg = SegModelConfig(encoder="resnet18", decoder_channels=(16, 16, 8, 8, 8), input_size=48,
+                             lesion_classes=("background", "effusion"), lung_head=False)
+    images = [np.random.default_rng(i).random((40 + 8 * i, 44)).astype(np.float32) for i in range(3)]
+    alone = [p.labels for p in SegPredictor(load_seg_model(main_path)[0], crop_to_lung=False).predict(images)]
+    for value, expect_all_effusion in ((-30.0, False), (30.0, True)):
+        eff_net = build_seg_model(eff_cfg)
+        _bias_effusion(eff_net, value)
+        eff_path = save_checkpoint(tmp_path / "eff.pt", task="seg", config=eff_cfg.to_dict(), state_dict=eff_net.state_dict())
+        both = attach_companion(main_path, eff_path, output=tmp_path / "both.pt")
+        model, _ = load_seg_model(both)
+        assert set(model.companions) == {"effusion"}
+        predictor = SegPredictor(model, crop_to_lung=False)
+        assert predictor.predicts_effusion and not SegPredictor(model, effusion_model=None).predicts_effusion
+        for pred, own in zip(predictor.predict(images), alone):
+            np.testing.assert_allclose(pred.probs.sum(axis=0), 1.0, atol=1e-5)
+            if expect_all_effusion:
+                assert (pred.labels == 3).all() and pred.probs[3].min() > 0.99
+            else:   # effusion ruled out everywhere: the main network's labels, unchanged
+                np.testing.assert_array_equal(pred.labels, own)
+    with pytest.raises(CovidctError, match="does not predict effusion"):
+        attach_companion(main_path, main_path, output=tmp_path / "bad.pt")
+    assert not (tmp_path / "bad.pt").exists()
+
+
+def test_attach_cli_stores_the_companion_and_lists_it(tiny_seg_model, tmp_path, capsys):
+    from covidct.models.registry import model_entry
+
+    out = tmp_path / "with_effusion.pt"
+    assert main(["attach", "--model", str(tiny_seg_model), "--effusion", str(tiny_seg_model), "-o", str(out)]) == 0
+    entry = model_entry(out)
+    assert entry["companions"]["effusion"]["classes"] == read_checkpoint(tiny_seg_model)["classes"]
+    assert "companions" not in model_entry(tiny_seg_model)     # the input file is unchanged
+    capsys.readouterr()
+    assert main(["attach", "--model", str(tiny_seg_model), "--effusion", str(tmp_path / "missing.pt"),
+                 "-o", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.pt" in err[0] and not (tmp_path / "x.pt").exists()

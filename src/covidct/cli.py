@@ -126,12 +126,19 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
     if args.repeat_first < 1:
         raise CovidctError(None, "--repeat-first must be at least 1")
     data = [str(args.data[0])] * args.repeat_first + [str(d) for d in args.data[1:]]
+    try:
+        decoder_channels = tuple(int(c) for c in args.decoder_channels.split(","))
+        fpn_channels = tuple(int(c) for c in args.fpn_channels.split(","))
+    except ValueError:
+        raise CovidctError(None, "--decoder-channels / --fpn-channels take comma-separated integers") from None
+    if len(fpn_channels) != 2 or min(fpn_channels + decoder_channels) < 1 or fpn_channels[1] % 32:
+        raise CovidctError(None, "--fpn-channels takes two positive integers: pyramid,segmentation (a multiple of 32)")
     cfg = SegTrainConfig(
         data=data, labels=args.labels, warmup_epochs=args.warmup_epochs, lung_head=not args.no_lung_head, arch=args.arch,
         encoder=args.encoder, input_size=args.input_size, imagenet=not args.random_init, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, encoder_lr_scale=args.encoder_lr_scale, val_fraction=args.val_fraction, seed=args.seed, threads=args.threads,
         folds=args.folds, fold=_parse_fold(args.fold), select=args.select, class_weighting=args.class_weighting,
-        decoder_channels=tuple(int(c) for c in args.decoder_channels.split(",")), swa_epochs=args.swa_epochs,
+        decoder_channels=decoder_channels, fpn_channels=fpn_channels, swa_epochs=args.swa_epochs,
     )
     _print_training_result(train_seg(cfg, args.output, resume=not args.no_resume))
     return 0
@@ -334,6 +341,16 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_attach(args: argparse.Namespace) -> int:
+    from covidct.models.checkpoint import attach_companion
+    from covidct.models.registry import resolve_model
+
+    main_path, effusion_path = resolve_model(args.model, task="seg"), resolve_model(args.effusion, task="seg")
+    out = attach_companion(main_path, effusion_path, role="effusion", output=args.output)
+    print(f"wrote {out}: {main_path.name} with the effusion model {effusion_path.name} inside")
+    return 0
+
+
 def _cmd_evaluate_lesions(args: argparse.Namespace) -> int:
     from covidct.engine.lesions import evaluate_lesions
     from covidct.report.json_io import write_json
@@ -529,11 +546,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = train.add_parser("seg", help="lesion (+ lung) segmentation")
     s.add_argument("--data", action="append", required=True, help="folder in the COVID-SemiSeg layout (repeatable; "
                    "validation comes from the first)")
-    s.add_argument("--labels", choices=("masks", "masks4", "lung"), default="masks4")
+    s.add_argument("--labels", choices=("masks", "masks4", "effusion", "lung"), default="masks4")
     s.add_argument("--no-lung-head", action="store_true", help="do not learn the lung field")
     s.add_argument("--arch", choices=("unet", "fpn"), default="unet")
     s.add_argument("--encoder", default="efficientnet-lite0")
-    s.add_argument("--decoder-channels", default="96,48,24,16,8")
+    s.add_argument("--decoder-channels", default="96,48,24,16,8", help="U-Net decoder channels")
+    s.add_argument("--fpn-channels", default="256,128", help="FPN decoder: pyramid,segmentation-head channels")
     s.add_argument("--random-init", action="store_true", help="no ImageNet weights for the encoder")
     s.add_argument("--input-size", type=int, default=320)
     _add_training_options(s, epochs=120, batch_size=8, lr=2e-3)
@@ -611,6 +629,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tta", action="store_true", help="the ensemble averages each member over the input and its "
                    "left-right mirror image (scored and calibrated that way)")
     s.set_defaults(func=_cmd_ensemble)
+
+    s = sub.add_parser("attach", help="store a pleural-effusion model inside a segmentation model file: the "
+                       "predictor runs it beside the main network and lets it decide effusion")
+    s.add_argument("--model", required=True, help="the main segmentation model (shipped name or .pt)")
+    s.add_argument("--effusion", required=True, help="a segmentation model that predicts effusion "
+                   "(e.g. covidct train seg --labels effusion)")
+    s.add_argument("-o", "--output", required=True, help="model file to write (.pt)")
+    s.set_defaults(func=_cmd_attach)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a model on a data folder").add_subparsers(dest="task", required=True)
     s = evaluate.add_parser("seg", help="segmentation on a COVID-SemiSeg-layout folder")

@@ -34,7 +34,7 @@ def score_sample(metrics: SegmentationMetrics, sample: SegSample, pred: SegPredi
 
 def _score_folder(metrics: SegmentationMetrics, predictor: SegPredictor, folder, *, progress: bool) -> float:
     """Add every slice of ``folder`` to ``metrics``; returns the seconds spent in the model."""
-    has_eff = "effusion" in predictor.model.config.lesion_classes
+    has_eff = predictor.predicts_effusion
     model_seconds = 0.0
     for i in tqdm(range(len(folder)), desc="evaluate seg", unit="slice", disable=not progress):
         sample = folder[i]
@@ -81,15 +81,23 @@ def fold_validation_sets(model_specs: list[str | Path], data: str | Path, *,
 def evaluate_out_of_fold(model_specs: list[str | Path], data: str | Path, *, progress: bool = True,
                          compute_hd95: bool = True, id_map: dict[str, str] | None = None,
                          crop_to_lung: bool = True, density_classes: bool = True,
-                         tta: bool = False) -> dict[str, Any]:
+                         tta: bool = False, effusion_specs: list[str | Path] | None = None) -> dict[str, Any]:
     """Cross-validation estimate: each fold model scores only its own validation slices
-    (:func:`fold_validation_sets`), all pooled into one result."""
+    (:func:`fold_validation_sets`), all pooled into one result. ``effusion_specs``: an effusion
+    recipe's fold models, one per fold in the same order, each run as its fold's effusion companion."""
     metrics = SegmentationMetrics(compute_hd95=compute_hd95)
     n, model_seconds = 0, 0.0
-    for model, _, folder in fold_validation_sets(model_specs, data, id_map=id_map):
-        model_seconds += _score_folder(metrics, SegPredictor(model, crop_to_lung=crop_to_lung, density_classes=density_classes,
-                                                                  tta=tta),
-                                       folder, progress=progress)
+    folds = fold_validation_sets(model_specs, data, id_map=id_map)
+    companions: list = [None] * len(folds)
+    if effusion_specs is not None:
+        eff_folds = fold_validation_sets(effusion_specs, data, id_map=id_map)
+        if len(eff_folds) != len(folds) or any(e[2].ids != f[2].ids for e, f in zip(eff_folds, folds)):
+            raise CovidctError(None, "the effusion models must hold out the same slices as the models, fold by fold")
+        companions = [e[0] for e in eff_folds]
+    for (model, _, folder), effusion in zip(folds, companions):
+        predictor = SegPredictor(model, crop_to_lung=crop_to_lung, density_classes=density_classes, tta=tta,
+                                 effusion_model=effusion if effusion is not None else "companion")
+        model_seconds += _score_folder(metrics, predictor, folder, progress=progress)
         n += len(folder)
     return _summary(metrics, n, model_seconds)
 

@@ -14,6 +14,13 @@ through the ``model`` window that level is -1160 + 0.55 x 1480 = -346 HU, near t
 GGO / consolidation boundary. Chosen on the 5-fold out-of-fold predictions of the training slices
 (nested: chosen on 4 folds, scored on the 5th, pooled: GGO 0.615 -> 0.616, consolidation 0.454 -> 0.498;
 ``benchmarks/RESULTS.md``); ``density_classes=False`` keeps the network's own split.
+
+Pleural effusion: when the model carries an ``effusion`` companion (a binary effusion network stored in
+its checkpoint, :func:`covidct.models.checkpoint.attach_companion`), that network runs on the same
+inputs (both passes) and decides effusion alone: a pixel is effusion where the companion's effusion
+probability ``e`` is at least 0.5, otherwise it takes the main network's most likely class among the
+others; the probabilities are the main network's (effusion removed, renormalised) times ``1 - e``, and
+``e`` for effusion.
 """
 
 from __future__ import annotations
@@ -63,7 +70,12 @@ class SegPredictor:
     """Batched, gradient-free inference with a :class:`SegmentationNet`."""
 
     def __init__(self, model: SegmentationNet, *, batch_size: int = 8, device: str = "cpu", tta: bool = False,
-                 crop_to_lung: bool = True, density_classes: bool = True, fold_bn: bool = True) -> None:
+                 crop_to_lung: bool = True, density_classes: bool = True, fold_bn: bool = True,
+                 effusion_model: SegmentationNet | None | str = "companion") -> None:
+        """``effusion_model``: a binary effusion network run beside ``model``; ``"companion"`` (default)
+        takes the one ``model``'s checkpoint carries, if any; ``None`` runs ``model`` alone."""
+        if effusion_model == "companion":
+            effusion_model = getattr(model, "companions", {}).get("effusion")
         # BatchNorms folded into their convolutions (a copy; ``model`` is unchanged): 0-10 % faster with the
         # CLI's allocator, ~30 % with glibc's default; channels-last runs the depthwise convolutions of
         # EfficientNet-Lite ~1.5x faster
@@ -79,12 +91,25 @@ class SegPredictor:
         self.has_lung = model.config.lung_head
         self.crop_to_lung = crop_to_lung and self.has_lung
         self.density_classes = density_classes and {"ggo", "consolidation"} <= set(names)
+        self.effusion = None
+        if effusion_model is not None:
+            if "effusion" not in effusion_model.config.lesion_classes:
+                raise ValueError("the effusion model does not predict effusion")
+            net = fold_for_inference(effusion_model) if fold_bn else effusion_model.eval()
+            self.effusion = net.to(device).to(memory_format=torch.channels_last)
+            self._effusion_index = effusion_model.config.lesion_classes.index("effusion")
+
+    @property
+    def predicts_effusion(self) -> bool:
+        """Whether label 3 (pleural effusion) can appear in the predictions."""
+        return self.effusion is not None or "effusion" in self.model.config.lesion_classes
 
     @torch.inference_mode()
-    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
-        out = self.model(batch)
+    def _logits(self, batch: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
+        model = model or self.model
+        out = model(batch)
         if self.tta:
-            out = (out + torch.flip(self.model(torch.flip(batch, dims=[3])), dims=[3])) / 2
+            out = (out + torch.flip(model(torch.flip(batch, dims=[3])), dims=[3])) / 2
         return out
 
     def predict(self, images: Sequence[np.ndarray]) -> list[SegPrediction]:
@@ -116,16 +141,28 @@ class SegPredictor:
         results: list[SegPrediction] = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
-            batch = torch.stack([
-                F.interpolate(torch.as_tensor(np.asarray(im, np.float32))[None, None], size=(self.size, self.size),
-                              mode="bilinear", align_corners=False)[0]
-                for im in chunk
-            ]).to(self.device).to(memory_format=torch.channels_last)
-            logits = self._logits(batch)
-            for im, lg in zip(chunk, logits):
+            logits = self._logits(self._batch(chunk, self.size))
+            effusion = [None] * len(chunk)
+            if self.effusion is not None:
+                # the companion's effusion probability at its own resolution, then resized (one channel)
+                n, k = len(self.effusion.config.lesion_classes), self._effusion_index
+                eff_logits = self._logits(self._batch(chunk, self.effusion.config.input_size), self.effusion)
+                effusion = torch.softmax(eff_logits[:, :n].float(), dim=1)[:, k:k + 1]
+            for im, lg, eff in zip(chunk, logits, effusion):
                 lg = F.interpolate(lg[None].float(), size=im.shape[-2:], mode="bilinear", align_corners=False)[0]
-                results.append(self._decode(lg))
+                result = self._decode(lg)
+                if eff is not None:
+                    eff = F.interpolate(eff[None], size=im.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+                    _merge_effusion(result, eff.cpu().numpy())
+                results.append(result)
         return results
+
+    def _batch(self, chunk: Sequence[np.ndarray], size: int) -> torch.Tensor:
+        return torch.stack([
+            F.interpolate(torch.as_tensor(np.asarray(im, np.float32))[None, None], size=(size, size),
+                          mode="bilinear", align_corners=False)[0]
+            for im in chunk
+        ]).to(self.device).to(memory_format=torch.channels_last)
 
     def _decode(self, logits: torch.Tensor) -> SegPrediction:
         n = self._n_lesion
@@ -140,6 +177,18 @@ class SegPredictor:
             labels = np.zeros((h, w), np.uint8)
         lung = torch.sigmoid(logits[n]).cpu().numpy() if self.has_lung else None
         return SegPrediction(labels.astype(np.uint8), probs, lung)
+
+
+def _merge_effusion(result: SegPrediction, effusion_prob: np.ndarray) -> None:
+    """The companion decides effusion (see the module docstring); ``result`` changes in place."""
+    probs, labels = result.probs, result.labels
+    main_effusion = labels == 3
+    if main_effusion.any():   # the main network's own effusion pixels take its next most likely class
+        labels[main_effusion] = probs[:3, main_effusion].argmax(axis=0)
+    probs[3] = 0.0
+    probs *= (1.0 - effusion_prob) / np.maximum(probs.sum(axis=0), 1e-12)
+    probs[3] = effusion_prob
+    labels[effusion_prob >= 0.5] = 3
 
 
 def _paste(whole: SegPrediction, crop: SegPrediction, box: tuple[slice, slice]) -> SegPrediction:

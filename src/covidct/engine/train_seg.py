@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from covidct.data.segmentation import SegFolder, SegSample
+from covidct.data.segmentation import LESION_CLASSES, SegFolder, SegSample
 from covidct.data.splits import group_kfold, group_split
 from covidct.data.transforms import seg_train_transform
 from covidct.engine.common import (Distributed, seed_everything, train_one_epoch, warmup_cosine, write_log,
@@ -42,8 +42,17 @@ from covidct.models.segmentation import SegModelConfig, build_seg_model
 LABEL_SETS: dict[str, tuple[str, ...]] = {
     "masks": ("background", "ggo", "consolidation"),
     "masks4": ("background", "ggo", "consolidation", "effusion"),
+    # pleural effusion alone (from masks4 / a masks/ that uses label 3): the companion model of
+    # a lesion model that does not learn it (see covidct.engine.infer)
+    "effusion": ("background", "effusion"),
     "lung": (),
 }
+
+
+def label_lut(lesion_classes: tuple[str, ...]) -> np.ndarray:
+    """Stored label value (:data:`LESION_CLASSES`) -> the network's class index; classes the network
+    lacks become background."""
+    return np.array([lesion_classes.index(n) if n in lesion_classes else 0 for n in LESION_CLASSES], np.uint8)
 
 
 @dataclass
@@ -56,6 +65,7 @@ class SegTrainConfig:
     arch: str = "unet"
     encoder: str = "efficientnet-lite0"
     decoder_channels: tuple[int, ...] = (96, 48, 24, 16, 8)
+    fpn_channels: tuple[int, int] = (256, 128)
     input_size: int = 320
     imagenet: bool = True
     epochs: int = 120
@@ -80,6 +90,7 @@ class SegTrainConfig:
 
     def model_config(self) -> SegModelConfig:
         return SegModelConfig(arch=self.arch, encoder=self.encoder, decoder_channels=tuple(self.decoder_channels),
+                              fpn_channels=tuple(self.fpn_channels),
                               lesion_classes=LABEL_SETS[self.labels], lung_head=self.lung_head or self.labels == "lung",
                               input_size=self.input_size)
 
@@ -115,6 +126,8 @@ def load_training_data(cfg: SegTrainConfig) -> tuple[list[SegSample], list[SegSa
         raise CovidctError(None, f"--fold must be 'all' or 0..{cfg.folds - 1}")
     train, val = split_seg_folders(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, folds=cfg.folds,
                                    fold=cfg.fold)
+    if cfg.labels == "effusion" and not all(s.has_effusion for s in train + val):
+        raise CovidctError(cfg.data[0], "--labels effusion needs pleural effusion labels (masks4/, or label 3 in masks/)")
     need_lung = cfg.lung_head or cfg.labels == "lung"
     if need_lung and any(s.lung is None for s in train):
         raise CovidctError(cfg.data[0], "lung head requested but some slices have no lung/ mask (use --no-lung-head)")
@@ -125,17 +138,14 @@ class _Augmented(torch.utils.data.Dataset):
     def __init__(self, samples: list[SegSample], transform, lesion_classes: tuple[str, ...]) -> None:
         self.samples = samples
         self.transform = transform
-        self.n_lesion = len(lesion_classes)
-        self.drop_effusion = "effusion" not in lesion_classes
+        self.lut = label_lut(lesion_classes)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         s = self.samples[i]
-        labels = s.labels.copy()
-        if self.drop_effusion:
-            labels[labels == 3] = 0
+        labels = self.lut[s.labels]
         lung = s.lung if s.lung is not None else np.zeros_like(labels)
         out = self.transform(image=to_model_input(s.image, is_hu=False), masks=[labels, lung])
         img = torch.from_numpy(np.ascontiguousarray(out["image"], dtype=np.float32))[None]
@@ -152,14 +162,14 @@ def soft_dice_loss(probs: torch.Tensor, onehot: torch.Tensor, eps: float = 1.0) 
     return 1.0 - ((2 * inter + eps) / (den + eps)).mean()
 
 
-def class_weights(samples: list[SegSample], n_lesion: int) -> torch.Tensor:
+def class_weights(samples: list[SegSample], lesion_classes: tuple[str, ...]) -> torch.Tensor:
     """Cross-entropy weights ``f_c^-1/2 / sum_c sqrt(f_c)`` from the pixel frequencies ``f_c`` of the
     training label maps: rare classes (consolidation, effusion) count more, and the mean weight per
     pixel stays 1 so the loss scale is unchanged. Classes absent from the data get weight 0."""
+    n_lesion, lut = len(lesion_classes), label_lut(lesion_classes)
     counts = np.zeros(n_lesion, np.float64)
     for s in samples:
-        labels = s.labels.ravel()
-        counts += np.bincount(np.where(labels >= n_lesion, 0, labels), minlength=n_lesion)  # as _Augmented
+        counts += np.bincount(lut[s.labels.ravel()], minlength=n_lesion)  # as _Augmented
     freq = counts / counts.sum()
     w = np.where(freq > 0, 1.0 / np.sqrt(np.maximum(freq, 1e-12)), 0.0) / np.sqrt(freq).sum()
     return torch.tensor(w, dtype=torch.float32)
@@ -185,7 +195,7 @@ def seg_loss(logits: torch.Tensor, labels: torch.Tensor, lung: torch.Tensor, n_l
 
 def selection_score(result: dict[str, Any], labels: str) -> float:
     d = result["dice"]
-    keys = ("lung",) if labels == "lung" else ("infection", "ggo", "consolidation")
+    keys = {"lung": ("lung",), "effusion": ("effusion",)}.get(labels, ("infection", "ggo", "consolidation"))
     vals = [d[k] for k in keys if d.get(k) is not None]
     return float(np.mean(vals)) if vals else 0.0
 
@@ -290,7 +300,7 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
     n_lesion = len(mcfg.lesion_classes)
     ce_weight = None
     if cfg.class_weighting == "sqrt-inverse" and n_lesion:
-        ce_weight = class_weights(train, n_lesion)
+        ce_weight = class_weights(train, mcfg.lesion_classes)
         if dist.is_main:
             print("cross-entropy class weights: " + ", ".join(
             f"{c} {w:.2f}" for c, w in zip(mcfg.lesion_classes, ce_weight.tolist())))
@@ -366,7 +376,7 @@ def _save_model(output: Path, model, mcfg: SegModelConfig, cfg: SegTrainConfig, 
         input_size=mcfg.input_size,
         normalization="grey [0,1]: HU through the model window (L-420/W1480), 8-bit images /255; "
                       "then (x-0.449)/0.226 inside the network",
-        train_config={**asdict(cfg), "decoder_channels": list(cfg.decoder_channels)},
+        train_config={**asdict(cfg), "decoder_channels": list(cfg.decoder_channels), "fpn_channels": list(cfg.fpn_channels)},
         metrics={"validation": result, "epoch": epoch, "train_seconds": round(elapsed, 1),
                  "n_train": n_train, "n_val": len(val_ids), "val_ids": val_ids, "world_size": world_size},
     )

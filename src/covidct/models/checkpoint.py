@@ -11,6 +11,11 @@ A model built on another checkpoint (the Mask-Net classifier on its lesion model
 tensors that differ from it, with ``"base_model": {"name", "sha256", "prefix"}``: loading fills in the
 rest from that file (shipped name or path) after checking its checksum (:func:`delta_state`).
 
+A segmentation checkpoint may carry **companions**: ``"companions": {"effusion": {<a whole seg
+checkpoint dict>}}`` — a second network, stored inside the file, that the predictor runs beside the main
+one on the same input (the pleural-effusion model beside a lesion model that does not learn effusion;
+:func:`attach_companion`, :class:`covidct.engine.infer.SegPredictor`).
+
 It loads with ``weights_only=True`` (plain types and tensors only).
 """
 
@@ -90,6 +95,28 @@ def record_metrics(path: str | Path, **metrics: Any) -> Path:
     payload = read_checkpoint(path)
     payload["metrics"] = {**(payload.get("metrics") or {}), **metrics}
     return _save_atomic(payload, path)
+
+
+#: Companion roles a segmentation checkpoint may carry.
+COMPANION_ROLES = ("effusion",)
+
+
+def attach_companion(path: str | Path, companion: str | Path, *, role: str = "effusion",
+                     output: str | Path | None = None) -> Path:
+    """Store the seg checkpoint ``companion`` inside the seg checkpoint ``path`` under ``role`` and write
+    the result to ``output`` (default: rewrite ``path``) atomically; weights and settings of the main
+    model are unchanged. The effusion companion must predict effusion."""
+    if role not in COMPANION_ROLES:
+        raise CovidctError(None, f"unknown companion role {role!r}; choose one of {COMPANION_ROLES}")
+    payload, extra = read_checkpoint(path), read_checkpoint(companion)
+    for p, pl in ((path, payload), (companion, extra)):
+        if pl["task"] != "seg":
+            raise CovidctError(p, f"is a {pl['task']!r} model, not a segmentation model")
+    if role not in (extra["config"].get("lesion_classes") or []):
+        raise CovidctError(companion, f"does not predict {role}")
+    extra.pop("companions", None)
+    payload["companions"] = {**(payload.get("companions") or {}), role: extra}
+    return _save_atomic(payload, Path(output or path))
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -54,6 +54,10 @@ def model_entry(path: Path, payload: dict[str, Any] | None = None) -> dict[str, 
         "file": str(path),
         "input_size": payload.get("input_size"),
         "metrics": payload.get("metrics", {}),
+        # networks stored inside the file and run beside it (seg: an effusion model; covidct attach)
+        **({"companions": {role: {"arch": c["config"].get("arch"), "classes": list(c.get("classes", [])),
+                                  "input_size": c.get("input_size"), "metrics": c.get("metrics", {})}
+                           for role, c in payload["companions"].items()}} if payload.get("companions") else {}),
     }
 
 
@@ -99,8 +103,21 @@ def load_model(spec: str | Path | None, *, task: str, accept: tuple[str, ...] | 
     except RuntimeError as exc:
         raise CovidctError(path, f"weights do not fit the architecture it describes ({str(exc).splitlines()[0]})") from None
     model.eval()
+    if payload["task"] == "seg" and payload.get("companions"):
+        model.companions = {role: _companion(path, role, extra) for role, extra in payload["companions"].items()}
     payload["path"] = str(path)
     return model, payload
+
+
+def _companion(path: Path, role: str, extra: dict[str, Any]):
+    """The network of a companion stored in a seg checkpoint (see :mod:`covidct.models.checkpoint`)."""
+    net = _builders()["seg"](extra["config"])
+    try:
+        net.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in extra["state_dict"].items()})
+    except RuntimeError as exc:
+        raise CovidctError(path, f"its {role} companion's weights do not fit its architecture "
+                                 f"({str(exc).splitlines()[0]})") from None
+    return net.eval()
 
 
 def model_name(path: str | Path) -> str:

@@ -26,6 +26,8 @@ class SegModelConfig(SavedConfig):
     decoder_channels: tuple[int, ...] = (96, 48, 24, 16, 8)
     lesion_classes: tuple[str, ...] = ("background", "ggo", "consolidation", "effusion")
     lung_head: bool = True
+    # FPN decoder only: pyramid and segmentation-head channels (smp's defaults 256 / 128)
+    fpn_channels: tuple[int, int] = (256, 128)
     input_size: int = 320
     in_channels: int = 1
     input_mean: float = IMAGENET_GREY_MEAN
@@ -33,7 +35,12 @@ class SegModelConfig(SavedConfig):
 
 
 class SegmentationNet(NormalizedNet):
-    """smp decoder + encoder with built-in input normalisation."""
+    """smp decoder + encoder with built-in input normalisation. ``companions`` (role -> network, not
+    part of the state dict) holds the networks its checkpoint carries beside it, e.g. ``"effusion"``."""
+
+    def __init__(self, config: SegModelConfig, net) -> None:
+        super().__init__(config, net)
+        self.companions: dict[str, SegmentationNet] = {}
 
     @property
     def n_lesion_classes(self) -> int:
@@ -55,7 +62,11 @@ def build_seg_model(config: SegModelConfig | None = None, *, imagenet: bool = Fa
         net = smp.Unet(encoder_name=encoder_name, encoder_weights=None, in_channels=config.in_channels,
                        classes=n_out, decoder_channels=tuple(config.decoder_channels))
     else:
-        net = smp.FPN(encoder_name=encoder_name, encoder_weights=None, in_channels=config.in_channels, classes=n_out)
+        pyramid, segmentation = config.fpn_channels
+        if segmentation % 32:
+            raise ValueError(f"FPN segmentation channels must be a multiple of 32 (its GroupNorm), not {segmentation}")
+        net = smp.FPN(encoder_name=encoder_name, encoder_weights=None, in_channels=config.in_channels, classes=n_out,
+                      decoder_pyramid_channels=int(pyramid), decoder_segmentation_channels=int(segmentation))
     if imagenet:
         if config.encoder not in OFFLINE_IMAGENET:
             raise ValueError(f"no offline ImageNet weights for encoder {config.encoder}; "
