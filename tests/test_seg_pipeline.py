@@ -249,6 +249,8 @@ def test_shipped_model_on_real_slices(tmp_path):
     res = json.loads(js.read_text())
     assert res["n_images"] == 4
     assert res["dice"]["infection"] > 0.5 and res["dice"]["lung"] > 0.8
+    # two of these four slices (1, 10) hold pleural effusion: the file's effusion companion finds it
+    assert res["dice"]["effusion"] > 0.3
 
 
 def test_too_few_training_slices_for_a_batch_is_one_line_and_writes_nothing(tmp_path, seg_folder, capsys):
