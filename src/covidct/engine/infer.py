@@ -115,16 +115,21 @@ class SegPredictor:
     def predict(self, images: Sequence[np.ndarray]) -> list[SegPrediction]:
         """Predict for 2-D float arrays in ``[0, 1]`` (any sizes); slices not framed like the training
         slices get the second, lung-cropped pass (see the module docstring)."""
-        results = self._predict_once(images)
+        results = self._predict_once(images, effusion=not self.crop_to_lung)
         if self.crop_to_lung:
-            self._second_pass(images, results)
+            # the effusion companion runs once per slice: on the crop of a re-cropped slice (inside the
+            # second pass), on the whole slice otherwise (a first-pass result that is replaced needs none)
+            recropped = self._second_pass(images, results)
+            rest = [i for i in range(len(images)) if i not in recropped]
+            self._add_effusion([images[i] for i in rest], [results[i] for i in rest])
         if self.density_classes:
             for im, r in zip(images, results):
                 split_by_density(r.labels, np.asarray(im, np.float32))
         return results
 
-    def _second_pass(self, images: Sequence[np.ndarray], results: list[SegPrediction]) -> None:
-        """Replace the results of slices framed wider than their lungs by a lung-cropped pass."""
+    def _second_pass(self, images: Sequence[np.ndarray], results: list[SegPrediction]) -> set[int]:
+        """Replace the results of slices framed wider than their lungs by a lung-cropped pass; returns
+        the indices replaced."""
         boxes = {}
         for i, (im, r) in enumerate(zip(images, results)):
             box = mask_box(r.lung)
@@ -136,26 +141,34 @@ class SegPredictor:
             order = sorted(boxes)
             for i, crop in zip(order, self._predict_once([np.asarray(images[i])[boxes[i]] for i in order])):
                 results[i] = _paste(results[i], crop, boxes[i])
+        return set(boxes)
 
-    def _predict_once(self, images: Sequence[np.ndarray]) -> list[SegPrediction]:
+    def _predict_once(self, images: Sequence[np.ndarray], *, effusion: bool = True) -> list[SegPrediction]:
+        """The main network on each image (and, with ``effusion``, the effusion companion)."""
         results: list[SegPrediction] = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
             logits = self._logits(self._batch(chunk, self.size))
-            effusion = [None] * len(chunk)
-            if self.effusion is not None:
-                # the companion's effusion probability at its own resolution, then resized (one channel)
-                n, k = len(self.effusion.config.lesion_classes), self._effusion_index
-                eff_logits = self._logits(self._batch(chunk, self.effusion.config.input_size), self.effusion)
-                effusion = torch.softmax(eff_logits[:, :n].float(), dim=1)[:, k:k + 1]
-            for im, lg, eff in zip(chunk, logits, effusion):
+            for im, lg in zip(chunk, logits):
                 lg = F.interpolate(lg[None].float(), size=im.shape[-2:], mode="bilinear", align_corners=False)[0]
-                result = self._decode(lg)
-                if eff is not None:
-                    eff = F.interpolate(eff[None], size=im.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
-                    _merge_effusion(result, eff.cpu().numpy())
-                results.append(result)
+                results.append(self._decode(lg))
+        if effusion:
+            self._add_effusion(images, results)
         return results
+
+    def _add_effusion(self, images: Sequence[np.ndarray], results: list[SegPrediction]) -> None:
+        """Let the effusion companion (if any) decide effusion in ``results`` (in place): its effusion
+        probability at its own resolution, resized to each image as one channel."""
+        if self.effusion is None:
+            return
+        n, k = len(self.effusion.config.lesion_classes), self._effusion_index
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            logits = self._logits(self._batch(chunk, self.effusion.config.input_size), self.effusion)
+            probs = torch.softmax(logits[:, :n].float(), dim=1)[:, k:k + 1]
+            for im, result, prob in zip(chunk, results[start:start + self.batch_size], probs):
+                prob = F.interpolate(prob[None], size=im.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+                _merge_effusion(result, prob.cpu().numpy())
 
     def _batch(self, chunk: Sequence[np.ndarray], size: int) -> torch.Tensor:
         return torch.stack([
