@@ -16,7 +16,7 @@ echo "[install] creating .venv with $($PY --version)"
 echo "[install] torch==2.14.1 torchvision==0.29.1 (about 100 s)"
 .venv/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 echo "[install] covidct and its dependencies"
-.venv/bin/python -m pip install --quiet -e '.[test]'
+.venv/bin/python -m pip install --quiet -e '.[test,imagenet]'
 rm -f .venv/.covidct-install-*
 touch "$stamp"
 .venv/bin/python - <<'PY'
