@@ -15,9 +15,10 @@ GGO / consolidation boundary. Chosen on the 5-fold out-of-fold predictions of th
 (nested: chosen on 4 folds, scored on the 5th, pooled: GGO 0.615 -> 0.616, consolidation 0.454 -> 0.498;
 ``benchmarks/RESULTS.md``); ``density_classes=False`` keeps the network's own split.
 
-Pleural effusion: when the model carries an ``effusion`` companion (a binary effusion network stored in
-its checkpoint, :func:`covidct.models.checkpoint.attach_companion`), that network runs on the same
-inputs (both passes) and decides effusion alone: a pixel is effusion where the companion's effusion
+Pleural effusion: when the model carries an ``effusion`` companion (a network with an effusion output stored
+in its checkpoint, :func:`covidct.models.checkpoint.attach_companion`), that network runs once per slice on
+the main network's final input (the lung crop when the second pass runs) and decides effusion alone: a
+pixel is effusion where the companion's effusion
 probability ``e`` is at least 0.5, otherwise it takes the main network's most likely class among the
 others; the probabilities are the main network's (effusion removed, renormalised) times ``1 - e``, and
 ``e`` for effusion.
@@ -72,7 +73,7 @@ class SegPredictor:
     def __init__(self, model: SegmentationNet, *, batch_size: int = 8, device: str = "cpu", tta: bool = False,
                  crop_to_lung: bool = True, density_classes: bool = True, fold_bn: bool = True,
                  effusion_model: SegmentationNet | None | str = "companion") -> None:
-        """``effusion_model``: a binary effusion network run beside ``model``; ``"companion"`` (default)
+        """``effusion_model``: a network with an effusion output run beside ``model``; ``"companion"`` (default)
         takes the one ``model``'s checkpoint carries, if any; ``None`` runs ``model`` alone."""
         if effusion_model == "companion":
             effusion_model = getattr(model, "companions", {}).get("effusion")
@@ -106,7 +107,7 @@ class SegPredictor:
 
     @torch.inference_mode()
     def _logits(self, batch: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
-        model = model or self.model
+        model = self.model if model is None else model
         out = model(batch)
         if self.tta:
             out = (out + torch.flip(model(torch.flip(batch, dims=[3])), dims=[3])) / 2
