@@ -95,29 +95,26 @@ def load_model(spec: str | Path | None, *, task: str, accept: tuple[str, ...] | 
     accept = accept or (task,)
     if payload["task"] not in accept:
         raise CovidctError(path, f"is a {payload['task']!r} model, not a {TASK_NAMES[task]}")
-    model = _builders()[payload["task"]](payload["config"])
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in _full_state(path, payload).items()}
-    try:
-        if not getattr(model, "weights_from_members", False):  # an ensemble loads its members' own files
-            model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CovidctError(path, f"weights do not fit the architecture it describes ({str(exc).splitlines()[0]})") from None
-    model.eval()
+    model = _rebuild(path, payload["task"], payload["config"], _full_state(path, payload), "it describes")
     if payload["task"] == "seg" and payload.get("companions"):
-        model.companions = {role: _companion(path, role, extra) for role, extra in payload["companions"].items()}
+        # networks stored inside the file (see covidct.models.checkpoint), rebuilt the same way
+        model.companions = {role: _rebuild(path, "seg", extra["config"], extra["state_dict"], f"of its {role} companion")
+                            for role, extra in payload["companions"].items()}
     payload["path"] = str(path)
     return model, payload
 
 
-def _companion(path: Path, role: str, extra: dict[str, Any]):
-    """The network of a companion stored in a seg checkpoint (see :mod:`covidct.models.checkpoint`)."""
-    net = _builders()["seg"](extra["config"])
+def _rebuild(path: Path, task: str, config: dict[str, Any], state: dict[str, Any], what: str):
+    """A network of ``task`` from its config and (fp16 or fp32) state dict, in eval mode; weights that do
+    not fit are one ``CovidctError`` naming ``path``."""
+    model = _builders()[task](config)
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     try:
-        net.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in extra["state_dict"].items()})
+        if not getattr(model, "weights_from_members", False):  # an ensemble loads its members' own files
+            model.load_state_dict(state)
     except RuntimeError as exc:
-        raise CovidctError(path, f"its {role} companion's weights do not fit its architecture "
-                                 f"({str(exc).splitlines()[0]})") from None
-    return net.eval()
+        raise CovidctError(path, f"weights do not fit the architecture {what} ({str(exc).splitlines()[0]})") from None
+    return model.eval()
 
 
 def model_name(path: str | Path) -> str:
