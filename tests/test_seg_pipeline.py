@@ -454,6 +454,8 @@ def test_effusion_companion_travels_in_the_checkpoint_and_decides_effusion(tmp_p
         assert set(model.companions) == {"effusion"}
         predictor = SegPredictor(model, crop_to_lung=False)
         assert predictor.predicts_effusion and not SegPredictor(model, effusion_model=None).predicts_effusion
+        # the folded copy of the main network refers to the companions instead of copying them
+        assert predictor.model is not model and predictor.model.companions is model.companions
         for pred, own in zip(predictor.predict(images), alone):
             np.testing.assert_allclose(pred.probs.sum(axis=0), 1.0, atol=1e-5)
             if expect_all_effusion:

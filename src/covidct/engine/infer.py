@@ -80,7 +80,9 @@ class SegPredictor:
         # BatchNorms folded into their convolutions (a copy; ``model`` is unchanged): 0-10 % faster with the
         # CLI's allocator, ~30 % with glibc's default; channels-last runs the depthwise convolutions of
         # EfficientNet-Lite ~1.5x faster
-        self.model = (fold_for_inference(model) if fold_bn else model.eval()).to(device)
+        # (the copy shares ``model.companions`` rather than copying networks it does not run itself)
+        companions = (model.companions,) if isinstance(getattr(model, "companions", None), dict) else ()
+        self.model = (fold_for_inference(model, share=companions) if fold_bn else model.eval()).to(device)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.device = device
         self.batch_size = batch_size

@@ -85,11 +85,13 @@ def _close(want: list, got: list) -> bool:
     return True
 
 
-def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, inplace: bool = False) -> nn.Module:
+def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, inplace: bool = False,
+                   share: tuple[object, ...] = ()) -> nn.Module:
     """``model`` in evaluation mode with its conv -> BatchNorm pairs folded (see the module docstring),
     as a copy unless ``inplace``; ``example`` is an input it accepts. Returns the network unfolded
-    (but in evaluation mode) when the check fails."""
-    target = (model if inplace else copy.deepcopy(model)).eval()
+    (but in evaluation mode) when the check fails. ``share``: objects the copy refers to instead of
+    copying them (e.g. a dict of companion networks the folded forward never runs)."""
+    target = (model if inplace else copy.deepcopy(model, {id(obj): obj for obj in share})).eval()
     pairs, want = _find_pairs(target, example)
     if not pairs:
         return target
@@ -115,9 +117,9 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, inplace: bool = F
     return target
 
 
-def fold_for_inference(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+def fold_for_inference(model: nn.Module, *, inplace: bool = False, share: tuple[object, ...] = ()) -> nn.Module:
     """:func:`fold_batchnorm` with an example input built from ``model.config`` (``input_size``,
     ``in_channels``, default 1 channel)."""
     size = int(model.config.input_size)
     example = torch.rand(1, int(getattr(model.config, "in_channels", 1)), size, size)
-    return fold_batchnorm(model, example, inplace=inplace)
+    return fold_batchnorm(model, example, inplace=inplace, share=share)
