@@ -92,6 +92,9 @@ def test_maskcls_trains_s_and_evaluates_through_evaluate_cls(tmp_path, seg_folde
     png = tmp_path / "x.png"
     assert main(["explain", str(data / "COVID" / "0.png"), "--model", str(out), "-o", str(png)]) == 0
     assert png.exists() and "RoIs read by S" in capsys.readouterr().out
+    # weak masks need a heat map: a Mask-Net classifier (and an ensemble of them only) has none
+    assert main(["evaluate", "cam", "--model", str(out), "--data", str(data)]) == 2
+    assert "need a CNN classifier" in capsys.readouterr().err
     # k-fold stage 2 (as `train cls --folds`): two folds hold out the 8 train + val images once each
     from covidct.engine.evaluate_cls import evaluate_out_of_fold
 

@@ -231,24 +231,27 @@ def _cmd_train_triage(args: argparse.Namespace) -> int:
 
 
 def _explained_model(spec: str | None, *, allow_maskcls: bool):
-    """The classifier to explain: one CNN (class activation maps) or, where allowed, a Mask-Net
-    classifier (its RoIs); default: the shipped ``cam`` model."""
-    from covidct.models.classification import ClassificationNet
+    """The classifier to explain: a CNN or an ensemble with CNN members (class activation maps) or,
+    where allowed, a Mask-Net classifier (its RoIs); default: the shipped ``cam`` model."""
+    from covidct.engine.explain import cam_members
     from covidct.models.maskcls import MaskClsNet
     from covidct.models.registry import DEFAULTS, load_cls_model
 
     model, payload = load_cls_model(spec or DEFAULTS["cam"])
-    if isinstance(model, ClassificationNet) or (allow_maskcls and isinstance(model, MaskClsNet)):
+    if allow_maskcls and isinstance(model, MaskClsNet):
         return model, payload
-    raise CovidctError(payload["path"], "class activation maps need one CNN classifier"
-                       + (" or a Mask-Net classifier, not an ensemble" if allow_maskcls else ", not an ensemble or a "
-                          "Mask-Net classifier"))
+    try:
+        cam_members(model)
+    except (ValueError, TypeError):
+        raise CovidctError(payload["path"], "class activation maps need a CNN classifier or an ensemble with CNN "
+                           "members" + (" (or a Mask-Net classifier: its RoIs)" if allow_maskcls else "")) from None
+    return model, payload
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from covidct.engine.explain import class_activation_map, maskcls_evidence
+    from covidct.engine.explain import cam_members, class_activation_map, maskcls_evidence
     from covidct.io import classifier_input, read
     from covidct.models.maskcls import MaskClsNet
     from covidct.report.overlay import heatmap_rgb, instances_rgb, save_png, with_legend
@@ -269,8 +272,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         save_png(with_legend(np.asarray(picture), names=(), title=title), args.output)
     else:
         cam, probs = class_activation_map(model, grey, class_index=index, method=args.method)
-        title = f"{args.method} for {classes[index if index is not None else -1]}; " + ", ".join(
-            f"{c} {p:.2f}" for c, p in zip(classes, probs))
+        n_maps = len(cam_members(model))
+        title = (f"{args.method} for {classes[index if index is not None else -1]}"
+                 + (f" (mean of {n_maps} CNN members' maps)" if payload["task"] == "cls" and n_maps > 1 else "")
+                 + "; " + ", ".join(f"{c} {p:.2f}" for c, p in zip(classes, probs)))
         save_png(with_legend(heatmap_rgb(grey, cam), names=(), title=title), args.output)
     print(title)
     print(f"wrote {args.output}")
@@ -670,7 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_evaluate_lesions)
 
     s = evaluate.add_parser("cam", help="weakly-supervised infection masks from class activation maps")
-    s.add_argument("--model", help="classifier: shipped name or .pt file")
+    s.add_argument("--model", help="CNN classifier or ensemble (its CNN members' mean map): shipped name or .pt file; "
+                   "default cls-cv5-ucsd-tta")
     s.add_argument("--data", required=True, help="folder in the COVID-SemiSeg layout")
     s.add_argument("--threshold", type=float, default=0.5, help="relative CAM threshold")
     s.add_argument("--method", choices=("gradcam", "gradcam++", "layercam"), default="gradcam")
@@ -682,8 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("explain", help="class activation map of a classifier over an image")
     s.add_argument("image")
     s.add_argument("-o", "--output", required=True, help="PNG to write")
-    s.add_argument("--model", help="CNN classifier (heat map) or Mask-Net classifier (the RoIs it reads): shipped "
-                   "name or .pt file; default cls-effl0-ucsd")
+    s.add_argument("--model", help="CNN classifier or ensemble (heat map; an ensemble's is the mean of its CNN members' "
+                   "maps) or Mask-Net classifier (the RoIs it reads): shipped name or .pt file; default cls-cv5-ucsd-tta")
     s.add_argument("--class", dest="target", help="class to explain (default: the positive / last class)")
     s.add_argument("--method", choices=("gradcam", "gradcam++", "layercam"), default="gradcam")
     s.add_argument("--slice", type=int, help="slice of a volume (default: the middle one)")

@@ -2,7 +2,10 @@
 
 Methods: ``gradcam`` (Grad-CAM; with a global-average-pooling + linear head it is the CAM of Zhou et
 al. up to the ReLU and the normalisation), ``gradcam++`` and ``layercam``. The target layer is the
-last feature map of the backbone (EfficientNet: ``bn2``; ResNet: ``layer4``).
+last feature map of the backbone (EfficientNet: ``bn2``; ResNet: ``layer4``). An ensemble's map is the
+mean of its CNN members' maps (each scaled to ``[0, 1]`` first; with the ensemble's mirror test-time
+augmentation each member's map is itself the mean over the image and its mirror image); its Mask-Net
+members read RoIs, not a feature map, and add no map.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch.nn.functional as F
 
 from covidct.io.window import PRESETS
 from covidct.models.classification import ClassificationNet
+from covidct.models.ensemble import ClassifierEnsemble
 
 METHODS = ("gradcam", "gradcam++", "layercam")
 
@@ -25,30 +29,59 @@ def target_layer(model: ClassificationNet) -> torch.nn.Module:
     raise ValueError(f"no known last feature layer in {type(net).__name__}")
 
 
-def class_activation_map(model: ClassificationNet, image01: np.ndarray, *, class_index: int | None = None,
-                         method: str = "gradcam") -> tuple[np.ndarray, np.ndarray]:
-    """``(cam, probabilities)``: ``cam`` in ``[0, 1]`` on the image's own grid for ``class_index``
-    (default: the positive / last class)."""
-    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+def cam_members(model: ClassificationNet | ClassifierEnsemble) -> list[ClassificationNet]:
+    """The CNN classifiers whose maps make ``model``'s: itself, or an ensemble's CNN members
+    (``ValueError`` when there is none)."""
+    members = list(model.members) if isinstance(model, ClassifierEnsemble) else [model]
+    cnn = [m for m in members if isinstance(m, ClassificationNet)]
+    if not cnn:
+        raise ValueError("no CNN classifier to draw a class activation map from (Mask-Net classifiers read RoIs)")
+    return cnn
 
+
+def class_activation_map(model: ClassificationNet | ClassifierEnsemble, image01: np.ndarray, *,
+                         class_index: int | None = None, method: str = "gradcam") -> tuple[np.ndarray, np.ndarray]:
+    """``(cam, probabilities)``: ``cam`` in ``[0, 1]`` on the image's own grid for ``class_index``
+    (default: the positive / last class); for an ensemble the mean of its CNN members' maps (module
+    docstring) and the ensemble's calibrated probabilities."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}")
-    cls = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "layercam": LayerCAM}[method]
+    image01 = np.asarray(image01, np.float32)
     size = model.config.input_size
-    x = F.interpolate(torch.as_tensor(np.asarray(image01, np.float32))[None, None], size=(size, size),
-                      mode="bilinear", align_corners=False)
+    x = F.interpolate(torch.as_tensor(image01)[None, None], size=(size, size), mode="bilinear", align_corners=False)
     model.eval()
     with torch.no_grad():
         probs = torch.softmax(model(x), dim=1)[0].numpy()
     index = len(model.config.classes) - 1 if class_index is None else class_index
+    if not isinstance(model, ClassifierEnsemble):
+        return _cnn_map(model, image01, index, method), probs
+    mirrored = np.ascontiguousarray(image01[:, ::-1])
+    maps = []
+    for member in cam_members(model):
+        heat = _cnn_map(member, image01, index, method)
+        if model.config.tta:
+            heat = (heat + _cnn_map(member, mirrored, index, method)[:, ::-1]) / 2
+        maps.append(heat)
+    heat = np.mean(maps, axis=0)
+    return (heat / heat.max() if heat.max() > 0 else heat).astype(np.float32), probs
+
+
+def _cnn_map(model: ClassificationNet, image01: np.ndarray, index: int, method: str) -> np.ndarray:
+    """One CNN's map for class ``index`` on the image's own grid, scaled to ``[0, 1]``."""
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cls = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "layercam": LayerCAM}[method]
+    size = model.config.input_size
+    x = F.interpolate(torch.as_tensor(image01)[None, None], size=(size, size), mode="bilinear", align_corners=False)
+    model.eval()
     with cls(model=model, target_layers=[target_layer(model)]) as cam:
         heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(index)])[0]
     heat = F.interpolate(torch.as_tensor(heat)[None, None], size=image01.shape, mode="bilinear", align_corners=False)[0, 0]
     heat = heat.numpy()
     if heat.max() > 0:
         heat = heat / heat.max()
-    return heat.astype(np.float32), probs
+    return heat.astype(np.float32)
 
 
 #: Lower bound of ground-glass attenuation, -700 HU, in model-input units (``model`` window): lung
@@ -74,7 +107,7 @@ def cam_to_mask(cam: np.ndarray, *, threshold: float = 0.5, region: np.ndarray |
     return mask
 
 
-def evaluate_weak_masks(model: ClassificationNet, folder, *, threshold: float = 0.5, method: str = "gradcam",
+def evaluate_weak_masks(model: ClassificationNet | ClassifierEnsemble, folder, *, threshold: float = 0.5, method: str = "gradcam",
                         density: bool = False, progress: bool = True) -> dict:
     """Score CAM-derived infection masks against a COVID-SemiSeg-layout folder with the
     segmentation metrics (pooled and per image). The reference lung field (``lung/``) is used as

@@ -11,11 +11,12 @@ from covidct.models.checkpoint import read_checkpoint
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 #: Default shipped model per task; ``cam``: the classifier whose activation maps ``covidct explain`` /
-#: ``evaluate cam`` use (one CNN; the most lesion-shaped maps measured); ``scan_cls``: the one fast
+#: ``evaluate cam`` use (the default classifier: the mean of its CNN members' maps, measured more
+#: lesion-shaped than any single classifier's; benchmarks/RESULTS.md); ``scan_cls``: the one fast
 #: classifier ``covidct analyze`` runs on every slice with lesions; ``triage``: the 3-class CT triage
 #: (:mod:`covidct.analysis.triage`) of ``analyze`` and of ``evaluate cls`` on CT volumes.
 DEFAULTS: dict[str, str] = {"seg": "seg-effl0-unet", "cls": "cls-cv5-ucsd-tta", "lesions": "lesions-effl0-maskrcnn",
-                            "cam": "cls-effl0-ucsd", "scan_cls": "cls-effl0-seginit",
+                            "cam": "cls-cv5-ucsd-tta", "scan_cls": "cls-effl0-seginit",
                             "triage": "triage-ct"}
 
 
