@@ -4,6 +4,10 @@ slices (random ones, or the first ``--n`` slices of ``--data`` resized to 512), 
 with ``--model`` and ``--data`` also the AP of that trained lesion model on the folder.
 
     python benchmarks/masknet.py [--model NAME|FILE] [--data ../shared/data/covid-semiseg [--ids 0,1,15]] [--n 8]
+        [--detections 50 --detections 25] [--proposals 100 --proposals 50] [--input-size 320 --input-size 256]
+
+Each ``--detections`` / ``--proposals`` / ``--input-size`` value is one inference setting of covidct's model,
+changed alone from the model's own, timed and (with ``--model`` and ``--data``) scored.
 """
 
 from __future__ import annotations
@@ -45,6 +49,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--detections", type=int, action="append",
                     help="cap on detections per slice for covidct's model (repeatable; default: the model's own)")
+    ap.add_argument("--proposals", type=int, action="append",
+                    help="RPN proposals kept after NMS at inference (repeatable): each also timed (and scored) alone, "
+                    "the rest of the model as shipped")
+    ap.add_argument("--input-size", type=int, action="append",
+                    help="size the model resizes slices to at inference (repeatable; the model trained at its own)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()   # as the covidct command line does
@@ -79,11 +88,24 @@ def main() -> int:
         ours, _ = load_lesion_model(args.model)
     else:
         ours = build_lesion_model(LesionModelConfig()).eval()
-    caps = args.detections or [ours.config.box_detections_per_img]
-    for cap in caps:  # the mask head runs once per kept detection: the cap sets most of the cost
-        ours.net.roi_heads.detections_per_img = cap
-        rows.append((f"covidct lesions ({ours.config.backbone}, {ours.config.input_size}px, <= {cap} detections)",
-                     sum(p.numel() for p in ours.parameters()),
+    cfg = ours.config
+    # one inference setting changed at a time from the model's own: (label, detections, proposals, input size)
+    settings = [(f"<= {cap} detections", cap, cfg.rpn_post_nms_top_n_test, cfg.input_size)
+                for cap in (args.detections or [cfg.box_detections_per_img])]
+    settings += [(f"{n} RPN proposals", cfg.box_detections_per_img, n, cfg.input_size) for n in args.proposals or []]
+    settings += [(f"input {size}px", cfg.box_detections_per_img, cfg.rpn_post_nms_top_n_test, size)
+                 for size in args.input_size or []]
+
+    def apply(detections: int, proposals: int, size: int) -> None:
+        net = ours.net
+        net.roi_heads.detections_per_img = detections   # the mask head runs once per kept detection
+        net.rpn._post_nms_top_n["testing"] = proposals
+        net.rpn._pre_nms_top_n["testing"] = max(cfg.rpn_pre_nms_top_n_test, proposals)
+        net.transform.min_size, net.transform.max_size = (size,), size
+
+    for label, *setting in settings:
+        apply(*setting)
+        rows.append((f"covidct lesions ({cfg.backbone}, {label})", sum(p.numel() for p in ours.parameters()),
                      timed(lambda ims: predict_instances(ours, ims), [g[0].numpy() for g in grey], 2)))
     base = rows[0][2]
     print(f"{'model':<66}{'params (M)':>11}{'s/slice':>10}{'slices/s':>10}{'speed-up':>10}")
@@ -92,10 +114,10 @@ def main() -> int:
     if args.data and args.model:
         from covidct.engine.lesions import evaluate_instances
 
-        for cap in caps:
-            ours.net.roi_heads.detections_per_img = cap
+        for label, *setting in settings:
+            apply(*setting)
             r = evaluate_instances(ours, folder, progress=False)
-            print(f"<= {cap} detections, on {args.data}: AP50 {r['ap50']}, AP75 {r['ap75']}, mAP {r['map']}, "
+            print(f"{label}, on {args.data}: AP50 {r['ap50']}, AP75 {r['ap75']}, mAP {r['map']}, "
                   f"lesion region Dice {r['infection_dice']}; per class {r['per_class']}")
     return 0
 
