@@ -242,7 +242,7 @@ def _explained_model(spec: str | None, *, allow_maskcls: bool):
         return model, payload
     try:
         cam_members(model)
-    except (ValueError, TypeError):
+    except ValueError:
         raise CovidctError(payload["path"], "class activation maps need a CNN classifier or an ensemble with CNN "
                            "members" + (" (or a Mask-Net classifier: its RoIs)" if allow_maskcls else "")) from None
     return model, payload
@@ -274,7 +274,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         cam, probs = class_activation_map(model, grey, class_index=index, method=args.method)
         n_maps = len(cam_members(model))
         title = (f"{args.method} for {classes[index if index is not None else -1]}"
-                 + (f" (mean of {n_maps} CNN members' maps)" if payload["task"] == "cls" and n_maps > 1 else "")
+                 + (f" (mean of {n_maps} CNN members' maps)" if n_maps > 1 else "")
                  + "; " + ", ".join(f"{c} {p:.2f}" for c, p in zip(classes, probs)))
         save_png(with_legend(heatmap_rgb(grey, cam), names=(), title=title), args.output)
     print(title)

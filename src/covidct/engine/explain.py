@@ -107,8 +107,8 @@ def cam_to_mask(cam: np.ndarray, *, threshold: float = 0.5, region: np.ndarray |
     return mask
 
 
-def evaluate_weak_masks(model: ClassificationNet | ClassifierEnsemble, folder, *, threshold: float = 0.5, method: str = "gradcam",
-                        density: bool = False, progress: bool = True) -> dict:
+def evaluate_weak_masks(model: ClassificationNet | ClassifierEnsemble, folder, *, threshold: float = 0.5,
+                        method: str = "gradcam", density: bool = False, progress: bool = True) -> dict:
     """Score CAM-derived infection masks against a COVID-SemiSeg-layout folder with the
     segmentation metrics (pooled and per image). The reference lung field (``lung/``) is used as
     the region when present; ``density`` refines the masks to pixels above -700 HU
