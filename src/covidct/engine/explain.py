@@ -44,17 +44,26 @@ def class_activation_map(model: ClassificationNet | ClassifierEnsemble, image01:
     """``(cam, probabilities)``: ``cam`` in ``[0, 1]`` on the image's own grid for ``class_index``
     (default: the positive / last class); for an ensemble the mean of its CNN members' maps (module
     docstring) and the ensemble's calibrated probabilities."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}")
     image01 = np.asarray(image01, np.float32)
+    heat = activation_map(model, image01, class_index=class_index, method=method)
     size = model.config.input_size
     x = F.interpolate(torch.as_tensor(image01)[None, None], size=(size, size), mode="bilinear", align_corners=False)
     model.eval()
     with torch.no_grad():
         probs = torch.softmax(model(x), dim=1)[0].numpy()
+    return heat, probs
+
+
+def activation_map(model: ClassificationNet | ClassifierEnsemble, image01: np.ndarray, *,
+                   class_index: int | None = None, method: str = "gradcam") -> np.ndarray:
+    """The map of :func:`class_activation_map` alone (no forward pass for the probabilities: for an
+    ensemble that pass runs every member, Mask-Net ones included)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}")
+    image01 = np.asarray(image01, np.float32)
     index = len(model.config.classes) - 1 if class_index is None else class_index
     if not isinstance(model, ClassifierEnsemble):
-        return _cnn_map(model, image01, index, method), probs
+        return _cnn_map(model, image01, index, method)
     mirrored = np.ascontiguousarray(image01[:, ::-1])
     maps = []
     for member in cam_members(model):
@@ -63,7 +72,7 @@ def class_activation_map(model: ClassificationNet | ClassifierEnsemble, image01:
             heat = (heat + _cnn_map(member, mirrored, index, method)[:, ::-1]) / 2
         maps.append(heat)
     heat = np.mean(maps, axis=0)
-    return (heat / heat.max() if heat.max() > 0 else heat).astype(np.float32), probs
+    return (heat / heat.max() if heat.max() > 0 else heat).astype(np.float32)
 
 
 def _cnn_map(model: ClassificationNet, image01: np.ndarray, index: int, method: str) -> np.ndarray:
@@ -122,7 +131,7 @@ def evaluate_weak_masks(model: ClassificationNet | ClassifierEnsemble, folder, *
     for i in tqdm(range(len(folder)), desc="weak masks", unit="slice", disable=not progress):
         s = folder[i]
         grey = to_model_input(s.image, is_hu=False)
-        cam, _ = class_activation_map(model, grey, method=method)
+        cam = activation_map(model, grey, method=method)
         pred = cam_to_mask(cam, threshold=threshold, region=s.lung, image01=grey if density else None)
         truth = np.isin(s.labels, (1, 2))
         metrics.update("infection", pred, truth, prob=cam, image_id=s.id)
