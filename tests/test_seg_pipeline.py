@@ -480,3 +480,28 @@ def test_attach_cli_stores_the_companion_and_lists_it(tiny_seg_model, tmp_path, 
                  "-o", str(tmp_path / "x.pt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.pt" in err[0] and not (tmp_path / "x.pt").exists()
+
+
+def test_encoder_starts_from_a_classifier_and_a_wrong_one_is_one_line(tmp_path, seg_folder, capsys):
+    from covidct.models import SegModelConfig, build_seg_model, save_checkpoint
+    from covidct.models.classification import ClsModelConfig, build_cls_model
+
+    torch.manual_seed(0)
+    cls = build_cls_model(ClsModelConfig(encoder="resnet18", input_size=48))
+    cls_path = save_checkpoint(tmp_path / "cls.pt", task="cls", config=cls.config.to_dict(), state_dict=cls.state_dict())
+    seg = build_seg_model(SegModelConfig(encoder="resnet18", decoder_channels=(16, 16, 8, 8, 8), input_size=48),
+                          encoder_init=str(cls_path))
+    for name in ("conv1.weight", "layer3.1.conv2.weight", "layer4.0.bn1.running_var"):
+        torch.testing.assert_close(seg.net.encoder.state_dict()[name], cls.net.state_dict()[name])
+    plain = build_seg_model(SegModelConfig(encoder="resnet18", decoder_channels=(16, 16, 8, 8, 8), input_size=48))
+    assert not torch.equal(plain.net.encoder.conv1.weight, seg.net.encoder.conv1.weight)
+    # the training config records the start; a model with another encoder is refused in one line
+    out = tmp_path / "m.pt"
+    train_seg(_tiny(seg_folder, epochs=1, encoder_init=str(cls_path)), out, progress=False)
+    assert read_checkpoint(out)["train_config"]["encoder_init"] == str(cls_path)
+    bad = tmp_path / "bad.pt"
+    assert main(["train", "seg", "--data", str(seg_folder), "--encoder", "resnet34", "--random-init", "--input-size", "48",
+                 "--epochs", "1", "--batch-size", "2", "--encoder-init", str(cls_path), "-o", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(cls_path) in err and "encoder resnet34" in err and len(err.splitlines()) == 1
+    assert not bad.exists()

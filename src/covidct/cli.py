@@ -133,12 +133,18 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
         raise CovidctError(None, "--decoder-channels / --fpn-channels take comma-separated integers") from None
     if len(fpn_channels) != 2 or min(fpn_channels + decoder_channels) < 1 or fpn_channels[1] % 32:
         raise CovidctError(None, "--fpn-channels takes two positive integers: pyramid,segmentation (a multiple of 32)")
+    encoder_init = ""
+    if args.encoder_init:
+        from covidct.models.registry import resolve_model
+
+        encoder_init = str(resolve_model(args.encoder_init, task="seg"))
     cfg = SegTrainConfig(
         data=data, labels=args.labels, warmup_epochs=args.warmup_epochs, lung_head=not args.no_lung_head, arch=args.arch,
         encoder=args.encoder, input_size=args.input_size, imagenet=not args.random_init, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, encoder_lr_scale=args.encoder_lr_scale, val_fraction=args.val_fraction, seed=args.seed, threads=args.threads,
         folds=args.folds, fold=_parse_fold(args.fold), select=args.select, class_weighting=args.class_weighting,
         decoder_channels=decoder_channels, fpn_channels=fpn_channels, swa_epochs=args.swa_epochs,
+        encoder_init=encoder_init,
     )
     _print_training_result(train_seg(cfg, args.output, resume=not args.no_resume))
     return 0
@@ -561,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input-size", type=int, default=320)
     _add_training_options(s, epochs=120, batch_size=8, lr=2e-3)
     s.add_argument("--encoder-lr-scale", type=float, default=1.0, help="encoder learning rate = lr x this")
+    s.add_argument("--encoder-init", metavar="MODEL", help="start the encoder from this covidct segmentation or "
+                   "classification model (shipped name or .pt file) with the same --encoder, instead of ImageNet")
     s.add_argument("--warmup-epochs", type=float, default=3.0, help="linear learning-rate warm-up (epochs, may be "
                    "fractional), then cosine decay")
     s.add_argument("--repeat-first", type=int, default=1, metavar="N", help="the first --data folder's training "

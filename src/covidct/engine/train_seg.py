@@ -68,6 +68,8 @@ class SegTrainConfig:
     fpn_channels: tuple[int, int] = (256, 128)
     input_size: int = 320
     imagenet: bool = True
+    # a covidct seg / cls model file whose encoder starts this one (after ImageNet); "" = none
+    encoder_init: str = ""
     epochs: int = 120
     batch_size: int = 8
     lr: float = 2e-3
@@ -248,7 +250,13 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
         raise CovidctError(cfg.data[0], f"{len(train)} training slices{' over ' + str(dist.world_size) + ' ranks' if dist.active else ''}"
                            f" are fewer than one batch (--batch-size {cfg.batch_size})")
     mcfg = cfg.model_config()
-    model = build_seg_model(mcfg, imagenet=cfg.imagenet)
+    try:
+        model = build_seg_model(mcfg, imagenet=cfg.imagenet, encoder_init=cfg.encoder_init or None)
+    except ValueError as exc:
+        prefix = f"{cfg.encoder_init}: "
+        if cfg.encoder_init and str(exc).startswith(prefix):
+            raise CovidctError(cfg.encoder_init, str(exc)[len(prefix):]) from None
+        raise CovidctError(None, str(exc)) from None
     model = model.to(memory_format=torch.channels_last)
     encoder_params = list(model.net.encoder.parameters())
     encoder_ids = {id(p) for p in encoder_params}

@@ -89,15 +89,25 @@ def seg_encoder_state_dict(path: str, encoder: str) -> dict[str, torch.Tensor]:
     """The encoder tensors of a covidct segmentation checkpoint, keyed like the bare backbone (timm
     or smp ResNet names), float32; ``ValueError`` if the checkpoint is not a segmentation model with
     that encoder."""
+    return encoder_state_dict(path, encoder, tasks=("seg",))
+
+
+def encoder_state_dict(path: str, encoder: str, *, tasks: tuple[str, ...] = ("seg", "cls")) -> dict[str, torch.Tensor]:
+    """The encoder tensors of a covidct segmentation or classification checkpoint (``tasks``), keyed
+    like the bare backbone (timm or smp ResNet names), float32, a classifier's head left out;
+    ``ValueError`` if the checkpoint is none of those tasks or has another encoder."""
     from covidct.models.checkpoint import read_checkpoint
 
     payload = read_checkpoint(path)
-    if payload["task"] != "seg" or payload["config"].get("encoder") != encoder:
-        raise ValueError(f"{path}: not a segmentation model with encoder {encoder}")
+    if payload["task"] not in tasks or payload["config"].get("encoder") != encoder:
+        raise ValueError(f"{path}: not a {' or '.join(tasks)} model with encoder {encoder}")
     state = payload["state_dict"]
-    # timm-universal encoders (tu-*) nest the timm model under .model; smp's ResNets do not
-    prefix = "net.encoder.model." if any(k.startswith("net.encoder.model.") for k in state) else "net.encoder."
-    return {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
+    if payload["task"] == "cls":  # a timm classifier: the whole network under net., head last
+        prefix, head = "net.", ("net.classifier.", "net.fc.", "net.conv_head.", "net.bn2.")
+    else:  # timm-universal encoders (tu-*) nest the timm model under .model; smp's ResNets do not
+        prefix = "net.encoder.model." if any(k.startswith("net.encoder.model.") for k in state) else "net.encoder."
+        head = ()
+    return {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix) and not k.startswith(head)}
 
 
 def copy_matching(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> int:

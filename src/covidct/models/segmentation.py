@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from covidct.models.base import NormalizedNet, SavedConfig
 from covidct.models.encoders import (
-    IMAGENET_GREY_MEAN, IMAGENET_GREY_STD, OFFLINE_IMAGENET, load_imagenet_encoder, smp_encoder_name,
+    IMAGENET_GREY_MEAN, IMAGENET_GREY_STD, OFFLINE_IMAGENET, copy_matching, encoder_state_dict, load_imagenet_encoder,
+    smp_encoder_name,
 )
 
 ARCHITECTURES = ("unet", "fpn")
@@ -47,8 +48,11 @@ class SegmentationNet(NormalizedNet):
         return len(self.config.lesion_classes)
 
 
-def build_seg_model(config: SegModelConfig | None = None, *, imagenet: bool = False, **overrides) -> SegmentationNet:
-    """Build the network; ``imagenet=True`` initialises the encoder from offline ImageNet weights."""
+def build_seg_model(config: SegModelConfig | None = None, *, imagenet: bool = False, encoder_init: str | None = None,
+                    **overrides) -> SegmentationNet:
+    """Build the network; ``imagenet=True`` initialises the encoder from offline ImageNet weights,
+    ``encoder_init`` (a covidct segmentation or classification model file with the same encoder) from
+    that model's encoder instead (applied after ImageNet, so it wins)."""
     import segmentation_models_pytorch as smp
 
     config = config or SegModelConfig()
@@ -72,4 +76,10 @@ def build_seg_model(config: SegModelConfig | None = None, *, imagenet: bool = Fa
             raise ValueError(f"no offline ImageNet weights for encoder {config.encoder}; "
                              f"use one of {sorted(OFFLINE_IMAGENET)} or random init")
         load_imagenet_encoder(net.encoder, config.encoder, config.in_channels)
+    if encoder_init:
+        weights = encoder_state_dict(encoder_init, config.encoder)
+        target = getattr(net.encoder, "model", net.encoder)  # timm-universal encoders nest the timm model
+        copied = copy_matching(target, weights)
+        if copied < len(weights):
+            raise ValueError(f"{encoder_init}: only {copied} of its {len(weights)} encoder tensors fit {config.encoder}")
     return SegmentationNet(config, net)
