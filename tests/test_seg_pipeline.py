@@ -505,3 +505,45 @@ def test_encoder_starts_from_a_classifier_and_a_wrong_one_is_one_line(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert str(cls_path) in err and "encoder resnet34" in err and len(err.splitlines()) == 1
     assert not bad.exists()
+
+
+def test_corruption_keeps_shape_and_range_and_changes_the_image():
+    from covidct.engine.pretrain_seg import PretrainConfig, corrupt
+
+    x = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (64, 1))
+    rng = np.random.default_rng(0)
+    always = PretrainConfig(data=[], p_intensity=1.0, p_shuffle=1.0, p_paint=1.0)
+    outs = [corrupt(x, rng, always) for _ in range(5)]
+    assert all(o.shape == x.shape and o.dtype == np.float32 and 0 <= o.min() and o.max() <= 1 for o in outs)
+    assert all(np.abs(o - x).mean() > 0.01 for o in outs)
+    never = PretrainConfig(data=[], p_intensity=0.0, p_shuffle=0.0, p_paint=0.0)
+    np.testing.assert_array_equal(corrupt(x, rng, never), x)
+
+
+def test_pretrained_network_starts_segmentation_training(tmp_path, seg_folder, capsys):
+    pre = tmp_path / "pre.pt"
+    assert main(["pretrain", "seg", "--data", str(seg_folder / "images"), "--encoder", "resnet18", "--random-init",
+                 "--decoder-channels", "32,16,16,8,8", "--input-size", "48", "--epochs", "2", "--batch-size", "2",
+                 "-o", str(pre)]) == 0
+    assert "pretrained on 6 images" in capsys.readouterr().out
+    payload = read_checkpoint(pre)
+    assert payload["task"] == "seg-pretrain" and payload["metrics"]["n_images"] == 6
+    from covidct.engine.pretrain_seg import init_from_pretrained
+    from covidct.models import SegModelConfig, build_seg_model
+
+    seg = build_seg_model(SegModelConfig(encoder="resnet18", decoder_channels=(32, 16, 16, 8, 8), input_size=48))
+    copied = init_from_pretrained(seg, pre)
+    state = seg.state_dict()
+    assert copied == len([k for k in state if not k.startswith("net.segmentation_head.")])
+    for key in ("net.encoder.layer2.0.conv1.weight", "net.decoder.blocks.4.conv2.0.weight"):
+        torch.testing.assert_close(state[key], payload["state_dict"][key].float())
+    # training from it records the start; a network with other decoder channels is refused in one line
+    out = tmp_path / "m.pt"
+    train_seg(_tiny(seg_folder, epochs=1, init=str(pre)), out, progress=False)
+    assert read_checkpoint(out)["train_config"]["init"] == str(pre)
+    bad = tmp_path / "bad.pt"
+    assert main(["train", "seg", "--data", str(seg_folder), "--encoder", "resnet18", "--random-init", "--input-size", "48",
+                 "--epochs", "1", "--batch-size", "2", "--init", str(pre), "-o", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(pre) in err and "decoder_channels" in err and len(err.splitlines()) == 1
+    assert not bad.exists() and not (tmp_path / "bad_run").exists()

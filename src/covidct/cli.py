@@ -144,7 +144,7 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, encoder_lr_scale=args.encoder_lr_scale, val_fraction=args.val_fraction, seed=args.seed, threads=args.threads,
         folds=args.folds, fold=_parse_fold(args.fold), select=args.select, class_weighting=args.class_weighting,
         decoder_channels=decoder_channels, fpn_channels=fpn_channels, swa_epochs=args.swa_epochs,
-        encoder_init=encoder_init,
+        encoder_init=encoder_init, init=str(args.init),
     )
     _print_training_result(train_seg(cfg, args.output, resume=not args.no_resume))
     return 0
@@ -399,6 +399,22 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain_seg(args: argparse.Namespace) -> int:
+    from covidct.engine.pretrain_seg import PretrainConfig, pretrain_seg
+
+    try:
+        decoder_channels = tuple(int(c) for c in args.decoder_channels.split(","))
+    except ValueError:
+        raise CovidctError(None, "--decoder-channels takes comma-separated integers") from None
+    cfg = PretrainConfig(data=[str(d) for d in args.data], split=args.split or None, encoder=args.encoder,
+                         decoder_channels=decoder_channels, input_size=args.input_size, imagenet=not args.random_init,
+                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads)
+    summary = pretrain_seg(cfg, args.output)
+    print(f"pretrained on {summary['n_images']} images in {summary['seconds']:.0f} s (restoration MSE "
+          f"{summary['train_mse']:.4f}) -> {summary['output']}; use it with covidct train seg --init")
+    return 0
+
+
 def _cmd_pseudolabel(args: argparse.Namespace) -> int:
     from covidct.engine.pseudolabel import pseudo_label
 
@@ -567,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input-size", type=int, default=320)
     _add_training_options(s, epochs=120, batch_size=8, lr=2e-3)
     s.add_argument("--encoder-lr-scale", type=float, default=1.0, help="encoder learning rate = lr x this")
+    s.add_argument("--init", metavar="FILE", default="", help="start the whole network but its output head from a "
+                   "covidct pretrain seg file (same encoder, decoder channels)")
     s.add_argument("--encoder-init", metavar="MODEL", help="start the encoder from this covidct segmentation or "
                    "classification model (shipped name or .pt file) with the same --encoder, instead of ImageNet")
     s.add_argument("--warmup-epochs", type=float, default=3.0, help="linear learning-rate warm-up (epochs, may be "
@@ -739,6 +757,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "with a pixel spacing): shipped name or .pt file (default: the shipped default classifier)")
     s.add_argument("--json", help="also write the result to this JSON file")
     s.set_defaults(func=_cmd_classify)
+
+    pretrain = sub.add_parser("pretrain", help="self-supervised pretraining").add_subparsers(dest="task", required=True)
+    s = pretrain.add_parser("seg", help="the segmentation network learns to restore corrupted unlabelled slices "
+                            "(Models Genesis), for train seg --init")
+    s.add_argument("--data", required=True, action="append", help="folder of unlabelled slices: any classification "
+                   "layout (labels ignored) or a folder of images (repeatable)")
+    s.add_argument("--split", default="train", help="only this split when the folder has splits ('' for all)")
+    s.add_argument("--encoder", default="efficientnet-lite0")
+    s.add_argument("--decoder-channels", default="96,48,24,16,8")
+    s.add_argument("--random-init", action="store_true", help="no ImageNet weights for the encoder")
+    s.add_argument("--input-size", type=int, default=320)
+    s.add_argument("--epochs", type=int, default=15)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    s.add_argument("-o", "--output", required=True, help="pretrained network file to write (.pt)")
+    s.set_defaults(func=_cmd_pretrain_seg)
 
     s = sub.add_parser("pseudolabel", help="label unlabelled slices with a segmentation model (a folder for "
                        "`train seg --data`: self-training)")

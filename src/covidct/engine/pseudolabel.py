@@ -37,7 +37,7 @@ MIN_LUNG_FRACTION = 0.15
 MIN_SIDE_PX = 48
 
 
-def _sources(data: Path, split: str | None) -> list[tuple[str, ClsRecord]]:
+def slice_sources(data: Path, split: str | None) -> list[tuple[str, ClsRecord]]:
     """``(name, record)`` for every slice of a classification folder (any layout of
     :func:`~covidct.data.classification.load_records`; only split ``split`` when the layout has splits)
     or of a plain folder of images (records without a label)."""
@@ -81,7 +81,7 @@ def pseudo_label(model_spec: str | Path | None, data: str | Path, output: str | 
     if "ggo" not in model.config.lesion_classes:
         raise CovidctError(teacher_path, f"the teacher segments {list(model.config.lesion_classes)}; pseudo-labels "
                                          "need GGO / consolidation")
-    sources = _sources(data, split if split else None)
+    sources = slice_sources(data, split if split else None)
     predictor = SegPredictor(model, crop_to_lung=False, density_classes=False)
     info = {"source": str(data), "split": split, "teacher": teacher_path.stem, "teacher_sha256": file_sha256(teacher_path)}
     return write_pseudo_labels(predictor, sources, output, info=info, progress=progress,

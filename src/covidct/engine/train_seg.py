@@ -70,6 +70,8 @@ class SegTrainConfig:
     imagenet: bool = True
     # a covidct seg / cls model file whose encoder starts this one (after ImageNet); "" = none
     encoder_init: str = ""
+    # a covidct seg-pretrain file (``covidct pretrain seg``): every tensor but the output head; "" = none
+    init: str = ""
     epochs: int = 120
     batch_size: int = 8
     lr: float = 2e-3
@@ -257,6 +259,10 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
         if cfg.encoder_init and str(exc).startswith(prefix):
             raise CovidctError(cfg.encoder_init, str(exc)[len(prefix):]) from None
         raise CovidctError(None, str(exc)) from None
+    if cfg.init:
+        from covidct.engine.pretrain_seg import init_from_pretrained
+
+        init_from_pretrained(model, cfg.init)
     model = model.to(memory_format=torch.channels_last)
     encoder_params = list(model.net.encoder.parameters())
     encoder_ids = {id(p) for p in encoder_params}
