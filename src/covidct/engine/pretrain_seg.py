@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import albumentations as A
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -87,18 +88,20 @@ def _shuffle_pixels(x: np.ndarray, rng: np.random.Generator, n_blocks: int = 100
 
 
 def _paint(x: np.ndarray, rng: np.random.Generator, inpaint: bool) -> np.ndarray:
-    """In-painting: up to 5 boxes (1/6–1/3 of the side) filled with uniform noise. Out-painting: the
-    image replaced by noise except up to 5 boxes (3/7–4/7 of the side) that keep their pixels."""
+    """In-painting: 1–5 boxes (1/6–1/3 of the side) filled with uniform noise (albumentations'
+    CoarseDropout). Out-painting: the image replaced by noise except 1–5 boxes (3/7–4/7 of the side)
+    that keep their pixels."""
+    if inpaint:
+        holes = A.CoarseDropout(num_holes_range=(1, 5), hole_height_range=(1 / 6, 1 / 3),
+                                hole_width_range=(1 / 6, 1 / 3), fill="random", p=1.0)
+        holes.set_random_seed(int(rng.integers(2 ** 31)))
+        return holes(image=x)["image"]
     h, w = x.shape
-    out = x.copy() if inpaint else rng.random(x.shape, dtype=np.float32)
-    for i in range(int(rng.integers(1, 6))):
-        lo, hi = ((6, 3) if inpaint else (7 / 3, 7 / 4))
-        bh, bw = int(h / rng.uniform(hi, lo)), int(w / rng.uniform(hi, lo))
+    out = rng.random(x.shape, dtype=np.float32)
+    for _ in range(int(rng.integers(1, 6))):
+        bh, bw = int(h * rng.uniform(3 / 7, 4 / 7)), int(w * rng.uniform(3 / 7, 4 / 7))
         y0, x0 = rng.integers(0, h - bh + 1), rng.integers(0, w - bw + 1)
-        if inpaint:
-            out[y0:y0 + bh, x0:x0 + bw] = rng.random((bh, bw), dtype=np.float32)
-        else:
-            out[y0:y0 + bh, x0:x0 + bw] = x[y0:y0 + bh, x0:x0 + bw]
+        out[y0:y0 + bh, x0:x0 + bw] = x[y0:y0 + bh, x0:x0 + bw]
     return out
 
 
