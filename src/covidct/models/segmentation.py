@@ -52,7 +52,7 @@ def build_seg_model(config: SegModelConfig | None = None, *, imagenet: bool = Fa
                     **overrides) -> SegmentationNet:
     """Build the network; ``imagenet=True`` initialises the encoder from offline ImageNet weights,
     ``encoder_init`` (a covidct segmentation or classification model file with the same encoder) from
-    that model's encoder instead (applied after ImageNet, so it wins)."""
+    that model's encoder instead of ImageNet's."""
     import segmentation_models_pytorch as smp
 
     config = config or SegModelConfig()
@@ -71,7 +71,7 @@ def build_seg_model(config: SegModelConfig | None = None, *, imagenet: bool = Fa
             raise ValueError(f"FPN segmentation channels must be a multiple of 32 (its GroupNorm), not {segmentation}")
         net = smp.FPN(encoder_name=encoder_name, encoder_weights=None, in_channels=config.in_channels, classes=n_out,
                       decoder_pyramid_channels=int(pyramid), decoder_segmentation_channels=int(segmentation))
-    if imagenet:
+    if imagenet and not encoder_init:
         if config.encoder not in OFFLINE_IMAGENET:
             raise ValueError(f"no offline ImageNet weights for encoder {config.encoder}; "
                              f"use one of {sorted(OFFLINE_IMAGENET)} or random init")
