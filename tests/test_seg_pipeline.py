@@ -496,15 +496,8 @@ def test_encoder_starts_from_a_classifier_and_a_wrong_one_is_one_line(tmp_path, 
     plain = build_seg_model(SegModelConfig(encoder="resnet18", decoder_channels=(16, 16, 8, 8, 8), input_size=48))
     assert not torch.equal(plain.net.encoder.conv1.weight, seg.net.encoder.conv1.weight)
     # the training config records the start; a model with another encoder is refused in one line
-    out = tmp_path / "m.pt"
-    train_seg(_tiny(seg_folder, epochs=1, encoder_init=str(cls_path)), out, progress=False)
-    assert read_checkpoint(out)["train_config"]["encoder_init"] == str(cls_path)
-    bad = tmp_path / "bad.pt"
-    assert main(["train", "seg", "--data", str(seg_folder), "--encoder", "resnet34", "--random-init", "--input-size", "48",
-                 "--epochs", "1", "--batch-size", "2", "--encoder-init", str(cls_path), "-o", str(bad)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert str(cls_path) in err and "encoder resnet34" in err and len(err.splitlines()) == 1
-    assert not bad.exists()
+    _start_is_recorded_and_a_misfit_refused(tmp_path, seg_folder, capsys, "encoder_init", cls_path,
+                                            ["--encoder", "resnet34"], "encoder resnet34")
 
 
 def test_corruption_keeps_shape_and_range_and_changes_the_image():
@@ -538,12 +531,20 @@ def test_pretrained_network_starts_segmentation_training(tmp_path, seg_folder, c
     for key in ("net.encoder.layer2.0.conv1.weight", "net.decoder.blocks.4.conv2.0.weight"):
         torch.testing.assert_close(state[key], payload["state_dict"][key].float())
     # training from it records the start; a network with other decoder channels is refused in one line
+    _start_is_recorded_and_a_misfit_refused(tmp_path, seg_folder, capsys, "init", pre, ["--encoder", "resnet18"],
+                                            "decoder_channels")
+
+
+def _start_is_recorded_and_a_misfit_refused(tmp_path, seg_folder, capsys, field: str, start, misfit_args: list[str],
+                                            reason: str) -> None:
+    """Training from ``start`` (config ``field``) records it; ``train seg`` with ``misfit_args`` (a network it does
+    not fit) is one error line naming it and ``reason``, and leaves no model or run folder."""
     out = tmp_path / "m.pt"
-    train_seg(_tiny(seg_folder, epochs=1, init=str(pre)), out, progress=False)
-    assert read_checkpoint(out)["train_config"]["init"] == str(pre)
+    train_seg(_tiny(seg_folder, epochs=1, **{field: str(start)}), out, progress=False)
+    assert read_checkpoint(out)["train_config"][field] == str(start)
     bad = tmp_path / "bad.pt"
-    assert main(["train", "seg", "--data", str(seg_folder), "--encoder", "resnet18", "--random-init", "--input-size", "48",
-                 "--epochs", "1", "--batch-size", "2", "--init", str(pre), "-o", str(bad)]) == 2
+    assert main(["train", "seg", "--data", str(seg_folder), *misfit_args, "--random-init", "--input-size", "48",
+                 "--epochs", "1", "--batch-size", "2", f"--{field.replace('_', '-')}", str(start), "-o", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
-    assert str(pre) in err and "decoder_channels" in err and len(err.splitlines()) == 1
+    assert str(start) in err and reason in err and len(err.splitlines()) == 1
     assert not bad.exists() and not (tmp_path / "bad_run").exists()
