@@ -548,3 +548,12 @@ def _start_is_recorded_and_a_misfit_refused(tmp_path, seg_folder, capsys, field:
     err = capsys.readouterr().err.strip()
     assert str(start) in err and reason in err and len(err.splitlines()) == 1
     assert not bad.exists() and not (tmp_path / "bad_run").exists()
+
+
+def test_pretrain_under_torchrun_is_refused_in_one_line(tmp_path, seg_folder, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "pre.pt"
+    assert main(["pretrain", "seg", "--data", str(seg_folder / "images"), "--encoder", "resnet18", "--random-init",
+                 "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "without torchrun" in err and len(err.splitlines()) == 1 and not out.exists()

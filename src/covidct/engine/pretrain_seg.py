@@ -10,10 +10,13 @@ configuration (encoder, decoder, input size), so ``--init`` can check that the t
 Images come from any classification folder layout (labels ignored; one split with ``split``) or a
 plain folder of images, loaded as the classifiers load them (grey ``[0, 1]``; CT through the model
 window).
+
+It runs in one process (under ``torchrun`` it refuses to start: each rank would train and write alone).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -148,6 +151,8 @@ def load_unlabelled_images(data: list[str], split: str | None, *, progress: bool
 def pretrain_seg(cfg: PretrainConfig, output: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Train the network to restore corrupted images; writes a ``seg-pretrain`` checkpoint."""
     output = Path(output)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CovidctError(None, "pretrain seg runs in one process; start it without torchrun")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -166,7 +171,7 @@ def pretrain_seg(cfg: PretrainConfig, output: str | Path, *, progress: bool = Tr
         corrupted, original = batch
         return F.mse_loss(torch.sigmoid(model(corrupted.to(memory_format=torch.channels_last))), original)
 
-    rows, t0, dist = [], time.time(), Distributed()
+    rows, t0, dist = [], time.time(), Distributed()  # inactive: one process
     for epoch in tqdm(range(cfg.epochs), desc="pretrain seg", unit="epoch", disable=not progress):
         loss = train_one_epoch(model, loader, loss_of, opt, sched, dist=dist)
         rows.append({"epoch": epoch, "train_mse": loss, "lr": opt.param_groups[0]["lr"],
@@ -184,9 +189,11 @@ def pretrain_seg(cfg: PretrainConfig, output: str | Path, *, progress: bool = Tr
 
 def init_from_pretrained(model: torch.nn.Module, path: str | Path) -> int:
     """Copy every tensor of a ``seg-pretrain`` checkpoint into ``model`` (a
-    :class:`~covidct.models.segmentation.SegmentationNet`) except the output head; the encoder, decoder
-    and input size must match. Returns the number of tensors copied."""
+    :class:`~covidct.models.segmentation.SegmentationNet`) except the output head; architecture,
+    encoder, decoder channels and input channels must match (the input size need not). Returns the
+    number of tensors copied."""
     from covidct.models.checkpoint import read_checkpoint
+    from covidct.models.encoders import copy_matching
 
     payload = read_checkpoint(path)
     if payload["task"] != TASK:
@@ -195,12 +202,5 @@ def init_from_pretrained(model: torch.nn.Module, path: str | Path) -> int:
     for key in ("arch", "encoder", "decoder_channels", "in_channels"):
         if list(np.atleast_1d(mine[key])) != list(np.atleast_1d(theirs[key])):
             raise CovidctError(path, f"its {key} {theirs[key]} does not fit this network's {mine[key]}")
-    target = model.state_dict()
-    copied = 0
-    for key, tensor in payload["state_dict"].items():
-        if key.startswith("net.segmentation_head.") or key not in target:
-            continue
-        target[key] = tensor.float()
-        copied += 1
-    model.load_state_dict(target)
-    return copied
+    body = {k: v.float() for k, v in payload["state_dict"].items() if not k.startswith("net.segmentation_head.")}
+    return copy_matching(model, body)
