@@ -129,6 +129,31 @@ def test_class_weights_favour_rare_classes_and_keep_the_loss_scale():
     assert we[1] > we[0]
     np.testing.assert_allclose((we * np.array([0.90, 0.10])).sum(), 1.0, rtol=1e-6)
 
+def test_infection_dice_term_scores_the_union_not_the_type():
+    from covidct.engine.train_seg import seg_loss
+
+    labels = torch.zeros((1, 8, 8), dtype=torch.long)
+    labels[0, :4] = 1                                          # GGO on the top half
+    lung = torch.zeros((1, 8, 8))
+
+    def loss_for(predicted: int, weight: float) -> float:
+        logits = torch.full((1, 3, 8, 8), -20.0)
+        logits[:, 0] = 20.0                                    # background...
+        logits[0, 0, :4], logits[0, predicted, :4] = -20.0, 20.0   # ...but `predicted` on the lesion
+        return float(seg_loss(logits, labels, lung, 3, False, 0.5, infection=([1, 2], weight)))
+
+    # the right type: the union term adds nothing; the wrong type: per-class terms pay, the union still does not
+    assert loss_for(1, 1.0) == pytest.approx(loss_for(1, 0.0), abs=1e-3)
+    assert loss_for(2, 1.0) == pytest.approx(loss_for(2, 0.0), abs=1e-3)
+    assert loss_for(2, 0.0) > loss_for(1, 0.0) + 0.5
+    # a missed lesion (all background): the union term is weight x (1 - eps / (32 lesion pixels + eps)), eps = 1
+    logits = torch.full((1, 3, 8, 8), -20.0)
+    logits[:, 0] = 20.0
+    base = float(seg_loss(logits, labels, lung, 3, False, 0.5))
+    assert float(seg_loss(logits, labels, lung, 3, False, 0.5, infection=([1, 2], 2.0))) == pytest.approx(
+        base + 2.0 * (1 - 1 / 33), abs=1e-3)
+
+
 
 def test_out_of_fold_pools_each_slice_once(tmp_path, seg_folder):
     from covidct.engine.evaluate_seg import evaluate_out_of_fold

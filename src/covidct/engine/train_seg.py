@@ -83,6 +83,9 @@ class SegTrainConfig:
     fold: int | str = 0
     select: str = "best"
     class_weighting: str = "none"
+    # weight of a soft Dice term on the infection region (GGO + consolidation probabilities summed
+    # against their union; nnU-Net's region-based training), beside the per-class terms; 0 = off
+    infection_dice_weight: float = 0.0
     seed: int = 0
     lung_weight: float = 0.5
     elastic: bool = True
@@ -124,6 +127,8 @@ def load_training_data(cfg: SegTrainConfig) -> tuple[list[SegSample], list[SegSa
         raise CovidctError(None, f"--labels must be one of {sorted(LABEL_SETS)}")
     if cfg.class_weighting not in ("none", "sqrt-inverse"):
         raise CovidctError(None, "--class-weighting must be 'none' or 'sqrt-inverse'")
+    if cfg.infection_dice_weight < 0:
+        raise CovidctError(None, "--infection-dice-weight must be 0 or more")
     if cfg.select not in ("best", "last"):
         raise CovidctError(None, "--select must be 'best' or 'last'")
     if cfg.fold != "all" and cfg.folds and not 0 <= int(cfg.fold) < cfg.folds:
@@ -180,9 +185,11 @@ def class_weights(samples: list[SegSample], lesion_classes: tuple[str, ...]) -> 
 
 
 def seg_loss(logits: torch.Tensor, labels: torch.Tensor, lung: torch.Tensor, n_lesion: int, lung_head: bool,
-             lung_weight: float, ce_weight: torch.Tensor | None = None) -> torch.Tensor:
+             lung_weight: float, ce_weight: torch.Tensor | None = None,
+             infection: tuple[list[int], float] | None = None) -> torch.Tensor:
     """Cross-entropy (optionally class-weighted) + soft Dice on lesion classes (foreground only),
-    BCE + Dice on the lung."""
+    BCE + Dice on the lung; ``infection = (class indices, weight)`` adds ``weight`` x the soft Dice
+    loss of those classes' summed probability against their union."""
     loss = logits.new_zeros(())
     if n_lesion:
         lesion = logits[:, :n_lesion]
@@ -190,6 +197,10 @@ def seg_loss(logits: torch.Tensor, labels: torch.Tensor, lung: torch.Tensor, n_l
         probs = torch.softmax(lesion, dim=1)
         onehot = F.one_hot(labels.clamp(max=n_lesion - 1), n_lesion).permute(0, 3, 1, 2).float()
         loss = loss + soft_dice_loss(probs[:, 1:], onehot[:, 1:])
+        if infection is not None and infection[1] > 0:
+            idx, weight = infection
+            loss = loss + weight * soft_dice_loss(probs[:, idx].sum(1, keepdim=True),
+                                                  onehot[:, idx].sum(1, keepdim=True))
     if lung_head:
         lg = logits[:, n_lesion]
         loss = loss + lung_weight * (F.binary_cross_entropy_with_logits(lg, lung)
@@ -318,13 +329,15 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
         if dist.is_main:
             print("cross-entropy class weights: " + ", ".join(
             f"{c} {w:.2f}" for c, w in zip(mcfg.lesion_classes, ce_weight.tolist())))
+    infection = ([i for i, c in enumerate(mcfg.lesion_classes) if c in ("ggo", "consolidation")],
+                 cfg.infection_dice_weight)
     bar = tqdm(range(start_epoch, cfg.epochs), desc="train seg", unit="epoch", disable=not progress,
                initial=start_epoch, total=cfg.epochs)
     for epoch in bar:
         t0 = time.time()
         train_loss = train_one_epoch(
             trained, loader, lambda b: seg_loss(trained(b[0].to(memory_format=torch.channels_last)), b[1], b[2], n_lesion,
-                                                mcfg.lung_head, cfg.lung_weight, ce_weight),
+                                                mcfg.lung_head, cfg.lung_weight, ce_weight, infection),
             opt, sched, dist=dist, sampler=sampler, epoch=epoch)
         if averaged is not None and epoch >= swa_start:
             averaged.update_parameters(model)
