@@ -242,3 +242,73 @@ def test_dicom_seg_lands_on_the_source_images(tmp_path, prone):
     assert all(f.read_bytes() == b for f, b in before.items())    # the source files are untouched
     assert write_dicom_seg(np.zeros_like(labels), vol, tmp_path / "none.seg.dcm") is None
     assert not (tmp_path / "none.seg.dcm").exists()
+
+
+@pytest.mark.parametrize("prone", [False, True])
+def test_enhanced_multiframe_ct_reads_like_its_series(tmp_path, prone):
+    """One multi-frame file (Legacy Converted Enhanced CT) holding a series: read as a file or as the folder
+    that holds it, it gives the series' array, affine and spacing (the frames stored in reverse order)."""
+    from covidct.data.synthetic import write_enhanced_ct
+
+    hu = phantom_hu(5, 40)[:, :, :36]
+    hu[:, 5, 30] = 900.0
+    write_ct_series(tmp_path / "series", hu, spacing=(2.5, 0.7, 0.8), prone=prone)
+    path = write_enhanced_ct(tmp_path / "enhanced" / "ct.dcm", hu, spacing=(2.5, 0.7, 0.8), prone=prone)
+    series = read(tmp_path / "series")
+    for vol in (read(path), read(tmp_path / "enhanced")):
+        assert vol.kind == "dicom" and vol.metadata["frames"] == 5 and vol.files == [str(path)] * 5
+        np.testing.assert_array_equal(vol.array, series.array)
+        np.testing.assert_allclose(vol.affine, series.affine, atol=1e-6)
+        assert vol.spacing == pytest.approx(series.spacing)
+        assert vol.metadata["orientation"] == series.metadata["orientation"]
+
+
+def test_head_to_feet_turns_a_feet_first_stack_round():
+    from covidct.io.dicom import head_to_feet
+
+    stack = np.arange(4 * 3 * 2, dtype=np.float32).reshape(4, 3, 2)
+    lps = np.array([[0, 0, 0.8, -100], [0, 0.7, 0, -120], [-2.5, 0, 0, 0], [0, 0, 0, 1]], float)  # slices to the feet
+    feet_first = lps.copy()
+    feet_first[:3, 3] += lps[:3, 0] * 3
+    feet_first[:3, 0] *= -1
+    a, affine_a = head_to_feet(stack, lps)
+    b, affine_b = head_to_feet(stack[::-1], feet_first)
+    np.testing.assert_array_equal(a, stack)
+    np.testing.assert_array_equal(b, stack)
+    np.testing.assert_allclose(affine_a, affine_b)
+    assert affine_a[2, 2] == pytest.approx(-2.5) and affine_a[0, 0] == pytest.approx(-0.8)
+
+
+def test_multiframe_frames_that_are_no_volume_are_one_error_line(tmp_path, capsys):
+    import pydicom
+
+    from covidct.cli import main
+    from covidct.data.synthetic import write_enhanced_ct
+
+    path = write_enhanced_ct(tmp_path / "ct.dcm", phantom_hu(4, 32))
+    ds = pydicom.dcmread(path)
+    frames = ds.PerFrameFunctionalGroupsSequence
+    frames[1].PlanePositionSequence[0].ImagePositionPatient = list(frames[2].PlanePositionSequence[0].ImagePositionPatient)
+    ds.save_as(path)
+    before = path.read_bytes()
+    with pytest.raises(InputError, match="do not form one regular volume"):
+        read(path)
+    assert main(["info", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and "regular volume" in err
+    assert path.read_bytes() == before
+
+
+def test_a_series_split_over_several_multiframe_files_is_one_error_line(tmp_path):
+    import pydicom
+
+    from covidct.data.synthetic import write_enhanced_ct
+
+    first = write_enhanced_ct(tmp_path / "ct" / "a.dcm", phantom_hu(3, 32))
+    second = write_enhanced_ct(tmp_path / "ct" / "b.dcm", phantom_hu(3, 32))
+    ds = pydicom.dcmread(second)
+    ds.SeriesInstanceUID = pydicom.dcmread(first, stop_before_pixels=True).SeriesInstanceUID
+    ds.save_as(second)
+    with pytest.raises(InputError, match="2 multi-frame files"):
+        read(tmp_path / "ct")
+    assert read(first).shape == (3, 32, 32)   # each file alone reads

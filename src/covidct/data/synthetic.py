@@ -88,3 +88,31 @@ def write_ct_series(folder: Path, hu: np.ndarray, *, spacing=(2.0, 0.7, 0.7), se
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+
+def write_enhanced_ct(path: Path, hu: np.ndarray, **series_options) -> Path:
+    """Write ``hu`` as one multi-frame DICOM file at ``path`` (Legacy Converted Enhanced CT, built by
+    highdicom from the single-frame series :func:`write_ct_series` writes with ``series_options``)."""
+    import tempfile
+
+    import highdicom
+    import pydicom
+
+    with tempfile.TemporaryDirectory() as tmp:
+        frames = [pydicom.dcmread(p) for p in write_ct_series(Path(tmp), hu, **series_options)]
+    # attributes the enhanced image requires that the single-frame phantom leaves out
+    required = {"PatientName": "Phantom^CT", "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"], "PatientBirthDate": "", "PatientSex": "O", "StudyDate": "20200101",
+                "StudyTime": "000000", "StudyID": "1", "AccessionNumber": "", "ReferringPhysicianName": "",
+                "Manufacturer": "covidct", "SeriesNumber": 1, "AcquisitionNumber": 1, "ContentDate": "20200101",
+                "ContentTime": "000000", "KVP": 120, "PatientPosition": "HFS",
+                "FrameOfReferenceUID": highdicom.UID(), "PositionReferenceIndicator": ""}
+    for ds in frames:
+        for keyword, value in required.items():
+            setattr(ds, keyword, value)
+    image = highdicom.legacy.LegacyConvertedEnhancedCTImage(
+        frames, series_instance_uid=highdicom.UID(), series_number=1, sop_instance_uid=highdicom.UID(),
+        instance_number=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save_as(path)
+    return path

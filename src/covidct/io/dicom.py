@@ -1,10 +1,13 @@
-"""DICOM readers: a single file or a folder holding one series.
+"""DICOM readers: a single file or a folder holding one series, and multi-frame (enhanced) images.
 
 Slices are ordered head -> feet: by descending position along the slice normal
 (``ImagePositionPatient`` projected on ``row x column`` direction); ``InstanceNumber`` is used
 when positions are missing. Stored values go through the modality LUT
 (``RescaleSlope``/``RescaleIntercept``) to Hounsfield units. Compressed transfer syntaxes
 (JPEG Lossless, JPEG 2000, RLE, ...) decode through pylibjpeg's plugins or GDCM if installed.
+A multi-frame file (Enhanced CT, Legacy Converted Enhanced CT: one file holding the whole series) is
+read through highdicom, which takes each frame's position, orientation and rescale from its
+functional groups.
 """
 
 from __future__ import annotations
@@ -120,10 +123,75 @@ def _affine(first: Any, positions: list[np.ndarray], spacing_rc: tuple[float, fl
     return _LPS_TO_RAS @ affine
 
 
+def _n_frames(ds: Any) -> int:
+    try:
+        return int(getattr(ds, "NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+def head_to_feet(array: np.ndarray, lps_affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A ``(slices, rows, columns)`` stack with highdicom's affine (LPS, of slice / row / column indices)
+    -> the same stack with slices head -> feet as :func:`read_dicom_series` orders them (descending
+    position along ``row x column``), and covidct's affine (RAS, of column / row / slice indices)."""
+    affine = np.eye(4)
+    affine[:3, 0], affine[:3, 1], affine[:3, 2] = lps_affine[:3, 2], lps_affine[:3, 1], lps_affine[:3, 0]
+    affine[:3, 3] = lps_affine[:3, 3]
+    if float(np.dot(affine[:3, 2], np.cross(affine[:3, 0], affine[:3, 1]))) > 0:  # feet -> head: turn round
+        array = array[::-1]
+        affine[:3, 3] += affine[:3, 2] * (array.shape[0] - 1)
+        affine[:3, 2] *= -1
+    return array, _LPS_TO_RAS @ affine
+
+
+def read_dicom_multiframe(path: str | Path, *, require_ct: bool = True, header: Any | None = None) -> Volume:
+    """Read a multi-frame DICOM image (e.g. Enhanced CT) that holds a regularly spaced stack of parallel
+    slices as a ``(slices, rows, columns)`` HU volume, slices head -> feet, in the working orientation
+    of :func:`read_dicom_series`. Frame geometry and rescale come from the functional groups
+    (``highdicom.Image.get_volume``); frames that do not form one regular volume (several phases,
+    uneven gaps, tiles) are an ``InputError``."""
+    import highdicom
+
+    path = Path(path)
+    header = header if header is not None else read_header(path)
+    _check_ct(header, path, require_ct)
+    try:
+        image = highdicom.imread(str(path))
+    except Exception as exc:
+        raise InputError(path, f"unreadable multi-frame DICOM ({type(exc).__name__}: {exc})") from None
+    try:
+        hd_volume = image.get_volume(dtype=np.float32)
+    except Exception as exc:
+        raise InputError(path, f"the {_n_frames(header)} frames do not form one regular volume: {exc}") from None
+    array = np.asarray(hd_volume.array, dtype=np.float32)
+    if array.ndim != 3:
+        raise InputError(path, f"expected single-channel frames, got a volume of shape {array.shape}")
+    array, affine = head_to_feet(array, np.asarray(hd_volume.affine, dtype=float))
+    spacing_rc = tuple(float(v) for v in hd_volume.pixel_spacing)
+    meta = _metadata(header)
+    meta["frames"] = _n_frames(header)
+    files = [str(path)] * array.shape[0]
+    array, affine, spacing_rc, files = _to_working_orientation(np.ascontiguousarray(array), affine, spacing_rc,
+                                                               files, meta)
+    return Volume(
+        array=array,
+        kind="dicom",
+        source=path,
+        is_hu=meta["modality"] in (None, "CT"),
+        spacing=(float(hd_volume.spacing_between_slices), *spacing_rc),
+        affine=affine,
+        files=files,
+        metadata=meta,
+    )
+
+
 def read_dicom_file(path: str | Path, *, require_ct: bool = True) -> Volume:
-    """Read one single-frame DICOM file as a one-slice volume in HU."""
+    """Read one DICOM file: a single-frame image as a one-slice volume in HU, a multi-frame one
+    through :func:`read_dicom_multiframe`."""
     path = Path(path)
     header = read_header(path)
+    if _n_frames(header) > 1:
+        return read_dicom_multiframe(path, require_ct=require_ct, header=header)
     _check_ct(header, path, require_ct)
     hu, ds = _pixels_hu(path)
     spacing_rc = _pixel_spacing(ds)
@@ -224,6 +292,14 @@ def read_dicom_series(
         raise InputError(folder, f"no series with SeriesInstanceUID {series_uid}")
     items = groups[series_uid]
     first = items[0][1]
+    if len(items) == 1 and _n_frames(first) > 1:  # the whole series in one multi-frame file
+        volume = read_dicom_multiframe(items[0][0], require_ct=require_ct, header=first)
+        volume.source, volume.n_skipped = folder, skipped
+        if len(groups) > 1:
+            volume.metadata["series_available"] = available
+        return volume
+    if any(_n_frames(ds) > 1 for _, ds in items):
+        raise InputError(folder, f"series {series_uid} holds {len(items)} multi-frame files; read one file at a time")
     _check_ct(first, items[0][0], require_ct)
     _, _, normal = _direction(first)
     shapes = {(int(getattr(ds, "Rows", 0)), int(getattr(ds, "Columns", 0))) for _, ds in items}
