@@ -268,6 +268,20 @@ def test_analyze_folder_with_two_series_takes_the_largest(tmp_path, tiny_seg_mod
     report = json.loads((out / "report.json").read_text())
     assert report["input"]["series_chosen"] == "1.2.840.1" and report["input"]["shape"][0] == 6
     assert [s["n_files"] for s in report["input"]["series_available"]] == [6, 3]
+    assert "the largest of 2 series: 1.2.840.1" in (out / "report.html").read_text()
+
+
+def test_analyze_says_when_slice_gaps_are_uneven(tmp_path, tiny_seg_model, capsys):
+    import pydicom
+
+    paths = write_ct_series(tmp_path / "s", phantom_hu(6, 80), spacing=(5.0, 3.0, 3.0))
+    next(p for p in paths if int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber) == 3).unlink()
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "s"), "-o", str(out), "--model", str(tiny_seg_model)]) == 0
+    assert "note: uneven slice gaps (5.0-10.0 mm, after slices [1]" in capsys.readouterr().out
+    gaps = json.loads((out / "report.json").read_text())["input"]["uneven_slice_gaps"]
+    assert gaps == {"median_mm": 5.0, "min_mm": 5.0, "max_mm": 10.0, "after_slices": [1]}
+    assert "uneven slice gaps (5.0-10.0 mm" in (out / "report.html").read_text()
 
 
 def test_lesion_region_does_not_fill_a_crescent():

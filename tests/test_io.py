@@ -312,3 +312,17 @@ def test_a_series_split_over_several_multiframe_files_is_one_error_line(tmp_path
     with pytest.raises(InputError, match="2 multi-frame files"):
         read(tmp_path / "ct")
     assert read(first).shape == (3, 32, 32)   # each file alone reads
+
+
+def test_a_missing_slice_is_reported_and_the_grid_keeps_the_median_gap(tmp_path):
+    import pydicom
+
+    paths = write_ct_series(tmp_path / "s", phantom_hu(6, 32))
+    regular = read(tmp_path / "s")
+    assert "uneven_slice_gaps" not in regular.metadata
+    gone = next(p for p in paths if int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber) == 4)
+    gone.unlink()                                            # slice 3 (0-based) lost in transfer
+    vol = read(tmp_path / "s")
+    assert vol.shape[0] == 5 and vol.spacing[0] == pytest.approx(2.0)
+    assert vol.metadata["uneven_slice_gaps"] == {"median_mm": 2.0, "min_mm": 2.0, "max_mm": 4.0, "after_slices": [2]}
+    np.testing.assert_allclose(vol.affine, regular.affine)   # steps of the median gap from the first slice

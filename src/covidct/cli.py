@@ -513,6 +513,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if "series_chosen" in report["input"]:
         n = len(report["input"]["series_available"])
         print(f"folder holds {n} series: analysed the largest, {report['input']['series_chosen']} (choose with --series)")
+    gaps = report["input"].get("uneven_slice_gaps")
+    if gaps:
+        print(f"note: uneven slice gaps ({gaps['min_mm']}-{gaps['max_mm']} mm, after slices {gaps['after_slices']}; a "
+              f"missing file?): volumes use the median gap, {gaps['median_mm']} mm")
     print(f"lung volume: {'n/a' if lung is None else f'{lung:.0f} mL'}")
     for name in ("ggo", "consolidation", "effusion", "total"):
         ml = les[name]["volume_ml"]

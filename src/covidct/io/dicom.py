@@ -110,13 +110,31 @@ def _metadata(ds: Any) -> dict[str, Any]:
     }
 
 
-def _affine(first: Any, positions: list[np.ndarray], spacing_rc: tuple[float, float]) -> np.ndarray:
+def uneven_gaps(gaps: np.ndarray, tolerance: float = 0.1) -> dict[str, Any] | None:
+    """``None`` when the distances between neighbouring slices agree with their median to within
+    ``tolerance`` of it, else what a report says about them: median, smallest, largest, and the
+    (0-based, head -> feet) slices after which a gap deviates (a missing file, two stacks in one series)."""
+    median = float(np.median(gaps))
+    off = np.flatnonzero(np.abs(gaps - median) > tolerance * median + 1e-3)
+    if off.size == 0:
+        return None
+    return {"median_mm": round(median, 4), "min_mm": round(float(gaps.min()), 4), "max_mm": round(float(gaps.max()), 4),
+            "after_slices": [int(k) for k in off[:20]]}
+
+
+def _affine(first: Any, positions: list[np.ndarray], spacing_rc: tuple[float, float], *,
+            step: float | None = None) -> np.ndarray:
+    """RAS affine of ``(column, row, slice)`` indices from the first slice's orientation and the positions;
+    ``step``: the slice axis takes this length (mm) along the first-to-last direction (uneven gaps: the
+    median) instead of the mean gap."""
     row, col, normal = _direction(first)
     affine = np.eye(4)
     affine[:3, 0] = row * spacing_rc[1]  # i runs along a row (column index)
     affine[:3, 1] = col * spacing_rc[0]  # j runs down a column (row index)
     if len(positions) > 1:
         affine[:3, 2] = (positions[-1] - positions[0]) / (len(positions) - 1)
+        if step is not None:
+            affine[:3, 2] *= step / float(np.linalg.norm(affine[:3, 2]))
     else:
         affine[:3, 2] = normal * float(getattr(first, "SliceThickness", 1.0) or 1.0)
     affine[:3, 3] = positions[0]
@@ -329,14 +347,18 @@ def read_dicom_series(
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         list(pool.map(decode, range(len(items))))
     spacing_rc = _pixel_spacing(first)
+    meta = _metadata(first)
     if len(positions) > 1:
-        slice_spacing = float(np.median(np.abs(np.diff([float(np.dot(p, normal)) for p in positions]))))
+        gaps = np.abs(np.diff([float(np.dot(p, normal)) for p in positions]))
+        slice_spacing = float(np.median(gaps))
+        uneven = uneven_gaps(gaps)
+        if uneven:
+            meta["uneven_slice_gaps"] = uneven
     else:
         slice_spacing = float(getattr(first, "SliceThickness", 1.0) or 1.0)
-    meta = _metadata(first)
     if len(groups) > 1:
         meta["series_available"] = available
-    array, affine = volume, _affine(first, positions, spacing_rc)
+    array, affine = volume, _affine(first, positions, spacing_rc, step=slice_spacing if "uneven_slice_gaps" in meta else None)
     files = [str(p) for p, _ in items]
     array, affine, spacing_rc, files = _to_working_orientation(array, affine, spacing_rc, files, meta)
     return Volume(

@@ -58,7 +58,9 @@ def build_report(vol: Volume, result: ScanResult, models: list[dict], seconds: f
                   "is_hu": vol.is_hu, "files_read": vol.n_files, "series_uid": vol.metadata.get("series_uid"),
                   # axis codes of the input as stored; shape, spacing and slices[].index are in the working
                   # orientation (L, P, I: slice 0 at the head), the NIfTI outputs on the input's own grid
-                  "orientation": vol.metadata.get("orientation")},
+                  "orientation": vol.metadata.get("orientation"),
+                  # DICOM series whose slice gaps differ (a missing file?): volumes use the median gap
+                  "uneven_slice_gaps": vol.metadata.get("uneven_slice_gaps")},
         "lung_volume_ml": b["lung_volume_ml"],
         "lung_method": result.lung_method,
         "lesions": {k: {"volume_ml": v["volume_ml"], "percent_of_lung": v["percent_of_lung"], "voxels": v["voxels"]}
@@ -106,6 +108,7 @@ figure{{display:inline-block;margin:.3em}} figure img{{max-width:340px}} .kv td{
 <h1>covidct scan report</h1>
 <table class="kv">
 <tr><td>input</td><td>{html.escape(inp['path'])} ({html.escape(inp['kind'])}, {inp['shape']}, spacing {inp['spacing_mm']} mm)</td></tr>
+{_input_notes(inp)}
 <tr><td>lung volume</td><td>{'n/a' if lung_ml is None else f'{lung_ml:.0f} mL'} ({html.escape(report['lung_method'])})</td></tr>
 <tr><td>percentage of opacity</td><td>{report['percent_opacity']:.2f} %</td></tr>
 <tr><td>percentage of high opacity</td><td>{'n/a' if report['percent_high_opacity'] is None else f"{report['percent_high_opacity']:.2f} %"}</td></tr>
@@ -121,6 +124,18 @@ figure{{display:inline-block;margin:.3em}} figure img{{max-width:340px}} .kv td{
 <p><small>covidct {html.escape(report['covidct_version'])}; models: {html.escape(', '.join(m['name'] for m in report['models']))}; {report['seconds']} s</small></p>
 </body></html>
 """
+
+
+def _input_notes(inp: dict) -> str:
+    """Rows that say which series was taken, and that slice gaps are uneven, when so."""
+    rows = []
+    if inp.get("series_chosen"):
+        rows.append(f"the largest of {len(inp['series_available'])} series: {inp['series_chosen']}")
+    gaps = inp.get("uneven_slice_gaps")
+    if gaps:
+        rows.append(f"uneven slice gaps ({gaps['min_mm']}-{gaps['max_mm']} mm, after slices {gaps['after_slices']}; "
+                    f"a missing file?): volumes use the median gap, {gaps['median_mm']} mm")
+    return "".join(f'<tr><td>note</td><td class="note">{html.escape(r)}</td></tr>' for r in rows)
 
 
 def _probability_text(probs: dict[str, float]) -> str:
