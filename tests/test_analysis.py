@@ -264,11 +264,11 @@ def test_analyze_folder_with_two_series_takes_the_largest(tmp_path, tiny_seg_mod
     write_ct_series(tmp_path / "study" / "b", phantom_hu(3, 80), spacing=(5.0, 3.0, 3.0), series_uid="1.2.840.2")
     out = tmp_path / "out"
     assert main(["analyze", str(tmp_path / "study"), "-o", str(out), "--model", str(tiny_seg_model)]) == 0
-    assert "analysed the largest, 1.2.840.1" in capsys.readouterr().out
+    assert "analysed the largest axial one, 1.2.840.1" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["input"]["series_chosen"] == "1.2.840.1" and report["input"]["shape"][0] == 6
     assert [s["n_files"] for s in report["input"]["series_available"]] == [6, 3]
-    assert "the largest of 2 series: 1.2.840.1" in (out / "report.html").read_text()
+    assert "the largest axial one of 2 series: 1.2.840.1" in (out / "report.html").read_text()
 
 
 def test_analyze_says_when_slice_gaps_are_uneven(tmp_path, tiny_seg_model, capsys):

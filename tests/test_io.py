@@ -213,10 +213,11 @@ def test_prone_series_is_read_in_the_working_orientation(tmp_path):
     assert prone.spacing == supine.spacing
 
 
-@pytest.mark.parametrize("prone", [False, True])
-def test_dicom_seg_lands_on_the_source_images(tmp_path, prone):
+@pytest.mark.parametrize("stored", ["supine", "prone", "coronal"])
+def test_dicom_seg_lands_on_the_source_images(tmp_path, stored):
     """A label map on the working grid, written as DICOM SEG and read back per source image, covers the
-    same pixels of each stored slice as the structure it was drawn from (a prone series is stored flipped)."""
+    same pixels of each stored slice as the structure it was drawn from (a prone series is stored flipped,
+    a coronal one resliced)."""
     import highdicom as hd
     import pydicom
 
@@ -224,9 +225,10 @@ def test_dicom_seg_lands_on_the_source_images(tmp_path, prone):
 
     hu = phantom_hu(6, 48).astype(np.float32)
     hu[2:4, 5:12, 30:40] = 1000                                   # an off-centre dense block
-    files = write_ct_series(tmp_path / "s", hu, spacing=(5.0, 3.0, 3.0), prone=prone)
+    files = write_ct_series(tmp_path / "s", hu, spacing=(5.0, 3.0, 3.0), prone=stored == "prone",
+                            coronal=stored == "coronal")
     vol = read(tmp_path / "s")
-    assert ("source_affine" in vol.metadata) == prone            # only a reoriented series records its stored grid
+    assert ("source_affine" in vol.metadata) == (stored != "supine")  # only a reoriented series records its stored grid
     labels = (vol.array > 500).astype(np.uint8) * 2               # "consolidation" where the block is
     lung = (vol.array < -500).astype(np.uint8)
     before = {f: f.read_bytes() for f in files}
@@ -326,3 +328,20 @@ def test_a_missing_slice_is_reported_and_the_grid_keeps_the_median_gap(tmp_path)
     assert vol.shape[0] == 5 and vol.spacing[0] == pytest.approx(2.0)
     assert vol.metadata["uneven_slice_gaps"] == {"median_mm": 2.0, "min_mm": 2.0, "max_mm": 4.0, "after_slices": [2]}
     np.testing.assert_allclose(vol.affine, regular.affine)   # steps of the median gap from the first slice
+
+
+def test_a_coronal_series_is_resliced_to_the_axial_working_grid(tmp_path):
+    """The same voxels stored as coronal images read to the axial series' array, affine and spacing; a study
+    holding both takes the axial series by default even when the coronal one has more files."""
+    hu = phantom_hu(5, 40)[:, :, :36]
+    hu[:, 5, 30] = 900.0
+    write_ct_series(tmp_path / "study" / "axial", hu, spacing=(2.5, 0.7, 0.8), series_uid="1.2.840.10")
+    write_ct_series(tmp_path / "study" / "coronal", hu, spacing=(2.5, 0.7, 0.8), series_uid="1.2.840.20", coronal=True)
+    axial, coronal = read(tmp_path / "study" / "axial"), read(tmp_path / "study" / "coronal")
+    assert coronal.metadata["resliced_from"] == "coronal" and "resliced_from" not in axial.metadata
+    np.testing.assert_array_equal(coronal.array, axial.array)
+    np.testing.assert_allclose(coronal.affine, axial.affine, atol=1e-6)
+    assert coronal.spacing == pytest.approx(axial.spacing) and coronal.n_files == 40
+    chosen = read(tmp_path / "study", largest_series=True)      # 40 coronal files against 5 axial ones
+    assert chosen.metadata["series_uid"] == "1.2.840.10"
+    assert [(r["plane"], r["n_files"]) for r in chosen.metadata["series_available"]] == [("axial", 5), ("coronal", 40)]

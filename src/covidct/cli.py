@@ -512,7 +512,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     lung = report["lung_volume_ml"]
     if "series_chosen" in report["input"]:
         n = len(report["input"]["series_available"])
-        print(f"folder holds {n} series: analysed the largest, {report['input']['series_chosen']} (choose with --series)")
+        print(f"folder holds {n} series: analysed the largest axial one, {report['input']['series_chosen']} (choose with --series)")
     gaps = report["input"].get("uneven_slice_gaps")
     if gaps:
         print(f"note: uneven slice gaps ({gaps['min_mm']}-{gaps['max_mm']} mm, after slices {gaps['after_slices']}; a "
@@ -733,7 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, help="output folder")
     s.add_argument("--model", help="segmentation model: shipped name or .pt file")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--series", help="SeriesInstanceUID when a folder holds several series (default: the largest, "
+    s.add_argument("--series", help="SeriesInstanceUID when a folder holds several series (default: the largest axial one, "
                    "and the report says so); 'all': analyse each series into OUTDIR/<folder>-s1, -s2, ...")
     s.add_argument("--window", default="model", help="HU window into the model: 'model' (L-420/W1480, matched to "
                    "the training slices), 'lung', or --window=LEVEL,WIDTH; the GGO / consolidation density split "

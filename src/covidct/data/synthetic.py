@@ -30,11 +30,14 @@ def phantom_hu(n_slices: int = 6, size: int = 64, seed: int = 0) -> np.ndarray:
 
 def write_ct_series(folder: Path, hu: np.ndarray, *, spacing=(2.0, 0.7, 0.7), series_uid: str | None = None,
                     modality: str = "CT", shuffle_names: bool = True, compress: bool | str = False,
-                    slope: float = 1.0, intercept: float = -1024.0, prone: bool = False) -> list[Path]:
+                    slope: float = 1.0, intercept: float = -1024.0, prone: bool = False,
+                    coronal: bool = False) -> list[Path]:
     """Write ``hu`` (slices, rows, cols; slice 0 = head) as one DICOM file per slice; ``compress``: True
     for RLE Lossless, or a transfer syntax UID pydicom can encode (e.g. JPEG 2000 Lossless).
     ``prone``: stored as a prone scan shows it (``ImageOrientationPatient`` [-1, 0, 0, 0, -1, 0]: rows and
-    columns reversed), the same voxels in the same places in millimetres."""
+    columns reversed), the same voxels in the same places in millimetres. ``coronal``: the same voxels
+    stored as coronal images (one per row of ``hu``, front to back; ``ImageOrientationPatient``
+    [1, 0, 0, 0, 0, -1])."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
@@ -42,10 +45,11 @@ def write_ct_series(folder: Path, hu: np.ndarray, *, spacing=(2.0, 0.7, 0.7), se
     series_uid = series_uid or generate_uid()
     study_uid = generate_uid()
     paths = []
-    n = hu.shape[0]
+    images = np.transpose(hu, (1, 0, 2)) if coronal else hu   # coronal image j: rows = hu's slices, columns = i
+    n = images.shape[0]
     order = np.random.default_rng(1).permutation(n) if shuffle_names else np.arange(n)
     for k in range(n):
-        stored = np.round((hu[k] - intercept) / slope).astype(np.uint16)
+        stored = np.round((images[k] - intercept) / slope).astype(np.uint16)
         if prone:
             stored = np.ascontiguousarray(stored[::-1, ::-1])
         meta = FileMetaDataset()
@@ -61,7 +65,10 @@ def write_ct_series(folder: Path, hu: np.ndarray, *, spacing=(2.0, 0.7, 0.7), se
         ds.SeriesInstanceUID = series_uid
         ds.PatientID = "PHANTOM"
         ds.InstanceNumber = k + 1
-        if prone:  # the first stored pixel is the supine image's last one
+        if coronal:  # pixel (r, c) of image k lies at (-100 + c dx, -120 + k dy, -r dz) like hu[r, k, c]
+            ds.ImagePositionPatient = [-100.0, -120.0 + float(k) * spacing[1], 0.0]
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+        elif prone:  # the first stored pixel is the supine image's last one
             rows, cols = hu.shape[1:]
             ds.ImagePositionPatient = [-100.0 + (cols - 1) * spacing[2], -120.0 + (rows - 1) * spacing[1],
                                        -float(k) * spacing[0]]
@@ -69,10 +76,10 @@ def write_ct_series(folder: Path, hu: np.ndarray, *, spacing=(2.0, 0.7, 0.7), se
         else:
             ds.ImagePositionPatient = [-100.0, -120.0, -float(k) * spacing[0]]
             ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [spacing[1], spacing[2]]
-        ds.SliceThickness = spacing[0]
-        ds.SliceLocation = -float(k) * spacing[0]
-        ds.Rows, ds.Columns = hu.shape[1:]
+        ds.PixelSpacing = [spacing[0], spacing[2]] if coronal else [spacing[1], spacing[2]]
+        ds.SliceThickness = spacing[1] if coronal else spacing[0]
+        ds.SliceLocation = -120.0 + float(k) * spacing[1] if coronal else -float(k) * spacing[0]
+        ds.Rows, ds.Columns = images.shape[1:]
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.BitsAllocated = 16

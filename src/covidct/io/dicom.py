@@ -189,14 +189,14 @@ def read_dicom_multiframe(path: str | Path, *, require_ct: bool = True, header: 
     meta = _metadata(header)
     meta["frames"] = _n_frames(header)
     files = [str(path)] * array.shape[0]
-    array, affine, spacing_rc, files = _to_working_orientation(np.ascontiguousarray(array), affine, spacing_rc,
-                                                               files, meta)
+    spacing = (float(hd_volume.spacing_between_slices), *spacing_rc)
+    array, affine, spacing, files = _to_working_orientation(np.ascontiguousarray(array), affine, spacing, files, meta)
     return Volume(
         array=array,
         kind="dicom",
         source=path,
         is_hu=meta["modality"] in (None, "CT"),
-        spacing=(float(hd_volume.spacing_between_slices), *spacing_rc),
+        spacing=spacing,
         affine=affine,
         files=files,
         metadata=meta,
@@ -250,15 +250,32 @@ def scan_series(folder: str | Path) -> tuple[dict[str, list[tuple[Path, Any]]], 
     return dict(series), skipped
 
 
+def image_plane(ds: Any) -> str:
+    """``axial``, ``coronal`` or ``sagittal``: the patient axis the slice normal is closest to
+    (``oblique`` when none is within 45 degrees; ``unknown`` without ``ImageOrientationPatient``)."""
+    if getattr(ds, "ImageOrientationPatient", None) is None:
+        return "unknown"
+    return _plane(_direction(ds)[2])
+
+
+def _plane(normal: np.ndarray) -> str:
+    normal = np.abs(normal) / max(float(np.linalg.norm(normal)), 1e-12)
+    if normal.max() < np.sqrt(0.5):
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[int(np.argmax(normal))]
+
+
 def _series_list(groups: dict[str, list[tuple[Path, Any]]]) -> list[dict[str, Any]]:
-    """``[{"series_uid", "n_files", "description"}, ...]``, the series with the most files first."""
-    return sorted(({"series_uid": uid, "n_files": len(items),
-                    "description": str(getattr(items[0][1], "SeriesDescription", "") or "")}
-                   for uid, items in groups.items()), key=lambda r: -r["n_files"])
+    """``[{"series_uid", "n_files", "description", "plane"}, ...]``: axial series first (the plane covidct's
+    models read; a coronal reformat often has more files than the axial series it was made from), then by
+    number of files."""
+    rows = [{"series_uid": uid, "n_files": len(items), "description": str(getattr(items[0][1], "SeriesDescription", "") or ""),
+             "plane": image_plane(items[0][1])} for uid, items in groups.items()]
+    return sorted(rows, key=lambda r: (r["plane"] not in ("axial", "unknown"), -r["n_files"]))
 
 
 def list_series(folder: str | Path) -> list[dict[str, Any]]:
-    """The DICOM series below ``folder`` (headers only), the one with the most files first, each with
+    """The DICOM series below ``folder`` (headers only), in :func:`_series_list`'s order, each with
     ``folder``: the narrowest folder that holds all its files and no file of another series (reading the
     series from there scans only its own headers), else ``folder`` itself."""
     groups, _ = scan_series(folder)
@@ -290,7 +307,7 @@ def read_dicom_series(
 ) -> Volume:
     """Read a folder holding one DICOM series into a ``(slices, rows, columns)`` HU volume.
 
-    A folder with several series needs ``series_uid``, or ``largest_series=True`` to take the one
+    A folder with several series needs ``series_uid``, or ``largest_series=True`` to take the axial one
     with the most files (``metadata["series_available"]`` then lists them all); mixed sizes or
     orientations inside one series are rejected.
     """
@@ -360,13 +377,13 @@ def read_dicom_series(
         meta["series_available"] = available
     array, affine = volume, _affine(first, positions, spacing_rc, step=slice_spacing if "uneven_slice_gaps" in meta else None)
     files = [str(p) for p, _ in items]
-    array, affine, spacing_rc, files = _to_working_orientation(array, affine, spacing_rc, files, meta)
+    array, affine, spacing, files = _to_working_orientation(array, affine, (slice_spacing, *spacing_rc), files, meta)
     return Volume(
         array=array,
         kind="dicom-series",
         source=folder,
         is_hu=meta["modality"] in (None, "CT"),
-        spacing=(slice_spacing, *spacing_rc),
+        spacing=spacing,
         affine=affine,
         files=files,
         n_skipped=skipped,
@@ -374,25 +391,30 @@ def read_dicom_series(
     )
 
 
-def _to_working_orientation(array: np.ndarray, affine: np.ndarray, spacing_rc: tuple[float, float],
+def _to_working_orientation(array: np.ndarray, affine: np.ndarray, spacing: tuple[float, float, float],
                             files: list[str], meta: dict[str, Any]):
-    """Axial series whose rows or columns run otherwise (a prone scan: anterior down, the patient's right
-    on the image's right) are flipped / transposed in-plane to the working orientation
-    (:mod:`covidct.io.orientation`); series that are not axial are left as acquired."""
+    """A series in any plane and direction is brought to the working orientation
+    (:mod:`covidct.io.orientation`) as NIfTI volumes are: an axial series whose rows or columns run otherwise
+    (a prone scan) is flipped / transposed in-plane; a coronal or sagittal series is resliced into axial
+    slices by permuting its axes (no interpolation: its in-plane grid becomes the axial slices' rows or
+    columns and the slice gap). Returns ``(array, affine, spacing (slice, row, column), files)``; a
+    resliced series lists its files in stored order."""
     import nibabel as nib
 
     from covidct.io.orientation import is_identity, ornt_to_working, reorient_kji
 
     meta["orientation"] = "".join(nib.aff2axcodes(affine))
     ornt = ornt_to_working(affine)
-    if int(ornt[2, 0]) != 2 or is_identity(ornt):
-        return array, affine, spacing_rc, files
+    if is_identity(ornt):
+        return array, affine, spacing, files
     # the grid as stored, to write results back onto the source images (DICOM SEG)
     meta["source_affine"], meta["source_files"] = affine.tolist(), list(files)
     array, affine = reorient_kji(array, affine, ornt)
-    if ornt[2, 1] < 0:
-        files = files[::-1]
-    if int(ornt[0, 0]) == 1:  # rows and columns exchanged
-        spacing_rc = (spacing_rc[1], spacing_rc[0])
-    return array, affine, spacing_rc, files
-
+    # voxel axis a of the source (i, j, k) becomes axis ornt[a, 0]; spacing is (k, j, i)
+    by_new_axis = {int(ornt[a, 0]): spacing[2 - a] for a in range(3)}
+    spacing = (by_new_axis[2], by_new_axis[1], by_new_axis[0])
+    if int(ornt[2, 0]) == 2:
+        files = files[::-1] if ornt[2, 1] < 0 else files
+    else:
+        meta["resliced_from"] = _plane(np.asarray(meta["source_affine"])[:3, 2])
+    return array, affine, spacing, files

@@ -47,8 +47,8 @@ def write_dicom_seg(labels: np.ndarray, vol: Volume, path: str | Path, *, lung: 
     import pydicom
     from pydicom.sr.codedict import codes
 
-    if vol.kind != "dicom-series" or len(vol.files) != vol.n_slices:
-        raise InputError(vol.source, "a DICOM SEG needs a DICOM series as input")
+    if vol.kind != "dicom-series":
+        raise InputError(vol.source, "a DICOM SEG needs a DICOM series of single-frame images as input")
     masks, descriptions = [], []
 
     def add(mask: np.ndarray, name: str, code: str, meaning: str, category) -> None:

@@ -26,7 +26,8 @@ class Volume:
             (plain images).
         affine: 4x4 NIfTI-style (RAS) matrix mapping voxel index ``(column i, row j, slice k)``
             to millimetres. Identity for images. ``array[k, j, i]`` is voxel ``(i, j, k)``.
-        files: the file behind each slice, in slice order (a NIfTI or an image file repeats).
+        files: the file behind each slice, in slice order (a NIfTI, multi-frame DICOM or image file repeats;
+            a coronal or sagittal DICOM series resliced to axial lists its files in stored order).
         n_skipped: files in a folder that were not read (not DICOM / not an image).
         metadata: source metadata (modality, series UID, window, ...).
     """

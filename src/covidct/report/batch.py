@@ -2,7 +2,7 @@
 loaded once, and a ``summary.csv`` / ``summary.json`` with one row per scan (``covidct serve`` shows the
 folder as an index of the scans). A scan that cannot be read is reported and skipped; the others go on.
 
-A folder holding several DICOM series is one scan (the largest series, as for a single ``analyze``), or
+A folder holding several DICOM series is one scan (the largest axial series, as for a single ``analyze``), or
 with ``series="all"`` one scan per series."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _stem(path: Path) -> str:
 
 def scan_jobs(paths: Sequence[str | Path], *, series: str | None = None) -> list[ScanJob]:
     """The scans to analyse, with unique output names: one per path, or with ``series="all"`` one per
-    DICOM series of a folder that holds several (``<folder>-s1``, ``-s2``, ... by size); ``series``
+    DICOM series of a folder that holds several (``<folder>-s1``, ``-s2``, ...: axial first, then by size); ``series``
     otherwise names one SeriesInstanceUID for every path."""
     from covidct.io.dicom import list_series
 

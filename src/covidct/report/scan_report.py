@@ -130,7 +130,7 @@ def _input_notes(inp: dict) -> str:
     """Rows that say which series was taken, and that slice gaps are uneven, when so."""
     rows = []
     if inp.get("series_chosen"):
-        rows.append(f"the largest of {len(inp['series_available'])} series: {inp['series_chosen']}")
+        rows.append(f"the largest axial one of {len(inp['series_available'])} series: {inp['series_chosen']}")
     gaps = inp.get("uneven_slice_gaps")
     if gaps:
         rows.append(f"uneven slice gaps ({gaps['min_mm']}-{gaps['max_mm']} mm, after slices {gaps['after_slices']}; "
