@@ -345,3 +345,22 @@ def test_a_coronal_series_is_resliced_to_the_axial_working_grid(tmp_path):
     chosen = read(tmp_path / "study", largest_series=True)      # 40 coronal files against 5 axial ones
     assert chosen.metadata["series_uid"] == "1.2.840.10"
     assert [(r["plane"], r["n_files"]) for r in chosen.metadata["series_available"]] == [("axial", 5), ("coronal", 40)]
+
+
+def test_a_localizer_filed_under_the_series_is_skipped_and_counted(tmp_path):
+    import pydicom
+
+    hu = phantom_hu(4, 32)
+    write_ct_series(tmp_path / "s", hu, series_uid="1.2.840.30")
+    write_ct_series(tmp_path / "scout", phantom_hu(1, 48)[:, :, :40], series_uid="1.2.840.30", coronal=True)
+    scout = next((tmp_path / "scout").iterdir())
+    ds = pydicom.dcmread(scout)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.save_as(tmp_path / "s" / "scout.dcm")
+    vol = read(tmp_path / "s")
+    assert vol.shape == (4, 32, 32) and vol.n_skipped == 1 and vol.metadata["localizers_skipped"] == 1
+    np.testing.assert_allclose(vol.array, hu, atol=1.01)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]          # not marked as a localizer: a mixed series, refused
+    ds.save_as(tmp_path / "s" / "scout.dcm")
+    with pytest.raises(InputError, match="mixed series"):
+        read(tmp_path / "s")

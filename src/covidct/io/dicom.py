@@ -250,6 +250,11 @@ def scan_series(folder: str | Path) -> tuple[dict[str, list[tuple[Path, Any]]], 
     return dict(series), skipped
 
 
+def _is_localizer(ds: Any) -> bool:
+    """``ImageType`` says LOCALIZER (a scout / topogram image)."""
+    return "LOCALIZER" in [str(v).upper() for v in (getattr(ds, "ImageType", None) or [])]
+
+
 def image_plane(ds: Any) -> str:
     """``axial``, ``coronal`` or ``sagittal``: the patient axis the slice normal is closest to
     (``oblique`` when none is within 45 degrees; ``unknown`` without ``ImageOrientationPatient``)."""
@@ -335,6 +340,11 @@ def read_dicom_series(
         return volume
     if any(_n_frames(ds) > 1 for _, ds in items):
         raise InputError(folder, f"series {series_uid} holds {len(items)} multi-frame files; read one file at a time")
+    # scout / localizer images that a scanner filed under the CT series are not slices of the volume
+    slices = [item for item in items if not _is_localizer(item[1])]
+    n_localizers = len(items) - len(slices) if slices else 0
+    if n_localizers:
+        items, skipped, first = slices, skipped + n_localizers, slices[0][1]
     _check_ct(first, items[0][0], require_ct)
     _, _, normal = _direction(first)
     shapes = {(int(getattr(ds, "Rows", 0)), int(getattr(ds, "Columns", 0))) for _, ds in items}
@@ -365,6 +375,8 @@ def read_dicom_series(
         list(pool.map(decode, range(len(items))))
     spacing_rc = _pixel_spacing(first)
     meta = _metadata(first)
+    if n_localizers:
+        meta["localizers_skipped"] = n_localizers
     if len(positions) > 1:
         gaps = np.abs(np.diff([float(np.dot(p, normal)) for p in positions]))
         slice_spacing = float(np.median(gaps))
