@@ -27,7 +27,7 @@ def test_dicom_series_sorted_head_to_feet_and_in_hu(tmp_path):
     assert vol.affine[0, 0] == pytest.approx(-0.7)
 
 
-@pytest.mark.parametrize("syntax, name", [(True, "RLE"), ("1.2.840.10008.1.2.4.90", "JPEG 2000")])
+@pytest.mark.parametrize("syntax, name", [(True, "RLE"), ("1.2.840.10008.1.2.4.90", "JPEG 2000"), ("1.2.840.10008.1.2.4.80", "JPEG-LS")])
 def test_dicom_compressed_series_decodes(tmp_path, syntax, name):
     hu = phantom_hu(3, 32)
     write_ct_series(tmp_path / "c", hu, compress=syntax)
