@@ -342,6 +342,9 @@ def test_a_coronal_series_is_resliced_to_the_axial_working_grid(tmp_path):
     np.testing.assert_array_equal(coronal.array, axial.array)
     np.testing.assert_allclose(coronal.affine, axial.affine, atol=1e-6)
     assert coronal.spacing == pytest.approx(axial.spacing) and coronal.n_files == 40
+    with pytest.raises(InputError, match=r"holds 2 DICOM series, pass one: 1\.2\.840\.10 \(5 files, axial\), "
+                       r"1\.2\.840\.20 \(40 files, coronal\)"):
+        read(tmp_path / "study")
     chosen = read(tmp_path / "study", largest_series=True)      # 40 coronal files against 5 axial ones
     assert chosen.metadata["series_uid"] == "1.2.840.10"
     assert [(r["plane"], r["n_files"]) for r in chosen.metadata["series_available"]] == [("axial", 5), ("coronal", 40)]

@@ -325,7 +325,7 @@ def read_dicom_series(
         series_uid = available[0]["series_uid"]
     if series_uid is None:
         if len(groups) > 1:
-            sizes = ", ".join(f"{uid} ({len(items)} files)" for uid, items in groups.items())
+            sizes = ", ".join(f"{r['series_uid']} ({r['n_files']} files, {r['plane']})" for r in available)
             raise InputError(folder, f"folder holds {len(groups)} DICOM series, pass one: {sizes}")
         series_uid = next(iter(groups))
     if series_uid not in groups:
