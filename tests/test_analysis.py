@@ -391,3 +391,24 @@ def test_analyze_writes_a_dicom_seg_for_dicom_series_only(tmp_path, tiny_seg_mod
     write_nifti(tmp_path / "v.nii.gz", phantom_hu(4, 64), spacing=(5.0, 3.0, 3.0))
     assert main(["analyze", str(tmp_path / "v.nii.gz"), "-o", str(tmp_path / "out2"), *args]) == 0
     assert "not a DICOM series" in capsys.readouterr().out and not (tmp_path / "out2" / "lesions.seg.dcm").exists()
+
+
+def test_analyze_a_coronal_series_like_its_axial_twin(tmp_path, tiny_seg_model):
+    """The same voxels stored as coronal images: resliced on reading, analysed like the axial series (same lung
+    volume, burden and lesion map on the same world grid)."""
+    import nibabel as nib
+
+    hu = phantom_hu(6, 80)
+    write_ct_series(tmp_path / "axial", hu, spacing=(5.0, 3.0, 3.0))
+    write_ct_series(tmp_path / "coronal", hu, spacing=(5.0, 3.0, 3.0), coronal=True)
+    reports = {}
+    for name in ("axial", "coronal"):
+        assert main(["analyze", str(tmp_path / name), "-o", str(tmp_path / f"out_{name}"), "--model", str(tiny_seg_model),
+                     "--no-viewer"]) == 0
+        reports[name] = json.loads((tmp_path / f"out_{name}" / "report.json").read_text())
+    for key in ("lung_volume_ml", "lesions", "percent_opacity", "severity_score"):
+        assert reports["coronal"][key] == reports["axial"][key]
+    assert reports["coronal"]["input"]["shape"] == [6, 80, 80] and reports["coronal"]["input"]["files_read"] == 80
+    maps = [nib.load(tmp_path / f"out_{name}" / "lesions.nii.gz") for name in ("axial", "coronal")]
+    np.testing.assert_array_equal(maps[0].get_fdata(), maps[1].get_fdata())
+    np.testing.assert_allclose(maps[0].affine, maps[1].affine, atol=1e-6)
