@@ -255,7 +255,7 @@ def test_enhanced_multiframe_ct_reads_like_its_series(tmp_path, prone):
     hu = phantom_hu(5, 40)[:, :, :36]
     hu[:, 5, 30] = 900.0
     write_ct_series(tmp_path / "series", hu, spacing=(2.5, 0.7, 0.8), prone=prone)
-    path = write_enhanced_ct(tmp_path / "enhanced" / "ct.dcm", hu, spacing=(2.5, 0.7, 0.8), prone=prone)
+    path = write_enhanced_ct(tmp_path / "enhanced" / "ct.dcm", hu, spacing=(2.5, 0.7, 0.8), prone=prone, feet_first=True)
     series = read(tmp_path / "series")
     for vol in (read(path), read(tmp_path / "enhanced")):
         assert vol.kind == "dicom" and vol.metadata["frames"] == 5 and vol.files == [str(path)] * 5
@@ -367,3 +367,32 @@ def test_a_localizer_filed_under_the_series_is_skipped_and_counted(tmp_path):
     ds.save_as(tmp_path / "s" / "scout.dcm")
     with pytest.raises(InputError, match="mixed series"):
         read(tmp_path / "s")
+
+
+@pytest.mark.parametrize("prone", [False, True])
+def test_dicom_seg_lands_on_the_frames_of_a_multiframe_source(tmp_path, prone):
+    """A DICOM SEG of a label map read from a multi-frame file (frames stored feet first) covers, frame by
+    frame, the pixels of the structure it was drawn from."""
+    import highdicom as hd
+    import pydicom
+
+    from covidct.data.synthetic import write_enhanced_ct
+    from covidct.io.dicom_seg import write_dicom_seg
+
+    hu = phantom_hu(6, 48).astype(np.float32)
+    hu[1:3, 5:12, 30:40] = 1000                                  # an off-centre dense block in the upper slices
+    path = write_enhanced_ct(tmp_path / "ct.dcm", hu, spacing=(5.0, 3.0, 3.0), prone=prone, feet_first=True)
+    vol = read(path)
+    assert vol.metadata["source_frames"] == [6, 5, 4, 3, 2, 1]   # slice 0 (head) is the last frame
+    before = path.read_bytes()
+    seg = hd.seg.segread(write_dicom_seg((vol.array > 500).astype(np.uint8) * 2, vol, tmp_path / "l.seg.dcm"))
+    source = pydicom.dcmread(path)
+    stored = source.pixel_array * float(source.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
+                                        .RescaleSlope) + float(source.SharedFunctionalGroupsSequence[0]
+                                                               .PixelValueTransformationSequence[0].RescaleIntercept)
+    got = seg.get_pixels_by_source_frame(source_sop_instance_uid=source.SOPInstanceUID,
+                                         source_frame_numbers=list(range(1, 7)), assert_missing_frames_are_empty=True)
+    np.testing.assert_array_equal(got[..., 0].astype(bool), stored > 500)
+    per_frame = got[..., 0].reshape(6, -1).sum(1)
+    assert list(per_frame > 0) == [False, False, False, True, True, False]   # slices 1-2 are frames 5-4
+    assert path.read_bytes() == before

@@ -746,7 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "COVID-19) for volumes with a pixel spacing: shipped triage model or .pt file; 'none' for the "
                    "lesion-only answer (default: triage-ct)")
     s.add_argument("--no-viewer", action="store_true", help="do not write viewer.html (every slice with its overlay)")
-    s.add_argument("--dicom-seg", action="store_true", help="DICOM series inputs: also write lesions.seg.dcm, a DICOM "
+    s.add_argument("--dicom-seg", action="store_true", help="DICOM series or multi-frame inputs: also write lesions.seg.dcm, a DICOM "
                    "Segmentation of the lesions and lungs on the source images (for PACS / OHIF / 3D Slicer)")
     s.add_argument("--json", action="store_true", help="print report.json to stdout")
     s.set_defaults(func=_cmd_analyze)

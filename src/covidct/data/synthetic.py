@@ -98,9 +98,10 @@ def write_ct_series(folder: Path, hu: np.ndarray, *, spacing=(2.0, 0.7, 0.7), se
 
 
 
-def write_enhanced_ct(path: Path, hu: np.ndarray, **series_options) -> Path:
+def write_enhanced_ct(path: Path, hu: np.ndarray, *, feet_first: bool = False, **series_options) -> Path:
     """Write ``hu`` as one multi-frame DICOM file at ``path`` (Legacy Converted Enhanced CT, built by
-    highdicom from the single-frame series :func:`write_ct_series` writes with ``series_options``)."""
+    highdicom from the single-frame series :func:`write_ct_series` writes with ``series_options``; frame 1
+    is the head-most slice, or with ``feet_first`` the lowest)."""
     import tempfile
 
     import highdicom
@@ -120,6 +121,10 @@ def write_enhanced_ct(path: Path, hu: np.ndarray, **series_options) -> Path:
     image = highdicom.legacy.LegacyConvertedEnhancedCTImage(
         frames, series_instance_uid=highdicom.UID(), series_number=1, sop_instance_uid=highdicom.UID(),
         instance_number=1)
+    if feet_first:  # the frames (pixels and their functional groups) in reverse order
+        pixels = np.ascontiguousarray(image.pixel_array[::-1])
+        image.PerFrameFunctionalGroupsSequence = list(image.PerFrameFunctionalGroupsSequence)[::-1]
+        image.PixelData = pixels.tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save_as(path)
     return path

@@ -162,6 +162,25 @@ def head_to_feet(array: np.ndarray, lps_affine: np.ndarray) -> tuple[np.ndarray,
     return array, _LPS_TO_RAS @ affine
 
 
+def _frame_of_each_slice(ds: Any, affine: np.ndarray, n_slices: int) -> list[int] | None:
+    """The (1-based) frame number of each slice of a stack read from the multi-frame ``ds`` with the RAS
+    ``affine`` of its ``(column, row, slice)`` indices, from each frame's ``ImagePositionPatient``; ``None``
+    unless frames and slices pair one to one."""
+    try:
+        positions = [np.array(item.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
+                     for item in ds.PerFrameFunctionalGroupsSequence]
+    except (AttributeError, IndexError):
+        return None
+    inverse = np.linalg.inv(affine)
+    ks = [int(round(float((inverse @ np.append(_LPS_TO_RAS[:3, :3] @ p, 1.0))[2]))) for p in positions]
+    if sorted(ks) != list(range(n_slices)):
+        return None
+    frames = [0] * n_slices
+    for number, k in enumerate(ks, start=1):
+        frames[k] = number
+    return frames
+
+
 def read_dicom_multiframe(path: str | Path, *, require_ct: bool = True, header: Any | None = None) -> Volume:
     """Read a multi-frame DICOM image (e.g. Enhanced CT) that holds a regularly spaced stack of parallel
     slices as a ``(slices, rows, columns)`` HU volume, slices head -> feet, in the working orientation
@@ -188,6 +207,9 @@ def read_dicom_multiframe(path: str | Path, *, require_ct: bool = True, header: 
     spacing_rc = tuple(float(v) for v in hd_volume.pixel_spacing)
     meta = _metadata(header)
     meta["frames"] = _n_frames(header)
+    frames = _frame_of_each_slice(image, affine, array.shape[0])
+    if frames is not None:  # to write results back onto the source frames (DICOM SEG)
+        meta["source_frames"] = frames
     files = [str(path)] * array.shape[0]
     spacing = (float(hd_volume.spacing_between_slices), *spacing_rc)
     array, affine, spacing, files = _to_working_orientation(np.ascontiguousarray(array), affine, spacing, files, meta)

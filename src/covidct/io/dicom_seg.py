@@ -47,8 +47,9 @@ def write_dicom_seg(labels: np.ndarray, vol: Volume, path: str | Path, *, lung: 
     import pydicom
     from pydicom.sr.codedict import codes
 
-    if vol.kind != "dicom-series":
-        raise InputError(vol.source, "a DICOM SEG needs a DICOM series of single-frame images as input")
+    frames = vol.metadata.get("source_frames") if vol.kind == "dicom" else None
+    if vol.kind != "dicom-series" and frames is None:
+        raise InputError(vol.source, "a DICOM SEG needs a DICOM series or a multi-frame DICOM volume as input")
     masks, descriptions = [], []
 
     def add(mask: np.ndarray, name: str, code: str, meaning: str, category) -> None:
@@ -69,6 +70,10 @@ def write_dicom_seg(labels: np.ndarray, vol: Volume, path: str | Path, *, lung: 
     if not masks:
         return None
     stacked, files = _source_layout(masks, vol)
+    if frames is not None:  # one multi-frame source: the SEG's frames in the source's frame order
+        in_frame_order = np.empty_like(stacked)
+        in_frame_order[np.asarray(frames) - 1] = stacked
+        stacked, files = in_frame_order, files[:1]
     try:
         sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     except Exception as exc:  # the series changed on disk since it was read

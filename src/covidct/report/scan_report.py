@@ -257,8 +257,8 @@ def _write_dicom_seg(result: ScanResult, vol: Volume, outdir: Path) -> dict[str,
     """``lesions.seg.dcm`` for a DICOM series input; what was written (or why not) for the report."""
     from covidct.io.dicom_seg import write_dicom_seg
 
-    if vol.kind != "dicom-series":
-        return {"file": None, "note": f"not written: the input is a {vol.kind}, not a DICOM series"}
+    if vol.kind != "dicom-series" and "source_frames" not in vol.metadata:
+        return {"file": None, "note": f"not written: the input is a {vol.kind}, not a DICOM series or multi-frame volume"}
     t0 = time.perf_counter()
     written = write_dicom_seg(result.lesions, vol, outdir / "lesions.seg.dcm", lung=result.lungs)
     result.timings["dicom_seg_s"] = round(time.perf_counter() - t0, 2)
