@@ -377,8 +377,8 @@ def read_dicom_series(
         raise InputError(folder, "mixed series: slices with different ImageOrientationPatient")
     items = sorted(items, key=_sort_key_factory(normal))
     positions = [np.array(getattr(ds, "ImagePositionPatient", [0, 0, i]), dtype=float) for i, (_, ds) in enumerate(items)]
+    gaps = np.abs(np.diff([float(np.dot(p, normal)) for p in positions]))
     if len(positions) > 1:
-        gaps = np.abs(np.diff([float(np.dot(p, normal)) for p in positions]))
         if np.any(gaps < 1e-3):
             raise InputError(folder, "mixed series: two slices share one position (duplicate or multi-phase series)")
     # decoding (JPEG Lossless etc.) runs in C outside the GIL: threads use the machine's cores
@@ -400,7 +400,6 @@ def read_dicom_series(
     if n_localizers:
         meta["localizers_skipped"] = n_localizers
     if len(positions) > 1:
-        gaps = np.abs(np.diff([float(np.dot(p, normal)) for p in positions]))
         slice_spacing = float(np.median(gaps))
         uneven = uneven_gaps(gaps)
         if uneven:
