@@ -396,3 +396,28 @@ def test_dicom_seg_lands_on_the_frames_of_a_multiframe_source(tmp_path, prone):
     per_frame = got[..., 0].reshape(6, -1).sum(1)
     assert list(per_frame > 0) == [False, False, False, True, True, False]   # slices 1-2 are frames 5-4
     assert path.read_bytes() == before
+
+
+def test_info_lists_the_series_of_a_study_and_describes_one(tmp_path, capsys):
+    import json
+
+    from covidct.cli import main
+
+    hu = phantom_hu(4, 32)
+    write_ct_series(tmp_path / "study" / "ax", hu, series_uid="1.2.840.40")
+    write_ct_series(tmp_path / "study" / "cor", hu, series_uid="1.2.840.50", coronal=True)
+    from covidct.data.synthetic import write_enhanced_ct
+
+    write_enhanced_ct(tmp_path / "study" / "enh" / "ct.dcm", phantom_hu(6, 32))   # 6 frames in one file
+    assert main(["info", str(tmp_path / "study"), "--json"]) == 0
+    study = json.loads(capsys.readouterr().out)
+    assert study["kind"] == "dicom-study"
+    assert [(r["n_images"], r["n_files"], r["plane"]) for r in study["series"]] == [
+        (6, 1, "axial"), (4, 4, "axial"), (32, 32, "coronal")]                 # axial first, then by images
+    assert study["series"][1]["series_uid"] == "1.2.840.40"
+    assert study["series"][2]["folder"] == str(tmp_path / "study" / "cor")
+    assert main(["info", str(tmp_path / "study"), "--series", "1.2.840.50", "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert one["kind"] == "dicom-series" and one["shape"] == [4, 32, 32] and one["files_read"] == 32
+    assert main(["info", str(tmp_path / "study" / "ax")]) == 0            # one series: described as before
+    assert "dicom-series" in capsys.readouterr().out

@@ -24,7 +24,26 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from covidct.io import read
     from covidct.report.json_io import to_json
 
-    info = read(args.path).summary()
+    if Path(args.path).is_dir() and not args.series:
+        from covidct.errors import InputError
+        from covidct.io.dicom import list_series
+
+        try:
+            series = list_series(args.path)
+        except InputError:  # no DICOM here (a folder of images, an empty folder): read() says what it is
+            series = []
+        if len(series) > 1:  # a study: list its series, as `analyze` would choose among them
+            study = {"path": str(args.path), "kind": "dicom-study",
+                     "series": [{**row, "folder": str(row["folder"])} for row in series]}
+            if args.json:
+                print(to_json(study))
+                return 0
+            print(f"{args.path}: {len(series)} DICOM series (analyze takes the first; choose with --series UID)")
+            for row in study["series"]:
+                print(f"  {row['series_uid']}  {row['n_images']:>5} images in {row['n_files']:>4} files  {row['plane']:<8}  "
+                      f"{row['description']}")
+            return 0
+    info = read(args.path, series_uid=args.series or None).summary()
     if args.json:
         print(to_json(info))
         return 0
@@ -557,8 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("info", help="describe a DICOM file/series, NIfTI volume or image")
+    s = sub.add_parser("info", help="describe a DICOM file/series, NIfTI volume or image; a folder of several "
+                       "DICOM series: list them")
     s.add_argument("path")
+    s.add_argument("--series", help="SeriesInstanceUID: describe this series of a folder that holds several")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=_cmd_info)
 

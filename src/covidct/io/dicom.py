@@ -83,8 +83,22 @@ def _release_pixels(ds: Any) -> None:
             del ds[keyword]
 
 
-def _direction(ds: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _orientation(ds: Any) -> Any:
+    """``ImageOrientationPatient`` of a single-frame image, or of a multi-frame one's functional groups
+    (shared, else the first frame's); ``None`` when absent."""
     iop = getattr(ds, "ImageOrientationPatient", None)
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        if iop is not None:
+            break
+        try:
+            iop = getattr(ds, groups)[0].PlaneOrientationSequence[0].ImageOrientationPatient
+        except (AttributeError, IndexError, KeyError):
+            iop = None
+    return iop
+
+
+def _direction(ds: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    iop = _orientation(ds)
     if iop is None or len(iop) != 6:
         row, col = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
     else:
@@ -280,7 +294,7 @@ def _is_localizer(ds: Any) -> bool:
 def image_plane(ds: Any) -> str:
     """``axial``, ``coronal`` or ``sagittal``: the patient axis the slice normal is closest to
     (``oblique`` when none is within 45 degrees; ``unknown`` without ``ImageOrientationPatient``)."""
-    if getattr(ds, "ImageOrientationPatient", None) is None:
+    if _orientation(ds) is None:
         return "unknown"
     return _plane(_direction(ds)[2])
 
@@ -293,12 +307,13 @@ def _plane(normal: np.ndarray) -> str:
 
 
 def _series_list(groups: dict[str, list[tuple[Path, Any]]]) -> list[dict[str, Any]]:
-    """``[{"series_uid", "n_files", "description", "plane"}, ...]``: axial series first (the plane covidct's
-    models read; a coronal reformat often has more files than the axial series it was made from), then by
-    number of files."""
-    rows = [{"series_uid": uid, "n_files": len(items), "description": str(getattr(items[0][1], "SeriesDescription", "") or ""),
+    """``[{"series_uid", "n_files", "n_images", "description", "plane"}, ...]``: axial series first (the plane
+    covidct's models read; a coronal reformat often has more files than the axial series it was made from),
+    then by number of images (frames of multi-frame files counted)."""
+    rows = [{"series_uid": uid, "n_files": len(items), "n_images": sum(_n_frames(ds) for _, ds in items),
+             "description": str(getattr(items[0][1], "SeriesDescription", "") or ""),
              "plane": image_plane(items[0][1])} for uid, items in groups.items()]
-    return sorted(rows, key=lambda r: (r["plane"] not in ("axial", "unknown"), -r["n_files"]))
+    return sorted(rows, key=lambda r: (r["plane"] not in ("axial", "unknown"), -r["n_images"]))
 
 
 def list_series(folder: str | Path) -> list[dict[str, Any]]:
@@ -335,7 +350,7 @@ def read_dicom_series(
     """Read a folder holding one DICOM series into a ``(slices, rows, columns)`` HU volume.
 
     A folder with several series needs ``series_uid``, or ``largest_series=True`` to take the axial one
-    with the most files (``metadata["series_available"]`` then lists them all); mixed sizes or
+    with the most images (``metadata["series_available"]`` then lists them all); mixed sizes or
     orientations inside one series are rejected.
     """
     folder = Path(folder)
