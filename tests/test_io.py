@@ -421,3 +421,33 @@ def test_info_lists_the_series_of_a_study_and_describes_one(tmp_path, capsys):
     assert one["kind"] == "dicom-series" and one["shape"] == [4, 32, 32] and one["files_read"] == 32
     assert main(["info", str(tmp_path / "study" / "ax")]) == 0            # one series: described as before
     assert "dicom-series" in capsys.readouterr().out
+
+
+def test_a_zip_archive_reads_like_what_it_holds(tmp_path, capsys):
+    import zipfile
+
+    from covidct.cli import main
+
+    hu = phantom_hu(4, 32)
+    write_ct_series(tmp_path / "export" / "DICOM" / "S1", hu)
+    archive = tmp_path / "study.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted((tmp_path / "export").rglob("*.dcm")):
+            zf.write(f, f.relative_to(tmp_path / "export"))
+    before = archive.read_bytes()
+    vol = read(archive)
+    assert vol.kind == "dicom-series" and vol.source == archive
+    np.testing.assert_array_equal(vol.array, read(tmp_path / "export").array)
+    assert archive.read_bytes() == before
+    # one NIfTI inside: read as that file
+    write_nifti(tmp_path / "v.nii.gz", hu)
+    with zipfile.ZipFile(tmp_path / "one.zip", "w") as zf:
+        zf.write(tmp_path / "v.nii.gz", "v.nii.gz")
+    assert read(tmp_path / "one.zip").kind == "nifti"
+    # not a zip, or an empty one: one error line naming the file
+    (tmp_path / "bad.zip").write_bytes(b"PK\x03\x04 not really")
+    zipfile.ZipFile(tmp_path / "empty.zip", "w").close()
+    for name, reason in (("bad.zip", "not a readable zip archive"), ("empty.zip", "holds no files")):
+        assert main(["info", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and name in err and reason in err

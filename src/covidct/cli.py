@@ -749,7 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_explain)
 
     s = sub.add_parser("analyze", help="scan-level analysis: lungs, lesions, burden, severity, report")
-    s.add_argument("path", nargs="+", help="DICOM series folder or file, NIfTI volume, image, or folder of images; "
+    s.add_argument("path", nargs="+", help="DICOM series folder or file, NIfTI volume, .zip of these, image, or folder of images; "
                    "several: each into OUTDIR/<name>/ with OUTDIR/summary.csv and summary.json")
     s.add_argument("-o", "--output", required=True, help="output folder")
     s.add_argument("--model", help="segmentation model: shipped name or .pt file")

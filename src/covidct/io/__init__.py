@@ -1,10 +1,11 @@
-"""Readers for what hospitals and public sets have: DICOM (series or file), NIfTI, images."""
+"""Readers for what hospitals and public sets have: DICOM (series or file), NIfTI, images, zip archives of them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from covidct.errors import InputError
+from covidct.io.archive import is_zip, unpacked
 from covidct.io.body import body_box, classifier_input, mask_box
 from covidct.io.dicom import read_dicom_file, read_dicom_series, scan_series
 from covidct.io.image import is_image, list_images, load_grey, load_label_map, read_image, read_image_folder
@@ -37,11 +38,16 @@ def read(path: str | Path, *, series_uid: str | None = None, require_ct: bool = 
     * folder with DICOM files -> :func:`read_dicom_series`; folder of images -> :func:`read_image_folder`
     * ``.nii`` / ``.nii.gz`` -> :func:`read_nifti`
     * DICOM file (by extension or ``DICM`` preamble) -> :func:`read_dicom_file`
+    * ``.zip`` -> unpacked (:mod:`covidct.io.archive`), then the folder or the one file it holds as above
     * anything else -> :func:`read_image` (decoded by content)
     """
     path = Path(path)
     if not path.exists():
         raise InputError(path, "no such file or folder")
+    if is_zip(path):
+        volume = read(unpacked(path), series_uid=series_uid, require_ct=require_ct, largest_series=largest_series)
+        volume.source = path
+        return volume
     if path.is_dir():
         if not any(p.is_file() for p in path.rglob("*")):
             raise InputError(path, "folder is empty")
