@@ -224,19 +224,8 @@ def read_dicom_multiframe(path: str | Path, *, require_ct: bool = True, header: 
     frames = _frame_of_each_slice(image, affine, array.shape[0])
     if frames is not None:  # to write results back onto the source frames (DICOM SEG)
         meta["source_frames"] = frames
-    files = [str(path)] * array.shape[0]
-    spacing = (float(hd_volume.spacing_between_slices), *spacing_rc)
-    array, affine, spacing, files = _to_working_orientation(np.ascontiguousarray(array), affine, spacing, files, meta)
-    return Volume(
-        array=array,
-        kind="dicom",
-        source=path,
-        is_hu=meta["modality"] in (None, "CT"),
-        spacing=spacing,
-        affine=affine,
-        files=files,
-        metadata=meta,
-    )
+    return _working_volume(np.ascontiguousarray(array), affine, (float(hd_volume.spacing_between_slices), *spacing_rc),
+                           [str(path)] * array.shape[0], meta, kind="dicom", source=path)
 
 
 def read_dicom_file(path: str | Path, *, require_ct: bool = True) -> Volume:
@@ -423,20 +412,17 @@ def read_dicom_series(
         slice_spacing = float(getattr(first, "SliceThickness", 1.0) or 1.0)
     if len(groups) > 1:
         meta["series_available"] = available
-    array, affine = volume, _affine(first, positions, spacing_rc, step=slice_spacing if "uneven_slice_gaps" in meta else None)
-    files = [str(p) for p, _ in items]
-    array, affine, spacing, files = _to_working_orientation(array, affine, (slice_spacing, *spacing_rc), files, meta)
-    return Volume(
-        array=array,
-        kind="dicom-series",
-        source=folder,
-        is_hu=meta["modality"] in (None, "CT"),
-        spacing=spacing,
-        affine=affine,
-        files=files,
-        n_skipped=skipped,
-        metadata=meta,
-    )
+    affine = _affine(first, positions, spacing_rc, step=slice_spacing if "uneven_slice_gaps" in meta else None)
+    return _working_volume(volume, affine, (slice_spacing, *spacing_rc), [str(p) for p, _ in items], meta,
+                           kind="dicom-series", source=folder, n_skipped=skipped)
+
+
+def _working_volume(array: np.ndarray, affine: np.ndarray, spacing: tuple[float, float, float], files: list[str],
+                    meta: dict[str, Any], *, kind: str, source: Path, n_skipped: int = 0) -> Volume:
+    """The :class:`Volume` of a stack read as stored (slices head -> feet), in the working orientation."""
+    array, affine, spacing, files = _to_working_orientation(array, affine, spacing, files, meta)
+    return Volume(array=array, kind=kind, source=source, is_hu=meta["modality"] in (None, "CT"), spacing=spacing,
+                  affine=affine, files=files, n_skipped=n_skipped, metadata=meta)
 
 
 def _to_working_orientation(array: np.ndarray, affine: np.ndarray, spacing: tuple[float, float, float],
