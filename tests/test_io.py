@@ -451,3 +451,32 @@ def test_a_zip_archive_reads_like_what_it_holds(tmp_path, capsys):
         assert main(["info", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and name in err and reason in err
+
+
+def test_a_zipped_study_is_listed_and_its_errors_name_the_archive(tmp_path, capsys):
+    import json
+    import zipfile
+
+    from covidct.cli import main
+
+    hu = phantom_hu(4, 32)
+    write_ct_series(tmp_path / "x" / "A", hu, series_uid="1.2.840.60")
+    write_ct_series(tmp_path / "x" / "B", hu, series_uid="1.2.840.70", coronal=True)
+    archive = tmp_path / "study.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted((tmp_path / "x").rglob("*.dcm")):
+            zf.write(f, f.relative_to(tmp_path / "x"))
+    assert main(["info", str(archive), "--json"]) == 0
+    study = json.loads(capsys.readouterr().out)
+    assert [(r["series_uid"], r["folder"]) for r in study["series"]] == [
+        ("1.2.840.60", str(archive / "A")), ("1.2.840.70", str(archive / "B"))]
+    assert read(archive, largest_series=True).metadata["series_uid"] == "1.2.840.60"
+    with pytest.raises(InputError, match="holds 2 DICOM series") as raised:
+        read(archive)
+    assert raised.value.path == str(archive)
+    with zipfile.ZipFile(tmp_path / "broken.zip", "w") as zf:            # one truncated DICOM file inside
+        zf.writestr("CT/IM1.dcm", (tmp_path / "x" / "A").joinpath(sorted(p.name for p in (tmp_path / "x" / "A").iterdir())[0])
+                    .read_bytes()[:400])
+    with pytest.raises(InputError) as raised:
+        read(tmp_path / "broken.zip")
+    assert raised.value.path == str(tmp_path / "broken.zip") and raised.value.reason.startswith("CT/IM1.dcm: ")

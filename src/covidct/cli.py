@@ -24,17 +24,22 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from covidct.io import read
     from covidct.report.json_io import to_json
 
-    if Path(args.path).is_dir() and not args.series:
+    from covidct.io.archive import is_zip, unpacked
+
+    folder = unpacked(Path(args.path)) if is_zip(Path(args.path)) else Path(args.path)
+    if folder.is_dir() and not args.series:
         from covidct.errors import InputError
         from covidct.io.dicom import list_series
 
         try:
-            series = list_series(args.path)
+            series = list_series(folder)
         except InputError:  # no DICOM here (a folder of images, an empty folder): read() says what it is
             series = []
         if len(series) > 1:  # a study: list its series, as `analyze` would choose among them
             study = {"path": str(args.path), "kind": "dicom-study",
-                     "series": [{**row, "folder": str(row["folder"])} for row in series]}
+                     # inside an archive: the member folder under the archive's name
+                     "series": [{**row, "folder": str(Path(args.path) / Path(row["folder"]).relative_to(folder))}
+                                for row in series]}
             if args.json:
                 print(to_json(study))
                 return 0

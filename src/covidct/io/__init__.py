@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from covidct.errors import InputError
-from covidct.io.archive import is_zip, unpacked
+from covidct.io.archive import is_zip, member_name, unpacked
 from covidct.io.body import body_box, classifier_input, mask_box
 from covidct.io.dicom import read_dicom_file, read_dicom_series, scan_series
 from covidct.io.image import is_image, list_images, load_grey, load_label_map, read_image, read_image_folder
@@ -45,7 +45,12 @@ def read(path: str | Path, *, series_uid: str | None = None, require_ct: bool = 
     if not path.exists():
         raise InputError(path, "no such file or folder")
     if is_zip(path):
-        volume = read(unpacked(path), series_uid=series_uid, require_ct=require_ct, largest_series=largest_series)
+        inner = unpacked(path)
+        try:
+            volume = read(inner, series_uid=series_uid, require_ct=require_ct, largest_series=largest_series)
+        except InputError as exc:  # name the archive (and the member at fault), not the temporary folder
+            member = member_name(path, exc.path) if exc.path else None
+            raise InputError(path, exc.reason if member is None else f"{member}: {exc.reason}") from None
         volume.source = path
         return volume
     if path.is_dir():

@@ -38,3 +38,12 @@ def unpacked(path: Path) -> Path:
     root = _UNPACKED[path]
     files = [p for p in root.rglob("*") if p.is_file()]
     return files[0] if len(files) == 1 else root
+
+
+def member_name(archive: Path, unpacked_path: str | Path) -> str | None:
+    """The name inside ``archive`` (already unpacked) of an unpacked file or folder; ``None`` for the
+    archive's root or a path outside it."""
+    root = _UNPACKED.get(Path(archive).resolve())
+    if root is None or not Path(unpacked_path).is_relative_to(root) or Path(unpacked_path) == root:
+        return None
+    return Path(unpacked_path).relative_to(root).as_posix()
