@@ -412,3 +412,20 @@ def test_analyze_a_coronal_series_like_its_axial_twin(tmp_path, tiny_seg_model):
     maps = [nib.load(tmp_path / f"out_{name}" / "lesions.nii.gz") for name in ("axial", "coronal")]
     np.testing.assert_array_equal(maps[0].get_fdata(), maps[1].get_fdata())
     np.testing.assert_allclose(maps[0].affine, maps[1].affine, atol=1e-6)
+
+
+def test_every_series_of_a_zipped_study_becomes_a_job_read_from_the_archive(tmp_path):
+    import zipfile
+
+    from covidct.report.batch import scan_jobs
+
+    write_ct_series(tmp_path / "x" / "A", phantom_hu(3, 32), series_uid="1.2.840.80")
+    write_ct_series(tmp_path / "x" / "B", phantom_hu(5, 32), series_uid="1.2.840.90")
+    archive = tmp_path / "study.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted((tmp_path / "x").rglob("*.dcm")):
+            zf.write(f, f.relative_to(tmp_path / "x"))
+    jobs = scan_jobs([archive], series="all")
+    assert [(j.path, j.series_uid, j.name) for j in jobs] == [
+        (archive, "1.2.840.90", "study-s1"), (archive, "1.2.840.80", "study-s2")]   # the larger series first
+    assert read(jobs[1].path, series_uid=jobs[1].series_uid).shape == (3, 32, 32)

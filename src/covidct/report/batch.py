@@ -48,6 +48,7 @@ def scan_jobs(paths: Sequence[str | Path], *, series: str | None = None) -> list
     """The scans to analyse, with unique output names: one per path, or with ``series="all"`` one per
     DICOM series of a folder that holds several (``<folder>-s1``, ``-s2``, ...: axial first, then by size); ``series``
     otherwise names one SeriesInstanceUID for every path."""
+    from covidct.io.archive import is_zip, unpacked
     from covidct.io.dicom import list_series
 
     jobs: list[ScanJob] = []
@@ -65,13 +66,14 @@ def scan_jobs(paths: Sequence[str | Path], *, series: str | None = None) -> list
         # (folder to read, series): a series in a subfolder of its own is read from there, so each read
         # scans only its own headers
         targets: list[tuple[Path, str | None]] = [(path, None if series == "all" else series)]
-        if series == "all" and path.is_dir():
+        zipped = is_zip(path)
+        if series == "all" and (path.is_dir() or zipped):
             try:
-                found = list_series(path)
+                found = list_series(unpacked(path) if zipped else path)
             except CovidctError:
                 found = []   # a folder of images, or no DICOM: analysed (or refused) as one input
-            if len(found) > 1:
-                targets = [(s["folder"], s["series_uid"]) for s in found]
+            if len(found) > 1:  # a zipped study's series are read from the archive (its name in the report)
+                targets = [(path if zipped else s["folder"], s["series_uid"]) for s in found]
         for i, (where, uid) in enumerate(targets):
             name = _stem(path) + (f"-s{i + 1}" if len(targets) > 1 else "")
             jobs.append(ScanJob(where, uid, unique(name)))
