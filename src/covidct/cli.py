@@ -21,34 +21,16 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from covidct.io import read
+    from covidct.io import describe
     from covidct.report.json_io import to_json
 
-    from covidct.io.archive import is_zip, unpacked
-
-    folder = unpacked(Path(args.path)) if is_zip(Path(args.path)) else Path(args.path)
-    if folder.is_dir() and not args.series:
-        from covidct.errors import InputError
-        from covidct.io.dicom import list_series
-
-        try:
-            series = list_series(folder)
-        except InputError:  # no DICOM here (a folder of images, an empty folder): read() says what it is
-            series = []
-        if len(series) > 1:  # a study: list its series, as `analyze` would choose among them
-            study = {"path": str(args.path), "kind": "dicom-study",
-                     # inside an archive: the member folder under the archive's name
-                     "series": [{**row, "folder": str(Path(args.path) / Path(row["folder"]).relative_to(folder))}
-                                for row in series]}
-            if args.json:
-                print(to_json(study))
-                return 0
-            print(f"{args.path}: {len(series)} DICOM series (analyze takes the first; choose with --series UID)")
-            for row in study["series"]:
-                print(f"  {row['series_uid']}  {row['n_images']:>5} images in {row['n_files']:>4} files  {row['plane']:<8}  "
-                      f"{row['description']}")
-            return 0
-    info = read(args.path, series_uid=args.series or None).summary()
+    info = describe(args.path, series_uid=args.series or None)
+    if info["kind"] == "dicom-study" and not args.json:
+        print(f"{args.path}: {len(info['series'])} DICOM series (analyze takes the first; choose with --series UID)")
+        for row in info["series"]:
+            print(f"  {row['series_uid']}  {row['n_images']:>5} images in {row['n_files']:>4} files  {row['plane']:<8}  "
+                  f"{row['description']}")
+        return 0
     if args.json:
         print(to_json(info))
         return 0

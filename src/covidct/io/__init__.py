@@ -14,7 +14,8 @@ from covidct.io.volume import KINDS, Volume
 from covidct.io.window import PRESETS, Window, apply_window, get_window, to_model_input
 
 __all__ = [
-    "KINDS", "PRESETS", "Volume", "Window", "apply_window", "body_box", "classifier_input", "get_window", "is_image", "is_nifti", "mask_box",
+    "KINDS", "PRESETS", "Volume", "Window", "apply_window", "body_box", "classifier_input", "describe", "get_window",
+    "is_image", "is_nifti", "mask_box",
     "list_images", "load_grey", "load_label_map", "read", "read_dicom_file", "read_dicom_series",
     "read_image", "read_image_folder", "read_nifti", "scan_series", "to_model_input", "write_nifti",
 ]
@@ -66,3 +67,23 @@ def read(path: str | Path, *, series_uid: str | None = None, require_ct: bool = 
     if _looks_dicom(path):
         return read_dicom_file(path, require_ct=require_ct)
     return read_image(path)
+
+
+def describe(path: str | Path, *, series_uid: str | None = None) -> dict:
+    """What ``covidct info`` prints: a volume's :meth:`Volume.summary`, or for a folder (or zip archive)
+    holding several DICOM series without ``series_uid``, the study: ``{"path", "kind": "dicom-study",
+    "series": [...]}`` in the order ``analyze`` chooses (:func:`covidct.io.dicom.list_series`; inside an
+    archive each ``folder`` is the member folder under the archive's name)."""
+    from covidct.io.dicom import list_series
+
+    path = Path(path)
+    folder = unpacked(path) if is_zip(path) else path
+    if folder.is_dir() and not series_uid:
+        try:
+            series = list_series(folder)
+        except InputError:  # no DICOM here (a folder of images, an empty folder): read() says what it is
+            series = []
+        if len(series) > 1:
+            return {"path": str(path), "kind": "dicom-study",
+                    "series": [{**row, "folder": str(path / Path(row["folder"]).relative_to(folder))} for row in series]}
+    return read(path, series_uid=series_uid).summary()
