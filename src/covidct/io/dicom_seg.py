@@ -38,6 +38,12 @@ def _source_layout(masks: list[np.ndarray], vol: Volume) -> tuple[np.ndarray, li
             list(vol.metadata["source_files"]))
 
 
+def can_write_dicom_seg(vol: Volume) -> bool:
+    """``vol`` was read from DICOM images a SEG can reference: a series, or a multi-frame file whose frames
+    pair one to one with its slices."""
+    return vol.kind == "dicom-series" or (vol.kind == "dicom" and "source_frames" in vol.metadata)
+
+
 def write_dicom_seg(labels: np.ndarray, vol: Volume, path: str | Path, *, lung: np.ndarray | None = None,
                     segments: Sequence[tuple[int, str, str, str]] = LESION_SEGMENTS,
                     description: str = "covidct lesions (research software, not for diagnosis)") -> Path | None:
@@ -47,9 +53,9 @@ def write_dicom_seg(labels: np.ndarray, vol: Volume, path: str | Path, *, lung: 
     import pydicom
     from pydicom.sr.codedict import codes
 
-    frames = vol.metadata.get("source_frames") if vol.kind == "dicom" else None
-    if vol.kind != "dicom-series" and frames is None:
+    if not can_write_dicom_seg(vol):
         raise InputError(vol.source, "a DICOM SEG needs a DICOM series or a multi-frame DICOM volume as input")
+    frames = vol.metadata.get("source_frames") if vol.kind == "dicom" else None
     masks, descriptions = [], []
 
     def add(mask: np.ndarray, name: str, code: str, meaning: str, category) -> None:

@@ -255,9 +255,9 @@ def _add_triage(result: ScanResult, vol: Volume, triage, models: list[dict]) -> 
 
 def _write_dicom_seg(result: ScanResult, vol: Volume, outdir: Path) -> dict[str, Any]:
     """``lesions.seg.dcm`` for a DICOM series input; what was written (or why not) for the report."""
-    from covidct.io.dicom_seg import write_dicom_seg
+    from covidct.io.dicom_seg import can_write_dicom_seg, write_dicom_seg
 
-    if vol.kind != "dicom-series" and "source_frames" not in vol.metadata:
+    if not can_write_dicom_seg(vol):
         return {"file": None, "note": f"not written: the input is a {vol.kind}, not a DICOM series or multi-frame volume"}
     t0 = time.perf_counter()
     written = write_dicom_seg(result.lesions, vol, outdir / "lesions.seg.dcm", lung=result.lungs)
