@@ -380,14 +380,18 @@ def test_analyze_writes_a_dicom_seg_for_dicom_series_only(tmp_path, tiny_seg_mod
     write_ct_series(tmp_path / "s", phantom_hu(4, 64), spacing=(5.0, 3.0, 3.0))
     args = ["--model", str(tiny_seg_model), "--triage", "none", "--classifier", "none", "--no-viewer", "--dicom-seg"]
     assert main(["analyze", str(tmp_path / "s"), "-o", str(tmp_path / "out"), *args]) == 0
-    assert "lesions.seg.dcm" in capsys.readouterr().out
+    assert "lungs.seg.dcm" in capsys.readouterr().out
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["dicom_seg"]["file"] == "lesions.seg.dcm"
+    assert report["dicom_seg"]["lungs_file"] == "lungs.seg.dcm"
     import highdicom as hd
 
-    seg = hd.seg.segread(tmp_path / "out" / "lesions.seg.dcm")
-    assert "Lung" in [d.SegmentLabel for d in seg.SegmentSequence]       # the phantom has lungs
+    seg = hd.seg.segread(tmp_path / "out" / "lungs.seg.dcm")
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["Right lung", "Left lung"]   # the phantom has lungs
     assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 4
+    assert seg.SeriesInstanceUID == report["dicom_seg"]["series_uid"]
+    lesion_file = report["dicom_seg"]["file"]       # the untrained tiny model may or may not mark a lesion
+    assert (tmp_path / "out" / "lesions.seg.dcm").exists() == (lesion_file == "lesions.seg.dcm")
+    assert lesion_file or report["dicom_seg"]["note"] == "lesions.seg.dcm not written: no lesion voxel"
     write_nifti(tmp_path / "v.nii.gz", phantom_hu(4, 64), spacing=(5.0, 3.0, 3.0))
     assert main(["analyze", str(tmp_path / "v.nii.gz"), "-o", str(tmp_path / "out2"), *args]) == 0
     assert "not a DICOM series" in capsys.readouterr().out and not (tmp_path / "out2" / "lesions.seg.dcm").exists()

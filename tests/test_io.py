@@ -221,7 +221,7 @@ def test_dicom_seg_lands_on_the_source_images(tmp_path, stored):
     import highdicom as hd
     import pydicom
 
-    from covidct.io.dicom_seg import write_dicom_seg
+    from covidct.io.dicom_seg import LUNG_SEGMENTS, write_dicom_seg
 
     hu = phantom_hu(6, 48).astype(np.float32)
     hu[2:4, 5:12, 30:40] = 1000                                   # an off-centre dense block
@@ -230,17 +230,28 @@ def test_dicom_seg_lands_on_the_source_images(tmp_path, stored):
     vol = read(tmp_path / "s")
     assert ("source_affine" in vol.metadata) == (stored != "supine")  # only a reoriented series records its stored grid
     labels = (vol.array > 500).astype(np.uint8) * 2               # "consolidation" where the block is
-    lung = (vol.array < -500).astype(np.uint8)
+    lungs = (vol.array < -500).astype(np.uint8)                   # "right lung", and "left" from column 24 on
+    lungs[..., 24:] *= 2
     before = {f: f.read_bytes() for f in files}
-    seg = hd.seg.segread(write_dicom_seg(labels, vol, tmp_path / "l.seg.dcm", lung=lung))
-    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["Consolidation", "Lung"]   # empty segments left out
+    seg = hd.seg.segread(write_dicom_seg(labels, vol, tmp_path / "l.seg.dcm", series_uid="1.2.3.4"))
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["Consolidation"]   # empty segments left out
     assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "95436008"
+    lung_seg = hd.seg.segread(write_dicom_seg(lungs, vol, tmp_path / "lungs.seg.dcm", segments=LUNG_SEGMENTS,
+                                              organ=True, series_uid="1.2.3.4", instance_number=2))
+    assert [d.SegmentLabel for d in lung_seg.SegmentSequence] == ["Right lung", "Left lung"]
+    assert lung_seg.SegmentSequence[0].SegmentedPropertyCategoryCodeSequence[0].CodeMeaning == "Organ"
+    assert seg.SeriesInstanceUID == lung_seg.SeriesInstanceUID == "1.2.3.4" and lung_seg.InstanceNumber == 2
+    assert seg.FrameOfReferenceUID == lung_seg.FrameOfReferenceUID
     for f in files:
         ds = pydicom.dcmread(f)
         stored = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-        got = seg.get_pixels_by_source_instance(source_sop_instance_uids=[ds.SOPInstanceUID], segment_numbers=[1, 2],
+        got = seg.get_pixels_by_source_instance(source_sop_instance_uids=[ds.SOPInstanceUID], segment_numbers=[1],
                                                 assert_missing_frames_are_empty=True)[0].astype(bool)
-        assert (got[..., 0] == (stored > 500)).all() and (got[..., 1] == (stored < -500)).all()
+        assert (got[..., 0] == (stored > 500)).all()
+        got = lung_seg.get_pixels_by_source_instance(source_sop_instance_uids=[ds.SOPInstanceUID],
+                                                     segment_numbers=[1, 2], assert_missing_frames_are_empty=True)[0]
+        assert ((got[..., 0] > 0) | (got[..., 1] > 0) == (stored < -500)).all()
+        assert not ((got[..., 0] > 0) & (got[..., 1] > 0)).any()      # the sides do not overlap
     assert all(f.read_bytes() == b for f, b in before.items())    # the source files are untouched
     assert write_dicom_seg(np.zeros_like(labels), vol, tmp_path / "none.seg.dcm") is None
     assert not (tmp_path / "none.seg.dcm").exists()

@@ -536,9 +536,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     print(f"answer: {report['diagnosis']['label']} ({', '.join(shown)})")
     viewer = ", viewer.html" if not args.no_viewer else ""
     seg = report.get("dicom_seg") or {}
-    if seg and not seg["file"]:
-        print(f"lesions.seg.dcm {seg['note']}")
-    seg_name = ", lesions.seg.dcm" if seg.get("file") else ""
+    if seg.get("note"):
+        print(seg["note"] if seg["note"].startswith("lesions.seg.dcm") else f"DICOM SEG {seg['note']}")
+    seg_name = "".join(f", {seg[k]}" for k in ("file", "lungs_file") if seg.get(k))
     print(f"wrote {args.output}/report.html, report.json{viewer}, lesions.nii.gz{seg_name}, lungs.nii.gz, overlays/ "
           f"in {report['seconds']} s")
     print(DISCLAIMER)
@@ -754,8 +754,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "COVID-19) for volumes with a pixel spacing: shipped triage model or .pt file; 'none' for the "
                    "lesion-only answer (default: triage-ct)")
     s.add_argument("--no-viewer", action="store_true", help="do not write viewer.html (every slice with its overlay)")
-    s.add_argument("--dicom-seg", action="store_true", help="DICOM series or multi-frame inputs: also write lesions.seg.dcm, a DICOM "
-                   "Segmentation of the lesions and lungs on the source images (for PACS / OHIF / 3D Slicer)")
+    s.add_argument("--dicom-seg", action="store_true", help="DICOM series or multi-frame inputs: also write lesions.seg.dcm and "
+                   "lungs.seg.dcm, DICOM Segmentations of the lesions and of the lungs on the source images (one SEG "
+                   "series, for PACS / OHIF / 3D Slicer)")
     s.add_argument("--json", action="store_true", help="print report.json to stdout")
     s.set_defaults(func=_cmd_analyze)
 

@@ -5,7 +5,8 @@ By default glibc hands every freed block above a dynamic threshold back to the k
 on the next allocation, so the activations of each batch are paged in afresh: ``covidct analyze`` on a
 148-slice series took 2.3 M minor page faults and 6.6 s of system time. With a fixed 32 MiB mmap
 threshold and no trimming: 0.74 M faults, 2.7 s, 22.8 -> 19.6 s wall, peak RSS unchanged (1.69 / 1.73 GB;
-``benchmarks/RESULTS.md``, scan-level analysis).
+``benchmarks/RESULTS.md``, scan-level analysis). :func:`release_freed_memory` hands the kept heap back
+when a later step needs large fresh blocks instead (the DICOM SEG writer of ``analyze --dicom-seg``).
 """
 
 from __future__ import annotations
@@ -34,3 +35,18 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the kernel now (glibc ``malloc_trim(0)``): after the
+    inference stages, before a step that needs large fresh blocks (the DICOM SEG writer); False where
+    that does not apply or nothing was released."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        malloc_trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes, malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    return bool(malloc_trim(0))

@@ -254,17 +254,33 @@ def _add_triage(result: ScanResult, vol: Volume, triage, models: list[dict]) -> 
 
 
 def _write_dicom_seg(result: ScanResult, vol: Volume, outdir: Path) -> dict[str, Any]:
-    """``lesions.seg.dcm`` for a DICOM series input; what was written (or why not) for the report."""
-    from covidct.io.dicom_seg import can_write_dicom_seg, write_dicom_seg
+    """``lesions.seg.dcm`` and ``lungs.seg.dcm`` (one SEG series) for a DICOM input; what was written (or
+    why not) for the report."""
+    import highdicom as hd
+
+    from covidct.io.dicom_seg import LUNG_SEGMENTS, can_write_dicom_seg, write_dicom_seg
+    from covidct.runtime import release_freed_memory
 
     if not can_write_dicom_seg(vol):
-        return {"file": None, "note": f"not written: the input is a {vol.kind}, not a DICOM series or multi-frame volume"}
+        return {"file": None, "lungs_file": None,
+                "note": f"not written: the input is a {vol.kind}, not a DICOM series or multi-frame volume"}
     t0 = time.perf_counter()
-    written = write_dicom_seg(result.lesions, vol, outdir / "lesions.seg.dcm", lung=result.lungs)
+    # the SEGs' arrays are fresh mappings: first return the heap the inference left free (the command line
+    # keeps it, covidct.runtime), so that the two do not add up
+    release_freed_memory()
+    series = hd.UID()
+    lesions = write_dicom_seg(result.lesions, vol, outdir / "lesions.seg.dcm", series_uid=series)
+    lungs = write_dicom_seg(result.lungs, vol, outdir / "lungs.seg.dcm", segments=LUNG_SEGMENTS, organ=True,
+                            description="covidct lungs (research software, not for diagnosis)", series_uid=series,
+                            instance_number=2)
     result.timings["dicom_seg_s"] = round(time.perf_counter() - t0, 2)
-    if written is None:
-        return {"file": None, "note": "not written: no lesion and no lung voxel"}
-    return {"file": written.name, "segments": "GGO, consolidation, pleural effusion (those present), lung; SNOMED CT"}
+    out: dict[str, Any] = {"file": lesions.name if lesions else None, "lungs_file": lungs.name if lungs else None,
+                           "series_uid": str(series),
+                           "segments": "lesions.seg.dcm: GGO, consolidation, pleural effusion (those present); "
+                                       "lungs.seg.dcm: right lung, left lung; SNOMED CT"}
+    if lesions is None:
+        out["note"] = "lesions.seg.dcm not written: no lesion voxel"
+    return out
 
 
 def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | None = None, progress: bool = True,
@@ -281,8 +297,8 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
     on the slices with lesions; they are reported, not used for the patient label.
     ``viewer`` writes ``viewer.html`` (every slice with its overlay, :mod:`covidct.report.viewer`).
     ``models``: already loaded models to use (and keep) instead of the three specs (a batch of scans).
-    ``dicom_seg``: also ``lesions.seg.dcm``, a DICOM Segmentation of the lesions and lungs referencing the
-    source images (DICOM series inputs; :mod:`covidct.io.dicom_seg`)."""
+    ``dicom_seg``: also ``lesions.seg.dcm`` and ``lungs.seg.dcm``, DICOM Segmentations of the lesions and the
+    lungs referencing the source images (DICOM inputs; :mod:`covidct.io.dicom_seg`)."""
     if models is None:
         models = ScanModels(model_spec, device=device, classifier_spec=classifier_spec, triage_spec=triage_spec)
     t0 = time.perf_counter()
