@@ -173,3 +173,50 @@ def test_label_spellings_map_onto_classes_and_unknown_labels_are_refused():
     assert canonical_label("Bacterial_Pneumonia", THREE_CLASSES) == "Common pneumonia"
     with pytest.raises(ValueError, match="not one of"):
         canonical_label("lung cancer", BINARY_CLASSES)
+
+
+def test_paste_lesions_lays_donor_lesions_into_the_recipient_lung():
+    from covidct.data.transforms import paste_lesions
+
+    rng = np.random.default_rng(0)
+    image = np.full((40, 40), 200.0, np.float32)
+    lung = np.zeros((40, 40), np.uint8)
+    lung[5:35, 5:20] = 1
+    image[lung > 0] = 50.0                       # recipient's healthy lung at 50
+    labels = np.zeros((40, 40), np.uint8)
+    donor_image = np.full((20, 20), 200.0, np.float32)   # half the size: resized to the recipient
+    donor_lung = np.ones((20, 20), np.uint8)
+    donor_image[:] = 30.0                        # donor's healthy lung at 30
+    donor_labels = np.zeros((20, 20), np.uint8)
+    donor_labels[5:15, 5:15] = 2                 # a consolidation square (recipient rows/cols 10..29)
+    donor_image[donor_labels == 2] = 130.0       # 100 above its lung
+    donor_labels[0:2, 0:2] = 3                   # effusion is never pasted
+    before = image.copy(), labels.copy()
+    for _ in range(2):                           # both mirror draws (the square is symmetric)
+        out_image, out_labels = paste_lesions(image, labels, lung, donor_image, donor_labels, donor_lung, rng=rng)
+        pasted = out_labels == 2
+        # only inside the recipient's lung field: rows 10..29, columns 10..19
+        assert pasted[10:30, 10:20].all() and pasted.sum() == 200 and not (out_labels == 3).any()
+        # the lesion keeps its contrast to the lung around it: 50 + 100
+        assert np.allclose(out_image[14:26, 13:17], 150.0, atol=0.1)
+        assert np.allclose(out_image[:, 25:], 200.0) and out_image.max() <= 200.0
+    np.testing.assert_array_equal(image, before[0]); np.testing.assert_array_equal(labels, before[1])
+    # nothing to paste inside the lung: the recipient comes back unchanged
+    far = np.zeros((20, 20), np.uint8); far[0:3, 17:20] = 1
+    same_image, same_labels = paste_lesions(image, labels, lung, donor_image, far, donor_lung, rng=rng)
+    assert same_image is image and same_labels is labels
+
+
+def test_copy_paste_reaches_the_training_batches(seg_folder):
+    from covidct.data.segmentation import SegFolder
+    from covidct.data.transforms import seg_eval_transform
+    from covidct.engine.train_seg import _Augmented
+
+    samples = [SegFolder(seg_folder)[i] for i in range(len(SegFolder(seg_folder)))]
+    classes = ("background", "ggo", "consolidation")
+    plain = _Augmented(samples, seg_eval_transform(32), classes)
+    pasted = _Augmented(samples, seg_eval_transform(32), classes, copy_paste=1.0, seed=0)
+    assert len(pasted.donors) >= 2
+    lesion_plain = sum(int((plain[i][1] > 0).sum()) for i in range(len(samples)))
+    lesion_pasted = sum(int((pasted[i][1] > 0).sum()) for i in range(len(samples)))
+    assert lesion_pasted > lesion_plain

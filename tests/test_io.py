@@ -110,6 +110,10 @@ def test_windowing():
     # healthy lung (-850 HU) and chest-wall muscle (+25 HU) land where the 8-bit slices have them
     np.testing.assert_allclose(to_model_input(np.array([-850.0, 25.0]), is_hu=True), [0.21, 0.81], atol=0.01)
     np.testing.assert_allclose(to_model_input(np.array([0.0, 255.0]), is_hu=False), [0.0, 1.0])
+    # a grey image outside 0..255 is stretched between its percentiles and stays float32 (albumentations'
+    # OpenCV arithmetic refuses a float64 image beside float32 noise)
+    stretched = to_model_input(np.linspace(-10.0, 300.0, 1000, dtype=np.float32), is_hu=False)
+    assert stretched.dtype == np.float32 and stretched.min() == 0.0 and stretched.max() == 1.0
     with pytest.raises(ValueError):
         get_window("soft")
 

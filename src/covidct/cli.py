@@ -151,6 +151,7 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
         folds=args.folds, fold=_parse_fold(args.fold), select=args.select, class_weighting=args.class_weighting,
         decoder_channels=decoder_channels, fpn_channels=fpn_channels, swa_epochs=args.swa_epochs,
         encoder_init=encoder_init, init=str(args.init), infection_dice_weight=args.infection_dice_weight,
+        copy_paste=args.copy_paste,
     )
     _print_training_result(train_seg(cfg, args.output, resume=not args.no_resume))
     return 0
@@ -612,6 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cross-entropy class weights from the training pixel frequencies")
     s.add_argument("--infection-dice-weight", type=float, default=0.0, metavar="W", help="add W x a soft Dice "
                    "loss on the infection region (GGO + consolidation summed against their union); 0: off")
+    s.add_argument("--copy-paste", type=float, default=0.0, metavar="P", help="lesion copy-paste: this share of "
+                   "training slices first receive the GGO / consolidation of another training slice, laid into "
+                   "their lung field; 0: off")
     s.add_argument("--select", choices=("best", "last"), default="best", help="keep the best validation epoch "
                    "or the last one (always the last with --fold all)")
     s.add_argument("--swa-epochs", type=int, default=0, metavar="N", help="stochastic weight averaging: the model "

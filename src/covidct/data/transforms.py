@@ -6,8 +6,9 @@ lung mask travel as ``masks`` and are resampled with nearest neighbour.
 
 from __future__ import annotations
 
-import cv2
 import albumentations as A
+import cv2
+import numpy as np
 
 
 def seg_train_transform(size: int, *, elastic: bool = True, seed: int | None = None) -> A.Compose:
@@ -31,3 +32,45 @@ def seg_train_transform(size: int, *, elastic: bool = True, seed: int | None = N
 
 def seg_eval_transform(size: int) -> A.Compose:
     return A.Compose([A.Resize(size, size, interpolation=cv2.INTER_LINEAR)])
+
+
+#: Label values that :func:`paste_lesions` carries over (GGO, consolidation; pleural effusion lies
+#: outside the lung field and is not pasted).
+PASTED_LABELS: tuple[int, ...] = (1, 2)
+
+
+def paste_lesions(image: np.ndarray, labels: np.ndarray, lung: np.ndarray | None, donor_image: np.ndarray,
+                  donor_labels: np.ndarray, donor_lung: np.ndarray | None, *, rng: np.random.Generator,
+                  min_pixels: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Lesion copy-paste: the GGO and consolidation of a donor slice (resized to the recipient,
+    mirrored left-right half of the time) laid into the recipient's lung field, their pixels
+    blended in over a 1-pixel soft edge and shifted by the difference of the two slices'
+    healthy-lung medians (so a pasted lesion keeps its contrast to the lung around it), and
+    their labels written over the recipient's. Returns new arrays; the inputs are not changed.
+    Without enough pasted pixels (fewer than ``min_pixels``) the recipient comes back as it was."""
+    h, w = labels.shape
+    if donor_labels.shape != (h, w):
+        donor_image = cv2.resize(donor_image, (w, h), interpolation=cv2.INTER_LINEAR)
+        donor_labels = cv2.resize(donor_labels, (w, h), interpolation=cv2.INTER_NEAREST)
+        if donor_lung is not None:
+            donor_lung = cv2.resize(donor_lung, (w, h), interpolation=cv2.INTER_NEAREST)
+    if rng.random() < 0.5:
+        donor_image, donor_labels = donor_image[:, ::-1], donor_labels[:, ::-1]
+        donor_lung = donor_lung[:, ::-1] if donor_lung is not None else None
+    paste = np.isin(donor_labels, PASTED_LABELS)
+    if lung is not None:
+        paste &= lung > 0
+    if paste.sum() < min_pixels:
+        return image, labels
+    offset = 0.0
+    if lung is not None and donor_lung is not None:
+        own, theirs = (lung > 0) & (labels == 0), (donor_lung > 0) & (donor_labels == 0)
+        if own.any() and theirs.any():
+            offset = float(np.median(image[own]) - np.median(donor_image[theirs]))
+    alpha = cv2.GaussianBlur(paste.astype(np.float32), (0, 0), sigmaX=1.0)
+    alpha = np.where(paste, np.maximum(alpha, 0.5), alpha)
+    lo, hi = float(image.min()), float(image.max())
+    moved = np.clip(donor_image.astype(np.float32) + offset, lo, hi)
+    out_image = np.clip(image * (1 - alpha) + moved * alpha, lo, hi).astype(image.dtype)
+    out_labels = np.where(paste, donor_labels, labels).astype(labels.dtype)
+    return out_image, out_labels

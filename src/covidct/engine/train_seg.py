@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from covidct.data.segmentation import LESION_CLASSES, SegFolder, SegSample
 from covidct.data.splits import group_kfold, group_split
-from covidct.data.transforms import seg_train_transform
+from covidct.data.transforms import PASTED_LABELS, paste_lesions, seg_train_transform
 from covidct.engine.common import (Distributed, seed_everything, train_one_epoch, warmup_cosine, write_log,
                                    write_run_config)
 from covidct.engine.evaluate_seg import evaluate_folder
@@ -86,6 +86,8 @@ class SegTrainConfig:
     # weight of a soft Dice term on the infection region (GGO + consolidation probabilities summed
     # against their union; nnU-Net's region-based training), beside the per-class terms; 0 = off
     infection_dice_weight: float = 0.0
+    # share of training slices that first receive another slice's GGO / consolidation (lesion copy-paste); 0 = off
+    copy_paste: float = 0.0
     seed: int = 0
     lung_weight: float = 0.5
     elastic: bool = True
@@ -129,6 +131,8 @@ def load_training_data(cfg: SegTrainConfig) -> tuple[list[SegSample], list[SegSa
         raise CovidctError(None, "--class-weighting must be 'none' or 'sqrt-inverse'")
     if cfg.infection_dice_weight < 0:
         raise CovidctError(None, "--infection-dice-weight must be 0 or more")
+    if not 0 <= cfg.copy_paste <= 1:
+        raise CovidctError(None, "--copy-paste must be between 0 and 1")
     if cfg.select not in ("best", "last"):
         raise CovidctError(None, "--select must be 'best' or 'last'")
     if cfg.fold != "all" and cfg.folds and not 0 <= int(cfg.fold) < cfg.folds:
@@ -144,19 +148,31 @@ def load_training_data(cfg: SegTrainConfig) -> tuple[list[SegSample], list[SegSa
 
 
 class _Augmented(torch.utils.data.Dataset):
-    def __init__(self, samples: list[SegSample], transform, lesion_classes: tuple[str, ...]) -> None:
+    """Training slices through the augmentation; with ``copy_paste`` > 0 that share of them first
+    receives the GGO / consolidation of another training slice (:func:`paste_lesions`)."""
+
+    def __init__(self, samples: list[SegSample], transform, lesion_classes: tuple[str, ...], *,
+                 copy_paste: float = 0.0, seed: int = 0) -> None:
         self.samples = samples
         self.transform = transform
         self.lut = label_lut(lesion_classes)
+        self.copy_paste = copy_paste
+        self.rng = np.random.default_rng(seed)
+        self.donors = [j for j, s in enumerate(samples) if np.isin(s.labels, PASTED_LABELS).sum() >= 16]
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         s = self.samples[i]
-        labels = self.lut[s.labels]
+        image, raw_labels = s.image, s.labels
+        donors = [j for j in self.donors if j != i]
+        if self.copy_paste and donors and self.rng.random() < self.copy_paste:
+            d = self.samples[donors[self.rng.integers(len(donors))]]
+            image, raw_labels = paste_lesions(image, raw_labels, s.lung, d.image, d.labels, d.lung, rng=self.rng)
+        labels = self.lut[raw_labels]
         lung = s.lung if s.lung is not None else np.zeros_like(labels)
-        out = self.transform(image=to_model_input(s.image, is_hu=False), masks=[labels, lung])
+        out = self.transform(image=to_model_input(image, is_hu=False), masks=[labels, lung])
         img = torch.from_numpy(np.ascontiguousarray(out["image"], dtype=np.float32))[None]
         lab, lng = out["masks"]
         return img, torch.from_numpy(np.asarray(lab, np.int64)), torch.from_numpy(np.asarray(lng, np.float32)), float(s.has_effusion)
@@ -306,7 +322,8 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
                 print(f"resuming from {last} at epoch {start_epoch}")
     # every rank augments with its own seed and reads its own share of each shuffled epoch
     ds = _Augmented(train, seg_train_transform(cfg.input_size, elastic=cfg.elastic,
-                                               seed=cfg.seed + start_epoch + 1000 * dist.rank), mcfg.lesion_classes)
+                                               seed=cfg.seed + start_epoch + 1000 * dist.rank), mcfg.lesion_classes,
+                      copy_paste=cfg.copy_paste, seed=cfg.seed + start_epoch + 1000 * dist.rank)
     sampler = dist.sampler(ds, seed=cfg.seed + start_epoch)
     gen = torch.Generator().manual_seed(cfg.seed + start_epoch)
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size // dist.world_size, shuffle=sampler is None,

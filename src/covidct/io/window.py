@@ -74,7 +74,7 @@ def to_model_input(array: np.ndarray, *, is_hu: bool, window: str | Window = "mo
     vmin, vmax = float(array.min()), float(array.max())
     if vmin >= 0.0 and vmax <= 255.0:
         return array / 255.0
-    lo, hi = np.percentile(array, [0.5, 99.5])
+    lo, hi = (float(v) for v in np.percentile(array, [0.5, 99.5]))
     if hi <= lo:
         return np.zeros_like(array)
-    return np.clip((array - lo) / (hi - lo), 0.0, 1.0)
+    return np.clip((array - lo) / (hi - lo), 0.0, 1.0).astype(np.float32, copy=False)
