@@ -35,6 +35,8 @@ def main() -> int:
     ap.add_argument("--data", required=True)
     ap.add_argument("--model")
     ap.add_argument("--window", help="HU window into the model (covidct analyze --window); default: model")
+    ap.add_argument("--slice-orientation", choices=("training", "working"),
+                    help="covidct analyze --slice-orientation; default: training")
     ap.add_argument("--out", default="out/bench-analyze")
     ap.add_argument("--json")
     ap.add_argument("--z-sigma-mm", type=float, action="append", default=[],
@@ -57,6 +59,8 @@ def main() -> int:
             cmd += ["--model", args.model]
         if args.window:
             cmd += [f"--window={args.window}"]
+        if args.slice_orientation:
+            cmd += ["--slice-orientation", args.slice_orientation]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         _, err = proc.communicate()

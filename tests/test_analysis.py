@@ -433,3 +433,60 @@ def test_every_series_of_a_zipped_study_becomes_a_job_read_from_the_archive(tmp_
     assert [(j.path, j.series_uid, j.name) for j in jobs] == [
         (archive, "1.2.840.90", "study-s1"), (archive, "1.2.840.80", "study-s2")]   # the larger series first
     assert read(jobs[1].path, series_uid=jobs[1].series_uid).shape == (3, 32, 32)
+
+
+class _LeftHalfGGO:
+    """A stand-in segmentation predictor: GGO on the left half of every image it is given (so the result
+    shows which way the slice was turned on its way in)."""
+
+    has_lung = True
+
+    def predict(self, images):
+        from covidct.engine.infer import SegPrediction
+
+        out = []
+        for im in images:
+            labels = np.zeros(im.shape, np.uint8)
+            labels[:, : im.shape[1] // 2] = 1
+            out.append(SegPrediction(labels=labels, probs=np.zeros((4, *im.shape), np.float32),
+                                     lung_prob=np.ones(im.shape, np.float32)))
+        return out
+
+
+@pytest.mark.parametrize("orientation", ["training", "working"])
+def test_volume_slices_reach_the_model_in_the_training_orientation(tmp_path, orientation):
+    """The training slices have the anterior side at the left edge: an oriented volume's slices (anterior
+    up) are turned a quarter on the way in and the labels back, so the model's 'left' lands anterior
+    (the top rows); with --slice-orientation working the model's left stays the patient's right."""
+    from covidct.analysis.scan import analyze_volume
+
+    hu = phantom_hu(4, 64)
+    write_nifti(tmp_path / "v.nii.gz", hu, spacing=(5.0, 3.0, 3.0))
+    vol = read(tmp_path / "v.nii.gz")
+    result = analyze_volume(vol, _LeftHalfGGO(), progress=False, slice_orientation=orientation)
+    k = int(np.argmax((result.lesions > 0).sum(axis=(1, 2))))
+    rows, cols = np.nonzero(result.lesions[k])
+    lung_rows, lung_cols = np.nonzero(result.lungs[k])
+    if orientation == "training":    # the anterior part of the lungs: rows above their middle
+        assert rows.max() <= (lung_rows.min() + lung_rows.max()) // 2 + 1
+        assert cols.min() <= lung_cols.min() + 1 and cols.max() >= lung_cols.max() - 1
+    else:                            # the image's left part of the lungs
+        assert cols.max() <= (lung_cols.min() + lung_cols.max()) // 2 + 1
+        assert rows.min() <= lung_rows.min() + 1 and rows.max() >= lung_rows.max() - 1
+    with pytest.raises(ValueError, match="slice_orientation"):
+        analyze_volume(vol, _LeftHalfGGO(), progress=False, slice_orientation="sideways")
+
+
+def test_images_of_unknown_orientation_reach_the_model_as_they_are(tmp_path):
+    from PIL import Image
+
+    from covidct.analysis.scan import analyze_volume
+
+    (tmp_path / "slices").mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((40, 48), 90 + i, np.uint8)).save(tmp_path / "slices" / f"{i}.png")
+    vol = read(tmp_path / "slices")
+    assert vol.kind == "image-folder"
+    result = analyze_volume(vol, _LeftHalfGGO(), progress=False)      # slice_orientation "training"
+    cols = np.nonzero(result.lesions[0])[1]
+    assert cols.size and cols.max() < 24                                # the image's left half, not turned

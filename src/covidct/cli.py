@@ -485,7 +485,7 @@ def _analyze_batch(args: argparse.Namespace, specs: dict) -> int:
                   f"severity {row['severity_score']}, {row['seconds']:.1f} s")
 
     rows = analyze_many(jobs, args.output, models=models, on_scan=said, window=args.window,
-                        viewer=not args.no_viewer, dicom_seg=args.dicom_seg)
+                        viewer=not args.no_viewer, dicom_seg=args.dicom_seg, slice_orientation=args.slice_orientation)
     failed = sum(r["status"] != "ok" for r in rows)
     if args.json:
         print(to_json({"scans": rows}))
@@ -511,7 +511,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if len(args.path) > 1 or args.series == "all":
         return _analyze_batch(args, specs)
     report = analyze(args.path[0], args.output, series_uid=args.series, window=args.window,
-                     viewer=not args.no_viewer, dicom_seg=args.dicom_seg, **specs)
+                     viewer=not args.no_viewer, dicom_seg=args.dicom_seg, slice_orientation=args.slice_orientation,
+                     **specs)
     if args.json:
         print(to_json(report))
         return 0
@@ -761,6 +762,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dicom-seg", action="store_true", help="DICOM series or multi-frame inputs: also write lesions.seg.dcm and "
                    "lungs.seg.dcm, DICOM Segmentations of the lesions and of the lungs on the source images (one SEG "
                    "series, for PACS / OHIF / 3D Slicer)")
+    s.add_argument("--slice-orientation", choices=("training", "working"), default="training",
+                   help="DICOM / NIfTI slices into the segmentation model: 'training' turns each a quarter into the "
+                   "orientation of the training slices (anterior at the left) and the labels back; 'working': as "
+                   "read, anterior up")
     s.add_argument("--json", action="store_true", help="print report.json to stdout")
     s.set_defaults(func=_cmd_analyze)
 

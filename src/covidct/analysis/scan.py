@@ -7,6 +7,14 @@ the framing of the COVID-SemiSeg training slices — windowed (HU: the ``model``
 input grid. GGO/consolidation are kept inside each lung closed with a 10 mm disk (holes filled),
 effusion within 15 mm of it; 3-D lesion components under 0.1 mL are dropped (volumes with spacing only).
 
+Slices of a volume in the working orientation (DICOM, NIfTI: anterior up, :mod:`covidct.io.orientation`)
+reach the segmentation model turned a quarter (``np.rot90``, :data:`TRAINING_TURNS`) into the orientation of
+its training slices — the COVID-SemiSeg / MedSeg arrays have the anterior side at the left edge — and the
+labels are turned back. The augmentation flips slices but never turns them, and the same fold models score
+lower on the same labelled slices turned anterior-up (out of fold, infection Dice: 0.7755 -> 0.7675 on the
+COVID-SemiSeg crops, 0.732 -> 0.709 on the MedSeg frames; ``benchmarks/RESULTS.md``). Images and folders of
+images have no known orientation and go as they are.
+
 Per-slice infection probability: ``A / (A + 100 mm²)`` with ``A`` the predicted GGO +
 consolidation area of the slice (a 1 cm² lesion gives 0.5, 10 cm² 0.91); fixed a priori, not fitted,
 and strictly increasing in ``A`` at the 6 decimals of the report (the earlier ``1 - exp(-A / 100 mm²)``
@@ -44,6 +52,11 @@ MIN_BURDEN_PERCENT = 1.0
 #: opacity) are dropped as noise. Fixed a priori.
 MIN_LESION_ML = 0.1
 TOP_K = 5
+#: ``np.rot90`` turns that bring a working-orientation slice (anterior up) into the orientation of the
+#: segmentation training slices (anterior at the left edge).
+TRAINING_TURNS = 1
+#: Volume kinds read into the working orientation (the others' orientation is unknown).
+ORIENTED_KINDS = ("dicom-series", "dicom", "nifti")
 
 
 @dataclass
@@ -90,8 +103,13 @@ def _slice_pixel_mm2(vol: Volume) -> float:
 
 
 def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = True, batch_size: int = 8,
-                   window: str | Window = "model") -> ScanResult:
-    """Run the whole scan-level analysis on one volume; HU slices reach the model through ``window``."""
+                   window: str | Window = "model", slice_orientation: str = "training") -> ScanResult:
+    """Run the whole scan-level analysis on one volume; HU slices reach the model through ``window``.
+    ``slice_orientation``: ``"training"`` turns the slices of an oriented volume into the orientation of the
+    segmentation training slices (module docstring), ``"working"`` gives them as read (anterior up)."""
+    if slice_orientation not in ("training", "working"):
+        raise ValueError(f"slice_orientation must be 'training' or 'working', not {slice_orientation!r}")
+    turns = TRAINING_TURNS if slice_orientation == "training" and vol.kind in ORIENTED_KINDS else 0
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     n = vol.n_slices
@@ -100,7 +118,7 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
         lungs = lung_res.labels
         lung_method = "classical HU threshold (scikit-image/SciPy)"
     else:
-        lungs = _learned_lungs(vol, predictor, progress)
+        lungs = _learned_lungs(vol, predictor, progress, turns)
         lung_method = "learned lung head of the segmentation model"
     timings["lungs_s"] = round(time.perf_counter() - t0, 2)
 
@@ -114,10 +132,11 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     for start in range(0, len(todo), batch_size):
         ks = todo[start:start + batch_size]
         boxes = [mask_box(lungs[k] > 0) for k in ks]
-        crops = [to_model_input(vol.array[k][b], is_hu=vol.is_hu, window=window) for k, b in zip(ks, boxes)]
+        crops = [np.ascontiguousarray(np.rot90(to_model_input(vol.array[k][b], is_hu=vol.is_hu, window=window), turns))
+                 for k, b in zip(ks, boxes)]
         for k, b, pred in zip(ks, boxes, predictor.predict(crops)):
             full = np.zeros(vol.shape[1:], np.uint8)
-            full[b] = pred.labels
+            full[b] = np.rot90(pred.labels, -turns)
             region = _lesion_region(lungs[k], close_px)
             keep = np.isin(full, (1, 2)) & (region > 0)
             if (full == 3).any():
@@ -202,14 +221,16 @@ def _drop_small_lesions(lesions: np.ndarray, lungs: np.ndarray, voxel_ml: float 
     sub[small[lab]] = 0
 
 
-def _learned_lungs(vol: Volume, predictor: SegPredictor, progress: bool) -> np.ndarray:
-    """Lungs of non-HU slices from the model's lung head, split into sides at the middle column."""
+def _learned_lungs(vol: Volume, predictor: SegPredictor, progress: bool, turns: int = 0) -> np.ndarray:
+    """Lungs of non-HU slices from the model's lung head (each slice turned ``turns`` quarters on the
+    way in and back on the way out), split into sides at the middle column."""
     if not predictor.has_lung:
         raise ValueError("input has no Hounsfield units and the model has no lung head")
     out = np.zeros(vol.shape, np.uint8)
     for k in tqdm(range(vol.n_slices), desc="lungs", unit="slice", disable=not progress):
-        pred = predictor.predict([to_model_input(vol.array[k], is_hu=False)])[0]
-        lung = ndimage.binary_fill_holes(pred.lung)
+        turned = np.ascontiguousarray(np.rot90(to_model_input(vol.array[k], is_hu=False), turns))
+        pred = predictor.predict([turned])[0]
+        lung = ndimage.binary_fill_holes(np.rot90(pred.lung, -turns))
         if not lung.any():
             continue
         cols = np.flatnonzero(lung.any(axis=0))

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from covidct import DISCLAIMER, __version__
-from covidct.analysis.scan import ScanResult, analyze_volume, classify_slices
+from covidct.analysis.scan import ORIENTED_KINDS, ScanResult, analyze_volume, classify_slices
 from covidct.engine.infer import SegPredictor
 from covidct.io import Volume, get_window, read, to_model_input, write_nifti
 from covidct.models.registry import DEFAULTS
@@ -287,7 +287,7 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
             device: str = "cpu", series_uid: str | None = None, window: str = "model",
             classifier_spec: str | Path | None = "auto", viewer: bool = True,
             triage_spec: str | Path | None = DEFAULTS["triage"], models: ScanModels | None = None,
-            dicom_seg: bool = False) -> dict[str, Any]:
+            dicom_seg: bool = False, slice_orientation: str = "training") -> dict[str, Any]:
     """Analyse one scan and write every output into ``outdir``; returns the report dict. HU slices
     reach the model through ``window`` (a preset of :mod:`covidct.io.window` or ``"L,W"``).
     ``triage_spec`` (``None``: none) gives the 3-class patient answer and every slice's 3-class
@@ -298,7 +298,9 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
     ``viewer`` writes ``viewer.html`` (every slice with its overlay, :mod:`covidct.report.viewer`).
     ``models``: already loaded models to use (and keep) instead of the three specs (a batch of scans).
     ``dicom_seg``: also ``lesions.seg.dcm`` and ``lungs.seg.dcm``, DICOM Segmentations of the lesions and the
-    lungs referencing the source images (DICOM inputs; :mod:`covidct.io.dicom_seg`)."""
+    lungs referencing the source images (DICOM inputs; :mod:`covidct.io.dicom_seg`). ``slice_orientation``:
+    ``"training"`` turns the slices of a DICOM / NIfTI volume into the segmentation training slices'
+    orientation on their way into the model (:mod:`covidct.analysis.scan`), ``"working"`` gives them as read."""
     if models is None:
         models = ScanModels(model_spec, device=device, classifier_spec=classifier_spec, triage_spec=triage_spec)
     t0 = time.perf_counter()
@@ -308,7 +310,8 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
     series_note = None
     if "series_available" in vol.metadata and series_uid is None:
         series_note = {"series_chosen": vol.metadata["series_uid"], "series_available": vol.metadata["series_available"]}
-    result = analyze_volume(vol, models.predictor, progress=progress, window=hu_window)
+    result = analyze_volume(vol, models.predictor, progress=progress, window=hu_window,
+                            slice_orientation=slice_orientation)
     used = [models.seg_entry]
     triage_runs = bool(models.triage_spec) and vol.spacing is not None
     classifier_spec = models.classifier_spec
@@ -321,6 +324,9 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
     report = build_report(vol, result, used, time.perf_counter() - t0)
     if vol.is_hu:
         report["input"]["model_window"] = {"level": hu_window.level, "width": hu_window.width}
+    report["input"]["model_slice_orientation"] = (
+        "training: turned a quarter, anterior at the left" if slice_orientation == "training" and vol.kind in ORIENTED_KINDS
+        else "as read")
     if series_note:
         report["input"].update(series_note)
 
