@@ -220,3 +220,27 @@ def test_copy_paste_reaches_the_training_batches(seg_folder):
     lesion_plain = sum(int((plain[i][1] > 0).sum()) for i in range(len(samples)))
     lesion_pasted = sum(int((pasted[i][1] > 0).sum()) for i in range(len(samples)))
     assert lesion_pasted > lesion_plain
+
+
+@pytest.mark.parametrize("quarter_turns", [False, True])
+def test_quarter_turns_show_the_training_slices_in_other_orientations(quarter_turns):
+    """Flips and ±25° rotations keep a horizontal bar within ~35° of horizontal (scale and shear aside);
+    with quarter turns some draws stand it upright, as an anterior-up slice would be."""
+    from covidct.data.transforms import seg_train_transform
+
+    image = np.zeros((96, 96), np.float32)
+    labels = np.zeros((96, 96), np.uint8)
+    labels[44:52, 8:88] = 1
+    image[labels > 0] = 1.0
+    transform = seg_train_transform(64, elastic=False, quarter_turns=quarter_turns, seed=0)
+    upright = 0
+    for _ in range(40):
+        out = transform(image=image, masks=[labels])["masks"][0]
+        rows, cols = np.nonzero(out)
+        if rows.size < 20:
+            continue
+        cov = np.cov(np.stack([rows, cols]).astype(float))
+        evals, evecs = np.linalg.eigh(cov)
+        axis = evecs[:, -1]                     # principal axis (row, col)
+        upright += abs(axis[0]) > np.cos(np.radians(40))   # within 40 degrees of vertical
+    assert (upright > 5) if quarter_turns else (upright == 0)

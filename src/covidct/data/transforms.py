@@ -11,9 +11,13 @@ import cv2
 import numpy as np
 
 
-def seg_train_transform(size: int, *, elastic: bool = True, seed: int | None = None) -> A.Compose:
+def seg_train_transform(size: int, *, elastic: bool = True, quarter_turns: bool = False,
+                        seed: int | None = None) -> A.Compose:
     """Corona-Net's augmentation: random crop with scale shift, rotation, elastic deformation,
-    flips, and intensity jitter; ends at ``size x size``. ``seed`` makes the draws repeatable."""
+    flips, and intensity jitter; ends at ``size x size``. ``quarter_turns`` adds a transposition half of
+    the time, so that with the two flips a slice is seen in all eight orientations (the training slices
+    all have the anterior side at the left; without it a model never sees anterior-up slices).
+    ``seed`` makes the draws repeatable."""
     steps = [
         A.RandomResizedCrop(size=(size, size), scale=(0.45, 1.0), ratio=(0.75, 1.333), p=1.0),
         A.Affine(scale=(0.85, 1.15), translate_percent=(-0.05, 0.05), rotate=(-25, 25),
@@ -25,6 +29,8 @@ def seg_train_transform(size: int, *, elastic: bool = True, seed: int | None = N
         A.GaussianBlur(blur_limit=(3, 5), p=0.15),
         A.GaussNoise(std_range=(0.01, 0.04), p=0.2),
     ]
+    if quarter_turns:
+        steps.insert(4, A.Transpose(p=0.5))
     if elastic:
         steps.insert(2, A.ElasticTransform(alpha=40, sigma=7, border_mode=cv2.BORDER_CONSTANT, p=0.25))
     return A.Compose(steps, seed=seed)

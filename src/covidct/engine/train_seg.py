@@ -88,6 +88,8 @@ class SegTrainConfig:
     infection_dice_weight: float = 0.0
     # share of training slices that first receive another slice's GGO / consolidation (lesion copy-paste); 0 = off
     copy_paste: float = 0.0
+    # also transpose half the slices: all eight orientations (the training slices are all anterior-left)
+    quarter_turns: bool = False
     seed: int = 0
     lung_weight: float = 0.5
     elastic: bool = True
@@ -321,7 +323,7 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
             if dist.is_main:
                 print(f"resuming from {last} at epoch {start_epoch}")
     # every rank augments with its own seed and reads its own share of each shuffled epoch
-    ds = _Augmented(train, seg_train_transform(cfg.input_size, elastic=cfg.elastic,
+    ds = _Augmented(train, seg_train_transform(cfg.input_size, elastic=cfg.elastic, quarter_turns=cfg.quarter_turns,
                                                seed=cfg.seed + start_epoch + 1000 * dist.rank), mcfg.lesion_classes,
                       copy_paste=cfg.copy_paste, seed=cfg.seed + start_epoch + 1000 * dist.rank)
     sampler = dist.sampler(ds, seed=cfg.seed + start_epoch)
