@@ -490,3 +490,15 @@ def test_images_of_unknown_orientation_reach_the_model_as_they_are(tmp_path):
     result = analyze_volume(vol, _LeftHalfGGO(), progress=False)      # slice_orientation "training"
     cols = np.nonzero(result.lesions[0])[1]
     assert cols.size and cols.max() < 24                                # the image's left half, not turned
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2, 3, -1])
+def test_boxes_found_on_a_turned_slice_map_back_onto_it(turns):
+    from covidct.report.slices import turn_boxes_back
+
+    mask = np.zeros((30, 50), bool)
+    mask[4:11, 20:44] = True                      # box (x1, y1, x2, y2) = (20, 4, 44, 11)
+    turned = np.rot90(mask, turns)
+    rows, cols = np.nonzero(turned)
+    box_on_turned = [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]
+    np.testing.assert_allclose(turn_boxes_back(np.array([box_on_turned]), turns, mask.shape), [[20, 4, 44, 11]])

@@ -238,6 +238,16 @@ def test_predict_with_lesion_model_writes_instances(tmp_path, capsys):
     assert summary["lesion_model"] == "les.pt" and 0 < len(inst) <= cfg.box_detections_per_img
     assert all(i["class"] in ("ggo", "consolidation") and 0 <= i["box"][0] <= i["box"][2] <= 56 for i in inst)
     assert Image.open(out / "s_instances.png").width >= 56
+    # a CT volume's slices reach the lesion model turned like the segmentation model's (anterior left), and its
+    # boxes come back onto the slice: inside a 40-row x 64-column slice, not the turned 64 x 40 one
+    from conftest import phantom_hu, write_nifti
+
+    write_nifti(tmp_path / "v.nii.gz", phantom_hu(2, 64)[:, 12:52, :], spacing=(5.0, 3.0, 3.0))
+    assert main(["predict", str(tmp_path / "v.nii.gz"), "-o", str(tmp_path / "out_v"), "--model", str(seg_path),
+                 "--lesion-model", str(les_path), "--lesion-score", "0"]) == 0
+    boxes = [i["box"] for row in json.loads((tmp_path / "out_v" / "predictions.json").read_text())["slices"]
+             for i in row["instances"]]
+    assert boxes and all(0 <= x1 <= x2 <= 64 and 0 <= y1 <= y2 <= 40 for x1, y1, x2, y2 in boxes)
     assert main(["predict", str(tmp_path / "s.png"), "-o", str(out), "--lesion-score", "2"]) == 2
     assert "--lesion-score" in capsys.readouterr().err
 

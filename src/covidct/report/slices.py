@@ -28,7 +28,7 @@ def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec
     bad input leaves no partial output."""
     from covidct.models.registry import load_lesion_model, load_seg_model
 
-    from covidct.analysis.scan import analyze_volume
+    from covidct.analysis.scan import ORIENTED_KINDS, TRAINING_TURNS, analyze_volume
 
     volumes = [read(p) for p in paths]
     model, payload = load_seg_model(model_spec)
@@ -61,7 +61,9 @@ def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec
                               "effusion": int((labels == 3).sum()), "lung": None if lung is None else int(lung.sum())},
                    "lungs": "classical HU threshold" if scan is not None else "learned lung head"}
             if lesion_model is not None:
-                row["instances"] = _instances(lesion_model, grey, outdir / f"{name}_instances.png", lesion_score, name)
+                turns = TRAINING_TURNS if vol.kind in ORIENTED_KINDS else 0   # as the segmentation model's input
+                row["instances"] = _instances(lesion_model, grey, outdir / f"{name}_instances.png", lesion_score, name,
+                                              turns)
             rows.append(row)
             bar.update(1)
     bar.close()
@@ -73,16 +75,30 @@ def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec
     return summary
 
 
-def _instances(model, grey: np.ndarray, path: Path, min_score: float, title: str) -> list[dict[str, Any]]:
-    """Run the lesion Mask R-CNN on one slice, draw its instances, return them for the JSON."""
+def turn_boxes_back(boxes: np.ndarray, turns: int, shape: tuple[int, int]) -> np.ndarray:
+    """``(x1, y1, x2, y2)`` boxes found on ``np.rot90(image, turns)`` mapped onto ``image`` of ``shape``
+    (rows, columns): one counter-clockwise turn sends ``(x, y)`` to ``(y, W - x)``, so its inverse takes
+    ``(x, y)`` back to ``(W - y, x)``."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4).copy()
+    for t in range(turns % 4, 0, -1):
+        width = shape[1] if t % 2 == 1 else shape[0]      # the width of the image before turn t
+        x1, y1, x2, y2 = boxes.T.copy()
+        boxes = np.stack([width - y2, x1, width - y1, x2], axis=1)
+    return boxes
+
+
+def _instances(model, grey: np.ndarray, path: Path, min_score: float, title: str,
+               turns: int = 0) -> list[dict[str, Any]]:
+    """Run the lesion Mask R-CNN on one slice (turned ``turns`` quarters on the way in, its masks and boxes
+    turned back), draw its instances, return them for the JSON."""
     from covidct.engine.lesions import predict_instances
 
-    out = predict_instances(model, [grey])[0]
+    out = predict_instances(model, [np.ascontiguousarray(np.rot90(grey, turns))])[0]
     keep = out["scores"] >= min_score
-    masks = (out["masks"][keep][:, 0] > 0.5).numpy()
+    masks = np.rot90((out["masks"][keep][:, 0] > 0.5).numpy(), -turns, axes=(1, 2))
     names = [model.config.classes[int(c)] for c in out["labels"][keep]]
     scores = [float(s) for s in out["scores"][keep]]
-    boxes = out["boxes"][keep].numpy()
+    boxes = turn_boxes_back(out["boxes"][keep].numpy(), turns, grey.shape)
     save_png(with_legend(np.asarray(instances_rgb(grey, masks, names, scores, boxes)), names=("ggo", "consolidation"),
                          title=f"{title}: {len(names)} lesion instances, score >= {min_score:g}"), path)
     return [{"class": n, "score": round(s, 4), "box": [round(float(v), 1) for v in b], "area_px": int(m.sum())}
