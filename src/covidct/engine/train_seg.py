@@ -323,9 +323,10 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
             if dist.is_main:
                 print(f"resuming from {last} at epoch {start_epoch}")
     # every rank augments with its own seed and reads its own share of each shuffled epoch
+    augment_seed = cfg.seed + start_epoch + 1000 * dist.rank
     ds = _Augmented(train, seg_train_transform(cfg.input_size, elastic=cfg.elastic, quarter_turns=cfg.quarter_turns,
-                                               seed=cfg.seed + start_epoch + 1000 * dist.rank), mcfg.lesion_classes,
-                      copy_paste=cfg.copy_paste, seed=cfg.seed + start_epoch + 1000 * dist.rank)
+                                               seed=augment_seed), mcfg.lesion_classes,
+                    copy_paste=cfg.copy_paste, seed=augment_seed)
     sampler = dist.sampler(ds, seed=cfg.seed + start_epoch)
     gen = torch.Generator().manual_seed(cfg.seed + start_epoch)
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size // dist.world_size, shuffle=sampler is None,
