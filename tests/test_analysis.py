@@ -477,6 +477,29 @@ def test_volume_slices_reach_the_model_in_the_training_orientation(tmp_path, ori
         analyze_volume(vol, _LeftHalfGGO(), progress=False, slice_orientation="sideways")
 
 
+@pytest.mark.parametrize("trained_on", ["anterior-up", "any"])
+def test_a_model_trained_anterior_up_or_in_every_orientation_gets_slices_as_read(tmp_path, trained_on):
+    """The turn comes from the model's checkpoint (``slice_orientation``), not from a constant."""
+    from types import SimpleNamespace
+
+    from covidct.analysis.scan import analyze_volume, model_turns
+    from covidct.engine.train_seg import SegTrainConfig
+
+    write_nifti(tmp_path / "v.nii.gz", phantom_hu(4, 64), spacing=(5.0, 3.0, 3.0))
+    vol = read(tmp_path / "v.nii.gz")
+    predictor = _LeftHalfGGO()
+    predictor.model = SimpleNamespace(config=SimpleNamespace(slice_orientation=trained_on))
+    assert model_turns(vol, predictor) == 0 and model_turns(vol, _LeftHalfGGO()) == 1
+    turned_as_read = analyze_volume(vol, predictor, progress=False)
+    as_read = analyze_volume(vol, _LeftHalfGGO(), progress=False, slice_orientation="working")
+    np.testing.assert_array_equal(turned_as_read.lesions, as_read.lesions)
+    # the trainer records what it trained on
+    cfg = SegTrainConfig(data=["x"], quarter_turns=trained_on == "any",
+                         data_orientation="anterior-up" if trained_on == "anterior-up" else "anterior-left")
+    assert cfg.model_config().slice_orientation == trained_on
+    assert SegTrainConfig(data=["x"]).model_config().slice_orientation == "anterior-left"
+
+
 def test_images_of_unknown_orientation_reach_the_model_as_they_are(tmp_path):
     from PIL import Image
 

@@ -151,7 +151,7 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
         folds=args.folds, fold=_parse_fold(args.fold), select=args.select, class_weighting=args.class_weighting,
         decoder_channels=decoder_channels, fpn_channels=fpn_channels, swa_epochs=args.swa_epochs,
         encoder_init=encoder_init, init=str(args.init), infection_dice_weight=args.infection_dice_weight,
-        copy_paste=args.copy_paste, quarter_turns=args.quarter_turns,
+        copy_paste=args.copy_paste, quarter_turns=args.quarter_turns, data_orientation=args.data_orientation,
     )
     _print_training_result(train_seg(cfg, args.output, resume=not args.no_resume))
     return 0
@@ -614,6 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cross-entropy class weights from the training pixel frequencies")
     s.add_argument("--infection-dice-weight", type=float, default=0.0, metavar="W", help="add W x a soft Dice "
                    "loss on the infection region (GGO + consolidation summed against their union); 0: off")
+    s.add_argument("--data-orientation", choices=("anterior-left", "anterior-up"), default="anterior-left",
+                   help="orientation of the training slices, stored in the model so that covidct analyze turns CT "
+                   "slices to match (COVID-SemiSeg / MedSeg: anterior-left)")
     s.add_argument("--quarter-turns", action="store_true", help="also transpose half the training slices, so that "
                    "with the flips they appear in all eight orientations (default: flips only)")
     s.add_argument("--copy-paste", type=float, default=0.0, metavar="P", help="lesion copy-paste: this share of "

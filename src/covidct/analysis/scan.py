@@ -8,9 +8,10 @@ input grid. GGO/consolidation are kept inside each lung closed with a 10 mm disk
 effusion within 15 mm of it; 3-D lesion components under 0.1 mL are dropped (volumes with spacing only).
 
 Slices of a volume in the working orientation (DICOM, NIfTI: anterior up, :mod:`covidct.io.orientation`)
-reach the segmentation model turned a quarter (``np.rot90``, :data:`TRAINING_TURNS`) into the orientation of
-its training slices — the COVID-SemiSeg / MedSeg arrays have the anterior side at the left edge — and the
-labels are turned back. The augmentation flips slices but never turns them, and the same fold models score
+reach the segmentation model turned (``np.rot90``) into the orientation of its training slices, which its
+checkpoint records (``slice_orientation``; the COVID-SemiSeg / MedSeg arrays have the anterior side at the
+left edge: a quarter turn), and the labels are turned back. The augmentation flips slices but never turns
+them (unless ``train seg --quarter-turns``: orientation "any", no turn), and the same fold models score
 lower on the same labelled slices turned anterior-up (out of fold, infection Dice: 0.7755 -> 0.7675 on the
 COVID-SemiSeg crops, 0.732 -> 0.709 on the MedSeg frames; ``benchmarks/RESULTS.md``). Images and folders of
 images have no known orientation and go as they are.
@@ -52,9 +53,6 @@ MIN_BURDEN_PERCENT = 1.0
 #: opacity) are dropped as noise. Fixed a priori.
 MIN_LESION_ML = 0.1
 TOP_K = 5
-#: ``np.rot90`` turns that bring a working-orientation slice (anterior up) into the orientation of the
-#: segmentation training slices (anterior at the left edge).
-TRAINING_TURNS = 1
 #: Volume kinds read into the working orientation (the others' orientation is unknown).
 ORIENTED_KINDS = ("dicom-series", "dicom", "nifti")
 
@@ -106,10 +104,8 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
                    window: str | Window = "model", slice_orientation: str = "training") -> ScanResult:
     """Run the whole scan-level analysis on one volume; HU slices reach the model through ``window``.
     ``slice_orientation``: ``"training"`` turns the slices of an oriented volume into the orientation of the
-    segmentation training slices (module docstring), ``"working"`` gives them as read (anterior up)."""
-    if slice_orientation not in ("training", "working"):
-        raise ValueError(f"slice_orientation must be 'training' or 'working', not {slice_orientation!r}")
-    turns = TRAINING_TURNS if slice_orientation == "training" and vol.kind in ORIENTED_KINDS else 0
+    segmentation model's training slices (module docstring), ``"working"`` gives them as read (anterior up)."""
+    turns = model_turns(vol, predictor, slice_orientation)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     n = vol.n_slices
@@ -181,6 +177,20 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
                 "triage model (covidct analyze --triage, for volumes with a pixel spacing)",
     }
     return ScanResult(lesions, lungs, burden, slices, diagnosis, lung_method, timings)
+
+
+def model_turns(vol: Volume, model, slice_orientation: str = "training") -> int:
+    """``np.rot90`` turns that bring ``vol``'s slices into the orientation ``model`` (a network with a
+    ``config``, or a predictor holding one as ``model``) was trained on: from its checkpoint for volumes in the
+    working orientation (DICOM, NIfTI), 0 for images (orientation unknown) or ``slice_orientation="working"``."""
+    from covidct.models.base import turns_from_anterior_up
+
+    if slice_orientation not in ("training", "working"):
+        raise ValueError(f"slice_orientation must be 'training' or 'working', not {slice_orientation!r}")
+    if slice_orientation == "working" or vol.kind not in ORIENTED_KINDS:
+        return 0
+    config = getattr(model, "config", None) or getattr(getattr(model, "model", None), "config", None)
+    return turns_from_anterior_up(getattr(config, "slice_orientation", "anterior-left"))
 
 
 def classify_slices(vol: Volume, model, *, temperature: float = 1.0, indices: Sequence[int] | None = None,

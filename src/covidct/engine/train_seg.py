@@ -88,8 +88,10 @@ class SegTrainConfig:
     infection_dice_weight: float = 0.0
     # share of training slices that first receive another slice's GGO / consolidation (lesion copy-paste); 0 = off
     copy_paste: float = 0.0
-    # also transpose half the slices: all eight orientations (the training slices are all anterior-left)
+    # also transpose half the slices: all eight orientations (the model's slice orientation is then "any")
     quarter_turns: bool = False
+    # the orientation of the training slices (anterior-left: the documented layouts; anterior-up)
+    data_orientation: str = "anterior-left"
     seed: int = 0
     lung_weight: float = 0.5
     elastic: bool = True
@@ -103,7 +105,8 @@ class SegTrainConfig:
         return SegModelConfig(arch=self.arch, encoder=self.encoder, decoder_channels=tuple(self.decoder_channels),
                               fpn_channels=tuple(self.fpn_channels),
                               lesion_classes=LABEL_SETS[self.labels], lung_head=self.lung_head or self.labels == "lung",
-                              input_size=self.input_size)
+                              input_size=self.input_size,
+                              slice_orientation="any" if self.quarter_turns else self.data_orientation)
 
 
 def split_seg_folders(data: list[str], *, val_fraction: float, seed: int, folds: int = 0,
@@ -133,6 +136,8 @@ def load_training_data(cfg: SegTrainConfig) -> tuple[list[SegSample], list[SegSa
         raise CovidctError(None, "--class-weighting must be 'none' or 'sqrt-inverse'")
     if cfg.infection_dice_weight < 0:
         raise CovidctError(None, "--infection-dice-weight must be 0 or more")
+    if cfg.data_orientation not in ("anterior-left", "anterior-up"):
+        raise CovidctError(None, "--data-orientation must be 'anterior-left' or 'anterior-up'")
     if not 0 <= cfg.copy_paste <= 1:
         raise CovidctError(None, "--copy-paste must be between 0 and 1")
     if cfg.select not in ("best", "last"):

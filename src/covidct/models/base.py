@@ -13,6 +13,19 @@ from torch import nn
 _C = TypeVar("_C", bound="SavedConfig")
 
 
+#: The orientations a model's training slices can have (``slice_orientation`` in its config): the documented
+#: slice layouts (COVID-SemiSeg, MedSeg arrays) show the anterior side at the left edge; radiological display
+#: is anterior up; ``any``: trained in all eight orientations (``train seg --quarter-turns``).
+SLICE_ORIENTATIONS: tuple[str, ...] = ("anterior-left", "anterior-up", "any")
+
+
+def turns_from_anterior_up(slice_orientation: str) -> int:
+    """``np.rot90`` turns that bring an anterior-up slice into a model's training orientation."""
+    if slice_orientation not in SLICE_ORIENTATIONS:
+        raise ValueError(f"slice orientation must be one of {', '.join(SLICE_ORIENTATIONS)}, not {slice_orientation!r}")
+    return 1 if slice_orientation == "anterior-left" else 0
+
+
 class SavedConfig:
     """Mixin for the config dataclasses stored in checkpoints: ``to_dict`` gives plain JSON-able values
     (tuples as lists); ``from_dict`` rebuilds the config, list values back to tuples, keys the class does

@@ -47,6 +47,8 @@ class LesionModelConfig(SavedConfig):
     box_batch_size_per_image: int = 128
     box_detections_per_img: int = 50
     box_score_thresh: float = 0.05
+    # orientation of the training slices (covidct.models.base.SLICE_ORIENTATIONS)
+    slice_orientation: str = "anterior-left"
 
     @property
     def classes(self) -> tuple[str, ...]:

@@ -33,6 +33,9 @@ class SegModelConfig(SavedConfig):
     in_channels: int = 1
     input_mean: float = IMAGENET_GREY_MEAN
     input_std: float = IMAGENET_GREY_STD
+    # orientation of the training slices (covidct.models.base.SLICE_ORIENTATIONS); checkpoints from before it
+    # was recorded were all trained on the anterior-left COVID-SemiSeg / MedSeg slices
+    slice_orientation: str = "anterior-left"
 
 
 class SegmentationNet(NormalizedNet):

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from covidct import DISCLAIMER, __version__
-from covidct.analysis.scan import ORIENTED_KINDS, ScanResult, analyze_volume, classify_slices
+from covidct.analysis.scan import ScanResult, analyze_volume, classify_slices, model_turns
 from covidct.engine.infer import SegPredictor
 from covidct.io import Volume, get_window, read, to_model_input, write_nifti
 from covidct.models.registry import DEFAULTS
@@ -324,9 +324,9 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
     report = build_report(vol, result, used, time.perf_counter() - t0)
     if vol.is_hu:
         report["input"]["model_window"] = {"level": hu_window.level, "width": hu_window.width}
-    report["input"]["model_slice_orientation"] = (
-        "training: turned a quarter, anterior at the left" if slice_orientation == "training" and vol.kind in ORIENTED_KINDS
-        else "as read")
+    turns = model_turns(vol, models.predictor, slice_orientation)
+    report["input"]["model_slice_orientation"] = (f"turned {turns} quarter(s) counter-clockwise into the model's "
+                                                  f"training orientation" if turns else "as read")
     if series_note:
         report["input"].update(series_note)
 

@@ -28,7 +28,7 @@ def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec
     bad input leaves no partial output."""
     from covidct.models.registry import load_lesion_model, load_seg_model
 
-    from covidct.analysis.scan import ORIENTED_KINDS, TRAINING_TURNS, analyze_volume
+    from covidct.analysis.scan import analyze_volume, model_turns
 
     volumes = [read(p) for p in paths]
     model, payload = load_seg_model(model_spec)
@@ -61,7 +61,7 @@ def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec
                               "effusion": int((labels == 3).sum()), "lung": None if lung is None else int(lung.sum())},
                    "lungs": "classical HU threshold" if scan is not None else "learned lung head"}
             if lesion_model is not None:
-                turns = TRAINING_TURNS if vol.kind in ORIENTED_KINDS else 0   # as the segmentation model's input
+                turns = model_turns(vol, lesion_model)      # its training orientation, as for the segmentation model
                 row["instances"] = _instances(lesion_model, grey, outdir / f"{name}_instances.png", lesion_score, name,
                                               turns)
             rows.append(row)
