@@ -490,6 +490,12 @@ def test_a_model_trained_anterior_up_or_in_every_orientation_gets_slices_as_read
     predictor = _LeftHalfGGO()
     predictor.model = SimpleNamespace(config=SimpleNamespace(slice_orientation=trained_on))
     assert model_turns(vol, predictor) == 0 and model_turns(vol, _LeftHalfGGO()) == 1
+    # an orientation-free main network beside an anterior-left effusion companion: turned for the companion
+    paired = _LeftHalfGGO()
+    paired.model = SimpleNamespace(config=SimpleNamespace(slice_orientation="any"))
+    paired.effusion = SimpleNamespace(config=SimpleNamespace(slice_orientation="anterior-left"))
+    assert model_turns(vol, paired) == 1
+    assert model_turns(vol, paired, "working") == 0
     turned_as_read = analyze_volume(vol, predictor, progress=False)
     as_read = analyze_volume(vol, _LeftHalfGGO(), progress=False, slice_orientation="working")
     np.testing.assert_array_equal(turned_as_read.lesions, as_read.lesions)

@@ -41,6 +41,7 @@ from covidct.engine.infer import SegPredictor
 from covidct.io.volume import Volume
 from covidct.io.body import classifier_input, mask_box
 from covidct.io.window import Window, to_model_input
+from covidct.models.base import turns_from_anterior_up
 
 #: Lesion area of a slice at which its infection probability is 0.5.
 AREA_SCALE_MM2 = 100.0
@@ -183,14 +184,17 @@ def model_turns(vol: Volume, model, slice_orientation: str = "training") -> int:
     """``np.rot90`` turns that bring ``vol``'s slices into the orientation ``model`` (a network with a
     ``config``, or a predictor holding one as ``model``) was trained on: from its checkpoint for volumes in the
     working orientation (DICOM, NIfTI), 0 for images (orientation unknown) or ``slice_orientation="working"``."""
-    from covidct.models.base import turns_from_anterior_up
-
     if slice_orientation not in ("training", "working"):
         raise ValueError(f"slice_orientation must be 'training' or 'working', not {slice_orientation!r}")
     if slice_orientation == "working" or vol.kind not in ORIENTED_KINDS:
         return 0
-    config = getattr(model, "config", None) or getattr(getattr(model, "model", None), "config", None)
-    return turns_from_anterior_up(getattr(config, "slice_orientation", "anterior-left"))
+    # the network itself, or a predictor's network and its effusion companion (which runs on the same input):
+    # the first that was not trained in every orientation decides
+    nets = [model] if hasattr(model, "config") else [getattr(model, "model", None), getattr(model, "effusion", None)]
+    orientations = [getattr(getattr(n, "config", None), "slice_orientation", "anterior-left")
+                    for n in nets if n is not None] or ["anterior-left"]     # (models from before it was recorded)
+    oriented = [o for o in orientations if o != "any"]
+    return turns_from_anterior_up(oriented[0]) if oriented else 0
 
 
 def classify_slices(vol: Volume, model, *, temperature: float = 1.0, indices: Sequence[int] | None = None,
