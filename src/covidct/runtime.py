@@ -23,17 +23,25 @@ MMAP_THRESHOLD = 32 * 1024 * 1024
 TRIM_THRESHOLD = 2**31 - 1
 
 
+def _glibc_function(name: str, argtypes: tuple, restype):
+    """The C library's function ``name`` with its signature set, or None where it does not exist (not
+    Linux, no loadable libc, not glibc)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = argtypes, restype
+    return function
+
+
 def keep_freed_memory() -> bool:
     """Tune glibc ``malloc`` (``mallopt``) to reuse freed memory; False where that does not apply
     (not Linux, not glibc) or the call fails."""
-    if not sys.platform.startswith("linux"):
+    mallopt = _glibc_function("mallopt", (ctypes.c_int, ctypes.c_int), ctypes.c_int)
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
@@ -41,12 +49,5 @@ def release_freed_memory() -> bool:
     """Hand the heap's free pages back to the kernel now (glibc ``malloc_trim(0)``): after the
     inference stages, before a step that needs large fresh blocks (the DICOM SEG writer); False where
     that does not apply or nothing was released."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        malloc_trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return False
-    malloc_trim.argtypes, malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
-    return bool(malloc_trim(0))
+    malloc_trim = _glibc_function("malloc_trim", (ctypes.c_size_t,), ctypes.c_int)
+    return malloc_trim is not None and bool(malloc_trim(0))
