@@ -247,6 +247,8 @@ def test_models_json_lists_shipped(capsys):
     for m in models:
         assert {"name", "task", "classes", "file", "input_size", "metrics"} <= set(m)
         assert m["task"] in ("seg", "lesions", "maskcls", "cls")
+        # every shipped slice model was trained on the COVID-SemiSeg orientation (anterior at the left)
+        assert m.get("slice_orientation") == ("anterior-left" if m["task"] in ("seg", "lesions") else None)
     assert {"seg", "lesions", "maskcls", "cls"} <= {m["task"] for m in models}
     assert main(["models"]) == 0
     text = capsys.readouterr().out

@@ -55,6 +55,9 @@ def model_entry(path: Path, payload: dict[str, Any] | None = None) -> dict[str, 
         "file": str(path),
         "input_size": payload.get("input_size"),
         "metrics": payload.get("metrics", {}),
+        # slice models: the orientation of their training slices, into which analyze / predict turn CT slices
+        **({"slice_orientation": payload["config"].get("slice_orientation", "anterior-left")}
+           if payload["task"] in ("seg", "lesions") else {}),
         # networks stored inside the file and run beside it (seg: an effusion model; covidct attach)
         **({"companions": {role: {"arch": c["config"].get("arch"), "classes": list(c.get("classes", [])),
                                   "input_size": c.get("input_size"), "metrics": c.get("metrics", {})}
