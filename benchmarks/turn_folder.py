@@ -56,7 +56,11 @@ def main() -> int:
     if not (args.data / "images").is_dir():
         print(f"turn_folder.py: error: {args.data}: no images/ subfolder", file=sys.stderr)
         return 2
-    n = turn_folder(args.data, args.output, args.turns)
+    try:
+        n = turn_folder(args.data, args.output, args.turns)
+    except OSError as exc:   # an unreadable image: one line naming it
+        print(f"turn_folder.py: error: {getattr(exc, 'filename', None) or args.data}: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {n} images turned {args.turns} quarter(s) to {args.output}")
     return 0
 

@@ -173,10 +173,11 @@ class _Augmented(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         s = self.samples[i]
         image, raw_labels = s.image, s.labels
-        donors = [j for j in self.donors if j != i]
-        if self.copy_paste and donors and self.rng.random() < self.copy_paste:
-            d = self.samples[donors[self.rng.integers(len(donors))]]
-            image, raw_labels = paste_lesions(image, raw_labels, s.lung, d.image, d.labels, d.lung, rng=self.rng)
+        if self.copy_paste:
+            donors = [j for j in self.donors if j != i]
+            if donors and self.rng.random() < self.copy_paste:
+                d = self.samples[donors[self.rng.integers(len(donors))]]
+                image, raw_labels = paste_lesions(image, raw_labels, s.lung, d.image, d.labels, d.lung, rng=self.rng)
         labels = self.lut[raw_labels]
         lung = s.lung if s.lung is not None else np.zeros_like(labels)
         out = self.transform(image=to_model_input(image, is_hu=False), masks=[labels, lung])

@@ -44,6 +44,8 @@ def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec
         # CT in Hounsfield units (DICOM, NIfTI): the lungs and lesions of `covidct analyze` (classical HU
         # lungs, each slice cropped to them like the training slices, lesions kept in the lungs)
         scan = analyze_volume(vol, framed, progress=False) if vol.is_hu else None
+        # the lesion model sees the slices in its training orientation, as the segmentation model does
+        lesion_turns = model_turns(vol, lesion_model) if lesion_model is not None else 0
         for k in range(vol.n_slices):
             grey = to_model_input(vol.array[k], is_hu=vol.is_hu)
             if scan is not None:
@@ -61,9 +63,8 @@ def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec
                               "effusion": int((labels == 3).sum()), "lung": None if lung is None else int(lung.sum())},
                    "lungs": "classical HU threshold" if scan is not None else "learned lung head"}
             if lesion_model is not None:
-                turns = model_turns(vol, lesion_model)      # its training orientation, as for the segmentation model
                 row["instances"] = _instances(lesion_model, grey, outdir / f"{name}_instances.png", lesion_score, name,
-                                              turns)
+                                              lesion_turns)
             rows.append(row)
             bar.update(1)
     bar.close()
