@@ -80,6 +80,7 @@ def test_severity_bins_and_burden():
 def _check_outputs(out, vol, report):
     for name in ("lesions.nii.gz", "lungs.nii.gz"):
         img = nib.load(out / name)
+        assert b"not for diagnosis" in img.header["descrip"].tobytes()
         if vol.kind == "nifti":  # the file's own grid, whatever the working orientation
             assert list(img.shape) == vol.metadata["source_shape"]
             np.testing.assert_allclose(img.affine, vol.metadata["source_affine"], atol=1e-4)

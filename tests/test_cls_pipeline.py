@@ -66,7 +66,7 @@ def test_evaluate_cls_cli_json_and_plot(trained_cls, tmp_path, capsys):
     assert res["n_images"] == 4 and res["classes"] == ["NonCOVID", "COVID"]
     assert np.array(res["confusion"]).sum() == 4 and isinstance(res["auc"], float)
     assert set(res["per_class"]["COVID"]) == set(MEASURES) and "images_per_second" in res
-    assert png.stat().st_size > 1000
+    assert png.stat().st_size > 1000 and "not for diagnosis" in Image.open(png).text["Disclaimer"]
 
 
 def test_evaluate_cls_ensemble_and_tta(trained_cls, tmp_path):

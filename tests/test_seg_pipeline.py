@@ -226,6 +226,8 @@ def test_predict_writes_maps_and_overlays(trained, tmp_path, capsys):
         assert (outdir / f"{img.stem}_lung.png").exists()
         overlay = Image.open(outdir / f"{img.stem}_overlay.png")
         assert overlay.mode == "RGB" and overlay.width >= 320
+        for kind in ("labels", "lung", "overlay"):   # every image says what it is not for
+            assert "not for diagnosis" in Image.open(outdir / f"{img.stem}_{kind}.png").text["Disclaimer"]
     summary = json.loads((outdir / "predictions.json").read_text())
     assert len(summary["slices"]) == 2
 
@@ -400,6 +402,7 @@ def test_pseudo_labels_are_lung_box_crops_labelled_like_the_teacher(tmp_path, ca
     with open(out / "manifest.csv") as fh:
         row = next(csv.DictReader(fh))
     assert row["source"] == "a.png" and row["source_label"] == "COVID" and float(row["lesion_percent_of_lung"]) > 2
+    assert "not for diagnosis" in Image.open(out / row["masks4"]).text["Disclaimer"]
     with pytest.raises(CovidctError, match="not empty"):
         write_pseudo_labels(teacher, sources, out, info={}, progress=False)
     # nothing found: an error, and no folder (not even a temporary one) is left behind

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from covidct.errors import CovidctError, InputError
 from covidct.io.body import mask_box
+from covidct.io.image import png_info
 
 if TYPE_CHECKING:
     from covidct.data.classification import ClsRecord
@@ -123,10 +124,11 @@ def write_pseudo_labels(predictor: SegPredictor, sources: list[tuple[str, ClsRec
                 skipped += 1
                 continue
             sid = f"p{k:05d}"
-            Image.fromarray((np.clip(crop, 0, 1) * 255).round().astype(np.uint8)).save(tmp / "images" / f"{sid}.png")
-            Image.fromarray(pred.labels).save(tmp / "masks4" / f"{sid}.png")
-            Image.fromarray(np.where(pred.labels == 3, 0, pred.labels).astype(np.uint8)).save(tmp / "masks" / f"{sid}.png")
-            Image.fromarray(lung.astype(np.uint8)).save(tmp / "lung" / f"{sid}.png")
+            for sub, array in (("images", (np.clip(crop, 0, 1) * 255).round().astype(np.uint8)),
+                               ("masks4", pred.labels),
+                               ("masks", np.where(pred.labels == 3, 0, pred.labels).astype(np.uint8)),
+                               ("lung", lung.astype(np.uint8))):
+                Image.fromarray(array).save(tmp / sub / f"{sid}.png", pnginfo=png_info())
             lesion = np.isin(pred.labels, (1, 2)) & lung
             rows.append({"image": f"images/{sid}.png", "mask": f"masks/{sid}.png", "masks4": f"masks4/{sid}.png",
                          "lung": f"lung/{sid}.png", "split": "train", "source": name, "source_label": record.label,

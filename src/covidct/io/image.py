@@ -18,6 +18,19 @@ from covidct.io.volume import Volume
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
+def png_info():
+    """PNG text chunks for every PNG covidct writes: the software and the disclaimer
+    (:data:`covidct.IMAGE_METADATA`); pass as ``Image.save(..., pnginfo=png_info())``."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from covidct import IMAGE_METADATA
+
+    info = PngInfo()
+    for key, text in IMAGE_METADATA.items():
+        info.add_text(key, text)
+    return info
+
+
 def is_image(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from covidct import SHORT_DISCLAIMER
 from covidct.errors import InputError
 from covidct.io.atomic import atomic_output
 from covidct.io.orientation import from_working, ornt_to_working, to_working
@@ -79,7 +80,8 @@ def working_slice_of_file(affine: np.ndarray, n_slices: int, file_k: int, *, sou
 
 
 def write_nifti(array: np.ndarray, reference: Volume, path: str | Path, *, dtype=np.uint8) -> Path:
-    """Write a ``(slices, rows, columns)`` array on ``reference``'s grid, atomically."""
+    """Write a ``(slices, rows, columns)`` array on ``reference``'s grid, atomically (the header's
+    description says research software, not for diagnosis)."""
     import nibabel as nib
 
     path = Path(path)
@@ -91,6 +93,7 @@ def write_nifti(array: np.ndarray, reference: Volume, path: str | Path, *, dtype
         affine = np.asarray(source, dtype=float)
         array = from_working(array, affine)
     img = nib.Nifti1Image(array.transpose(2, 1, 0), affine)
+    img.header["descrip"] = SHORT_DISCLAIMER.encode("ascii")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     with atomic_output(path) as tmp:

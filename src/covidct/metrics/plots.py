@@ -9,12 +9,17 @@ import numpy as np
 
 
 def save_figure(fig, path: str | Path, **kwargs) -> Path:
-    """Save a matplotlib figure atomically (temporary file + rename)."""
+    """Save a matplotlib figure atomically (temporary file + rename); a PNG carries the disclaimer in
+    its text chunks."""
+    from covidct import IMAGE_METADATA
     from covidct.io.atomic import atomic_output
 
     path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    if fmt == "png":
+        kwargs.setdefault("metadata", IMAGE_METADATA)
     with atomic_output(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kwargs)
+        fig.savefig(tmp, format=fmt, **kwargs)
     return path
 
 

@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw
 
 from covidct.data.segmentation import LESION_CLASSES, LESION_COLOURS
 from covidct.io.atomic import atomic_output
+from covidct.io.image import png_info
 
 FOOTER = "covidct - research software, not for diagnosis"
 
@@ -57,11 +58,11 @@ def with_legend(rgb: np.ndarray, *, names: tuple[str, ...] = ("ggo", "consolidat
 
 
 def save_png(image: Image.Image | np.ndarray, path: str | Path) -> Path:
-    """Write a PNG atomically."""
+    """Write a PNG atomically, the disclaimer in its text chunks (:func:`covidct.io.image.png_info`)."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     with atomic_output(path) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", pnginfo=png_info())
     return Path(path)
 
 
