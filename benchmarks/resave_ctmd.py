@@ -5,6 +5,10 @@ commands do not depend on the layout, resolution or axis order of the open data.
 
     python benchmarks/resave_ctmd.py --data $COVIDCT_DATA/covid-ct-md -o SIM \\
         --size P001=384 --size normal001=320 --ras P001
+    python benchmarks/resave_ctmd.py --data $COVIDCT_DATA/covid-ct-md -o POOLED --pool P001=2 --pool normal001=2
+
+``--pool ID=F`` makes a scan the way the data README says cap001 was made: in-plane F×F mean pooling
+(512² -> 256² for F = 2), rounded to int16, the affine shifted by the pooling's half voxel.
     covidct evaluate cls --data SIM;  python benchmarks/analyze.py --data SIM
 
 (The RESULTS entry "Other layouts and resolutions" used exactly these options, with the patients renamed
@@ -37,6 +41,8 @@ def main() -> int:
     ap.add_argument("--data", required=True, type=Path)
     ap.add_argument("-o", "--output", required=True, type=Path, help="new folder (must not exist)")
     ap.add_argument("--size", action="append", default=[], metavar="ID=N", help="resample this patient's slices to N×N")
+    ap.add_argument("--pool", action="append", default=[], metavar="ID=F",
+                    help="mean-pool this patient's slices F×F in-plane (cap001's making; data README)")
     ap.add_argument("--ras", action="append", default=[], metavar="ID", help="store this patient's volume in RAS order")
     args = ap.parse_args()
     if args.output.exists():
@@ -44,8 +50,10 @@ def main() -> int:
         return 2
     try:
         sizes = {k: int(v) for k, v in (s.split("=", 1) for s in args.size)}
+        pools = {k: int(v) for k, v in (s.split("=", 1) for s in args.pool)}
     except ValueError:
-        print(f"{os.path.basename(sys.argv[0])}: error: --size takes ID=N (e.g. P001=384), not {args.size}", file=sys.stderr)
+        print(f"{os.path.basename(sys.argv[0])}: error: --size and --pool take ID=N (e.g. P001=384, P001=2), "
+              f"not {args.size + args.pool}", file=sys.stderr)
         return 2
     with open(args.data / "patients.csv", newline="") as fh:
         patients = list(csv.DictReader(fh))
@@ -69,6 +77,13 @@ def main() -> int:
             array = zoom(array, (1, f, sizes[pid] / array.shape[2]), order=1)
             affine[:3, 1] /= f
             affine[:3, 0] /= sizes[pid] / vol.array.shape[2]
+        if pid in pools:
+            from skimage.measure import block_reduce
+
+            f = pools[pid]
+            array = block_reduce(array, (1, f, f), np.mean)
+            affine[:3, 3] += (f - 1) / 2 * (affine[:3, 0] + affine[:3, 1])   # centre of the pooled block
+            affine[:3, :2] *= f
         img = nib.Nifti1Image(np.round(array).astype(np.int16).transpose(2, 1, 0), affine)  # i, j, k = L, P, I
         if pid in args.ras:
             img = nib.as_closest_canonical(img)
