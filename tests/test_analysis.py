@@ -441,10 +441,12 @@ class _LeftHalfGGO:
     shows which way the slice was turned on its way in)."""
 
     has_lung = True
+    pixel_mm: float | None = None      # the pixel size the last call was given
 
-    def predict(self, images):
+    def predict(self, images, *, pixel_mm=None):
         from covidct.engine.infer import SegPrediction
 
+        self.pixel_mm = pixel_mm
         out = []
         for im in images:
             labels = np.zeros(im.shape, np.uint8)
@@ -464,7 +466,9 @@ def test_volume_slices_reach_the_model_in_the_training_orientation(tmp_path, ori
     hu = phantom_hu(4, 64)
     write_nifti(tmp_path / "v.nii.gz", hu, spacing=(5.0, 3.0, 3.0))
     vol = read(tmp_path / "v.nii.gz")
-    result = analyze_volume(vol, _LeftHalfGGO(), progress=False, slice_orientation=orientation)
+    predictor = _LeftHalfGGO()
+    result = analyze_volume(vol, predictor, progress=False, slice_orientation=orientation)
+    assert predictor.pixel_mm == pytest.approx(3.0)   # the density split smooths in mm on a scan
     k = int(np.argmax((result.lesions > 0).sum(axis=(1, 2))))
     rows, cols = np.nonzero(result.lesions[k])
     lung_rows, lung_cols = np.nonzero(result.lungs[k])
@@ -517,7 +521,9 @@ def test_images_of_unknown_orientation_reach_the_model_as_they_are(tmp_path):
         Image.fromarray(np.full((40, 48), 90 + i, np.uint8)).save(tmp_path / "slices" / f"{i}.png")
     vol = read(tmp_path / "slices")
     assert vol.kind == "image-folder"
-    result = analyze_volume(vol, _LeftHalfGGO(), progress=False)      # slice_orientation "training"
+    predictor = _LeftHalfGGO()
+    result = analyze_volume(vol, predictor, progress=False)           # slice_orientation "training"
+    assert predictor.pixel_mm is None                                   # no pixel size: pixels of the slice
     cols = np.nonzero(result.lesions[0])[1]
     assert cols.size and cols.max() < 24                                # the image's left half, not turned
 

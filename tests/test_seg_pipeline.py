@@ -373,6 +373,20 @@ def test_lesion_class_follows_the_density_of_the_lesion():
     on = SegPredictor(Dense(), crop_to_lung=False).predict([image])[0]
     off = SegPredictor(Dense(), crop_to_lung=False, density_classes=False).predict([image])[0]
     assert off.labels[55, 55] == 1 and on.labels[55, 55] == 2 and on.labels[20, 20] == off.labels[20, 20] == 1
+    # a slice of known pixel size is smoothed over DENSITY_SIGMA_MM (the same anatomy at any resolution):
+    # 3 pixels at the training slices' ~0.75 mm, 1.5 pixels at 1.5 mm
+    from covidct.engine.infer import DENSITY_SIGMA_MM, DENSITY_SIGMA_PX
+
+    striped = np.full((80, 80), 0.45, np.float32)   # hazy everywhere, with thin dense stripes
+    striped[:, 10:70:8] = 1.0
+    assert DENSITY_SIGMA_MM == pytest.approx(DENSITY_SIGMA_PX * 0.75)
+    for pixel_mm in (0.75, 1.5):
+        got = SegPredictor(Dense(), crop_to_lung=False).predict([striped], pixel_mm=pixel_mm)[0].labels
+        want = split_by_density(np.ones((80, 80), np.uint8), striped, sigma_px=DENSITY_SIGMA_MM / pixel_mm)
+        np.testing.assert_array_equal(got, want)
+    coarse = SegPredictor(Dense(), crop_to_lung=False).predict([striped], pixel_mm=1.5)[0].labels
+    fine = SegPredictor(Dense(), crop_to_lung=False).predict([striped])[0].labels
+    assert (coarse == 2).sum() > (fine == 2).sum()   # less smoothing keeps more of the stripes dense
 
 
 def test_pseudo_labels_are_lung_box_crops_labelled_like_the_teacher(tmp_path, capsys):

@@ -125,13 +125,14 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     px_mm = _slice_pixel_mm2(vol)
     eff_margin = max(1, int(round(15.0 / np.sqrt(px_mm)))) if vol.spacing else 15
     close_px = max(1, int(round(CLOSING_MM / np.sqrt(px_mm)))) if vol.spacing else 10
+    pixel_mm = float(np.sqrt(px_mm)) if vol.spacing else None   # the density split smooths in mm
     bar = tqdm(total=len(todo), desc="lesions", unit="slice", disable=not progress)
     for start in range(0, len(todo), batch_size):
         ks = todo[start:start + batch_size]
         boxes = [mask_box(lungs[k] > 0) for k in ks]
         crops = [np.ascontiguousarray(np.rot90(to_model_input(vol.array[k][b], is_hu=vol.is_hu, window=window), turns))
                  for k, b in zip(ks, boxes)]
-        for k, b, pred in zip(ks, boxes, predictor.predict(crops)):
+        for k, b, pred in zip(ks, boxes, predictor.predict(crops, pixel_mm=pixel_mm)):
             full = np.zeros(vol.shape[1:], np.uint8)
             full[b] = np.rot90(pred.labels, -turns)
             region = _lesion_region(lungs[k], close_px)

@@ -9,7 +9,8 @@ infection Dice 0.714 -> 0.734, consolidation 0.443 -> 0.485; lung-cropped slices
 
 GGO or consolidation: the network decides *where* the lesions are (GGO + consolidation), the density
 of each lesion pixel decides *which*: a lesion pixel whose input, smoothed with a Gaussian of
-:data:`DENSITY_SIGMA_PX` pixels, is at least :data:`CONSOLIDATION_LEVEL` is consolidation, else GGO. In HU
+:data:`DENSITY_SIGMA_PX` pixels (:data:`DENSITY_SIGMA_MM` on slices of known pixel size), is at least
+:data:`CONSOLIDATION_LEVEL` is consolidation, else GGO. In HU
 through the ``model`` window that level is -1160 + 0.55 x 1480 = -346 HU, near the usual
 GGO / consolidation boundary. Chosen on the 5-fold out-of-fold predictions of the training slices
 (nested: chosen on 4 folds, scored on the 5th, pooled: GGO 0.615 -> 0.616, consolidation 0.454 -> 0.498;
@@ -43,6 +44,11 @@ from covidct.models.segmentation import SegmentationNet
 CONSOLIDATION_LEVEL = 0.55
 #: Gaussian smoothing (pixels of the slice) of the input before the density decision.
 DENSITY_SIGMA_PX = 3.0
+#: The same smoothing in mm, for slices with a known pixel size (CT scans): 3 pixels of the training slices,
+#: whose 512² MedSeg frames have pixels of about 0.75 mm (MedSeg gives no spacing; a 360–400 mm field of view,
+#: usual for chest CT, and the open 512² COVID-CT-MD scans' 0.64–0.75 mm). So a scan at another resolution
+#: (cap001: 1.18 mm) is smoothed over the same anatomy.
+DENSITY_SIGMA_MM = DENSITY_SIGMA_PX * 0.75
 #: A second, lung-cropped pass runs when the lung box covers less than this share of the slice
 #: (lung-cropped training slices: about 1; full CT slices: about 0.3-0.5).
 CROP_MAX_FRACTION = 0.7
@@ -115,9 +121,10 @@ class SegPredictor:
             out = (out + torch.flip(model(torch.flip(batch, dims=[3])), dims=[3])) / 2
         return out
 
-    def predict(self, images: Sequence[np.ndarray]) -> list[SegPrediction]:
+    def predict(self, images: Sequence[np.ndarray], *, pixel_mm: float | None = None) -> list[SegPrediction]:
         """Predict for 2-D float arrays in ``[0, 1]`` (any sizes); slices not framed like the training
-        slices get the second, lung-cropped pass (see the module docstring)."""
+        slices get the second, lung-cropped pass (see the module docstring). ``pixel_mm``: the images'
+        in-plane pixel size, if known; the density split then smooths over :data:`DENSITY_SIGMA_MM`."""
         results = self._predict_once(images, effusion=not self.crop_to_lung)
         if self.crop_to_lung:
             # the effusion companion runs once per slice: on the crop of a re-cropped slice (inside the
@@ -126,8 +133,9 @@ class SegPredictor:
             rest = [i for i in range(len(images)) if i not in recropped]
             self._add_effusion([images[i] for i in rest], [results[i] for i in rest])
         if self.density_classes:
+            sigma = DENSITY_SIGMA_PX if pixel_mm is None else DENSITY_SIGMA_MM / pixel_mm
             for im, r in zip(images, results):
-                split_by_density(r.labels, np.asarray(im, np.float32))
+                split_by_density(r.labels, np.asarray(im, np.float32), sigma_px=sigma)
         return results
 
     def _second_pass(self, images: Sequence[np.ndarray], results: list[SegPrediction]) -> set[int]:
