@@ -251,6 +251,19 @@ def test_analyze_bad_input_leaves_no_output(tmp_path, tiny_seg_model, capsys):
     assert "empty" in capsys.readouterr().err
 
 
+def test_a_scan_without_lungs_is_an_error_not_a_control(tmp_path, tiny_seg_model, capsys):
+    """A CT with no lungs in it (a head or abdomen scan, soft tissue only) gets no answer at all: one error
+    line and no output, rather than "Control" for lungs it never saw."""
+    hu = np.full((6, 64, 64), 40.0, np.float32)       # soft tissue
+    hu[:, :4], hu[:, -4:] = -1000.0, -1000.0           # air outside the body
+    write_nifti(tmp_path / "abdomen.nii.gz", hu, spacing=(5.0, 3.0, 3.0))
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "abdomen.nii.gz"), "-o", str(out), "--model", str(tiny_seg_model)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "abdomen.nii.gz" in err[0] and "no lungs found" in err[0]
+    assert not out.exists()
+
+
 @pytest.mark.realdata
 def test_real_normal_lungs():
     vol = read(need_data("covid-ct-md", "cap001.nii.gz"))

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from covidct.analysis.lungs import LEFT, RIGHT, segment_lungs_hu, zone_index
 from covidct.analysis.severity import lesion_burden
 from covidct.engine.infer import SegPredictor
+from covidct.errors import InputError
 from covidct.io.volume import Volume
 from covidct.io.body import classifier_input, mask_box
 from covidct.io.window import Window, to_model_input
@@ -118,6 +119,8 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
         lungs = _learned_lungs(vol, predictor, progress, turns)
         lung_method = "learned lung head of the segmentation model"
     timings["lungs_s"] = round(time.perf_counter() - t0, 2)
+    if not lungs.any():   # nothing to measure or answer for: not "Control"
+        raise InputError(vol.source, "no lungs found in it (is it a chest CT?), so there is nothing to analyse")
 
     t0 = time.perf_counter()
     lesions = np.zeros(vol.shape, np.uint8)
