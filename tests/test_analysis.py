@@ -155,6 +155,11 @@ def test_analyze_dicom_series_outputs_on_input_grid(tmp_path, tiny_seg_model, ca
     printed = capsys.readouterr().out
     assert f"answer: {report['diagnosis']['label']} (Control " in printed and "p(lesions present)" in printed
     _check_outputs(out, vol, report)
+    # the phantom's lungs run through every slice: the report says the scan may not hold them whole
+    cov = report["lung_coverage"]
+    assert cov["cut_at_head"] and cov["cut_at_feet"] and (cov["first_slice"], cov["last_slice"]) == (0, 5)
+    assert "apices and bases" in cov["note"] and f"note: {cov['note']}" in printed
+    assert "may not hold all of the lung apices and bases" in (out / "report.html").read_text()
     assert report["lung_volume_ml"] > 100 and report["input"]["kind"] == "dicom-series"
     lungs = nib.load(out / "lungs.nii.gz").get_fdata().transpose(2, 1, 0)
     assert set(np.unique(lungs)) == {0, 1, 2}
@@ -313,6 +318,21 @@ def test_lesion_region_does_not_fill_a_crescent():
     notch = crescent.copy()
     notch[70:74, 95:105] = 0                    # a dense lesion cut out of the air mask
     assert _lesion_region(notch, radius_px=8)[72, 100] == RIGHT
+
+
+def test_lung_coverage_says_when_the_lungs_run_off_the_scan():
+    from covidct.analysis.scan import COVERAGE_EDGE_MM2, lung_coverage
+
+    lungs = np.zeros((6, 20, 20), np.uint8)
+    lungs[1:5, 5:15, 5:15] = 1                        # apex to base inside the scan
+    lungs[0, 5:7, 5:7] = 1                            # a sliver on the first slice: 4 mm², under the bound
+    cov = lung_coverage(lungs, pixel_mm2=1.0)
+    assert (cov["first_slice"], cov["last_slice"]) == (0, 4) and cov["lung_mm2_on_first_slice"] == 4.0
+    assert not cov["cut_at_head"] and not cov["cut_at_feet"] and cov["note"] is None and COVERAGE_EDGE_MM2 > 4
+    lungs[5, 5:15, 5:15] = 2                          # 100 mm² on the last slice: the bases run off the scan
+    cov = lung_coverage(lungs, pixel_mm2=1.0)
+    assert cov["cut_at_feet"] and not cov["cut_at_head"]
+    assert "last slice (1.0 cm² of lung)" in cov["note"] and "lung bases" in cov["note"] and "apices" not in cov["note"]
 
 
 def test_slice_infection_probability_keeps_large_lesions_ranked():

@@ -57,6 +57,8 @@ MIN_LESION_ML = 0.1
 TOP_K = 5
 #: Volume kinds read into the working orientation (the others' orientation is unknown).
 ORIENTED_KINDS = ("dicom-series", "dicom", "nifti")
+#: Lung of at least this area on a scan's first or last slice: the scan may not hold the whole lungs.
+COVERAGE_EDGE_MM2 = 100.0
 
 
 @dataclass
@@ -68,6 +70,7 @@ class ScanResult:
     diagnosis: dict
     lung_method: str
     timings: dict = field(default_factory=dict)
+    lung_coverage: dict | None = None   # see :func:`lung_coverage`
 
 
 def _lesion_region(lung2d: np.ndarray, radius_px: int) -> np.ndarray:
@@ -90,6 +93,25 @@ def _lesion_region(lung2d: np.ndarray, radius_px: int) -> np.ndarray:
         region = out[box]
         region[closed & (region == 0)] = side
     return out
+
+
+def lung_coverage(lungs: np.ndarray, pixel_mm2: float) -> dict:
+    """Which slices hold lung, and whether the lungs run off the scan: lung of at least
+    :data:`COVERAGE_EDGE_MM2` on the first (head) or last (feet) slice means the scan may not hold the
+    apices or the bases, and volumes and percentages are of the part it holds (``note`` says so)."""
+    area = (lungs > 0).sum(axis=(1, 2)) * pixel_mm2
+    present = np.flatnonzero(area)
+    cut = {"head": bool(area[0] >= COVERAGE_EDGE_MM2), "feet": bool(area[-1] >= COVERAGE_EDGE_MM2)}
+    note = None
+    if cut["head"] or cut["feet"]:
+        ends = [f"the {name} slice ({a / 100:.1f} cm² of lung)"
+                for name, a, c in (("first", area[0], cut["head"]), ("last", area[-1], cut["feet"])) if c]
+        part = " and ".join(p for p, c in (("apices", cut["head"]), ("bases", cut["feet"])) if c)
+        note = (f"the lungs reach {' and '.join(ends)}: the scan may not hold all of the lung {part}; volumes and "
+                f"percentages are of the part it holds")
+    return {"first_slice": int(present[0]), "last_slice": int(present[-1]),
+            "lung_mm2_on_first_slice": round(float(area[0]), 1), "lung_mm2_on_last_slice": round(float(area[-1]), 1),
+            "cut_at_head": cut["head"], "cut_at_feet": cut["feet"], "note": note}
 
 
 def slice_infection_probability(area_mm2: np.ndarray) -> np.ndarray:
@@ -181,7 +203,9 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
         "note": "segmentation-based; the 3-class answer (Control / Common pneumonia / COVID-19) comes from a CT "
                 "triage model (covidct analyze --triage, for volumes with a pixel spacing)",
     }
-    return ScanResult(lesions, lungs, burden, slices, diagnosis, lung_method, timings)
+    # head and feet are known only for volumes in the working orientation with a pixel size
+    coverage = lung_coverage(lungs, px_mm) if vol.kind in ORIENTED_KINDS and vol.spacing and n > 1 else None
+    return ScanResult(lesions, lungs, burden, slices, diagnosis, lung_method, timings, coverage)
 
 
 def model_turns(vol: Volume, model, slice_orientation: str = "training") -> int:

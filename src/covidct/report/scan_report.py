@@ -63,6 +63,9 @@ def build_report(vol: Volume, result: ScanResult, models: list[dict], seconds: f
                   "uneven_slice_gaps": vol.metadata.get("uneven_slice_gaps")},
         "lung_volume_ml": b["lung_volume_ml"],
         "lung_method": result.lung_method,
+        # slices holding lung; cut_at_head / cut_at_feet: the lungs run off the scan (volumes
+        # and percentages are then of the part it holds); None for inputs without orientation or spacing
+        "lung_coverage": result.lung_coverage,
         "lesions": {k: {"volume_ml": v["volume_ml"], "percent_of_lung": v["percent_of_lung"], "voxels": v["voxels"]}
                     for k, v in b["lesions"].items()},
         "percent_opacity": b["percent_opacity"],
@@ -108,7 +111,7 @@ figure{{display:inline-block;margin:.3em}} figure img{{max-width:340px}} .kv td{
 <h1>covidct scan report</h1>
 <table class="kv">
 <tr><td>input</td><td>{html.escape(inp['path'])} ({html.escape(inp['kind'])}, {inp['shape']}, spacing {inp['spacing_mm']} mm)</td></tr>
-{_input_notes(inp)}
+{_input_notes(inp, report.get("lung_coverage"))}
 <tr><td>lung volume</td><td>{'n/a' if lung_ml is None else f'{lung_ml:.0f} mL'} ({html.escape(report['lung_method'])})</td></tr>
 <tr><td>percentage of opacity</td><td>{report['percent_opacity']:.2f} %</td></tr>
 <tr><td>percentage of high opacity</td><td>{'n/a' if report['percent_high_opacity'] is None else f"{report['percent_high_opacity']:.2f} %"}</td></tr>
@@ -126,8 +129,9 @@ figure{{display:inline-block;margin:.3em}} figure img{{max-width:340px}} .kv td{
 """
 
 
-def _input_notes(inp: dict) -> str:
-    """Rows that say which series was taken, and that slice gaps are uneven, when so."""
+def _input_notes(inp: dict, coverage: dict | None = None) -> str:
+    """Rows that say which series was taken, that slice gaps are uneven and that the lungs run off the
+    scan, when so."""
     rows = []
     if inp.get("series_chosen"):
         rows.append(f"the largest axial one of {len(inp['series_available'])} series: {inp['series_chosen']}")
@@ -135,6 +139,8 @@ def _input_notes(inp: dict) -> str:
     if gaps:
         rows.append(f"uneven slice gaps ({gaps['min_mm']}-{gaps['max_mm']} mm, after slices {gaps['after_slices']}; "
                     f"a missing file?): volumes use the median gap, {gaps['median_mm']} mm")
+    if coverage and coverage.get("note"):
+        rows.append(coverage["note"])
     return "".join(f'<tr><td>note</td><td class="note">{html.escape(r)}</td></tr>' for r in rows)
 
 
