@@ -338,6 +338,14 @@ def test_predict_on_ct_uses_the_hu_lungs(tiny_seg_model, tmp_path, capsys):
     labels = np.asarray(Image.open(outdir / f"{row['name']}_labels.png"))
     assert lung.shape == labels.shape == (96, 96)
     assert not np.isin(labels, (1, 2))[lung == 0].any()  # GGO / consolidation only in the lungs (as in analyze)
+    # a slice above the lungs (soft tissue and air only) is still predicted: empty maps, where analyze would refuse
+    neck = np.full((1, 96, 96), 40.0, np.float32)
+    neck[:, :6] = -1000.0
+    write_ct_series(tmp_path / "neck", neck, spacing=(5.0, 3.0, 3.0))
+    neck_file = next((tmp_path / "neck").iterdir())
+    assert main(["predict", str(neck_file), "-o", str(tmp_path / "pred_neck"), "--model", str(tiny_seg_model)]) == 0
+    row = json.loads((tmp_path / "pred_neck" / "predictions.json").read_text())["slices"][0]
+    assert row["pixels"]["lung"] == 0 and row["pixels"]["ggo"] == row["pixels"]["consolidation"] == 0
 
 
 def test_lesion_class_follows_the_density_of_the_lesion():

@@ -125,10 +125,13 @@ def _slice_pixel_mm2(vol: Volume) -> float:
 
 
 def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = True, batch_size: int = 8,
-                   window: str | Window = "model", slice_orientation: str = "training") -> ScanResult:
+                   window: str | Window = "model", slice_orientation: str = "training",
+                   require_lungs: bool = True) -> ScanResult:
     """Run the whole scan-level analysis on one volume; HU slices reach the model through ``window``.
     ``slice_orientation``: ``"training"`` turns the slices of an oriented volume into the orientation of the
-    segmentation model's training slices (module docstring), ``"working"`` gives them as read (anterior up)."""
+    segmentation model's training slices (module docstring), ``"working"`` gives them as read (anterior up).
+    ``require_lungs``: a volume in which no lungs are found is an :class:`InputError` (a scan-level answer
+    would be "Control" for lungs never seen); ``False`` for per-slice outputs (``covidct predict``)."""
     turns = model_turns(vol, predictor, slice_orientation)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -141,7 +144,7 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
         lungs = _learned_lungs(vol, predictor, progress, turns)
         lung_method = "learned lung head of the segmentation model"
     timings["lungs_s"] = round(time.perf_counter() - t0, 2)
-    if not lungs.any():   # nothing to measure or answer for: not "Control"
+    if require_lungs and not lungs.any():   # nothing to measure or answer for: not "Control"
         raise InputError(vol.source, "no lungs found in it (is it a chest CT?), so there is nothing to analyse")
 
     t0 = time.perf_counter()
@@ -204,7 +207,8 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
                 "triage model (covidct analyze --triage, for volumes with a pixel spacing)",
     }
     # head and feet are known only for volumes in the working orientation with a pixel size
-    coverage = lung_coverage(lungs, px_mm) if vol.kind in ORIENTED_KINDS and vol.spacing and n > 1 else None
+    coverage = lung_coverage(lungs, px_mm) if vol.kind in ORIENTED_KINDS and vol.spacing and n > 1 and lungs.any() \
+        else None
     return ScanResult(lesions, lungs, burden, slices, diagnosis, lung_method, timings, coverage)
 
 

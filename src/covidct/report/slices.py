@@ -43,7 +43,8 @@ def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec
         stem = vol.source.name.split(".")[0]
         # CT in Hounsfield units (DICOM, NIfTI): the lungs and lesions of `covidct analyze` (classical HU
         # lungs, each slice cropped to them like the training slices, lesions kept in the lungs)
-        scan = analyze_volume(vol, framed, progress=False) if vol.is_hu else None
+        # (a slice above or below the lungs is a valid input here: it gets empty maps, not an error)
+        scan = analyze_volume(vol, framed, progress=False, require_lungs=False) if vol.is_hu else None
         # the lesion model sees the slices in its training orientation, as the segmentation model does
         lesion_turns = model_turns(vol, lesion_model) if lesion_model is not None else 0
         for k in range(vol.n_slices):
