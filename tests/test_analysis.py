@@ -270,6 +270,32 @@ def test_a_scan_without_lungs_is_an_error_not_a_control(tmp_path, tiny_seg_model
 
 
 @pytest.mark.realdata
+def test_shipped_models_analyze_a_real_pneumonia_scan(tmp_path, capsys):
+    """End to end with the shipped models on a real scan (cap001: CAP, 256² NIfTI): lungs of an adult's
+    size, lesions found where the radiologists labelled pneumonia, a pneumonia answer, outputs on the input grid."""
+    import csv
+
+    path = need_data("covid-ct-md", "cap001.nii.gz")
+    out = tmp_path / "cap"
+    assert main(["analyze", str(path), "-o", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    vol = read(path)
+    _check_outputs(out, vol, report)
+    assert 3000 < report["lung_volume_ml"] < 9000 and report["lesions"]["total"]["percent_of_lung"] > 1.0
+    assert report["diagnosis"]["label"] in ("Common pneumonia", "COVID-19")
+    with open(need_data("covid-ct-md", "slice_labels.csv"), newline="") as fh:
+        infected = {int(r["slice_index"]) for r in csv.DictReader(fh) if r["patient_id"] == "cap001" and r["infection"] == "1"}
+    from covidct.io.nifti import working_slice
+
+    infected = {working_slice(vol, k) for k in infected}
+    from covidct.metrics import roc_auc
+
+    truth = [s["index"] in infected for s in report["slices"]]
+    assert roc_auc(truth, [s["infection_probability"] for s in report["slices"]]) > 0.8   # 0.93 when written
+    assert report["lung_coverage"]["first_slice"] < min(infected) <= max(infected) < report["lung_coverage"]["last_slice"]
+
+
+@pytest.mark.realdata
 def test_real_normal_lungs():
     vol = read(need_data("covid-ct-md", "cap001.nii.gz"))
     res = segment_lungs_hu(vol.array, spacing=vol.spacing, affine=vol.affine)
