@@ -47,6 +47,7 @@ def main() -> int:
                     "0,1,15,20,24,37,39,46,53,57); default: all")
     ap.add_argument("--n", type=int, default=6, help="slices per timing")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", help="also write the timings (and AP) to this file")
     ap.add_argument("--detections", type=int, action="append",
                     help="cap on detections per slice for covidct's model (repeatable; default: the model's own)")
     ap.add_argument("--proposals", type=int, action="append",
@@ -111,6 +112,9 @@ def main() -> int:
     print(f"{'model':<66}{'params (M)':>11}{'s/slice':>10}{'slices/s':>10}{'speed-up':>10}")
     for name, params, sec in rows:
         print(f"{name:<66}{params / 1e6:>11.2f}{sec:>10.3f}{1 / sec:>10.2f}{base / sec:>9.1f}x")
+    timings = [{"model": name, "params_m": round(params / 1e6, 2), "seconds_per_slice": round(sec, 4),
+                "speedup_vs_default": round(base / sec, 2)} for name, params, sec in rows]
+    ap_rows = []
     if args.data and args.model:
         from covidct.engine.lesions import evaluate_instances
 
@@ -119,6 +123,12 @@ def main() -> int:
             r = evaluate_instances(ours, folder, progress=False)
             print(f"{label}, on {args.data}: AP50 {r['ap50']}, AP75 {r['ap75']}, mAP {r['map']}, "
                   f"lesion region Dice {r['infection_dice']}; per class {r['per_class']}")
+            ap_rows.append({"setting": label, **{k: r[k] for k in ("ap50", "ap75", "map", "infection_dice")}})
+    if args.json:
+        import json
+
+        with open(args.json, "w") as fh:
+            json.dump({"slices": len(grey), "threads": args.threads, "timings": timings, "ap": ap_rows}, fh, indent=2)
     return 0
 
 
