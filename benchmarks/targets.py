@@ -50,7 +50,8 @@ def _run(step: str, cmd: list[str], json_out: Path, failures: list[str]) -> dict
 
 
 def _row(issue: int, what: str, target: str, value: Any, met: bool | None) -> dict[str, Any]:
-    return {"issue": issue, "what": what, "target": target, "measured": value,
+    return {"issue": issue, "what": what, "target": target,
+            "measured": round(value, 4) if isinstance(value, float) else value,
             "met": None if met is None or value is None else bool(met)}
 
 
