@@ -184,7 +184,9 @@ def main() -> int:
     print("\n" + format_table(rows))
     if failures:
         print("steps that failed: " + "; ".join(failures))
-    (args.out / "targets.json").write_text(json.dumps({"targets": rows, "failed_steps": failures}, indent=2) + "\n")
+    from covidct.report.json_io import write_json
+
+    write_json({"targets": rows, "failed_steps": failures}, args.out / "targets.json")   # atomic, with the disclaimer
     print(f"wrote {args.out / 'targets.json'}")
     return 2 if failures else 0
 
