@@ -358,7 +358,7 @@ def test_lung_coverage_says_when_the_lungs_run_off_the_scan():
     lungs[5, 5:15, 5:15] = 2                          # 100 mm² on the last slice: the bases run off the scan
     cov = lung_coverage(lungs, pixel_mm2=1.0)
     assert cov["cut_at_feet"] and not cov["cut_at_head"]
-    assert "last slice (1.0 cm² of lung)" in cov["note"] and "lung bases" in cov["note"] and "apices" not in cov["note"]
+    assert "feet-end slice (1.0 cm² of lung)" in cov["note"] and "lung bases" in cov["note"] and "apices" not in cov["note"]
 
 
 def test_slice_infection_probability_keeps_large_lesions_ranked():

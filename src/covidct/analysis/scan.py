@@ -105,7 +105,7 @@ def lung_coverage(lungs: np.ndarray, pixel_mm2: float) -> dict:
     note = None
     if cut["head"] or cut["feet"]:
         ends = [f"the {name} slice ({a / 100:.1f} cm² of lung)"
-                for name, a, c in (("first", area[0], cut["head"]), ("last", area[-1], cut["feet"])) if c]
+                for name, a, c in (("head-end", area[0], cut["head"]), ("feet-end", area[-1], cut["feet"])) if c]
         part = " and ".join(p for p, c in (("apices", cut["head"]), ("bases", cut["feet"])) if c)
         note = (f"the lungs reach {' and '.join(ends)}: the scan may not hold all of the lung {part}; volumes and "
                 f"percentages are of the part it holds")
