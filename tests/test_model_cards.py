@@ -1,5 +1,5 @@
 """Every shipped model has a card that describes that very file, and the card's reproduce commands
-are still valid command lines of today's CLI."""
+are still valid command lines of today's CLI; the README names every command and only options that exist."""
 
 from __future__ import annotations
 
@@ -78,3 +78,43 @@ def test_card_command_extraction_expands_variables_and_loops(tmp_path: Path):
     assert _covidct_calls(block, tmp_path) == [
         ["train", "seg", "--data", "/data/x", "--labels", "masks4", "--epochs", "2", "--fold", str(k), "-o", f"f{k}.pt"]
         for k in (0, 1)]
+
+
+def _subparsers(parser) -> dict:
+    import argparse
+
+    return next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+
+
+def _readme_command_options() -> list[tuple[str, list[str], str]]:
+    """``(span, command words, --options)`` of every inline ``covidct ...`` code span of the README."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    found = []
+    for span in re.findall(r"`(covidct [^`]+)`", readme):
+        words = span.split()[1:]
+        found.append((span, words, re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", span)))
+    return found
+
+
+def test_readme_names_every_command_and_only_options_that_exist():
+    """The README's commands and their options are what the CLI takes (a renamed option fails here)."""
+    top = _subparsers(build_parser())
+    spans = _readme_command_options()
+    assert len(spans) > 30
+    named = {tuple(words[:2]) if _subparsers(top.get(words[0])) else (words[0],) for _, words, _ in spans if words
+             and words[0] in top}
+    for name, sub in top.items():
+        commands = [(name, s) for s in _subparsers(sub)] or [(name,)]
+        missing = [" ".join(c) for c in commands if c not in named]
+        assert not missing, f"commands the README never names: {missing}"
+    for span, words, options in spans:
+        if not words or words[0] not in top:
+            continue
+        parser = top[words[0]]
+        if _subparsers(parser):
+            parser = _subparsers(parser).get(words[1]) if len(words) > 1 else None
+            if parser is None:
+                continue
+        known = {s for a in parser._actions for s in a.option_strings}
+        unknown = [o for o in options if o not in known]
+        assert not unknown, f"README `{span}`: no such option {unknown}"
