@@ -86,18 +86,18 @@ def _subparsers(parser) -> dict:
     return next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
 
 
-def _readme_command_options() -> list[tuple[str, list[str], str]]:
-    """``(span, command words, --options)`` of every inline ``covidct ...`` code span of the README."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+def _readme_command_options(doc: str = "README.md") -> list[tuple[str, list[str], str]]:
+    """``(span, command words, --options)`` of every inline ``covidct ...`` code span of ``doc``."""
+    text = (Path(__file__).parents[1] / doc).read_text()
     found = []
-    for span in re.findall(r"`(covidct [^`]+)`", readme):
+    for span in re.findall(r"`(covidct [^`]+)`", text):
         words = span.split()[1:]
         found.append((span, words, re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", span)))
     return found
 
 
 def test_readme_names_every_command_and_only_options_that_exist():
-    """The README's commands and their options are what the CLI takes (a renamed option fails here)."""
+    """The README's (and RESULTS') commands and their options are what the CLI takes (a renamed option fails here)."""
     top = _subparsers(build_parser())
     spans = _readme_command_options()
     assert len(spans) > 30
@@ -107,7 +107,8 @@ def test_readme_names_every_command_and_only_options_that_exist():
         commands = [(name, s) for s in _subparsers(sub)] or [(name,)]
         missing = [" ".join(c) for c in commands if c not in named]
         assert not missing, f"commands the README never names: {missing}"
-    for span, words, options in spans:
+    # the commands written beside the measurements take only options that exist, too
+    for span, words, options in spans + _readme_command_options("benchmarks/RESULTS.md"):
         if not words or words[0] not in top:
             continue
         parser = top[words[0]]
