@@ -86,7 +86,7 @@ def _subparsers(parser) -> dict:
     return next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
 
 
-def _readme_command_options(doc: str = "README.md") -> list[tuple[str, list[str], str]]:
+def _doc_command_options(doc: str = "README.md") -> list[tuple[str, list[str], str]]:
     """``(span, command words, --options)`` of every inline ``covidct ...`` code span of ``doc``."""
     text = (Path(__file__).parents[1] / doc).read_text()
     found = []
@@ -99,7 +99,7 @@ def _readme_command_options(doc: str = "README.md") -> list[tuple[str, list[str]
 def test_readme_names_every_command_and_only_options_that_exist():
     """The README's (and RESULTS') commands and their options are what the CLI takes (a renamed option fails here)."""
     top = _subparsers(build_parser())
-    spans = _readme_command_options()
+    spans = _doc_command_options()
     assert len(spans) > 30
     named = {tuple(words[:2]) if _subparsers(top.get(words[0])) else (words[0],) for _, words, _ in spans if words
              and words[0] in top}
@@ -108,7 +108,7 @@ def test_readme_names_every_command_and_only_options_that_exist():
         missing = [" ".join(c) for c in commands if c not in named]
         assert not missing, f"commands the README never names: {missing}"
     # the commands written beside the measurements take only options that exist, too
-    for span, words, options in spans + _readme_command_options("benchmarks/RESULTS.md"):
+    for span, words, options in spans + _doc_command_options("benchmarks/RESULTS.md"):
         if not words or words[0] not in top:
             continue
         parser = top[words[0]]
