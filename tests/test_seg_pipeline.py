@@ -609,3 +609,25 @@ def test_pretrain_under_torchrun_is_refused_in_one_line(tmp_path, seg_folder, ca
                  "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "without torchrun" in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_train_limit_draws_fewer_training_slices_and_keeps_the_validation(tmp_path):
+    """Learning curves: ``--train-limit N`` trains on a seeded draw of N training slices of the first folder;
+    the validation fold, the other folders and the draw for another seed are as they should be."""
+    from conftest import make_seg_folder
+
+    from covidct.engine.train_seg import SegTrainConfig, load_training_data
+    from covidct.errors import CovidctError
+
+    first, other = make_seg_folder(tmp_path / "a", n=10), make_seg_folder(tmp_path / "b", n=3, seed=1)
+    base = dict(data=[str(first), str(other)], folds=5, fold=1)
+    full_train, full_val = load_training_data(SegTrainConfig(**base))
+    train, val = load_training_data(SegTrainConfig(**base, train_limit=3))
+    assert [s.id for s in val] == [s.id for s in full_val]
+    from_first = [s for s in train if s.image_path.parent.parent == first]
+    assert len(from_first) == 3 and {s.id for s in from_first} <= {s.id for s in full_train}
+    assert len(train) - 3 == len(full_train) - sum(s.image_path.parent.parent == first for s in full_train)
+    again, _ = load_training_data(SegTrainConfig(**base, train_limit=3))
+    assert [s.id for s in again] == [s.id for s in train]                 # seeded
+    with pytest.raises(CovidctError, match="--train-limit must be 1..8"):
+        load_training_data(SegTrainConfig(**base, train_limit=9))

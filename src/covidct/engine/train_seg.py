@@ -97,6 +97,9 @@ class SegTrainConfig:
     elastic: bool = True
     threads: int = 0
     half: bool = True
+    # learning curves: train on this many of the training slices (a seeded draw from the first folder's
+    # training slices; the validation slices are unchanged); 0 = all
+    train_limit: int = 0
     # stochastic weight averaging: the model is the mean of the weights after each of the last N epochs,
     # its BatchNorm statistics recomputed on the (augmented) training slices; 0 = off
     swa_epochs: int = 0
@@ -146,6 +149,13 @@ def load_training_data(cfg: SegTrainConfig) -> tuple[list[SegSample], list[SegSa
         raise CovidctError(None, f"--fold must be 'all' or 0..{cfg.folds - 1}")
     train, val = split_seg_folders(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, folds=cfg.folds,
                                    fold=cfg.fold)
+    if cfg.train_limit:   # (slices of the first folder, repeated or not, are drawn once by id)
+        root = Path(cfg.data[0]).resolve()
+        first = sorted({s.id for s in train if s.image_path.resolve().parent.parent == root})
+        if not 0 < cfg.train_limit <= len(first):
+            raise CovidctError(cfg.data[0], f"--train-limit must be 1..{len(first)} (its training slices)")
+        keep = set(random.Random(cfg.seed).sample(first, cfg.train_limit))
+        train = [s for s in train if s.image_path.resolve().parent.parent != root or s.id in keep]
     if cfg.labels == "effusion" and not all(s.has_effusion for s in train + val):
         raise CovidctError(cfg.data[0], "--labels effusion needs pleural effusion labels (masks4/, or label 3 in masks/)")
     need_lung = cfg.lung_head or cfg.labels == "lung"
