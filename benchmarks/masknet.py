@@ -1,10 +1,14 @@
 """Mask R-CNN speed, side by side in one run: torchvision's default ``maskrcnn_resnet50_fpn``
 (random weights, 800-1333 resize as shipped, and at 512) against covidct's lesion model, on 512x512
 slices (random ones, or the first ``--n`` slices of ``--data`` resized to 512), inference mode, 2 threads;
-with ``--model`` and ``--data`` also the AP of that trained lesion model on the folder.
+with ``--model`` and ``--data`` also the AP of that trained lesion model on the folder; with
+``--train-steps K`` also the seconds per training step (AdamW, ``--train-batch`` slices with their lesion
+instances) of torchvision's R50-FPN at 512 against covidct's training configuration and against it with
+each cheapening undone alone (1024-d box head, torchvision's proposal and sample counts, 512 px input).
 
     python benchmarks/masknet.py [--model NAME|FILE] [--data ../shared/data/covid-semiseg [--ids 0,1,15]] [--n 8]
         [--detections 50 --detections 25] [--proposals 100 --proposals 50] [--input-size 320 --input-size 256]
+        [--train-steps 3 [--train-batch 4]]
 
 Each ``--detections`` / ``--proposals`` / ``--input-size`` value is one inference setting of covidct's model,
 changed alone from the model's own, timed and (with ``--model`` and ``--data``) scored.
@@ -33,6 +37,65 @@ def timed(fn, images, repeats: int) -> float:
     return (time.perf_counter() - t0) / (repeats * len(images))
 
 
+def train_step_seconds(model, images: list[torch.Tensor], targets: list[dict], steps: int) -> float:
+    """Seconds per optimizer step (forward with targets, summed losses, backward, AdamW) after one warm-up step."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        sum(model(images, targets).values()).backward()
+        opt.step()
+
+    step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t0) / steps
+
+
+TORCHVISION_SAMPLING = {"rpn_pre_nms_top_n_train": 2000, "rpn_post_nms_top_n_train": 2000,
+                        "rpn_batch_size_per_image": 256, "box_batch_size_per_image": 512}
+
+
+def training_rows(config, grey: list[torch.Tensor], labels: list[torch.Tensor], steps: int, batch: int) -> list[tuple]:
+    """(name, params, s/step) of torchvision's R50-FPN at 512 and covidct's training configuration ``config``
+    with each cheapening undone alone; every model gets the same slices and lesion instances at its input size."""
+    import torch.nn.functional as F
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    from covidct.models.lesions import LesionModelConfig, build_lesion_model, instances_from_labels
+
+    def batch_at(size: int, channels: int):
+        ims, tgs = [], []
+        for i in range(batch):
+            g, lab = grey[i % len(grey)], labels[i % len(labels)]
+            ims.append(F.interpolate(g[None], size=(size, size), mode="bilinear", align_corners=False)[0].expand(channels, -1, -1))
+            lab = F.interpolate(lab[None, None].float(), size=(size, size), mode="nearest")[0, 0].to(torch.uint8).numpy()
+            target = instances_from_labels(lab, config.mask_mode)
+            if channels == 3:  # torchvision's COCO heads: every lesion as class 1
+                target["labels"] = torch.ones_like(target["labels"])
+            tgs.append(target)
+        return ims, tgs
+
+    rows = []
+    ref = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=512, max_size=512)
+    rows.append(("torchvision maskrcnn_resnet50_fpn at 512", ref, *batch_at(512, 3)))
+    changes = [("covidct training configuration", {}), ("  with torchvision's 1024-d box head", {"box_head_dim": 1024}),
+               ("  with torchvision's proposal / sample counts", TORCHVISION_SAMPLING),
+               ("  with 512 px input", {"input_size": 512})]
+    for name, change in changes:
+        cfg = LesionModelConfig.from_dict({**config.to_dict(), **change})
+        rows.append((f"{name} ({cfg.input_size} px)", build_lesion_model(cfg), *batch_at(cfg.input_size, 1)))
+    out = []
+    for name, model, ims, tgs in rows:
+        if ims[0].shape[0] == 1:   # LesionNet takes grey slices
+            ims = [im[:1] for im in ims]
+        torch.manual_seed(0)
+        out.append((name, sum(p.numel() for p in model.parameters()), train_step_seconds(model, ims, tgs, steps)))
+    return out
+
+
 def main() -> int:
     from torchvision.models.detection import maskrcnn_resnet50_fpn
 
@@ -55,6 +118,9 @@ def main() -> int:
                     "the rest of the model as shipped")
     ap.add_argument("--input-size", type=int, action="append",
                     help="size the model resizes slices to at inference (repeatable; the model trained at its own)")
+    ap.add_argument("--train-steps", type=int, default=0,
+                    help="also time this many training steps per model (after one warm-up step); 0: skip")
+    ap.add_argument("--train-batch", type=int, default=4, help="slices per training step (covidct trains with 4)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()   # as the covidct command line does
@@ -73,8 +139,16 @@ def main() -> int:
             return 2
         grey = [F.interpolate(torch.from_numpy(to_model_input(folder[i].image, is_hu=False))[None, None], size=(512, 512),
                               mode="bilinear", align_corners=False)[0] for i in range(min(args.n, len(folder)))]
+        labels = [torch.from_numpy(folder[i].labels.astype("uint8")) for i in range(min(args.n, len(folder)))]
     else:
         grey = [torch.rand(1, 512, 512) for _ in range(args.n)]
+        labels = []
+        for _ in range(args.n):  # a few random square "lesions" per slice
+            lab = torch.zeros(512, 512, dtype=torch.uint8)
+            for k in range(6):
+                y, x, r = (int(v) for v in torch.randint(40, 470, (2,)).tolist() + [int(torch.randint(6, 30, (1,)))])
+                lab[y - r:y + r, x - r:x + r] = 1 + k % 2
+            labels.append(lab)
     print(f"timing on {len(grey)} {'real' if args.data else 'random'} 512x512 slices, {args.threads} threads")
     rgb = [g.expand(3, -1, -1) for g in grey]
 
@@ -114,6 +188,15 @@ def main() -> int:
         print(f"{name:<66}{params / 1e6:>11.2f}{sec:>10.3f}{1 / sec:>10.2f}{base / sec:>9.1f}x")
     timings = [{"model": name, "params_m": round(params / 1e6, 2), "seconds_per_slice": round(sec, 4),
                 "speedup_vs_default": round(base / sec, 2)} for name, params, sec in rows]
+    train_rows = []
+    if args.train_steps > 0:
+        trows = training_rows(cfg, grey, labels, args.train_steps, args.train_batch)
+        print(f"\ntraining, {args.train_batch} slices per step, {args.train_steps} timed steps each (random weights)")
+        print(f"{'model':<66}{'params (M)':>11}{'s/step':>10}{'vs R50':>10}")
+        for name, params, sec in trows:
+            print(f"{name:<66}{params / 1e6:>11.2f}{sec:>10.3f}{trows[0][2] / sec:>9.1f}x")
+        train_rows = [{"model": name, "params_m": round(params / 1e6, 2), "seconds_per_step": round(sec, 4),
+                       "speedup_vs_r50_512": round(trows[0][2] / sec, 2)} for name, params, sec in trows]
     ap_rows = []
     if args.data and args.model:
         from covidct.engine.lesions import evaluate_instances
@@ -125,10 +208,10 @@ def main() -> int:
                   f"lesion region Dice {r['infection_dice']}; per class {r['per_class']}")
             ap_rows.append({"setting": label, **{k: r[k] for k in ("ap50", "ap75", "map", "infection_dice")}})
     if args.json:
-        import json
+        from covidct.report.json_io import write_json
 
-        with open(args.json, "w") as fh:
-            json.dump({"slices": len(grey), "threads": args.threads, "timings": timings, "ap": ap_rows}, fh, indent=2)
+        write_json({"slices": len(grey), "threads": args.threads, "timings": timings, "training": train_rows,
+                    "ap": ap_rows}, args.json)   # atomic, with the disclaimer
     return 0
 
 

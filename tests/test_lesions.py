@@ -59,6 +59,31 @@ def test_train_and_evaluate_lesions(tmp_path, seg_folder, capsys):
     assert out["n_images"] == 6 and "Evaluation took" in capsys.readouterr().out
 
 
+def test_train_lesions_cli_sets_the_training_cost_settings(tmp_path, seg_folder, capsys):
+    """The training-time cost settings (box head width, proposals, sampled anchors and RoIs) reach the model
+    and its checkpoint; a value below 1 is one error line and no file."""
+    out = tmp_path / "les.pt"
+    base = ["train", "lesions", "--data", str(seg_folder), "--backbone", "resnet18", "--truncate-last-stage",
+            "--input-size", "64", "--epochs", "1", "--batch-size", "2"]
+    assert main([*base, "--box-head-dim", "24", "--rpn-pre-nms-top-n-train", "60", "--rpn-post-nms-top-n-train", "30",
+                 "--rpn-batch-size-per-image", "16", "--box-batch-size-per-image", "8", "-o", str(out)]) == 0
+    model, payload = load_lesion_model(out)
+    assert model.net.roi_heads.box_head.fc7.out_features == 24
+    assert model.net.roi_heads.fg_bg_sampler.batch_size_per_image == 8
+    assert model.net.rpn.fg_bg_sampler.batch_size_per_image == 16
+    assert model.net.rpn._pre_nms_top_n["training"] == 60 and model.net.rpn._post_nms_top_n["training"] == 30
+    assert payload["config"]["box_head_dim"] == 24
+    # unset options keep the cheap defaults of LesionModelConfig
+    default = tmp_path / "default.pt"
+    assert main([*base, "-o", str(default)]) == 0
+    assert load_lesion_model(default)[0].config.box_head_dim == LesionModelConfig().box_head_dim == 128
+    capsys.readouterr()
+    bad = tmp_path / "bad.pt"
+    assert main([*base, "--box-batch-size-per-image", "0", "-o", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--box-batch-size-per-image must be at least 1" in err[0] and not bad.exists()
+
+
 def test_maskcls_trains_s_and_evaluates_through_evaluate_cls(tmp_path, seg_folder, capsys):
     from test_cls_pipeline import _make_split_folder
 

@@ -323,6 +323,13 @@ def _cmd_train_lesions(args: argparse.Namespace) -> int:
             raise CovidctError(d, "no such folder")
     model = {"backbone": args.backbone, "mask_mode": args.mask_mode, "input_size": args.input_size,
              "truncate_last_stage": args.truncate_last_stage}
+    for name in ("box_head_dim", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_batch_size_per_image",
+                 "box_batch_size_per_image"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CovidctError(None, f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if value is not None:
+            model[name] = value
     init = None if args.init == "imagenet" else args.init
     if init:
         from covidct.models.registry import resolve_model
@@ -653,6 +660,14 @@ def build_parser() -> argparse.ArgumentParser:
                                           "efficientnet-lite2"), default="efficientnet-lite0")
     s.add_argument("--truncate-last-stage", action="store_true")
     s.add_argument("--input-size", type=int, default=320)
+    # training-time cost settings of the Mask R-CNN; unset = the cheap defaults of LesionModelConfig
+    for flag, ours, theirs, what in (
+            ("--box-head-dim", 128, 1024, "width of the TwoMLPHead box head (the paper's 128)"),
+            ("--rpn-pre-nms-top-n-train", 1000, 2000, "RPN proposals per FPN level before NMS in training"),
+            ("--rpn-post-nms-top-n-train", 500, 2000, "RPN proposals kept after NMS in training"),
+            ("--rpn-batch-size-per-image", 128, 256, "anchors sampled per image for the RPN loss"),
+            ("--box-batch-size-per-image", 128, 512, "RoIs sampled per image for the box and mask heads")):
+        s.add_argument(flag, type=int, default=None, help=f"{what} (default {ours}; torchvision's: {theirs})")
     _add_training_options(s, epochs=40, batch_size=4, lr=1e-3)
     s.add_argument("--init", default="imagenet", help="backbone start (EfficientNet-Lite): imagenet, or a "
                    "segmentation model (shipped name or .pt) with the same encoder")
