@@ -120,3 +120,37 @@ def test_segmentation_folder_with_a_wrong_size_mask_fails_before_any_work(tmp_pa
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err                       # no progress bar started
     assert str(tmp_path / "masks" / "2.png") in err and "differs from its image" in err
+
+
+def test_numeric_training_options_out_of_range_give_one_line_and_no_model(tmp_path, capsys, seg_folder):
+    """An epoch count of 0, a 7-pixel input, a zero batch, a negative learning rate, N = 0 RoIs or one fold:
+    one line naming the option, exit 2, nothing written (these used to train, or end in a multi-line error)."""
+    out = tmp_path / "m.pt"
+    cases = [
+        (["train", "seg", "--data", str(seg_folder), "--epochs", "0"], "--epochs must be at least 1, got 0"),
+        (["train", "seg", "--data", str(seg_folder), "--input-size", "7"], "--input-size must be at least 32, got 7"),
+        (["train", "lesions", "--data", str(seg_folder), "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["train", "lesions", "--data", str(seg_folder), "--lr", "-1"], "--lr must be positive, got -1"),
+        (["train", "cls", "--data", str(seg_folder), "--input-size", "0"], "--input-size must be at least 32"),
+        (["train", "maskcls", "--data", str(seg_folder), "--top-n", "0"], "--top-n must be at least 1, got 0"),
+        (["train", "seg", "--data", str(seg_folder), "--folds", "1", "--fold", "0"], "--folds must be 0 (no folds) or at least 2"),
+        (["pretrain", "seg", "--data", str(seg_folder), "--epochs", "0"], "--epochs must be at least 1"),
+    ]
+    for args, reason in cases:
+        assert main([*args, "-o", str(out)]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and reason in err[0], (args, err)
+        assert not out.exists() and not (tmp_path / "m_run").exists(), args
+
+
+def test_unexpected_errors_stay_on_one_line(monkeypatch, capsys):
+    """The last-resort handler folds a multi-line exception message (e.g. pydantic's) into one line."""
+    import covidct.cli as cli
+
+    def boom(args):
+        raise ValueError("1 validation error for X\n  size\n    must be >= 1")
+
+    monkeypatch.setattr(cli, "_cmd_info", boom)
+    assert main(["info", "anything"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["covidct: error: ValueError: 1 validation error for X size must be >= 1 (run with --debug for details)"]

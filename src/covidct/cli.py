@@ -325,11 +325,8 @@ def _cmd_train_lesions(args: argparse.Namespace) -> int:
              "truncate_last_stage": args.truncate_last_stage}
     for name in ("box_head_dim", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_batch_size_per_image",
                  "box_batch_size_per_image"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise CovidctError(None, f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if value is not None:
-            model[name] = value
+        if getattr(args, name) is not None:   # range checked by check_numeric_options
+            model[name] = getattr(args, name)
     init = None if args.init == "imagenet" else args.init
     if init:
         from covidct.models.registry import resolve_model
@@ -847,11 +844,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Numeric options shared by the training commands and the least each may be (None: not given).
+_AT_LEAST: dict[str, float] = {"epochs": 1, "batch_size": 1, "input_size": 32, "top_n": 1, "s_width": 1,
+                               "threads": 0, "swa_epochs": 0, "warmup_epochs": 0, "folds": 0,
+                               "box_head_dim": 1, "rpn_pre_nms_top_n_train": 1, "rpn_post_nms_top_n_train": 1,
+                               "rpn_batch_size_per_image": 1, "box_batch_size_per_image": 1}
+
+
+def check_numeric_options(args: argparse.Namespace) -> None:
+    """One error line for a numeric option out of range (an epoch count of 0, a 7-pixel input,
+    a negative learning rate), before any data are read or any file is written."""
+    for name, least in _AT_LEAST.items():
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            raise CovidctError(None, f"--{name.replace('_', '-')} must be at least {least:g}, got {value:g}")
+    lr = getattr(args, "lr", None)
+    if lr is not None and not lr > 0:
+        raise CovidctError(None, f"--lr must be positive, got {lr:g}")
+    if getattr(args, "folds", 0) == 1:
+        raise CovidctError(None, "--folds must be 0 (no folds) or at least 2, got 1")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     keep_freed_memory()
     try:
+        check_numeric_options(args)
         return int(args.func(args) or 0)
     except CovidctError as exc:
         if args.debug:
@@ -864,7 +883,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback
         if args.debug:
             raise
-        print(f"covidct: error: {type(exc).__name__}: {exc} (run with --debug for details)", file=sys.stderr)
+        reason = " ".join(str(exc).split())   # one line, also for multi-line messages
+        print(f"covidct: error: {type(exc).__name__}: {reason} (run with --debug for details)", file=sys.stderr)
         return 1
 
 
