@@ -29,6 +29,9 @@ def _bad_inputs(tmp_path):
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"this is not an image at all" * 10)
     cases["corrupt image"] = (junk, "not an image")
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(np.zeros((3, 5), np.uint8)).save(tiny)
+    cases["3x5-pixel image"] = (tiny, "5×3 pixels: too small for a CT slice")
     paths = write_ct_series(tmp_path / "ct", phantom_hu(1, 32))
     dcm = tmp_path / "trunc.dcm"
     dcm.write_bytes(paths[0].read_bytes()[:400])
@@ -47,6 +50,10 @@ def _bad_inputs(tmp_path):
     nii = tmp_path / "flat.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((8, 8), np.int16), np.eye(4)), nii)
     cases["2-D nifti"] = (nii, "3-D")
+    nospacing = nib.Nifti1Image(np.full((16, 16, 4), -1000, np.int16), None)
+    nospacing.header.set_zooms((0, 1, 1))   # no sform: nibabel would read the 0 as 1 mm
+    nib.save(nospacing, tmp_path / "nospacing.nii.gz")
+    cases["nifti without spacing"] = (tmp_path / "nospacing.nii.gz", "gives no voxel spacing")
     return cases
 
 

@@ -35,6 +35,10 @@ def is_image(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
+#: Images smaller than this on either side are refused (an icon or a thumbnail strip, not a CT slice).
+MIN_IMAGE_SIDE = 16
+
+
 def load_grey(path: str | Path) -> tuple[np.ndarray, str]:
     """Decode an image file into a 2-D float32 grey array; returns ``(array, PIL mode)``."""
     from PIL import Image, UnidentifiedImageError
@@ -66,6 +70,9 @@ def load_grey(path: str | Path) -> tuple[np.ndarray, str]:
         arr = arr.mean(axis=2)
     if arr.ndim != 2 or arr.size == 0:
         raise InputError(path, f"expected a 2-D image, got shape {arr.shape}")
+    if min(arr.shape) < MIN_IMAGE_SIDE:
+        raise InputError(path, f"image is {arr.shape[1]}×{arr.shape[0]} pixels: too small for a CT slice "
+                               f"(at least {MIN_IMAGE_SIDE} on each side)")
     return np.ascontiguousarray(arr, dtype=np.float32), mode
 
 

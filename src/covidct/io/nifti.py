@@ -29,14 +29,36 @@ def is_nifti(path: str | Path) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
+def _spacing_missing(path: Path) -> bool:
+    """Whether a NIfTI-1 header has a zero voxel size that nothing else replaces (no sform): nibabel
+    would silently read it as 1 mm."""
+    import nibabel as nib
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as fh:
+            header = nib.Nifti1Header.from_fileobj(fh, check=False)
+    except Exception:  # noqa: BLE001 - not NIfTI-1 (e.g. NIfTI-2) or unreadable: nib.load decides
+        return False
+    return int(header["sform_code"]) == 0 and bool(np.any(np.asarray(header["pixdim"][1:4]) == 0))
+
+
 def read_nifti(path: str | Path) -> Volume:
     """Read a 3-D NIfTI volume (HU assumed when the data are integers or span below -500)."""
     import nibabel as nib
 
+    from nibabel.imageglobals import LoggingOutputSuppressor
+
     path = Path(path)
     try:
-        img = nib.load(str(path))
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        if _spacing_missing(path):
+            raise InputError(path, "its header gives no voxel spacing (pixdim 0 and no sform), so volumes in mL "
+                                   "cannot be measured; set the spacing in the header first")
+        with LoggingOutputSuppressor():   # nibabel's header fixes are logged; ours is one error line or none
+            img = nib.load(str(path))
+            data = np.asarray(img.dataobj, dtype=np.float32)
+    except InputError:
+        raise
     except Exception as exc:
         raise InputError(path, f"unreadable NIfTI file ({type(exc).__name__}: {exc})") from None
     if data.ndim == 4 and data.shape[3] == 1:
