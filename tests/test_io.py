@@ -50,6 +50,37 @@ def test_series_with_non_dicom_files_counts_skipped(tmp_path):
     assert vol.n_skipped == 1 and vol.n_files == 3
 
 
+def _strip(paths, *keywords):
+    import pydicom
+
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for keyword in keywords:
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.save_as(path)
+
+
+def test_series_without_positions_or_spacing(tmp_path):
+    """No ImagePositionPatient: ordered by InstanceNumber and spaced by the header's slice gap (and said so);
+    no slice gap either, or no PixelSpacing: one error naming the file, not a silent 1 mm."""
+    hu = phantom_hu(5, 32)
+    _strip(write_ct_series(tmp_path / "nopos", hu), "ImagePositionPatient")
+    vol = read(tmp_path / "nopos")
+    np.testing.assert_allclose(vol.array, hu, atol=1.01)
+    assert vol.spacing == pytest.approx((2.0, 0.7, 0.7)) and vol.affine[2, 2] == pytest.approx(-2.0)
+    assert "5 of 5 slices without ImagePositionPatient" in vol.metadata["slice_positions"]
+    _strip(write_ct_series(tmp_path / "nogap", hu), "ImagePositionPatient", "SliceThickness", "SpacingBetweenSlices")
+    with pytest.raises(InputError, match="the slice gap is unknown"):
+        read(tmp_path / "nogap")
+    paths = write_ct_series(tmp_path / "nopix", hu)
+    _strip(paths, "PixelSpacing")
+    with pytest.raises(InputError, match="no PixelSpacing"):
+        read(tmp_path / "nopix")
+    with pytest.raises(InputError, match="no PixelSpacing"):
+        read(paths[0])
+
+
 def test_mixed_series_rejected(tmp_path):
     write_ct_series(tmp_path / "m", phantom_hu(2, 32), series_uid="1.2.3")
     write_ct_series(tmp_path / "m" / "other", phantom_hu(2, 32), series_uid="1.2.4")

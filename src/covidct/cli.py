@@ -530,6 +530,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if gaps:
         print(f"note: uneven slice gaps ({gaps['min_mm']}-{gaps['max_mm']} mm, after slices {gaps['after_slices']}; a "
               f"missing file?): volumes use the median gap, {gaps['median_mm']} mm")
+    if report["input"].get("slice_positions"):
+        print(f"note: {report['input']['slice_positions']}")
     if (report.get("lung_coverage") or {}).get("note"):
         print(f"note: {report['lung_coverage']['note']}")
     print(f"lung volume: {'n/a' if lung is None else f'{lung:.0f} mL'}")

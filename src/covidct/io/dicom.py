@@ -106,11 +106,26 @@ def _direction(ds: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return row, col, np.cross(row, col)
 
 
-def _pixel_spacing(ds: Any) -> tuple[float, float]:
-    ps = getattr(ds, "PixelSpacing", None)
-    if ps is None or len(ps) != 2:
-        return 1.0, 1.0
-    return float(ps[0]), float(ps[1])
+def _pixel_spacing(ds: Any, path: Path) -> tuple[float, float]:
+    """(row, column) spacing in mm from ``PixelSpacing`` (else ``ImagerPixelSpacing``); without either
+    there is nothing to measure millimetres or millilitres with, so the file is refused."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        ps = getattr(ds, keyword, None)
+        if ps is not None and len(ps) == 2 and all(float(v) > 0 for v in ps):
+            return float(ps[0]), float(ps[1])
+    raise InputError(path, "no PixelSpacing (nor ImagerPixelSpacing) in it, so areas and volumes cannot be measured")
+
+
+def _slice_thickness(ds: Any) -> float | None:
+    """The slice gap a header states without positions: ``SpacingBetweenSlices``, else ``SliceThickness``."""
+    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+        value = getattr(ds, keyword, None)
+        try:
+            if value is not None and float(value) > 0:
+                return float(value)
+        except (TypeError, ValueError):
+            continue
+    return None
 
 
 def _metadata(ds: Any) -> dict[str, Any]:
@@ -150,7 +165,7 @@ def _affine(first: Any, positions: list[np.ndarray], spacing_rc: tuple[float, fl
         if step is not None:
             affine[:3, 2] *= step / float(np.linalg.norm(affine[:3, 2]))
     else:
-        affine[:3, 2] = normal * float(getattr(first, "SliceThickness", 1.0) or 1.0)
+        affine[:3, 2] = normal * (_slice_thickness(first) or 1.0)
     affine[:3, 3] = positions[0]
     return _LPS_TO_RAS @ affine
 
@@ -237,8 +252,8 @@ def read_dicom_file(path: str | Path, *, require_ct: bool = True) -> Volume:
         return read_dicom_multiframe(path, require_ct=require_ct, header=header)
     _check_ct(header, path, require_ct)
     hu, ds = _pixels_hu(path)
-    spacing_rc = _pixel_spacing(ds)
-    thickness = float(getattr(ds, "SliceThickness", 1.0) or 1.0)
+    spacing_rc = _pixel_spacing(ds, path)
+    thickness = _slice_thickness(ds) or 1.0   # one slice: only its own volume in mL depends on it
     pos = np.array(getattr(ds, "ImagePositionPatient", [0.0, 0.0, 0.0]), dtype=float)
     meta = _metadata(ds)
     return Volume(
@@ -379,8 +394,23 @@ def read_dicom_series(
     orientations = {tuple(round(float(v), 4) for v in getattr(ds, "ImageOrientationPatient", []) or []) for _, ds in items}
     if len(orientations) > 1:
         raise InputError(folder, "mixed series: slices with different ImageOrientationPatient")
-    items = sorted(items, key=_sort_key_factory(normal))
-    positions = [np.array(getattr(ds, "ImagePositionPatient", [0, 0, i]), dtype=float) for i, (_, ds) in enumerate(items)]
+    first_path = items[0][0]
+    spacing_rc = _pixel_spacing(first, first_path)
+    missing = sum("ImagePositionPatient" not in ds for _, ds in items)
+    items = sorted(items, key=(lambda item: float(getattr(item[1], "InstanceNumber", 0) or 0)) if missing
+                   else _sort_key_factory(normal))
+    if missing and len(items) > 1:
+        # no positions: InstanceNumber gives the order (the sort key), the header's slice gap the distance
+        gap = _slice_thickness(first)
+        if gap is None:
+            raise InputError(folder, f"{missing} of {len(items)} slices have no ImagePositionPatient and no "
+                                     "SpacingBetweenSlices / SliceThickness is given, so the slice gap is unknown")
+        positions = [-normal * gap * i for i in range(len(items))]   # head -> feet, as the sort key orders
+        slice_positions_note = (f"{missing} of {len(items)} slices without ImagePositionPatient: ordered by "
+                                f"InstanceNumber, {gap:g} mm apart (from the header's slice gap)")
+    else:
+        positions = [np.array(getattr(ds, "ImagePositionPatient", [0, 0, 0]), dtype=float) for _, ds in items]
+        slice_positions_note = None
     gaps = np.abs(np.diff([float(np.dot(p, normal)) for p in positions]))
     if len(positions) > 1:
         if np.any(gaps < 1e-3):
@@ -399,8 +429,9 @@ def read_dicom_series(
 
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         list(pool.map(decode, range(len(items))))
-    spacing_rc = _pixel_spacing(first)
     meta = _metadata(first)
+    if slice_positions_note:
+        meta["slice_positions"] = slice_positions_note
     if n_localizers:
         meta["localizers_skipped"] = n_localizers
     if len(positions) > 1:
@@ -409,7 +440,7 @@ def read_dicom_series(
         if uneven:
             meta["uneven_slice_gaps"] = uneven
     else:
-        slice_spacing = float(getattr(first, "SliceThickness", 1.0) or 1.0)
+        slice_spacing = _slice_thickness(first) or 1.0
     if len(groups) > 1:
         meta["series_available"] = available
     affine = _affine(first, positions, spacing_rc, step=slice_spacing if "uneven_slice_gaps" in meta else None)

@@ -60,7 +60,9 @@ def build_report(vol: Volume, result: ScanResult, models: list[dict], seconds: f
                   # orientation (L, P, I: slice 0 at the head), the NIfTI outputs on the input's own grid
                   "orientation": vol.metadata.get("orientation"),
                   # DICOM series whose slice gaps differ (a missing file?): volumes use the median gap
-                  "uneven_slice_gaps": vol.metadata.get("uneven_slice_gaps")},
+                  "uneven_slice_gaps": vol.metadata.get("uneven_slice_gaps"),
+                  # DICOM series without ImagePositionPatient: how the slices were ordered and spaced
+                  "slice_positions": vol.metadata.get("slice_positions")},
         "lung_volume_ml": b["lung_volume_ml"],
         "lung_method": result.lung_method,
         # slices holding lung; cut_at_head / cut_at_feet: the lungs run off the scan (volumes
@@ -139,6 +141,8 @@ def _input_notes(inp: dict, coverage: dict | None = None) -> str:
     if gaps:
         rows.append(f"uneven slice gaps ({gaps['min_mm']}-{gaps['max_mm']} mm, after slices {gaps['after_slices']}; "
                     f"a missing file?): volumes use the median gap, {gaps['median_mm']} mm")
+    if inp.get("slice_positions"):
+        rows.append(inp["slice_positions"])
     if coverage and coverage.get("note"):
         rows.append(coverage["note"])
     return "".join(f'<tr><td>note</td><td class="note">{html.escape(r)}</td></tr>' for r in rows)
