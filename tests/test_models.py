@@ -41,6 +41,22 @@ def test_fpn_channels_are_built_and_rebuilt_from_the_checkpoint(tmp_path):
         build_seg_model(TINY, arch="fpn", fpn_channels=(24, 12))
 
 
+def test_unetplusplus_is_built_and_rebuilt_from_the_checkpoint(tmp_path):
+    """``arch="unetplusplus"``: smp's UNet++ (nested skip paths) over the same encoder, rebuilt from its file."""
+    import segmentation_models_pytorch as smp
+
+    net = build_seg_model(TINY, arch="unetplusplus").eval()
+    assert isinstance(net.net, smp.UnetPlusPlus)
+    with torch.inference_mode():
+        out = net(torch.rand(1, 1, 64, 64))
+    assert out.shape == (1, 5, 64, 64)
+    path = save_checkpoint(tmp_path / "upp.pt", task="seg", config=net.config.to_dict(), state_dict=net.state_dict())
+    loaded, _ = load_seg_model(path)
+    assert isinstance(loaded.net, smp.UnetPlusPlus)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.eval()(torch.ones(1, 1, 64, 64)), net(torch.ones(1, 1, 64, 64)))
+
+
 def test_offline_imagenet_weights_load_into_encoder():
     weights = imagenet_state_dict("efficientnet-lite0")
     net = build_seg_model(SegModelConfig(encoder="efficientnet-lite0", input_size=64), imagenet=True)

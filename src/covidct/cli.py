@@ -598,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "validation comes from the first)")
     s.add_argument("--labels", choices=("masks", "masks4", "effusion", "lung"), default="masks4")
     s.add_argument("--no-lung-head", action="store_true", help="do not learn the lung field")
-    s.add_argument("--arch", choices=("unet", "fpn"), default="unet")
+    s.add_argument("--arch", choices=("unet", "unetplusplus", "fpn"), default="unet")
     s.add_argument("--encoder", default="efficientnet-lite0")
     s.add_argument("--decoder-channels", default="96,48,24,16,8", help="U-Net decoder channels")
     s.add_argument("--fpn-channels", default="256,128", help="FPN decoder: pyramid,segmentation-head channels")

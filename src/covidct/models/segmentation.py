@@ -15,7 +15,7 @@ from covidct.models.encoders import (
     smp_encoder_name,
 )
 
-ARCHITECTURES = ("unet", "fpn")
+ARCHITECTURES = ("unet", "unetplusplus", "fpn")
 
 
 @dataclass
@@ -65,9 +65,10 @@ def build_seg_model(config: SegModelConfig | None = None, *, imagenet: bool = Fa
         raise ValueError(f"unknown architecture {config.arch!r}; choose one of {ARCHITECTURES}")
     n_out = len(config.lesion_classes) + (1 if config.lung_head else 0)
     encoder_name = smp_encoder_name(config.encoder)
-    if config.arch == "unet":
-        net = smp.Unet(encoder_name=encoder_name, encoder_weights=None, in_channels=config.in_channels,
-                       classes=n_out, decoder_channels=tuple(config.decoder_channels))
+    if config.arch in ("unet", "unetplusplus"):   # UNet++: nested, densely connected skip paths
+        face = smp.Unet if config.arch == "unet" else smp.UnetPlusPlus
+        net = face(encoder_name=encoder_name, encoder_weights=None, in_channels=config.in_channels,
+                   classes=n_out, decoder_channels=tuple(config.decoder_channels))
     else:
         pyramid, segmentation = config.fpn_channels
         if segmentation % 32:
