@@ -329,6 +329,22 @@ def test_analyze_says_when_slice_gaps_are_uneven(tmp_path, tiny_seg_model, capsy
     assert "uneven slice gaps (5.0-10.0 mm" in (out / "report.html").read_text()
 
 
+def test_analyze_says_when_slices_have_no_positions(tmp_path, tiny_seg_model, capsys):
+    import pydicom
+
+    for path in write_ct_series(tmp_path / "s", phantom_hu(6, 80), spacing=(5.0, 3.0, 3.0)):
+        ds = pydicom.dcmread(path)
+        del ds.ImagePositionPatient
+        ds.save_as(path)
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "s"), "-o", str(out), "--model", str(tiny_seg_model)]) == 0
+    note = "6 of 6 slices without ImagePositionPatient: ordered by InstanceNumber, 5 mm apart"
+    assert f"note: {note}" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert note in report["input"]["slice_positions"] and report["input"]["spacing_mm"] == [5.0, 3.0, 3.0]
+    assert note in (out / "report.html").read_text()
+
+
 def test_lesion_region_does_not_fill_a_crescent():
     """At the lung bases the lung wraps around the diaphragm dome: the region where lesions may lie
     must hug the lung (closing), not fill the crescent's hollow (as a convex hull would)."""
