@@ -338,10 +338,11 @@ def list_series(folder: str | Path) -> list[dict[str, Any]]:
 
 
 def _sort_key_factory(normal: np.ndarray):
+    """Head -> feet: descending position along the slice normal, InstanceNumber breaking ties (every slice
+    has an ImagePositionPatient here; a series without them is ordered by InstanceNumber alone)."""
     def key(item: tuple[Path, Any]) -> tuple[float, float]:
         _, ds = item
-        ipp = getattr(ds, "ImagePositionPatient", None)
-        position = float(np.dot(np.array(ipp, dtype=float), normal)) if ipp is not None else 0.0
+        position = float(np.dot(np.array(ds.ImagePositionPatient, dtype=float), normal))
         instance = float(getattr(ds, "InstanceNumber", 0) or 0)
         return (-position, instance)
 
@@ -400,7 +401,7 @@ def read_dicom_series(
     items = sorted(items, key=(lambda item: float(getattr(item[1], "InstanceNumber", 0) or 0)) if missing
                    else _sort_key_factory(normal))
     if missing and len(items) > 1:
-        # no positions: InstanceNumber gives the order (the sort key), the header's slice gap the distance
+        # no positions: InstanceNumber gives the order, the header's slice gap the distance
         gap = _slice_thickness(first)
         if gap is None:
             raise InputError(folder, f"{missing} of {len(items)} slices have no ImagePositionPatient and no "
