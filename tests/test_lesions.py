@@ -78,6 +78,14 @@ def test_train_lesions_cli_sets_the_training_cost_settings(tmp_path, seg_folder,
     assert main([*base, "-o", str(default)]) == 0
     assert load_lesion_model(default)[0].config.box_head_dim == LesionModelConfig().box_head_dim == 128
     capsys.readouterr()
+    with pytest.raises(SystemExit):   # the defaults the help names are the model's
+        main(["train", "lesions", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    cheap = LesionModelConfig()
+    for flag in ("box_head_dim", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_batch_size_per_image",
+                 "box_batch_size_per_image"):
+        option = "--" + flag.replace("_", "-")
+        assert f"(default {getattr(cheap, flag)};" in help_text.split(option, 2)[2].split("--")[0], option
     bad = tmp_path / "bad.pt"
     assert main([*base, "--box-batch-size-per-image", "0", "-o", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

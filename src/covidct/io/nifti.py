@@ -50,15 +50,13 @@ def read_nifti(path: str | Path) -> Volume:
     from nibabel.imageglobals import LoggingOutputSuppressor
 
     path = Path(path)
+    if _spacing_missing(path):
+        raise InputError(path, "its header gives no voxel spacing (pixdim 0 and no sform), so volumes in mL "
+                               "cannot be measured; set the spacing in the header first")
     try:
-        if _spacing_missing(path):
-            raise InputError(path, "its header gives no voxel spacing (pixdim 0 and no sform), so volumes in mL "
-                                   "cannot be measured; set the spacing in the header first")
         with LoggingOutputSuppressor():   # nibabel's header fixes are logged; ours is one error line or none
             img = nib.load(str(path))
             data = np.asarray(img.dataobj, dtype=np.float32)
-    except InputError:
-        raise
     except Exception as exc:
         raise InputError(path, f"unreadable NIfTI file ({type(exc).__name__}: {exc})") from None
     if data.ndim == 4 and data.shape[3] == 1:
