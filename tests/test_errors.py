@@ -117,6 +117,14 @@ def test_a_listed_file_that_is_missing_fails_before_any_work(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and str(tmp_path / "b.png") in err and "file not found" in err
 
 
+def test_a_segmentation_folder_given_to_evaluate_cls_says_so(tmp_path, capsys, seg_folder):
+    """Its images/ masks/ lung/ sub-folders are no classes: one line pointing at evaluate seg."""
+    assert main(["evaluate", "cls", "--data", str(seg_folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(seg_folder) in err and "segmentation folder" in err
+    assert "covidct evaluate seg" in err and "label 'images'" not in err
+
+
 def test_segmentation_folder_with_a_wrong_size_mask_fails_before_any_work(tmp_path, capsys):
     for sub in ("images", "masks"):
         (tmp_path / sub).mkdir()

@@ -56,7 +56,8 @@ def test_train_and_evaluate_lesions(tmp_path, seg_folder, capsys):
     out = json.loads(js.read_text())
     assert {"n_images", "ap50", "ap75", "map", "per_class", "images_per_second"} <= set(out)
     assert set(out["per_class"]) == {"ggo", "consolidation"}
-    assert out["n_images"] == 6 and "Evaluation took" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert out["n_images"] == 6 and "Evaluation took" in printed and f"wrote {js}" in printed
 
 
 def test_train_lesions_cli_sets_the_training_cost_settings(tmp_path, seg_folder, capsys):
@@ -340,3 +341,56 @@ def test_ensemble_shares_one_backbone_pass_between_mask_net_members():
         ens.shared_front = {}
         alone = ens(x)
     torch.testing.assert_close(shared, alone)
+
+
+def test_streamed_ensemble_equals_the_loaded_one_and_checks_members_first(tmp_path):
+    """An ensemble streamed member by member (``load_cls_model(..., stream_members=True)``, what the CT
+    triage of ``analyze`` uses) gives the probabilities of the ensemble held in memory, bit for bit: Mask-Net
+    members sharing a front, one with its own, a CNN at another input size, temperatures, mirror TTA and
+    class offsets; it holds no member between calls; a member file changed since the ensemble was made
+    is refused when it is loaded, before any image."""
+    from covidct.engine.evaluate_cls import predict_probabilities
+    from covidct.errors import CovidctError
+    from covidct.models.checkpoint import file_sha256, save_checkpoint
+    from covidct.models.classification import ClsModelConfig, build_cls_model
+    from covidct.models.ensemble import ClassifierEnsemble, EnsembleConfig, StreamedEnsemble
+    from covidct.models.maskcls import MaskClsConfig, MaskClsNet
+    from covidct.models.registry import load_cls_model
+
+    torch.manual_seed(0)
+    lesion_cfg = LesionModelConfig.from_dict(TINY)
+    base = build_lesion_model(lesion_cfg)
+    cfg = MaskClsConfig(top_n=8, s_width=16, lesion=lesion_cfg.to_dict())
+    files = []
+    for k, temperature in enumerate((1.0, 1.5, 0.8)):
+        m = MaskClsNet(cfg, build_lesion_model(lesion_cfg))
+        if k < 2:   # the first two share backbone and RPN; the third has its own
+            m.lesion.load_state_dict(base.state_dict())
+        files.append(save_checkpoint(tmp_path / f"mask{k}.pt", task="maskcls", config=cfg.to_dict(),
+                                     state_dict=m.state_dict(), classes=["NonCOVID", "COVID"], input_size=64,
+                                     temperature=temperature))
+    cnn_cfg = ClsModelConfig(encoder="resnet18", input_size=48)
+    files.append(save_checkpoint(tmp_path / "cnn.pt", task="cls", config=cnn_cfg.to_dict(),
+                                 state_dict=build_cls_model(cnn_cfg).state_dict(), classes=["NonCOVID", "COVID"],
+                                 input_size=48, temperature=2.0))
+    config = EnsembleConfig(members=tuple(str(f) for f in files), checksums=tuple(file_sha256(f) for f in files),
+                            classes=("NonCOVID", "COVID"), input_size=64, logit_offsets=(0.0, -0.3), tta=True)
+    ens_file = save_checkpoint(tmp_path / "ens.pt", task="cls", config=config.to_dict(), state_dict={},
+                               classes=["NonCOVID", "COVID"], input_size=64, temperature=1.2)
+
+    loaded, payload = load_cls_model(ens_file)
+    streamed, streamed_payload = load_cls_model(ens_file, stream_members=True)
+    assert isinstance(loaded, ClassifierEnsemble) and loaded.shared_front == {1: 0}
+    assert isinstance(streamed, StreamedEnsemble) and streamed_payload["temperature"] == payload["temperature"]
+    images = [np.random.default_rng(i).random((70, 60)).astype(np.float32) for i in range(3)]
+    want = predict_probabilities(loaded, images, temperature=payload["temperature"])
+    got = predict_probabilities(streamed, images, temperature=payload["temperature"])
+    np.testing.assert_array_equal(got, want)
+    assert not any(True for _ in streamed.parameters())   # nothing kept between calls
+    assert not np.allclose(want[:, 1], want[0, 1])          # the images do get different answers
+
+    cnn_cfg2 = ClsModelConfig(encoder="resnet18", input_size=40)
+    save_checkpoint(files[-1], task="cls", config=cnn_cfg2.to_dict(), state_dict=build_cls_model(cnn_cfg2).state_dict(),
+                    classes=["NonCOVID", "COVID"], input_size=40)
+    with pytest.raises(CovidctError, match="changed since the ensemble was made"):
+        load_cls_model(ens_file, stream_members=True)

@@ -243,6 +243,13 @@ def test_shipped_triage_on_real_slices():
     q_covid = covid_given_lesion(t.covid_probability(p001, [60]), t.config.covid_logit_shift)[0]
     q_cap = covid_given_lesion(t.covid_probability(cap, [working_slice(cap, 100)]), t.config.covid_logit_shift)[0]
     assert 0 <= q_cap < q_covid <= 1
+    # analyze's triage streams its 20-member classifier (one member in memory at a time): the same numbers
+    from covidct.models.ensemble import StreamedEnsemble
+    from covidct.report.scan_report import ScanModels
+
+    streamed = ScanModels().triage()
+    assert isinstance(streamed.classifier, StreamedEnsemble)
+    np.testing.assert_array_equal(streamed.covid_probability(p001, [60, 80]), t.covid_probability(p001, [60, 80]))
 
 
 def test_triage_checks_slice_indices_and_reports_missing_classes(tmp_path, tiny_seg_model, tiny_cls_model,

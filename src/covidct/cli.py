@@ -387,12 +387,11 @@ def _cmd_evaluate_lesions(args: argparse.Namespace) -> int:
     if result.get("infection_dice") is not None:
         print(f"lesion region Dice (union of instances scoring >= {result['instance_score_threshold']}): "
               f"{result['infection_dice']:.4f}")
-    if result.get("in_sample_patients"):
-        print(f"note: the triage's shift was fitted on {', '.join(result['in_sample_patients'])}: in-sample for them")
     print(f"{result['n_images']} images, {result['images_per_second']} images/s")
     print(f"Evaluation took {time.time() - t0:.1f} s")
     if args.json:
         write_json(result, args.json)
+        print(f"wrote {args.json}")
     return 0
 
 

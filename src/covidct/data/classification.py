@@ -92,6 +92,10 @@ def detect_layout(root: str | Path) -> str:
     files = list_images(root)
     if files and any(COVIDX_NAME.match(p.name) for p in files):
         return "covidx"
+    if (root / "images").is_dir() and ((root / "masks").is_dir() or (root / "masks4").is_dir()):
+        # its sub-folders would otherwise read as classes named "images", "masks", ...
+        raise InputError(root, "is a segmentation folder (images/ + masks/), not a classification layout: "
+                               "use covidct evaluate seg or evaluate lesions")
     if any(p.is_dir() and list_images(p) for p in root.iterdir()):
         return "folder-per-class"
     raise InputError(root, "no known classification layout (split.csv, patients.csv + slice_labels.csv, "

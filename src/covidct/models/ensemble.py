@@ -4,12 +4,18 @@ The checkpoint holds no weights of its own: it names its members (shipped names 
 sha256 of each file, so loading it rebuilds every member from its own checkpoint (architecture,
 input size and temperature included) and refuses a member whose file has changed. Each member sees
 the input resized to its own input size.
+
+:class:`ClassifierEnsemble` keeps every member in memory (many images: evaluation, ``classify``);
+:class:`StreamedEnsemble` computes the same probabilities with one member in memory at a time, each
+member file read again on every call (a few images per call: the CT triage of ``covidct analyze``, whose
+20-member classifier would otherwise add ~0.4 GB to the scan's peak memory).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -71,9 +77,7 @@ class ClassifierEnsemble(nn.Module):
         fronts: dict[int, tuple] = {}
         sharing = set(self.shared_front) | set(self.shared_front.values())
         for i, (member, t) in enumerate(zip(self.members, self.temperatures)):
-            size = member.config.input_size
-            xi = x if x.shape[-1] == size and x.shape[-2] == size else F.interpolate(
-                x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            xi = resized(x, member.config.input_size)
             if i in sharing:
                 lead = self.shared_front.get(i, i)
                 if lead not in fronts:
@@ -84,10 +88,68 @@ class ClassifierEnsemble(nn.Module):
             else:
                 logits = member(xi)
             probs.append(torch.softmax(logits / t, dim=1))
-        log_mean = torch.log(torch.stack(probs).mean(dim=0).clamp_min(1e-12))
-        if self.config.logit_offsets:
-            log_mean = log_mean + log_mean.new_tensor(self.config.logit_offsets)
-        return log_mean
+        return mean_log_probability(probs, self.config.logit_offsets)
+
+
+class StreamedEnsemble(nn.Module):
+    """The ensemble of ``config`` computed member by member: each forward pass loads a member from its
+    file (checksum and classes checked, BatchNorms folded with ``fold_bn``), takes its calibrated
+    probabilities and drops it before the next, so memory holds one member (and one Mask-Net front
+    shared by the Mask-Net members of the pass) instead of all of them. Same result as
+    :class:`ClassifierEnsemble` run through :func:`covidct.engine.evaluate_cls.predict_probabilities`
+    (members channels-last); every call reads every member file again."""
+
+    weights_from_members = True
+
+    def __init__(self, config: EnsembleConfig, *, fold_bn: bool = False) -> None:
+        super().__init__()
+        self.config, self.fold_bn = config, fold_bn
+        # a member file that changed is an error now, before the caller's work, not in the middle of it
+        for spec, checksum in zip(config.members, config.checksums):
+            check_member_file(spec, checksum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        views = [x, torch.flip(x, dims=[3])] if self.config.tta else [x]
+        probs: list[list[torch.Tensor]] = [[] for _ in views]
+        leaders: list[tuple[nn.Module, list[tuple]]] = []  # Mask-Net members whose front this pass reuses
+        for spec, checksum in zip(self.config.members, self.config.checksums):
+            with torch.inference_mode(False):  # a normal module, also when called under inference mode
+                member, t = load_member(spec, checksum, self.config.classes)
+                if self.fold_bn:
+                    from covidct.models.fusion import fold_for_inference
+
+                    member = fold_for_inference(member, inplace=True)
+                member.eval().to(memory_format=torch.channels_last)
+            with torch.no_grad():
+                if hasattr(member, "pooled_rois"):
+                    lead = next((fr for m, fr in leaders if _same_front(m, member)), None)
+                    if lead is None:
+                        lead = [member.pooled_rois(resized(v, member.config.input_size)) for v in views]
+                        leaders.append((member, lead))
+                    logits = [member.classify(member.detections_tensor(*front)) for front in lead]
+                else:
+                    logits = [member(resized(v, member.config.input_size)) for v in views]
+            for out, lg in zip(probs, logits):
+                out.append(torch.softmax(lg / t, dim=1))
+            del member
+        logs = [mean_log_probability(p, self.config.logit_offsets) for p in probs]
+        # as ClassifierEnsemble.forward: the log of the mean of the two mean probabilities
+        return logs[0] if len(logs) == 1 else torch.logaddexp(logs[0], logs[1]) - math.log(2.0)
+
+
+def resized(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``x`` at a member's square input size (antialiased bilinear), unchanged when it already is."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def mean_log_probability(probs: list[torch.Tensor], logit_offsets: tuple[float, ...] = ()) -> torch.Tensor:
+    """The log of the mean of the members' probabilities, plus the ensemble's class offsets."""
+    log_mean = torch.log(torch.stack(probs).mean(dim=0).clamp_min(1e-12))
+    if logit_offsets:
+        log_mean = log_mean + log_mean.new_tensor(logit_offsets)
+    return log_mean
 
 
 def _same_front(a: nn.Module, b: nn.Module) -> bool:
@@ -103,18 +165,32 @@ def _same_front(a: nn.Module, b: nn.Module) -> bool:
     return True
 
 
-def build_ensemble(config: EnsembleConfig) -> ClassifierEnsemble:
-    """Load every member (registry names or files) and check its file against the stored sha256."""
+def check_member_file(spec: str, checksum: str) -> Path:
+    """A member's file, refused (:class:`~covidct.errors.CovidctError`) when it changed since the ensemble was made."""
     from covidct.errors import CovidctError
     from covidct.models.checkpoint import file_sha256
+    from covidct.models.registry import resolve_model
+
+    path = resolve_model(spec, task="cls")
+    if file_sha256(path) != checksum:
+        raise CovidctError(path, "this ensemble member's file changed since the ensemble was made")
+    return path
+
+
+def load_member(spec: str, checksum: str, classes: tuple[str, ...]) -> tuple[nn.Module, float]:
+    """``(network, temperature)`` of one member, its file checked against ``checksum`` and its classes
+    against the ensemble's."""
+    from covidct.errors import CovidctError
     from covidct.models.registry import load_cls_model
 
-    members = []
-    for spec, checksum in zip(config.members, config.checksums):
-        model, payload = load_cls_model(spec)
-        if file_sha256(payload["path"]) != checksum:
-            raise CovidctError(payload["path"], "this ensemble member's file changed since the ensemble was made")
-        if tuple(model.config.classes) != tuple(config.classes):
-            raise CovidctError(payload["path"], f"member classes {list(model.config.classes)} differ from the ensemble's")
-        members.append((model, float(payload.get("temperature", 1.0))))
-    return ClassifierEnsemble(config, members)
+    path = check_member_file(spec, checksum)
+    model, payload = load_cls_model(path)
+    if tuple(model.config.classes) != tuple(classes):
+        raise CovidctError(path, f"member classes {list(model.config.classes)} differ from the ensemble's")
+    return model, float(payload.get("temperature", 1.0))
+
+
+def build_ensemble(config: EnsembleConfig) -> ClassifierEnsemble:
+    """Load every member (registry names or files) and check its file against the stored sha256."""
+    return ClassifierEnsemble(config, [load_member(spec, checksum, config.classes)
+                                       for spec, checksum in zip(config.members, config.checksums)])

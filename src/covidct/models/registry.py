@@ -166,10 +166,20 @@ def load_seg_model(spec: str | Path | None = None):
     return load_model(spec, task="seg")
 
 
-def load_cls_model(spec: str | Path | None = None, *, fold_bn: bool = False):
+def load_cls_model(spec: str | Path | None = None, *, fold_bn: bool = False, stream_members: bool = False):
     """``(classifier, checkpoint dict)`` for ``cls`` and ``maskcls`` checkpoints; the calibration
     ``temperature`` is in the dict. ``fold_bn``: for inference only, BatchNorms folded into their
-    convolutions (:mod:`covidct.models.fusion`; faster on CPU, see benchmarks/RESULTS.md; not for training)."""
+    convolutions (:mod:`covidct.models.fusion`; faster on CPU, see benchmarks/RESULTS.md; not for training).
+    ``stream_members``: an ensemble comes as a :class:`~covidct.models.ensemble.StreamedEnsemble`, which
+    holds one member in memory at a time and reads the members again on every call (for few images)."""
+    if stream_members:
+        from covidct.models.ensemble import EnsembleConfig, StreamedEnsemble
+
+        path = resolve_model(spec, task="cls")
+        payload = read_checkpoint(path)
+        if payload["task"] == "cls" and "members" in payload["config"]:
+            payload["path"] = str(path)
+            return StreamedEnsemble(EnsembleConfig.from_dict(payload["config"]), fold_bn=fold_bn).eval(), payload
     model, payload = load_model(spec, task="cls", accept=("cls", "maskcls"))
     if fold_bn:
         from covidct.models.fusion import fold_for_inference

@@ -203,11 +203,13 @@ class ScanModels:
         return self._classifiers[key]
 
     def triage(self):
-        """The triage model (its classifier loads on first use, and stays)."""
+        """The triage model. Its classifier runs on 5 slices a scan, so an ensemble classifier is streamed
+        (one member in memory at a time, read again for each scan: the 20 members of the default would
+        otherwise add ~0.4 GB to the peak memory of the scan)."""
         if self._triage is None:
             from covidct.analysis.triage import load_triage
 
-            self._triage = load_triage(self.triage_spec)
+            self._triage = load_triage(self.triage_spec, stream_classifier=True)
         return self._triage
 
 
