@@ -16,7 +16,7 @@ from covidct.cli import main
 from covidct.engine.train_seg import SegTrainConfig, selection_score, train_seg
 from covidct.errors import CovidctError
 from covidct.models import read_checkpoint
-from covidct.models.registry import WEIGHTS_DIR
+from covidct.models.registry import DEFAULTS, WEIGHTS_DIR
 
 SEG_JSON_KEYS = {"n_images", "dice", "dice_mean_per_image", "iou", "rand_error", "images_per_second"}
 CLASS_KEYS = {"infection", "ggo", "consolidation", "effusion", "lung"}
@@ -265,7 +265,7 @@ def test_shipped_model_on_real_slices(tmp_path):
     import shutil
 
     src = need_data("covid-semiseg")
-    payload = read_checkpoint(WEIGHTS_DIR / "seg-effl0-unet.pt")
+    payload = read_checkpoint(WEIGHTS_DIR / f"{DEFAULTS['seg']}.pt")   # the shipped default
     val_ids = (payload["metrics"].get("val_ids") or sorted(p.stem for p in (src / "masks").glob("*.png")))[:4]
     dst = tmp_path / "few"
     for sub in ("images", "masks", "masks4", "lung"):
