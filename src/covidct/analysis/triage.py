@@ -145,7 +145,7 @@ class Triage:
         self._classifier = self._predictor = None
         self.temperature = 1.0
         self.fold_bn = fold_bn
-        # an ensemble classifier held one member at a time (analyze: 5 slices a scan, ~0.4 GB less at the peak)
+        # an ensemble classifier held one member at a time (analyze: 5 slices a scan, 0.19–0.27 GB less at the peak)
         self.stream_classifier = stream_classifier
 
     @property

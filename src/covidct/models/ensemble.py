@@ -8,7 +8,7 @@ the input resized to its own input size.
 :class:`ClassifierEnsemble` keeps every member in memory (many images: evaluation, ``classify``);
 :class:`StreamedEnsemble` computes the same probabilities with one member in memory at a time, each
 member file read again on every call (a few images per call: the CT triage of ``covidct analyze``, whose
-20-member classifier would otherwise add ~0.4 GB to the scan's peak memory).
+20-member classifier held whole raised that command's peak memory by 0.19–0.27 GB).
 """
 
 from __future__ import annotations

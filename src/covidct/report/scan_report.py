@@ -205,7 +205,7 @@ class ScanModels:
     def triage(self):
         """The triage model. Its classifier runs on 5 slices a scan, so an ensemble classifier is streamed
         (one member in memory at a time, read again for each scan: the 20 members of the default would
-        otherwise add ~0.4 GB to the peak memory of the scan)."""
+        otherwise raise the scan's peak memory by 0.19–0.27 GB; benchmarks/RESULTS.md)."""
         if self._triage is None:
             from covidct.analysis.triage import load_triage
 
