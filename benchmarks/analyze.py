@@ -1,7 +1,8 @@
 """Scan-level benchmark on a COVID-CT-MD-layout folder (patients.csv + slice_labels.csv + series).
 
-For every patient: ``covidct analyze`` end to end in a child process (wall time, peak RSS of that
-child), lesion burden, severity, and the slice-level AUC of ``slices[].infection_probability``
+For every patient: ``covidct analyze`` end to end in a child process (wall time; peak RSS of the largest
+process so far, from ``getrusage``; peak summed RSS of the child and its helper processes, sampled from
+/proc every 50 ms), lesion burden, severity, and the slice-level AUC of ``slices[].infection_probability``
 against ``slice_labels.csv`` (all patients pooled, and per patient where both classes occur).
 
     python benchmarks/analyze.py --data ../shared/data/covid-ct-md [--model NAME|FILE] [--out out/bench-analyze]
@@ -26,6 +27,43 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def _tree_rss_kb(pid: int) -> int:
+    """Resident memory of a process and all its descendants (kB, from /proc; 0 once it is gone)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as fh:
+                total += next((int(line.split()[1]) for line in fh if line.startswith("VmRSS:")), 0)
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as fh:
+                    todo += [int(c) for c in fh.read().split()]
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def _run_sampling_memory(cmd: list[str]) -> tuple[subprocess.Popen, str, float]:
+    """Run ``cmd``; return the process, its stderr and the peak summed RSS (MB) of it and its helper
+    processes (``covidct analyze`` reads the scan in one), sampled every 50 ms."""
+    import threading
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], _tree_rss_kb(proc.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, err = proc.communicate()
+    done.set()
+    sampler.join()
+    return proc, err, peak[0] / 1024.0
 
 
 def main() -> int:
@@ -62,8 +100,7 @@ def main() -> int:
         if args.slice_orientation:
             cmd += ["--slice-orientation", args.slice_orientation]
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        _, err = proc.communicate()
+        proc, err, tree_mb = _run_sampling_memory(cmd)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             print(f"{p['patient_id']}: analyze failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
@@ -86,7 +123,8 @@ def main() -> int:
         areas[p["patient_id"]] = ([s["lesion_area_mm2"] for s in rep["slices"]], float(rep["input"]["spacing_mm"][0]))
         rows.append({
             "patient": p["patient_id"], "diagnosis": p["diagnosis"], "shape": rep["input"]["shape"],
-            "seconds": round(wall, 1), "peak_rss_mb_so_far": round(rss_mb), "lung_ml": rep["lung_volume_ml"],
+            "seconds": round(wall, 1), "peak_rss_mb_so_far": round(rss_mb),
+            "peak_tree_rss_mb": round(tree_mb), "lung_ml": rep["lung_volume_ml"],
             "ggo_pct": rep["lesions"]["ggo"]["percent_of_lung"], "cons_pct": rep["lesions"]["consolidation"]["percent_of_lung"],
             "total_pct": rep["lesions"]["total"]["percent_of_lung"], "effusion_ml": rep["lesions"]["effusion"]["volume_ml"],
             "severity": rep["severity_score"], "answer": rep["diagnosis"]["label"],

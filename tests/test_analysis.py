@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 
 import nibabel as nib
@@ -146,13 +147,18 @@ def test_viewer_embeds_every_slice_with_its_overlay():
     assert "http://" not in page and "https://" not in page         # self-contained: nothing fetched
 
 
-def test_analyze_dicom_series_outputs_on_input_grid(tmp_path, tiny_seg_model, capsys):
+def test_analyze_dicom_series_outputs_on_input_grid(tmp_path, tiny_seg_model, capfd):
     write_ct_series(tmp_path / "s", phantom_hu(6, 96), spacing=(5.0, 3.0, 3.0))
     vol = read(tmp_path / "s")
     out = tmp_path / "out"
     assert main(["analyze", str(tmp_path / "s"), "-o", str(out), "--model", str(tiny_seg_model)]) == 0
     report = json.loads((out / "report.json").read_text())
-    printed = capsys.readouterr().out
+    printed, bars = capfd.readouterr()   # file-descriptor level: the scan is read in a helper process
+    # a progress bar per stage, each run to its end (the reading one from the helper process)
+    n_files = 2 + len(list((out / "overlays").glob("*.png"))) + 1 + 2   # NIfTIs, overlays, viewer, JSON + HTML
+    for stage, total in (("reading", "6/6"), ("lungs", "5/5"), ("lesions", ""), ("triage", "20/20"),
+                         ("writing", f"{n_files}/{n_files}")):
+        assert re.search(rf"{stage}: 100%[^\r\n]*{total}", bars), stage
     assert f"answer: {report['diagnosis']['label']} (Control " in printed and "p(lesions present)" in printed
     _check_outputs(out, vol, report)
     # the phantom's lungs run through every slice: the report says the scan may not hold them whole
@@ -264,8 +270,13 @@ def test_a_scan_without_lungs_is_an_error_not_a_control(tmp_path, tiny_seg_model
     write_nifti(tmp_path / "abdomen.nii.gz", hu, spacing=(5.0, 3.0, 3.0))
     out = tmp_path / "out"
     assert main(["analyze", str(tmp_path / "abdomen.nii.gz"), "-o", str(out), "--model", str(tiny_seg_model)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "abdomen.nii.gz" in err[0] and "no lungs found" in err[0]
+    err = capsys.readouterr().err.strip().split("\n")
+    # the lung stage ran to its end (its progress bar), then one error line
+    bars = [line for line in err if re.match(r"^\r?lungs: ", line)]
+    assert len(bars) == 1 and "lungs: 100%" in bars[0]
+    rest = [line for line in err if line not in bars]
+    assert len(rest) == 1 and rest[0].startswith("covidct: error:") and "abdomen.nii.gz" in rest[0]
+    assert "no lungs found" in rest[0]
     assert not out.exists()
 
 

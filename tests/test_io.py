@@ -526,3 +526,79 @@ def test_a_zipped_study_is_listed_and_its_errors_name_the_archive(tmp_path, caps
     with pytest.raises(InputError) as raised:
         read(tmp_path / "broken.zip")
     assert raised.value.path == str(tmp_path / "broken.zip") and raised.value.reason.startswith("CT/IM1.dcm: ")
+
+
+def test_read_ahead_gives_the_volume_read_gives(tmp_path):
+    from covidct.io.read_ahead import ReadAhead
+
+    write_ct_series(tmp_path / "s", phantom_hu(4, 32))
+    with ReadAhead(tmp_path / "s", largest_series=True) as pending:
+        assert pending.in_background
+        vol = pending.result()
+    ref = read(tmp_path / "s", largest_series=True)
+    np.testing.assert_array_equal(vol.array, ref.array)
+    np.testing.assert_array_equal(vol.affine, ref.affine)
+    assert (vol.kind, vol.spacing, vol.is_hu, vol.source) == (ref.kind, ref.spacing, ref.is_hu, ref.source)
+    assert vol.metadata["transfer_syntax"] == ref.metadata["transfer_syntax"]
+
+
+def test_read_ahead_input_errors_are_the_readers(tmp_path):
+    from covidct.io.read_ahead import ReadAhead
+
+    with pytest.raises(InputError, match="no such file"):   # at once, before any process starts
+        ReadAhead(tmp_path / "missing.nii.gz")
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"\x1f\x8b" + b"not really gzip" * 10)
+    with pytest.raises(InputError) as expected:
+        read(bad)
+    pending = ReadAhead(bad)
+    assert pending.in_background
+    with pytest.raises(InputError) as got:
+        pending.result()
+    assert (got.value.path, got.value.reason) == (expected.value.path, expected.value.reason)
+
+
+def test_read_ahead_reads_here_when_its_helper_dies_or_for_a_zip(tmp_path):
+    import zipfile
+
+    from covidct.io.read_ahead import ReadAhead
+
+    hu = phantom_hu(3, 32)
+    write_nifti(tmp_path / "v.nii.gz", hu)
+    pending = ReadAhead(tmp_path / "v.nii.gz")
+    pending._process.kill()                       # the helper is gone before it could answer
+    np.testing.assert_allclose(pending.result().array, hu, atol=1.01)
+    assert not pending.in_background
+    with zipfile.ZipFile(tmp_path / "v.zip", "w") as z:
+        z.write(tmp_path / "v.nii.gz", "v.nii.gz")
+    pending = ReadAhead(tmp_path / "v.zip")       # unpacked folders live as long as their process
+    assert not pending.in_background
+    np.testing.assert_allclose(pending.result().array, hu, atol=1.01)
+
+
+def test_a_truncated_compressed_slice_is_refused_not_decoded_half(tmp_path, capfd):
+    """JPEG-family decoders fill what is missing of a truncated codestream with a constant; the reader
+    refuses the slice instead (its end-of-image marker is missing), and ``analyze`` says so in one line."""
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_fragments
+
+    from covidct.cli import main
+
+    paths = write_ct_series(tmp_path / "s", phantom_hu(4, 32), compress="1.2.840.10008.1.2.4.80")
+    assert read(tmp_path / "s").shape == (4, 32, 32)
+    ds = pydicom.dcmread(paths[2])
+    stream = b"".join(f for f in generate_fragments(ds.PixelData) if f)
+    assert stream.rstrip(b"\x00").endswith(b"\xff\xd9")              # whole codestreams end with the marker
+    ds.PixelData = encapsulate([stream[: len(stream) // 2]])
+    ds.save_as(paths[2])
+    before = paths[2].read_bytes()
+    with pytest.raises(InputError, match="end-of-image marker") as info:
+        read(tmp_path / "s")
+    assert info.value.path == str(paths[2])
+    capfd.readouterr()
+    assert main(["analyze", str(tmp_path / "s"), "-o", str(tmp_path / "out")]) == 2
+    err = capfd.readouterr().err
+    lines = [line.rsplit("\r", 1)[-1] for line in err.strip().split("\n")]   # what a terminal shows
+    assert lines == [f"covidct: error: {paths[2]}: compressed pixel data ends before its end-of-image marker "
+                     "(a truncated or damaged file)"]
+    assert not (tmp_path / "out").exists() and paths[2].read_bytes() == before

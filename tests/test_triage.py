@@ -86,7 +86,7 @@ def test_score_volume_classifies_the_top_slices_only(monkeypatch):
     calls = []
     cfg = TriageConfig(classifier="c", classifier_sha256="", seg_model="s", seg_model_sha256="", covid_logit_shift=0.0,
                        top_k=2)
-    triage = SimpleNamespace(config=cfg, covid_probability=lambda vol, ks, window: calls.append(list(ks))
+    triage = SimpleNamespace(config=cfg, covid_probability=lambda vol, ks, window, progress=False: calls.append(list(ks))
                              or np.full(len(ks), 0.7))
     vol = SimpleNamespace(spacing=(1.0, 1.0), source="v.nii.gz", n_slices=5)
     result = SimpleNamespace(slices=_slices([0, 50, 400, 900, 10]), burden={"percent_opacity": 2.0})

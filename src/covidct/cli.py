@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from covidct import DISCLAIMER, __version__
@@ -502,21 +503,28 @@ def _analyze_batch(args: argparse.Namespace, specs: dict) -> int:
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from covidct.io import get_window
-    from covidct.models.registry import DEFAULTS
-    from covidct.report.json_io import to_json
-    from covidct.report.scan_report import analyze
+    from covidct.io.read_ahead import ReadAhead
 
     try:
         get_window(args.window)
     except ValueError as exc:
         raise CovidctError(None, f"--window: {exc}") from None
-    specs = dict(model_spec=args.model, device=args.device, classifier_spec=_optional_model(args.classifier, "auto"),
-                 triage_spec=_optional_model(args.triage, DEFAULTS["triage"]))
-    if len(args.path) > 1 or args.series == "all":
-        return _analyze_batch(args, specs)
-    report = analyze(args.path[0], args.output, series_uid=args.series, window=args.window,
-                     viewer=not args.no_viewer, dicom_seg=args.dicom_seg, slice_orientation=args.slice_orientation,
-                     **specs)
+    batch = len(args.path) > 1 or args.series == "all"
+    # one scan: read it in a helper process while PyTorch and the models load here (benchmarks/RESULTS.md)
+    with ReadAhead(args.path[0], series_uid=args.series, largest_series=True, progress=True) if not batch else nullcontext() as pending:
+        from covidct.models.registry import DEFAULTS
+        from covidct.report.scan_report import analyze
+
+        specs = dict(model_spec=args.model, device=args.device,
+                     classifier_spec=_optional_model(args.classifier, "auto"),
+                     triage_spec=_optional_model(args.triage, DEFAULTS["triage"]))
+        if batch:
+            return _analyze_batch(args, specs)
+        report = analyze(args.path[0], args.output, series_uid=args.series, window=args.window,
+                         viewer=not args.no_viewer, dicom_seg=args.dicom_seg,
+                         slice_orientation=args.slice_orientation, reader=pending.result, **specs)
+    from covidct.report.json_io import to_json
+
     if args.json:
         print(to_json(report))
         return 0

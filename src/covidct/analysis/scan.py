@@ -137,7 +137,7 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     t0 = time.perf_counter()
     n = vol.n_slices
     if vol.is_hu:
-        lung_res = segment_lungs_hu(vol.array, spacing=vol.spacing, affine=vol.affine)
+        lung_res = segment_lungs_hu(vol.array, spacing=vol.spacing, affine=vol.affine, progress=progress)
         lungs = lung_res.labels
         lung_method = "classical HU threshold (scikit-image/SciPy)"
     else:

@@ -172,15 +172,24 @@ class Triage:
             self._predictor = SegPredictor(model, device=self.device, crop_to_lung=False)
         return self._predictor
 
-    def covid_probability(self, vol, indices: Sequence[int], *, window: str | Window = "model") -> np.ndarray:
-        """The classifier's own COVID probability (before the shift) of slices ``indices`` of ``vol``."""
+    def covid_probability(self, vol, indices: Sequence[int], *, window: str | Window = "model",
+                          progress: bool = False) -> np.ndarray:
+        """The classifier's own COVID probability (before the shift) of slices ``indices`` of ``vol``;
+        ``progress``: a streamed ensemble shows a bar over its members."""
         from covidct.engine.evaluate_cls import predict_probabilities
 
         if not indices:
             return np.zeros(0)
         model = self.classifier
         images = [classifier_input(vol.array[k], is_hu=vol.is_hu, window=window) for k in indices]
-        return predict_probabilities(model, images, temperature=self.temperature)[:, 1]
+        shows_members = hasattr(model, "progress")
+        if shows_members:
+            model.progress, model.desc = progress, "triage"
+        try:
+            return predict_probabilities(model, images, temperature=self.temperature)[:, 1]
+        finally:
+            if shows_members:
+                model.progress = False
 
 
 def is_triage_model(spec: str | Path) -> bool:
@@ -245,7 +254,7 @@ class VolumeScores:
 
 
 def score_volume(triage: Triage, vol, *, classify: str = "top", window: str | Window = "model",
-                 result: ScanResult | None = None) -> VolumeScores:
+                 result: ScanResult | None = None, progress: bool = False) -> VolumeScores:
     """Analyse a volume with a pixel spacing once (lungs, lesions; HU slices through ``window``; or take
     ``analyze``'s ``result``) and run the classifier (through the window its shift was fitted with) on
     ``classify="top"``: the :data:`TOP_K` largest-lesion slices (what the scan's ``q`` needs; also under the
@@ -264,7 +273,7 @@ def score_volume(triage: Triage, vol, *, classify: str = "top", window: str | Wi
         run = top
     else:
         raise ValueError(f"classify must be 'top' or 'lesions', not {classify!r}")
-    p = triage.covid_probability(vol, run, window=triage.config.window)
+    p = triage.covid_probability(vol, run, window=triage.config.window, progress=progress)
     return VolumeScores(g=g, p=dict(zip(run, p.tolist())), top=top, percent_opacity=burden)
 
 
@@ -389,14 +398,14 @@ def fit_triage(data: str | Path, output: str | Path, *, classifier: str | Path |
     return {"output": str(output), **metrics}
 
 
-def triage_scan(triage: Triage, vol, result: ScanResult) -> dict[str, Any]:
+def triage_scan(triage: Triage, vol, result: ScanResult, *, progress: bool = False) -> dict[str, Any]:
     """The scan-level 3-class answer for an analysed volume (``analyze``), and 3-class probabilities of
     every slice (``slice_probabilities``: the slice's own ``g`` and the scan's ``q`` — one patient, one
     kind of pneumonia). The classifier runs on the :data:`TOP_K` slices with the largest lesion area only
     (their own ``q`` is reported too), also when the burden is under the threshold: the answer is then
     Control, but the scan's slices with lesions are still split between the two pneumonias by its ``q``."""
     cfg = triage.config
-    scores = score_volume(triage, vol, classify="top", result=result)
+    scores = score_volume(triage, vol, classify="top", result=result, progress=progress)
     q = scores.covid_given_lesion(cfg.covid_logit_shift)
     answer = scan_answer(result.slices, q, scores.percent_opacity, top_k=cfg.top_k,
                          min_burden_percent=cfg.min_burden_percent, top=scores.top)

@@ -33,7 +33,7 @@ def _looks_dicom(path: Path) -> bool:
 
 
 def read(path: str | Path, *, series_uid: str | None = None, require_ct: bool = True,
-         largest_series: bool = False) -> Volume:
+         largest_series: bool = False, progress: bool = False) -> Volume:
     """Read any supported input, deciding by what it is.
 
     * folder with DICOM files -> :func:`read_dicom_series`; folder of images -> :func:`read_image_folder`
@@ -41,6 +41,8 @@ def read(path: str | Path, *, series_uid: str | None = None, require_ct: bool = 
     * DICOM file (by extension or ``DICM`` preamble) -> :func:`read_dicom_file`
     * ``.zip`` -> unpacked (:mod:`covidct.io.archive`), then the folder or the one file it holds as above
     * anything else -> :func:`read_image` (decoded by content)
+
+    ``progress``: a bar over the slices of a DICOM series as they are decoded.
     """
     path = Path(path)
     if not path.exists():
@@ -48,7 +50,8 @@ def read(path: str | Path, *, series_uid: str | None = None, require_ct: bool = 
     if is_zip(path):
         inner = unpacked(path)
         try:
-            volume = read(inner, series_uid=series_uid, require_ct=require_ct, largest_series=largest_series)
+            volume = read(inner, series_uid=series_uid, require_ct=require_ct, largest_series=largest_series,
+                          progress=progress)
         except InputError as exc:  # name the archive (and the member at fault), not the temporary folder
             member = member_name(path, exc.path) if exc.path else None
             raise InputError(path, exc.reason if member is None else f"{member}: {exc.reason}") from None
@@ -59,7 +62,8 @@ def read(path: str | Path, *, series_uid: str | None = None, require_ct: bool = 
             raise InputError(path, "folder is empty")
         if list_images(path) and not any(_looks_dicom(p) for p in path.iterdir() if p.is_file()):
             return read_image_folder(path)
-        return read_dicom_series(path, series_uid=series_uid, require_ct=require_ct, largest_series=largest_series)
+        return read_dicom_series(path, series_uid=series_uid, require_ct=require_ct, largest_series=largest_series,
+                                 progress=progress)
     if path.stat().st_size == 0:
         raise InputError(path, "file is empty")
     if is_nifti(path):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from covidct.errors import InputError
 from covidct.io.volume import Volume
@@ -50,6 +51,31 @@ def _check_ct(ds: Any, path: Path, require_ct: bool) -> None:
         raise InputError(path, f"modality is {modality}, not CT")
 
 
+#: Transfer syntaxes whose frames are JPEG, JPEG-LS, JPEG 2000 or HTJ2K codestreams: each ends with the
+#: marker FFD9 (end of image / end of codestream), which a truncated stream lacks.
+_CODESTREAMS_ENDING_FFD9 = frozenset(f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 57, 70, 80, 81, 90, 91, 92, 93,
+                                                                          201, 202, 203))
+
+
+def _check_codestream_end(path: Path, ds: Any) -> None:
+    """A single-frame JPEG-family image whose compressed stream stops before its end marker is refused:
+    the decoders fill the missing part of such a slice with a constant instead of failing."""
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
+    if syntax not in _CODESTREAMS_ENDING_FFD9 or "PixelData" not in ds or _n_frames(ds) > 1:
+        return
+    from pydicom.encaps import generate_fragments
+
+    try:
+        last = b""
+        for fragment in generate_fragments(ds.PixelData):
+            last = fragment or last
+    except Exception as exc:  # noqa: BLE001 - malformed encapsulation: say so
+        raise InputError(path, f"malformed compressed pixel data ({type(exc).__name__}: {exc})") from None
+    if not last.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        raise InputError(path, "compressed pixel data ends before its end-of-image marker (a truncated or "
+                               "damaged file)")
+
+
 def _pixels_hu(path: Path, ds: Any | None = None) -> tuple[np.ndarray, Any]:
     """Decode one file's pixels (from ``ds`` when already parsed) and apply the modality LUT
     (-> HU for CT)."""
@@ -63,6 +89,7 @@ def _pixels_hu(path: Path, ds: Any | None = None) -> tuple[np.ndarray, Any]:
             raise InputError(path, f"unreadable DICOM file ({type(exc).__name__}: {exc})") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise InputError(path, "DICOM file has no pixel data")
+    _check_codestream_end(path, ds)
     try:
         raw = ds.pixel_array
     except Exception as exc:
@@ -350,13 +377,14 @@ def _sort_key_factory(normal: np.ndarray):
 
 
 def read_dicom_series(
-    folder: str | Path, *, series_uid: str | None = None, require_ct: bool = True, largest_series: bool = False
+    folder: str | Path, *, series_uid: str | None = None, require_ct: bool = True, largest_series: bool = False,
+    progress: bool = False,
 ) -> Volume:
     """Read a folder holding one DICOM series into a ``(slices, rows, columns)`` HU volume.
 
     A folder with several series needs ``series_uid``, or ``largest_series=True`` to take the axial one
     with the most images (``metadata["series_available"]`` then lists them all); mixed sizes or
-    orientations inside one series are rejected.
+    orientations inside one series are rejected. ``progress``: a bar over the slices as they are decoded.
     """
     folder = Path(folder)
     groups, skipped = scan_series(folder)
@@ -428,8 +456,16 @@ def read_dicom_series(
         volume[i] = _pixels_hu(path, ds)[0]
         _release_pixels(ds)
 
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        list(pool.map(decode, range(len(items))))
+    bar = tqdm(total=len(items), desc="reading", unit="slice", disable=not progress)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+            for _ in pool.map(decode, range(len(items))):
+                bar.update()
+    except BaseException:
+        bar.leave = False   # a bad slice: the bar clears itself and the error line stands alone
+        raise
+    finally:
+        bar.close()
     meta = _metadata(first)
     if slice_positions_note:
         meta["slice_positions"] = slice_positions_note

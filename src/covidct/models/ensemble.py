@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from covidct.models.base import SavedConfig
 
@@ -97,13 +98,15 @@ class StreamedEnsemble(nn.Module):
     probabilities and drops it before the next, so memory holds one member (and one Mask-Net front
     shared by the Mask-Net members of the pass) instead of all of them. Same result as
     :class:`ClassifierEnsemble` run through :func:`covidct.engine.evaluate_cls.predict_probabilities`
-    (members channels-last); every call reads every member file again."""
+    (members channels-last); every call reads every member file again. ``progress``: each forward pass
+    shows a bar over the members (``desc`` names it)."""
 
     weights_from_members = True
 
     def __init__(self, config: EnsembleConfig, *, fold_bn: bool = False) -> None:
         super().__init__()
         self.config, self.fold_bn = config, fold_bn
+        self.progress, self.desc = False, "classifier"
         # a member file that changed is an error now, before the caller's work, not in the middle of it
         for spec, checksum in zip(config.members, config.checksums):
             check_member_file(spec, checksum)
@@ -112,7 +115,8 @@ class StreamedEnsemble(nn.Module):
         views = [x, torch.flip(x, dims=[3])] if self.config.tta else [x]
         probs: list[list[torch.Tensor]] = [[] for _ in views]
         leaders: list[tuple[nn.Module, list[tuple]]] = []  # Mask-Net members whose front this pass reuses
-        for spec, checksum in zip(self.config.members, self.config.checksums):
+        members = list(zip(self.config.members, self.config.checksums))
+        for spec, checksum in tqdm(members, desc=self.desc, unit="model", disable=not self.progress):
             with torch.inference_mode(False):  # a normal module, also when called under inference mode
                 member, t = load_member(spec, checksum, self.config.classes)
                 if self.fold_bn:

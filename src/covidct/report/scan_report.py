@@ -6,10 +6,12 @@ import base64
 import html
 import io
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from covidct import DISCLAIMER, __version__
 from covidct.analysis.scan import ScanResult, analyze_volume, classify_slices, model_turns
@@ -238,14 +240,14 @@ def _add_classifier(result: ScanResult, vol: Volume, loaded: tuple[Any, dict, di
     }
 
 
-def _add_triage(result: ScanResult, vol: Volume, triage, models: list[dict]) -> None:
+def _add_triage(result: ScanResult, vol: Volume, triage, models: list[dict], *, progress: bool = False) -> None:
     """The 3-class answer of a triage model becomes ``result.diagnosis``'s label and probabilities; the
     lesion-only answer stays as ``lesion_finding``."""
     from covidct.analysis.triage import triage_scan
     from covidct.models.checkpoint import file_sha256
 
     t0 = time.perf_counter()
-    answer = triage_scan(triage, vol, result)
+    answer = triage_scan(triage, vol, result, progress=progress)
     models.append({"name": triage.name, "task": "triage", "sha256": file_sha256(triage.path),
                    "classifier": triage.config.classifier})
     d = result.diagnosis
@@ -299,7 +301,8 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
             device: str = "cpu", series_uid: str | None = None, window: str = "model",
             classifier_spec: str | Path | None = "auto", viewer: bool = True,
             triage_spec: str | Path | None = DEFAULTS["triage"], models: ScanModels | None = None,
-            dicom_seg: bool = False, slice_orientation: str = "training") -> dict[str, Any]:
+            dicom_seg: bool = False, slice_orientation: str = "training",
+            reader: Callable[[], Volume] | None = None) -> dict[str, Any]:
     """Analyse one scan and write every output into ``outdir``; returns the report dict. HU slices
     reach the model through ``window`` (a preset of :mod:`covidct.io.window` or ``"L,W"``).
     ``triage_spec`` (``None``: none) gives the 3-class patient answer and every slice's 3-class
@@ -312,13 +315,20 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
     ``dicom_seg``: also ``lesions.seg.dcm`` and ``lungs.seg.dcm``, DICOM Segmentations of the lesions and the
     lungs referencing the source images (DICOM inputs; :mod:`covidct.io.dicom_seg`). ``slice_orientation``:
     ``"training"`` turns the slices of a DICOM / NIfTI volume into the segmentation training slices'
-    orientation on their way into the model (:mod:`covidct.analysis.scan`), ``"working"`` gives them as read."""
+    orientation on their way into the model (:mod:`covidct.analysis.scan`), ``"working"`` gives them as read.
+    ``reader``: gives the volume of ``path`` (instead of reading it here), e.g. the ``result`` of a
+    :class:`covidct.io.read_ahead.ReadAhead` started earlier; the segmentation model is loaded before it is
+    called, so that the two overlap."""
     if models is None:
         models = ScanModels(model_spec, device=device, classifier_spec=classifier_spec, triage_spec=triage_spec)
     t0 = time.perf_counter()
     # a folder of several series: take the one with the most slices (one header scan), and say so
     hu_window = get_window(window)
-    vol = read(path, series_uid=series_uid, largest_series=True)
+    if reader is not None:
+        models.predictor   # load the segmentation model while the scan is read elsewhere
+        vol = reader()
+    else:
+        vol = read(path, series_uid=series_uid, largest_series=True, progress=progress)
     series_note = None
     if "series_available" in vol.metadata and series_uid is None:
         series_note = {"series_chosen": vol.metadata["series_uid"], "series_available": vol.metadata["series_available"]}
@@ -332,7 +342,7 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
     if classifier_spec:
         _add_classifier(result, vol, models.classifier(classifier_spec), used, window=hu_window, progress=progress)
     if triage_runs:
-        _add_triage(result, vol, models.triage(), used)
+        _add_triage(result, vol, models.triage(), used, progress=progress)
     report = build_report(vol, result, used, time.perf_counter() - t0)
     if vol.is_hu:
         report["input"]["model_window"] = {"level": hu_window.level, "width": hu_window.width}
@@ -344,26 +354,35 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
 
     outdir = Path(outdir)
     (outdir / "overlays").mkdir(parents=True, exist_ok=True)
-    write_nifti(result.lesions, vol, outdir / "lesions.nii.gz")
-    write_nifti(result.lungs, vol, outdir / "lungs.nii.gz")
-    if dicom_seg:
-        report["dicom_seg"] = _write_dicom_seg(result, vol, outdir)
     order = np.argsort([-s["lesion_percent"] for s in result.slices])[:N_OVERLAYS]
     order = [int(k) for k in order if result.slices[k]["lesion_percent"] > 0] or [vol.n_slices // 2]
-    overlays = []
-    for k in sorted(order):
-        grey = to_model_input(vol.array[k], is_hu=vol.is_hu, window="lung")  # display: the usual lung window
-        pic = with_legend(overlay_rgb(grey, result.lesions[k], result.lungs[k] > 0),
-                          title=f"slice {k}: lesions {result.slices[k]['lesion_percent']:.1f}% of lung")
-        save_png(pic, outdir / "overlays" / f"slice_{k:04d}.png")
-        overlays.append((k, _png_bytes(pic)))
-    if viewer:
-        t1 = time.perf_counter()
-        write_viewer(outdir / "viewer.html",
-                     lambda k: to_model_input(vol.array[k], is_hu=vol.is_hu, window="lung"), result.lesions,
-                     result.lungs, result.slices, spacing=vol.spacing, title=f"covidct viewer: {Path(str(vol.source)).name}")
-        report["timings"]["viewer_s"] = round(time.perf_counter() - t1, 2)
-    report["seconds"] = round(time.perf_counter() - t0, 2)
-    write_json(report, outdir / "report.json")
-    write_bytes_atomic(_html(report, overlays, _slice_chart(result.slices)).encode("utf-8"), outdir / "report.html")
+    n_files = 2 + (1 if dicom_seg else 0) + len(order) + (1 if viewer else 0) + 2
+    with tqdm(total=n_files, desc="writing", unit="file", disable=not progress) as bar:
+        write_nifti(result.lesions, vol, outdir / "lesions.nii.gz")
+        write_nifti(result.lungs, vol, outdir / "lungs.nii.gz")
+        bar.update(2)
+        if dicom_seg:
+            report["dicom_seg"] = _write_dicom_seg(result, vol, outdir)
+            bar.update()
+        overlays = []
+        for k in sorted(order):
+            grey = to_model_input(vol.array[k], is_hu=vol.is_hu, window="lung")  # display: the usual lung window
+            pic = with_legend(overlay_rgb(grey, result.lesions[k], result.lungs[k] > 0),
+                              title=f"slice {k}: lesions {result.slices[k]['lesion_percent']:.1f}% of lung")
+            save_png(pic, outdir / "overlays" / f"slice_{k:04d}.png")
+            overlays.append((k, _png_bytes(pic)))
+            bar.update()
+        if viewer:
+            t1 = time.perf_counter()
+            write_viewer(outdir / "viewer.html",
+                         lambda k: to_model_input(vol.array[k], is_hu=vol.is_hu, window="lung"), result.lesions,
+                         result.lungs, result.slices, spacing=vol.spacing,
+                         title=f"covidct viewer: {Path(str(vol.source)).name}")
+            report["timings"]["viewer_s"] = round(time.perf_counter() - t1, 2)
+            bar.update()
+        report["seconds"] = round(time.perf_counter() - t0, 2)
+        write_json(report, outdir / "report.json")
+        write_bytes_atomic(_html(report, overlays, _slice_chart(result.slices)).encode("utf-8"),
+                           outdir / "report.html")
+        bar.update(2)
     return report

@@ -1,0 +1,101 @@
+"""Read a scan in a separate process while the caller does something else.
+
+``covidct analyze`` spends its first seconds importing PyTorch and loading the segmentation model, and the
+same seconds again decoding the scan (JPEG-Lossless DICOM decoding holds Python's GIL, so a thread would not
+overlap with the imports; a process does). :class:`ReadAhead` starts :func:`covidct.io.read` in a fresh
+interpreter (``spawn``: nothing of the caller's state, PyTorch included, is copied into it) and hands the
+:class:`~covidct.io.volume.Volume` back when asked; an input error comes back as the same one-line
+:class:`~covidct.errors.InputError`. If the helper process cannot start or dies, the scan is read in the
+calling process instead, so the result never depends on the helper. Zip archives are always read in the
+calling process (their members are unpacked into a folder that lives as long as the process that unpacked
+them).
+
+As with every ``spawn`` start, a script that uses this at import time needs the usual
+``if __name__ == "__main__":`` guard; the command line has it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+from typing import Any
+
+from covidct.errors import CovidctError, InputError
+from covidct.io.archive import is_zip
+from covidct.io.volume import Volume
+
+
+def _read_in_child(conn, path: str, kwargs: dict[str, Any]) -> None:
+    """The helper process: read, send ``("ok", volume)`` or ``("error", path, reason)``, exit."""
+    from covidct.io import read
+
+    try:
+        message: tuple = ("ok", read(path, **kwargs))
+    except CovidctError as exc:
+        message = ("error", exc.path, exc.reason)
+    except Exception as exc:  # noqa: BLE001 - an unexpected failure: the caller reads again by itself
+        message = ("failed", f"{type(exc).__name__}: {exc}")
+    try:
+        conn.send(message)
+    finally:
+        conn.close()
+
+
+class ReadAhead:
+    """``covidct.io.read(path, **kwargs)`` started now in a helper process; :meth:`result` waits for
+    it. A missing path is an :class:`InputError` at once."""
+
+    def __init__(self, path: str | Path, **kwargs: Any) -> None:
+        self.path, self.kwargs = Path(path), kwargs
+        if not self.path.exists():
+            raise InputError(self.path, "no such file or folder")
+        self._process = self._conn = None
+        self.in_background = False
+        if is_zip(self.path):
+            return
+        try:
+            ctx = multiprocessing.get_context("spawn")
+            self._conn, child_end = ctx.Pipe(duplex=False)
+            process = ctx.Process(target=_read_in_child, args=(child_end, str(self.path), kwargs),
+                                  name="covidct-read-ahead", daemon=True)
+            process.start()
+            child_end.close()
+            self._process, self.in_background = process, True
+        except (OSError, RuntimeError):   # no process could be started: read when asked
+            self.close()
+
+    def result(self) -> Volume:
+        """The volume (read here if the helper process is absent or failed); input errors re-raised."""
+        message = None
+        if self.in_background:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):    # the helper died (killed, out of memory)
+                message = None
+            finally:
+                self.close()
+        if message is not None and message[0] == "ok":
+            return message[1]
+        if message is not None and message[0] == "error":
+            raise InputError(message[1], message[2])
+        from covidct.io import read
+
+        return read(self.path, **self.kwargs)
+
+    def close(self) -> None:
+        """Stop the helper process (if still running) and release the pipe; safe to call twice."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._process is not None:
+            if self._process.is_alive():
+                self._process.terminate()
+            self._process.join()
+            self._process = None
+        self.in_background = False
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
