@@ -30,7 +30,7 @@ def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec
 
     from covidct.analysis.scan import analyze_volume, model_turns
 
-    volumes = [read(p) for p in paths]
+    volumes = [read(p, progress=progress) for p in paths]
     model, payload = load_seg_model(model_spec)
     predictor = SegPredictor(model)  # slices framed unlike the training slices get a lung-cropped pass
     framed = SegPredictor(model, crop_to_lung=False)
@@ -115,7 +115,7 @@ def classify_paths(paths: list[str | Path], *, model_spec: str | Path | None = N
     from covidct.engine.evaluate_cls import predict_probabilities
     from covidct.models.registry import load_cls_model
 
-    volumes = [read(p) for p in paths]
+    volumes = [read(p, progress=progress) for p in paths]
     if model_spec is not None and is_triage_model(model_spec):
         return _classify_with_triage(volumes, model_spec, progress=progress)
     model, payload = load_cls_model(model_spec, fold_bn=True)
