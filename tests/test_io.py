@@ -602,3 +602,19 @@ def test_a_truncated_compressed_slice_is_refused_not_decoded_half(tmp_path, capf
     assert lines == [f"covidct: error: {paths[2]}: compressed pixel data ends before its end-of-image marker "
                      "(a truncated or damaged file)"]
     assert not (tmp_path / "out").exists() and paths[2].read_bytes() == before
+
+
+def test_a_command_that_fails_while_the_scan_is_read_ahead_prints_only_its_error(tmp_path, capfd):
+    """The helper is stopped; its progress bar clears its line and it leaves nothing behind (no
+    multiprocessing warning), so the error line stands alone in a terminal."""
+    from covidct.cli import main
+
+    write_ct_series(tmp_path / "s", phantom_hu(40, 128))
+    capfd.readouterr()
+    assert main(["analyze", str(tmp_path / "s"), "-o", str(tmp_path / "out"), "--model", str(tmp_path / "none.pt")]) == 2
+    err = capfd.readouterr().err
+    shown = [line.rsplit("\r", 1)[-1].strip() for line in err.strip().split("\n")]   # what a terminal shows
+    # the read may have finished first (its bar then stands complete); a bar stopped half-way is cleared
+    shown = [line for line in shown if line and not line.startswith("reading: 100%")]
+    assert len(shown) == 1 and shown[0].startswith(f"covidct: error: {tmp_path / 'none.pt'}: no such model file")
+    assert "Warning" not in err and not (tmp_path / "out").exists()

@@ -459,10 +459,14 @@ def read_dicom_series(
     bar = tqdm(total=len(items), desc="reading", unit="slice", disable=not progress)
     try:
         with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-            for _ in pool.map(decode, range(len(items))):
-                bar.update()
+            try:
+                for _ in pool.map(decode, range(len(items))):
+                    bar.update()
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)   # no more slices after a bad one (or a stop)
+                raise
     except BaseException:
-        bar.leave = False   # a bad slice: the bar clears itself and the error line stands alone
+        bar.leave = False   # a bad slice or a stop: the bar clears itself and the error line stands alone
         raise
     finally:
         bar.close()

@@ -17,8 +17,11 @@ As with every ``spawn`` start, a script that uses this at import time needs the 
 from __future__ import annotations
 
 import multiprocessing
+import os
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from covidct.errors import CovidctError, InputError
 from covidct.io.archive import is_zip
@@ -26,19 +29,53 @@ from covidct.io.volume import Volume
 
 
 def _read_in_child(conn, path: str, kwargs: dict[str, Any]) -> None:
-    """The helper process: read, send ``("ok", volume)`` or ``("error", path, reason)``, exit."""
+    """The helper process: read; send ``("ok", volume without its array, shape, dtype)`` and then the
+    array's raw bytes down the same pipe (the caller reads them straight into its array: no pickled copy
+    on either side), or ``("error", path, reason)``; exit."""
+    import signal
+    import threading
+
+    from tqdm import tqdm
+
     from covidct.io import read
 
+    # a stop from the caller ends the read like an error: progress bars clear their line on the way out
+    signal.signal(signal.SIGTERM, _stop)
+    # tqdm's default lock is a multiprocessing semaphore, which a stopped helper would leave behind
+    tqdm.set_lock(threading.RLock())
+    array = None
     try:
-        message: tuple = ("ok", read(path, **kwargs))
+        volume = read(path, **kwargs)
+        array, volume.array = np.ascontiguousarray(volume.array), None
+        message: tuple = ("ok", volume, array.shape, array.dtype.str)
     except CovidctError as exc:
         message = ("error", exc.path, exc.reason)
     except Exception as exc:  # noqa: BLE001 - an unexpected failure: the caller reads again by itself
         message = ("failed", f"{type(exc).__name__}: {exc}")
     try:
         conn.send(message)
+        if array is not None:
+            _write_all(conn.fileno(), memoryview(array).cast("B"))
     finally:
         conn.close()
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(1)
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _read_all(fd: int, view: memoryview) -> None:
+    """Fill ``view`` from the pipe ``fd``; ``EOFError`` if the writer stops before it is full."""
+    while view:
+        n = os.readv(fd, [view])
+        if n == 0:
+            raise EOFError("the helper process stopped before sending the whole volume")
+        view = view[n:]
 
 
 class ReadAhead:
@@ -70,10 +107,15 @@ class ReadAhead:
         if self.in_background:
             try:
                 message = self._conn.recv()
+                if message[0] == "ok":
+                    volume, shape, dtype = message[1:]
+                    volume.array = np.empty(shape, np.dtype(dtype))
+                    _read_all(self._conn.fileno(), memoryview(volume.array).cast("B"))
+                    message = ("ok", volume)
             except (EOFError, OSError):    # the helper died (killed, out of memory)
                 message = None
             finally:
-                self.close()
+                self.close(wait=True)
         if message is not None and message[0] == "ok":
             return message[1]
         if message is not None and message[0] == "error":
@@ -82,14 +124,21 @@ class ReadAhead:
 
         return read(self.path, **self.kwargs)
 
-    def close(self) -> None:
-        """Stop the helper process (if still running) and release the pipe; safe to call twice."""
+    def close(self, *, wait: bool = False) -> None:
+        """Release the pipe and stop the helper process; ``wait``: first give it a few seconds to exit by
+        itself (after it has sent the volume: a helper stopped while exiting leaves its semaphores to
+        multiprocessing's resource tracker, which then warns). Safe to call twice."""
         if self._conn is not None:
             self._conn.close()
             self._conn = None
         if self._process is not None:
+            if wait:
+                self._process.join(timeout=10)
             if self._process.is_alive():
-                self._process.terminate()
+                self._process.terminate()       # SIGTERM: the helper stops its read and exits
+                self._process.join(timeout=5)
+            if self._process.is_alive():
+                self._process.kill()
             self._process.join()
             self._process = None
         self.in_background = False
