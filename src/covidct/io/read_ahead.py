@@ -54,7 +54,7 @@ def _read_in_child(conn, path: str, kwargs: dict[str, Any]) -> None:
         message = ("failed", f"{type(exc).__name__}: {exc}")
     try:
         conn.send(message)
-        if array is not None:
+        if array is not None and array.size:
             _write_all(conn.fileno(), memoryview(array).cast("B"))
     finally:
         conn.close()
@@ -110,7 +110,8 @@ class ReadAhead:
                 if message[0] == "ok":
                     volume, shape, dtype = message[1:]
                     volume.array = np.empty(shape, np.dtype(dtype))
-                    _read_all(self._conn.fileno(), memoryview(volume.array).cast("B"))
+                    if volume.array.size:
+                        _read_all(self._conn.fileno(), memoryview(volume.array).cast("B"))
                     message = ("ok", volume)
             except (EOFError, OSError):    # the helper died (killed, out of memory)
                 message = None
