@@ -510,8 +510,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CovidctError(None, f"--window: {exc}") from None
     batch = len(args.path) > 1 or args.series == "all"
-    # one scan: read it in a helper process while PyTorch and the models load here (benchmarks/RESULTS.md)
-    with ReadAhead(args.path[0], series_uid=args.series, largest_series=True, progress=True) if not batch else nullcontext() as pending:
+    # one scan: read it in a helper process while PyTorch and the models load here (benchmarks/RESULTS.md;
+    # in a batch the helper would compete with the analysis for the cores: no gain, measured)
+    pending = None if batch else ReadAhead(args.path[0], series_uid=args.series, largest_series=True, progress=True)
+    with pending or nullcontext():
         from covidct.models.registry import DEFAULTS
         from covidct.report.scan_report import analyze
 
