@@ -618,3 +618,20 @@ def test_a_command_that_fails_while_the_scan_is_read_ahead_prints_only_its_error
     shown = [line for line in shown if line and not line.startswith("reading: 100%")]
     assert len(shown) == 1 and shown[0].startswith(f"covidct: error: {tmp_path / 'none.pt'}: no such model file")
     assert "Warning" not in err and not (tmp_path / "out").exists()
+
+
+def test_a_compressed_slice_file_cut_short_is_named_not_skipped(tmp_path, capsys):
+    """A file cut short inside its encapsulated pixel data parses as an empty dataset (pydicom only warns):
+    it used to be skipped like a non-DICOM file, leaving a gap in the series; now the series' read names it."""
+    from covidct.cli import main
+
+    paths = write_ct_series(tmp_path / "s", phantom_hu(5, 32), compress="1.2.840.10008.1.2.4.80")
+    whole = paths[2].read_bytes()
+    paths[2].write_bytes(whole[: len(whole) - 40])
+    for target in (tmp_path / "s", paths[2]):
+        with pytest.raises(InputError, match="truncated DICOM file") as info:
+            read(target)
+        assert info.value.path == str(paths[2])
+        assert main(["info", str(target)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(paths[2]) in err and "ends inside its pixel data" in err

@@ -35,10 +35,23 @@ def _pydicom():
 
 def read_header(path: Path) -> Any:
     """The dataset of a DICOM file, its pixel data deferred (read from the file only when used);
-    ``InputError`` if it is not DICOM."""
+    ``InputError`` if it is not DICOM. A file cut short inside compressed pixel data parses as an empty
+    dataset (pydicom only warns): its header is read without the pixels and marked ``covidct_damaged``,
+    so that it stays in its series and reading that series names it (:func:`_pixels_hu`) instead of
+    leaving a silent gap."""
+    import warnings
+
     pydicom = _pydicom()
     try:
-        return pydicom.dcmread(str(path), defer_size="64 KB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)   # "End of file reached before delimiter": see below
+            ds = pydicom.dcmread(str(path), defer_size="64 KB")
+            if len(ds) == 0:
+                header = pydicom.dcmread(str(path), stop_before_pixels=True)
+                if len(header):
+                    header.covidct_damaged = "truncated DICOM file: it ends inside its pixel data"
+                    return header
+        return ds
     except pydicom.errors.InvalidDicomError:
         raise InputError(path, "not a DICOM file (no DICM preamble)") from None
     except Exception as exc:  # truncated files raise many kinds of errors
@@ -87,6 +100,8 @@ def _pixels_hu(path: Path, ds: Any | None = None) -> tuple[np.ndarray, Any]:
             ds = pydicom.dcmread(str(path))
         except Exception as exc:
             raise InputError(path, f"unreadable DICOM file ({type(exc).__name__}: {exc})") from None
+    if getattr(ds, "covidct_damaged", None):
+        raise InputError(path, ds.covidct_damaged)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise InputError(path, "DICOM file has no pixel data")
     _check_codestream_end(path, ds)
@@ -275,6 +290,8 @@ def read_dicom_file(path: str | Path, *, require_ct: bool = True) -> Volume:
     through :func:`read_dicom_multiframe`."""
     path = Path(path)
     header = read_header(path)
+    if getattr(header, "covidct_damaged", None):
+        raise InputError(path, header.covidct_damaged)
     if _n_frames(header) > 1:
         return read_dicom_multiframe(path, require_ct=require_ct, header=header)
     _check_ct(header, path, require_ct)
