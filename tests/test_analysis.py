@@ -78,6 +78,30 @@ def test_severity_bins_and_burden():
     assert b["severity_score"] == 6
 
 
+def test_burden_counted_a_few_slices_at_a_time_matches_whole_volume_counts():
+    """``lesion_burden`` counts in chunks of slices (bounded memory); every number must be the plain
+    whole-volume count."""
+    rng = np.random.default_rng(5)
+    sides = rng.integers(0, 3, (40, 24, 24)).astype(np.uint8)      # more slices than one chunk
+    lesions = rng.integers(0, 4, sides.shape).astype(np.uint8)
+    hu = rng.uniform(-1000, 100, sides.shape).astype(np.float32)
+    zones = zone_index(sides)
+    b = lesion_burden(lesions, sides, zones, voxel_ml=1.0, hu=hu)
+    lung = sides > 0
+    assert b["lung_voxels"] == int(lung.sum())
+    for name, value in (("ggo", 1), ("consolidation", 2)):
+        assert b["lesions"][name]["voxels"] == int(((lesions == value) & lung).sum())
+    assert b["lesions"]["effusion"]["voxels"] == int((lesions == 3).sum())
+    infected = np.isin(lesions, (1, 2)) & lung
+    assert b["percent_high_opacity"] == pytest.approx(100 * int((infected & (hu > -200)).sum()) / int(lung.sum()),
+                                                      abs=1e-4)
+    for side, name in ((RIGHT, "right"), (LEFT, "left")):
+        for z, zone in enumerate(("upper", "middle", "lower")):
+            here = (sides == side) & (zones == z)
+            assert b["zones"][f"{name}_{zone}"]["percent_involved"] == pytest.approx(
+                100 * int((infected & here).sum()) / int(here.sum()), abs=1e-4)
+
+
 def _check_outputs(out, vol, report):
     for name in ("lesions.nii.gz", "lungs.nii.gz"):
         img = nib.load(out / name)
@@ -414,6 +438,13 @@ def test_small_lesion_components_are_dropped_in_3d():
     assert 0 < int((expected > 0).sum()) < int((lesions > 0).sum())  # some components go, some stay
     _drop_small_lesions(lesions, None, voxel_ml)
     assert np.array_equal(lesions, expected)
+    # more components than 16-bit labels hold (labelled again in 32 bits): every isolated voxel goes
+    speckle = np.zeros((1, 600, 600), np.uint8)
+    speckle[0, ::2, ::2] = 1                        # 90,000 one-voxel components
+    speckle[0, :44, :44] = 0
+    speckle[0, :40, :40] = 2                        # and one large one, apart from them, that stays
+    _drop_small_lesions(speckle, None, voxel_ml)
+    assert int((speckle > 0).sum()) == 40 * 40 and (speckle[0, :40, :40] == 2).all()
 
 
 def test_analyze_several_scans_and_every_series(tmp_path, tiny_seg_model, capsys, monkeypatch):

@@ -180,19 +180,16 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
 
     zones = zone_index(lungs)
     burden = lesion_burden(lesions, lungs, zones, voxel_ml=vol.voxel_volume_ml(), hu=vol.array if vol.is_hu else None)
-    infected = np.isin(lesions, (1, 2)) & (lungs > 0)
-    areas = infected.sum(axis=(1, 2)) * px_mm
-    lung_px = (lungs > 0).sum(axis=(1, 2))
+    lung_px, ggo_px, cons_px = _per_slice_counts(lesions, lungs)
+    infected_px = ggo_px + cons_px
+    areas = infected_px * px_mm
     probs = slice_infection_probability(areas)
-    in_lung = lungs > 0
-    ggo_px = ((lesions == 1) & in_lung).sum(axis=(1, 2))
-    cons_px = ((lesions == 2) & in_lung).sum(axis=(1, 2))
 
     def pct(px: int, k: int) -> float:
         return round(100.0 * float(px) / lung_px[k], 4) if lung_px[k] else 0.0
 
     slices = [{"index": int(k), "infection_probability": round(float(probs[k]), 6),
-               "lesion_percent": pct(infected[k].sum(), k), "ggo_percent": pct(ggo_px[k], k),
+               "lesion_percent": pct(infected_px[k], k), "ggo_percent": pct(ggo_px[k], k),
                "consolidation_percent": pct(cons_px[k], k),
                "lesion_area_mm2": round(float(areas[k]), 2)} for k in range(n)]
     top = np.sort(probs)[::-1][:TOP_K]
@@ -210,6 +207,20 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     coverage = lung_coverage(lungs, px_mm) if vol.kind in ORIENTED_KINDS and vol.spacing and n > 1 and lungs.any() \
         else None
     return ScanResult(lesions, lungs, burden, slices, diagnosis, lung_method, timings, coverage)
+
+
+def _per_slice_counts(lesions: np.ndarray, lungs: np.ndarray, chunk: int = 16) -> tuple[np.ndarray, ...]:
+    """Lung, GGO-in-lung and consolidation-in-lung pixels of every slice, a few slices at a time (whole-volume
+    boolean temporaries would add several hundred MB at the peak of a long scan)."""
+    n = lesions.shape[0]
+    lung_px, ggo_px, cons_px = (np.zeros(n, np.int64) for _ in range(3))
+    for start in range(0, n, chunk):
+        part = slice(start, start + chunk)
+        in_lung = lungs[part] > 0
+        lung_px[part] = in_lung.sum(axis=(1, 2))
+        ggo_px[part] = ((lesions[part] == 1) & in_lung).sum(axis=(1, 2))
+        cons_px[part] = ((lesions[part] == 2) & in_lung).sum(axis=(1, 2))
+    return lung_px, ggo_px, cons_px
 
 
 def model_turns(vol: Volume, model, slice_orientation: str = "training") -> int:
@@ -252,19 +263,26 @@ def _drop_small_lesions(lesions: np.ndarray, lungs: np.ndarray, voxel_ml: float 
     """Remove 3-D lesion components under :data:`MIN_LESION_ML` (in place); they go back to lung."""
     if voxel_ml is None:
         return
-    any_lesion = lesions > 0
-    if not any_lesion.any():
+    # label inside the lesions' bounding box only (the components are the same, the work much smaller), in
+    # 16-bit labels while they suffice (a long scan's peak memory is set here; benchmarks/RESULTS.md)
+    extents = [np.flatnonzero(lesions.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+    if extents[0].size == 0:
         return
-    # label inside the lesions' bounding box only (the components are the same, the work much smaller)
-    box = tuple(slice(int(np.flatnonzero(any_lesion.any(axis=tuple(a for a in range(3) if a != ax)))[0]),
-                      int(np.flatnonzero(any_lesion.any(axis=tuple(a for a in range(3) if a != ax)))[-1]) + 1)
-                for ax in range(3))
-    lab, n = ndimage.label(any_lesion[box])
-    sizes = np.bincount(lab.ravel(), minlength=n + 1)
+    box = tuple(slice(int(e[0]), int(e[-1]) + 1) for e in extents)
+    inside = lesions[box] > 0
+    try:
+        lab, n = ndimage.label(inside, output=np.uint16)
+    except RuntimeError:   # more than 65535 components
+        lab, n = ndimage.label(inside)
+    del inside
+    sizes = np.zeros(n + 1, np.int64)
+    for z in range(0, lab.shape[0], 16):   # bincount takes 8-byte copies of its input: a few slices at a time
+        sizes += np.bincount(lab[z:z + 16].ravel(), minlength=n + 1)
     small = sizes * voxel_ml < MIN_LESION_ML
     small[0] = False
     sub = lesions[box]
-    sub[small[lab]] = 0
+    for z in range(0, lab.shape[0], 16):
+        sub[z:z + 16][small[lab[z:z + 16]]] = 0
 
 
 def _learned_lungs(vol: Volume, predictor: SegPredictor, progress: bool, turns: int = 0) -> np.ndarray:
