@@ -163,6 +163,8 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
         for k, b, pred in zip(ks, boxes, predictor.predict(crops, pixel_mm=pixel_mm)):
             full = np.zeros(vol.shape[1:], np.uint8)
             full[b] = np.rot90(pred.labels, -turns)
+            if not full.any():   # nothing to restrict to the lung region (most slices of most scans)
+                continue
             region = _lesion_region(lungs[k], close_px)
             keep = np.isin(full, (1, 2)) & (region > 0)
             if (full == 3).any():
