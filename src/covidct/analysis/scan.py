@@ -36,7 +36,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from covidct.analysis.lungs import LEFT, RIGHT, segment_lungs_hu, zone_index
-from covidct.analysis.severity import lesion_burden
+from covidct.analysis.severity import SLICE_CHUNK, lesion_burden
 from covidct.engine.infer import SegPredictor
 from covidct.errors import InputError
 from covidct.io.volume import Volume
@@ -211,7 +211,7 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     return ScanResult(lesions, lungs, burden, slices, diagnosis, lung_method, timings, coverage)
 
 
-def _per_slice_counts(lesions: np.ndarray, lungs: np.ndarray, chunk: int = 16) -> tuple[np.ndarray, ...]:
+def _per_slice_counts(lesions: np.ndarray, lungs: np.ndarray, chunk: int = SLICE_CHUNK) -> tuple[np.ndarray, ...]:
     """Lung, GGO-in-lung and consolidation-in-lung pixels of every slice, a few slices at a time (whole-volume
     boolean temporaries would add several hundred MB at the peak of a long scan)."""
     n = lesions.shape[0]
@@ -278,13 +278,13 @@ def _drop_small_lesions(lesions: np.ndarray, lungs: np.ndarray, voxel_ml: float 
         lab, n = ndimage.label(inside)
     del inside
     sizes = np.zeros(n + 1, np.int64)
-    for z in range(0, lab.shape[0], 16):   # bincount takes 8-byte copies of its input: a few slices at a time
-        sizes += np.bincount(lab[z:z + 16].ravel(), minlength=n + 1)
+    for z in range(0, lab.shape[0], SLICE_CHUNK):   # bincount takes 8-byte copies of its input: a few at a time
+        sizes += np.bincount(lab[z:z + SLICE_CHUNK].ravel(), minlength=n + 1)
     small = sizes * voxel_ml < MIN_LESION_ML
     small[0] = False
     sub = lesions[box]
-    for z in range(0, lab.shape[0], 16):
-        sub[z:z + 16][small[lab[z:z + 16]]] = 0
+    for z in range(0, lab.shape[0], SLICE_CHUNK):
+        sub[z:z + SLICE_CHUNK][small[lab[z:z + SLICE_CHUNK]]] = 0
 
 
 def _learned_lungs(vol: Volume, predictor: SegPredictor, progress: bool, turns: int = 0) -> np.ndarray:

@@ -19,8 +19,9 @@ HIGH_OPACITY_HU = -200.0
 ZONE_NAMES = ("upper", "middle", "lower")
 SIDE_NAMES = {RIGHT: "right", LEFT: "left"}
 BINS = (0.0, 5.0, 25.0, 50.0, 75.0)
-#: Slices counted together by :func:`lesion_burden` (bounds its temporary memory).
-_BURDEN_SLICES = 16
+#: Slices processed together by the whole-volume counting steps (here and in :mod:`covidct.analysis.scan`): it
+#: bounds their temporary memory on long scans (benchmarks/RESULTS.md).
+SLICE_CHUNK = 16
 
 
 def involvement_score(percent: float) -> int:
@@ -49,8 +50,8 @@ def lesion_burden(lesions: np.ndarray, lung_sides: np.ndarray, zones: np.ndarray
     # voxel of a long scan at once took 8-byte indices and codes for each (454 MB for 296 slices of 512²)
     counts = np.zeros(2 * 4 * 3, np.int64)
     n_high = n_effusion = 0
-    for start in range(0, lung_sides.shape[0], _BURDEN_SLICES):
-        part = slice(start, start + _BURDEN_SLICES)
+    for start in range(0, lung_sides.shape[0], SLICE_CHUNK):
+        part = slice(start, start + SLICE_CHUNK)
         in_lung = lung_sides[part] > 0
         side = lung_sides[part][in_lung].astype(np.intp) - 1            # 0 right, 1 left
         zone = zones[part][in_lung].astype(np.intp) + 1                 # 0 no zone, 1-3 upper/middle/lower
