@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,10 @@ def main() -> int:
     ap.add_argument("--fraction", type=float, default=0.1)
     ap.add_argument("--margin", type=float, default=0.1)
     args = ap.parse_args()
+    for folder in map(Path, args.folders):
+        if not folder.is_dir():
+            print(f"lung_pieces.py: error: {folder}: no such folder", file=sys.stderr)
+            return 2
     model, _ = load_seg_model(args.model)
     print("folder | second pass | images | with small pieces inside / outside the lung box | their pixels inside / "
           "outside | share of the marked lung area")
