@@ -155,6 +155,32 @@ def test_infection_dice_term_scores_the_union_not_the_type():
 
 
 
+def test_lovasz_overlap_term_follows_the_jaccard_error():
+    from covidct.engine.train_seg import seg_loss
+
+    labels = torch.zeros((1, 8, 8), dtype=torch.long)
+    labels[0, :4] = 1                                          # GGO on the top half
+    lung = torch.zeros((1, 8, 8))
+
+    def logits_for(rows: int) -> torch.Tensor:                 # GGO predicted on the first `rows` rows
+        logits = torch.full((1, 3, 8, 8), -20.0)
+        logits[:, 0] = 20.0
+        logits[0, 0, :rows], logits[0, 1, :rows] = -20.0, 20.0
+        return logits
+
+    def overlap(rows: int, kind: str) -> float:                # the loss minus its cross-entropy
+        logits = logits_for(rows)
+        ce = float(torch.nn.functional.cross_entropy(logits, labels))
+        return float(seg_loss(logits, labels, lung, 3, False, 0.5, overlap=kind)) - ce
+
+    # a perfect map costs nothing; half the lesion missed: GGO Jaccard 1/2, background Jaccard 32/48,
+    # so the Lovász-softmax term (mean over the two present classes) is (1/2 + 1/3) / 2
+    assert overlap(4, "lovasz") == pytest.approx(0.0, abs=1e-4)
+    assert overlap(2, "lovasz") == pytest.approx((1 / 2 + 1 / 3) / 2, abs=1e-3)
+    # the soft Dice term on the same miss (GGO Dice 2/3; consolidation absent: eps / eps = 1)
+    assert overlap(2, "dice") == pytest.approx((1 - (2 * 16 + 1) / (48 + 1)) / 2, abs=1e-3)
+
+
 def test_out_of_fold_pools_each_slice_once(tmp_path, seg_folder):
     from covidct.engine.evaluate_seg import evaluate_out_of_fold
     from covidct.errors import CovidctError
@@ -179,9 +205,10 @@ def test_out_of_fold_pools_each_slice_once(tmp_path, seg_folder):
 def test_kfold_training_validates_on_its_fold(tmp_path, seg_folder, capsys):
     assert main(["train", "seg", "--data", str(seg_folder), "--encoder", "resnet18", "--random-init",
                  "--input-size", "48", "--decoder-channels", "32,16,16,8,8", "--epochs", "1", "--batch-size", "2",
-                 "--folds", "3", "--fold", "1", "-o", str(tmp_path / "f1.pt")]) == 0
+                 "--folds", "3", "--fold", "1", "--loss", "lovasz", "-o", str(tmp_path / "f1.pt")]) == 0
     config = json.loads((tmp_path / "f1_run" / "config.json").read_text())
     n = len(list((seg_folder / "images").iterdir()))
+    assert config["train"]["loss"] == "lovasz"
     assert config["train"]["fold"] == 1 and 1 <= config["n_val"] < n and config["n_train"] + config["n_val"] == n
     capsys.readouterr()
     assert main(["train", "seg", "--data", str(seg_folder), "--folds", "3", "--fold", "x", "-o",

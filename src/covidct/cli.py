@@ -153,7 +153,7 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
         decoder_channels=decoder_channels, fpn_channels=fpn_channels, swa_epochs=args.swa_epochs,
         encoder_init=encoder_init, init=str(args.init), infection_dice_weight=args.infection_dice_weight,
         copy_paste=args.copy_paste, quarter_turns=args.quarter_turns, data_orientation=args.data_orientation,
-        train_limit=args.train_limit,
+        train_limit=args.train_limit, loss=args.loss,
     )
     _print_training_result(train_seg(cfg, args.output, resume=not args.no_resume))
     return 0
@@ -632,6 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cross-entropy class weights from the training pixel frequencies")
     s.add_argument("--infection-dice-weight", type=float, default=0.0, metavar="W", help="add W x a soft Dice "
                    "loss on the infection region (GGO + consolidation summed against their union); 0: off")
+    s.add_argument("--loss", choices=("dice", "lovasz"), default="dice", help="overlap term beside the "
+                   "cross-entropy on the lesion classes: soft Dice (foreground classes) or Lovász-softmax")
     s.add_argument("--train-limit", type=int, default=0, metavar="N", help="learning curves: train on N of the "
                    "training slices (a seeded draw; validation unchanged)")
     s.add_argument("--data-orientation", choices=("anterior-left", "anterior-up"), default="anterior-left",

@@ -86,6 +86,9 @@ class SegTrainConfig:
     # weight of a soft Dice term on the infection region (GGO + consolidation probabilities summed
     # against their union; nnU-Net's region-based training), beside the per-class terms; 0 = off
     infection_dice_weight: float = 0.0
+    # the overlap term beside the cross-entropy on the lesion classes: "dice" (soft Dice on the foreground
+    # classes) or "lovasz" (Lovász-softmax on the classes present in the batch, a Jaccard surrogate)
+    loss: str = "dice"
     # share of training slices that first receive another slice's GGO / consolidation (lesion copy-paste); 0 = off
     copy_paste: float = 0.0
     # also transpose half the slices: all eight orientations (the model's slice orientation is then "any")
@@ -139,6 +142,8 @@ def load_training_data(cfg: SegTrainConfig) -> tuple[list[SegSample], list[SegSa
         raise CovidctError(None, "--class-weighting must be 'none' or 'sqrt-inverse'")
     if cfg.infection_dice_weight < 0:
         raise CovidctError(None, "--infection-dice-weight must be 0 or more")
+    if cfg.loss not in SEG_LOSSES:
+        raise CovidctError(None, f"--loss must be one of {', '.join(SEG_LOSSES)}")
     if cfg.data_orientation not in ("anterior-left", "anterior-up"):
         raise CovidctError(None, "--data-orientation must be 'anterior-left' or 'anterior-up'")
     if not 0 <= cfg.copy_paste <= 1:
@@ -218,19 +223,34 @@ def class_weights(samples: list[SegSample], lesion_classes: tuple[str, ...]) -> 
     return torch.tensor(w, dtype=torch.float32)
 
 
+SEG_LOSSES = ("dice", "lovasz")
+
+
+def lovasz_softmax_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Lovász-softmax (Berman et al. 2018) over the whole batch, averaged over the classes present
+    in it (background included): segmentation_models_pytorch's implementation."""
+    from segmentation_models_pytorch.losses import LovaszLoss
+
+    return LovaszLoss("multiclass", per_image=False)(logits, labels)
+
+
 def seg_loss(logits: torch.Tensor, labels: torch.Tensor, lung: torch.Tensor, n_lesion: int, lung_head: bool,
              lung_weight: float, ce_weight: torch.Tensor | None = None,
-             infection: tuple[list[int], float] | None = None) -> torch.Tensor:
-    """Cross-entropy (optionally class-weighted) + soft Dice on lesion classes (foreground only),
-    BCE + Dice on the lung; ``infection = (class indices, weight)`` adds ``weight`` x the soft Dice
-    loss of those classes' summed probability against their union."""
+             infection: tuple[list[int], float] | None = None, overlap: str = "dice") -> torch.Tensor:
+    """Cross-entropy (optionally class-weighted) + an overlap term on the lesion classes (``overlap``:
+    soft Dice on the foreground classes, or Lovász-softmax), BCE + Dice on the lung;
+    ``infection = (class indices, weight)`` adds ``weight`` x the soft Dice loss of those classes'
+    summed probability against their union."""
     loss = logits.new_zeros(())
     if n_lesion:
         lesion = logits[:, :n_lesion]
         loss = loss + F.cross_entropy(lesion, labels, weight=ce_weight)
         probs = torch.softmax(lesion, dim=1)
         onehot = F.one_hot(labels.clamp(max=n_lesion - 1), n_lesion).permute(0, 3, 1, 2).float()
-        loss = loss + soft_dice_loss(probs[:, 1:], onehot[:, 1:])
+        if overlap == "lovasz":
+            loss = loss + lovasz_softmax_loss(lesion, labels)
+        else:
+            loss = loss + soft_dice_loss(probs[:, 1:], onehot[:, 1:])
         if infection is not None and infection[1] > 0:
             idx, weight = infection
             loss = loss + weight * soft_dice_loss(probs[:, idx].sum(1, keepdim=True),
@@ -373,7 +393,8 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
         t0 = time.time()
         train_loss = train_one_epoch(
             trained, loader, lambda b: seg_loss(trained(b[0].to(memory_format=torch.channels_last)), b[1], b[2], n_lesion,
-                                                mcfg.lung_head, cfg.lung_weight, ce_weight, infection),
+                                                mcfg.lung_head, cfg.lung_weight, ce_weight, infection,
+                                                cfg.loss),
             opt, sched, dist=dist, sampler=sampler, epoch=epoch)
         if averaged is not None and epoch >= swa_start:
             averaged.update_parameters(model)
