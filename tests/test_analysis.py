@@ -234,6 +234,52 @@ def test_analyze_nifti_keeps_affine(tmp_path, tiny_seg_model):
     _check_outputs(out, vol, json.loads((out / "report.json").read_text()))
 
 
+def test_analyze_nifti_with_nan_outside_the_field_of_view(tmp_path, tiny_seg_model):
+    """A resampled float NIfTI marks the corners outside its circular field of view NaN: they are read as the
+    volume's lowest value (outside the body), so lungs and burden are those of the same scan without them (NaN
+    passes no air threshold: left as it was, the ring closed in the outside air and no lungs were found), the
+    report counts them and the input file is not changed."""
+    hu = phantom_hu(5, 80)
+    yy, xx = np.mgrid[:80, :80]
+    ring = (yy - 40) ** 2 + (xx - 40) ** 2 > 39 ** 2
+    with_nan = hu.copy()
+    with_nan[:, ring] = np.nan
+    with_nan[2, 0, 0] = np.inf
+    affine = np.diag([-3.0, -3.0, -5.0, 1.0])
+    reports = {}
+    for name, arr in (("plain", hu), ("nan", with_nan)):
+        path = tmp_path / f"{name}.nii"
+        img = nib.Nifti1Image(arr.transpose(2, 1, 0), affine)
+        img.set_data_dtype(np.float32)
+        nib.save(img, path)
+        before = path.read_bytes()
+        vol = read(path)
+        assert np.isfinite(vol.array).all() and vol.is_hu
+        out = tmp_path / f"out_{name}"
+        assert main(["analyze", str(path), "-o", str(out), "--model", str(tiny_seg_model), "--classifier",
+                     "none"]) == 0
+        assert path.read_bytes() == before
+        reports[name] = json.loads((out / "report.json").read_text())
+        _check_outputs(out, vol, reports[name])
+    assert reports["nan"]["input"]["non_finite_voxels"] == 5 * int(ring.sum())
+    assert reports["plain"]["input"]["non_finite_voxels"] == 0
+    assert vol.array[2, 0, 0] == pytest.approx(float(np.nanmin(hu)))
+    assert reports["nan"]["lung_volume_ml"] == pytest.approx(reports["plain"]["lung_volume_ml"], rel=1e-3)
+    assert reports["nan"]["lung_volume_ml"] > 0
+    assert reports["nan"]["percent_opacity"] == pytest.approx(reports["plain"]["percent_opacity"], abs=0.05)
+    assert "NaN or infinite" in (tmp_path / "out_nan" / "report.html").read_text()
+
+
+def test_nifti_without_a_finite_voxel_is_one_error_line(tmp_path, capsys):
+    path = tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((16, 16, 3), np.nan, np.float32), np.eye(4)), path)
+    out = tmp_path / "out"
+    assert main(["analyze", str(path), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"covidct: error: {path}: holds no finite values (every voxel is NaN or infinite)"]
+    assert not out.exists()
+
+
 def test_nifti_in_any_axis_order_is_read_alike_and_answered_on_its_own_grid(tmp_path, tiny_seg_model):
     """The same scan stored in DICOM order (L, P, I) and as RAS with the axes permuted (as some converters
     write it) is read to the same working array; each output lies on its own file's grid and holds the

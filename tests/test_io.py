@@ -635,3 +635,27 @@ def test_a_compressed_slice_file_cut_short_is_named_not_skipped(tmp_path, capsys
         assert main(["info", str(target)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and str(paths[2]) in err and "ends inside its pixel data" in err
+
+
+def test_fill_non_finite_sets_lowest_finite_value_in_place():
+    from covidct.io.volume import fill_non_finite
+
+    a = np.array([[[-900.0, np.nan], [40.0, np.inf]], [[-np.inf, -1010.0], [np.nan, 0.0]]], np.float32)
+    assert fill_non_finite(a, "x.nii") == 4
+    np.testing.assert_array_equal(a, [[[-900, -1010], [40, -1010]], [[-1010, -1010], [-1010, 0]]])
+    assert fill_non_finite(a, "x.nii") == 0            # nothing left to fill
+    with pytest.raises(InputError, match="x.nii: holds no finite values"):
+        fill_non_finite(np.full((2, 3, 3), np.nan, np.float32), "x.nii")
+
+
+def test_float_tiff_with_nan_reads_finite(tmp_path):
+    a = np.linspace(10, 200, 32 * 32, dtype=np.float32).reshape(32, 32)
+    a[0] = np.nan
+    Image.fromarray(a, "F").save(tmp_path / "f.tif")
+    vol = read(tmp_path / "f.tif")
+    assert np.isfinite(vol.array).all()
+    np.testing.assert_array_equal(vol.array[0, 0], np.full(32, a[1:].min()))
+    np.testing.assert_array_equal(vol.array[0, 1:], a[1:])
+    with pytest.raises(InputError, match="holds no finite values"):
+        Image.fromarray(np.full((32, 32), np.nan, np.float32), "F").save(tmp_path / "g.tif")
+        read(tmp_path / "g.tif")

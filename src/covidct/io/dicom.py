@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from covidct.errors import InputError
-from covidct.io.volume import Volume
+from covidct.io.volume import Volume, fill_non_finite
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -300,6 +300,7 @@ def read_dicom_file(path: str | Path, *, require_ct: bool = True) -> Volume:
     thickness = _slice_thickness(ds) or 1.0   # one slice: only its own volume in mL depends on it
     pos = np.array(getattr(ds, "ImagePositionPatient", [0.0, 0.0, 0.0]), dtype=float)
     meta = _metadata(ds)
+    _note_non_finite(hu, path, meta)
     return Volume(
         array=hu[None],
         kind="dicom",
@@ -506,10 +507,18 @@ def read_dicom_series(
                            kind="dicom-series", source=folder, n_skipped=skipped)
 
 
+def _note_non_finite(array: np.ndarray, source: Path, meta: dict[str, Any]) -> None:
+    """NaN / infinite voxels (float pixel data) read as the lowest finite value, counted in ``meta``."""
+    count = fill_non_finite(array, source)
+    if count:
+        meta["non_finite_voxels"] = count
+
+
 def _working_volume(array: np.ndarray, affine: np.ndarray, spacing: tuple[float, float, float], files: list[str],
                     meta: dict[str, Any], *, kind: str, source: Path, n_skipped: int = 0) -> Volume:
     """The :class:`Volume` of a stack read as stored (slices head -> feet), in the working orientation."""
     array, affine, spacing, files = _to_working_orientation(array, affine, spacing, files, meta)
+    _note_non_finite(array, source, meta)
     return Volume(array=array, kind=kind, source=source, is_hu=meta["modality"] in (None, "CT"), spacing=spacing,
                   affine=affine, files=files, n_skipped=n_skipped, metadata=meta)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from covidct.errors import InputError
-from covidct.io.volume import Volume
+from covidct.io.volume import Volume, fill_non_finite
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -73,7 +73,9 @@ def load_grey(path: str | Path) -> tuple[np.ndarray, str]:
     if min(arr.shape) < MIN_IMAGE_SIDE:
         raise InputError(path, f"image is {arr.shape[1]}×{arr.shape[0]} pixels: too small for a CT slice "
                                f"(at least {MIN_IMAGE_SIDE} on each side)")
-    return np.ascontiguousarray(arr, dtype=np.float32), mode
+    arr = np.require(arr, np.float32, ["C_CONTIGUOUS", "WRITEABLE"])   # PIL's arrays are read-only
+    fill_non_finite(arr[None], path)   # float TIFF ("F"): NaN / infinite pixels read as the lowest value
+    return arr, mode
 
 
 def load_label_map(path: str | Path) -> np.ndarray:

@@ -20,7 +20,7 @@ from covidct import SHORT_DISCLAIMER
 from covidct.errors import InputError
 from covidct.io.atomic import atomic_output
 from covidct.io.orientation import from_working, ornt_to_working, to_working
-from covidct.io.volume import Volume
+from covidct.io.volume import Volume, fill_non_finite
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -44,7 +44,9 @@ def _spacing_missing(path: Path) -> bool:
 
 
 def read_nifti(path: str | Path) -> Volume:
-    """Read a 3-D NIfTI volume (HU assumed when the data are integers or span below -500)."""
+    """Read a 3-D NIfTI volume (HU assumed when the data are integers or span below -500). NaN / infinite
+    voxels (outside a resampled volume's field of view) take the lowest finite value (:func:`fill_non_finite`);
+    ``metadata["non_finite_voxels"]`` counts them."""
     import nibabel as nib
 
     from nibabel.imageglobals import LoggingOutputSuppressor
@@ -66,6 +68,7 @@ def read_nifti(path: str | Path) -> Volume:
     source_affine = np.asarray(img.affine, dtype=float)
     array, affine = to_working(data.transpose(2, 1, 0), source_affine)
     array = np.ascontiguousarray(array)
+    non_finite = fill_non_finite(array, path)
     zooms = [float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))]
     is_hu = bool(array.min() < -500.0)
     return Volume(
@@ -77,7 +80,8 @@ def read_nifti(path: str | Path) -> Volume:
         affine=affine,
         files=[str(path)] * array.shape[0],
         metadata={"modality": "CT" if is_hu else None, "orientation": "".join(nib.aff2axcodes(source_affine)),
-                  "source_affine": source_affine.tolist(), "source_shape": [int(n) for n in img.shape[:3]]},
+                  "source_affine": source_affine.tolist(), "source_shape": [int(n) for n in img.shape[:3]],
+                  **({"non_finite_voxels": non_finite} if non_finite else {})},
     )
 
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from covidct.errors import InputError
+
 #: Kinds of input a reader can report.
 KINDS = ("dicom-series", "dicom", "nifti", "image", "image-folder")
 
@@ -77,7 +79,31 @@ class Volume:
             "files_read": self.n_files,
             "files_skipped": self.n_skipped,
         }
-        for key in ("series_uid", "transfer_syntax", "image_mode"):
+        for key in ("series_uid", "transfer_syntax", "image_mode", "non_finite_voxels"):
             if key in self.metadata:
                 out[key] = self.metadata[key]
         return out
+
+
+def fill_non_finite(array: np.ndarray, source: str | Path) -> int:
+    """Set the NaN and infinite voxels of ``array`` (in place) to its lowest finite value and return how many
+    there were. Resampled float volumes mark voxels outside the field of view as NaN; left as they are they
+    would pass every comparison as "not air", so the air outside the body would be closed in and taken for lung
+    (a scan with a NaN ring measured twice its lung volume). The lowest value is what DICOM padding reads as:
+    outside. A volume without a single finite voxel is an :class:`~covidct.errors.InputError`."""
+    if np.isfinite(array.min()) and np.isfinite(array.max()):   # the common case: no pass over a mask
+        return 0
+    finite_min = None
+    for plane in array:   # a slice at a time: no whole-volume boolean temporaries
+        ok = np.isfinite(plane)
+        if ok.any():
+            m = float(plane[ok].min())
+            finite_min = m if finite_min is None else min(finite_min, m)
+    if finite_min is None:
+        raise InputError(source, "holds no finite values (every voxel is NaN or infinite)")
+    count = 0
+    for plane in array:
+        bad = ~np.isfinite(plane)
+        count += int(bad.sum())
+        plane[bad] = finite_min
+    return count

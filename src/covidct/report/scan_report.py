@@ -64,7 +64,9 @@ def build_report(vol: Volume, result: ScanResult, models: list[dict], seconds: f
                   # DICOM series whose slice gaps differ (a missing file?): volumes use the median gap
                   "uneven_slice_gaps": vol.metadata.get("uneven_slice_gaps"),
                   # DICOM series without ImagePositionPatient: how the slices were ordered and spaced
-                  "slice_positions": vol.metadata.get("slice_positions")},
+                  "slice_positions": vol.metadata.get("slice_positions"),
+                  # NaN / infinite voxels (outside a resampled volume's field of view), read as the lowest value
+                  "non_finite_voxels": vol.metadata.get("non_finite_voxels", 0)},
         "lung_volume_ml": b["lung_volume_ml"],
         "lung_method": result.lung_method,
         # slices holding lung; cut_at_head / cut_at_feet: the lungs run off the scan (volumes
@@ -145,6 +147,9 @@ def _input_notes(inp: dict, coverage: dict | None = None) -> str:
                     f"a missing file?): volumes use the median gap, {gaps['median_mm']} mm")
     if inp.get("slice_positions"):
         rows.append(inp["slice_positions"])
+    if inp.get("non_finite_voxels"):
+        rows.append(f"{inp['non_finite_voxels']} voxels were NaN or infinite (outside the field of view?): read as "
+                    f"the lowest value of the volume, i.e. outside the body")
     if coverage and coverage.get("note"):
         rows.append(coverage["note"])
     return "".join(f'<tr><td>note</td><td class="note">{html.escape(r)}</td></tr>' for r in rows)
