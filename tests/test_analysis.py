@@ -234,7 +234,7 @@ def test_analyze_nifti_keeps_affine(tmp_path, tiny_seg_model):
     _check_outputs(out, vol, json.loads((out / "report.json").read_text()))
 
 
-def test_analyze_nifti_with_nan_outside_the_field_of_view(tmp_path, tiny_seg_model):
+def test_analyze_nifti_with_nan_outside_the_field_of_view(tmp_path, tiny_seg_model, capsys):
     """A resampled float NIfTI marks the corners outside its circular field of view NaN: they are read as the
     volume's lowest value (outside the body), so lungs and burden are those of the same scan without them (NaN
     passes no air threshold: left as it was, the ring closed in the outside air and no lungs were found), the
@@ -259,6 +259,7 @@ def test_analyze_nifti_with_nan_outside_the_field_of_view(tmp_path, tiny_seg_mod
         assert main(["analyze", str(path), "-o", str(out), "--model", str(tiny_seg_model), "--classifier",
                      "none"]) == 0
         assert path.read_bytes() == before
+        assert ("voxels were NaN or infinite" in capsys.readouterr().out) == (name == "nan")
         reports[name] = json.loads((out / "report.json").read_text())
         _check_outputs(out, vol, reports[name])
     assert reports["nan"]["input"]["non_finite_voxels"] == 5 * int(ring.sum())
@@ -268,6 +269,34 @@ def test_analyze_nifti_with_nan_outside_the_field_of_view(tmp_path, tiny_seg_mod
     assert reports["nan"]["lung_volume_ml"] > 0
     assert reports["nan"]["percent_opacity"] == pytest.approx(reports["plain"]["percent_opacity"], abs=0.05)
     assert "NaN or infinite" in (tmp_path / "out_nan" / "report.html").read_text()
+    assert reports["nan"]["lung_volume_note"] is None
+
+
+def test_implausibly_large_lung_mask_is_flagged(tmp_path, tiny_seg_model, capsys):
+    """The same phantom at everyday voxel sizes and at voxels so large that its lungs would hold about 12 L:
+    only the second gets the note, in report.json, the HTML report and the printed summary."""
+    from covidct.analysis.scan import MAX_PLAUSIBLE_LUNG_ML, lung_volume_note
+
+    assert lung_volume_note(None) is None and lung_volume_note(MAX_PLAUSIBLE_LUNG_ML) is None
+    assert "12.5 L" in lung_volume_note(12_500.0)
+    volumes = {}
+    for name, spacing in (("normal", (5.0, 3.0, 3.0)), ("huge", (40.0, 6.0, 6.0))):
+        write_nifti(tmp_path / f"{name}.nii.gz", phantom_hu(6, 80), spacing=spacing)
+        out = tmp_path / f"out_{name}"
+        capsys.readouterr()
+        assert main(["analyze", str(tmp_path / f"{name}.nii.gz"), "-o", str(out), "--model", str(tiny_seg_model),
+                     "--classifier", "none"]) == 0
+        printed = capsys.readouterr().out
+        report = json.loads((out / "report.json").read_text())
+        volumes[name] = report["lung_volume_ml"]
+        note = report["lung_volume_note"]
+        if name == "normal":
+            assert note is None and "more than lungs hold" not in printed
+        else:
+            assert note and "more than lungs hold" in note
+            assert f"note: {note}" in printed
+            assert "more than lungs hold" in (out / "report.html").read_text()
+    assert volumes["normal"] < MAX_PLAUSIBLE_LUNG_ML < volumes["huge"]
 
 
 def test_nifti_without_a_finite_voxel_is_one_error_line(tmp_path, capsys):

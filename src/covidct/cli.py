@@ -543,6 +543,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         print(f"note: {report['input']['slice_positions']}")
     if (report.get("lung_coverage") or {}).get("note"):
         print(f"note: {report['lung_coverage']['note']}")
+    if report["input"].get("non_finite_voxels"):
+        from covidct.report.scan_report import non_finite_note
+
+        print(f"note: {non_finite_note(report['input']['non_finite_voxels'])}")
+    if report.get("lung_volume_note"):
+        print(f"note: {report['lung_volume_note']}")
     print(f"lung volume: {'n/a' if lung is None else f'{lung:.0f} mL'}")
     for name in ("ggo", "consolidation", "effusion", "total"):
         ml = les[name]["volume_ml"]

@@ -55,6 +55,9 @@ MIN_BURDEN_PERCENT = 1.0
 #: opacity) are dropped as noise. Fixed a priori.
 MIN_LESION_ML = 0.1
 TOP_K = 5
+#: Lung volume above which the mask is called implausible: adult total lung capacity is about 4-8 L, and even
+#: hyperinflated (emphysematous) lungs stay under 10 L; more means the mask took air that is not lung.
+MAX_PLAUSIBLE_LUNG_ML = 10_000.0
 #: Volume kinds read into the working orientation (the others' orientation is unknown).
 ORIENTED_KINDS = ("dicom-series", "dicom", "nifti")
 #: Lung of at least this area on a scan's first or last slice: the scan may not hold the whole lungs.
@@ -71,6 +74,7 @@ class ScanResult:
     lung_method: str
     timings: dict = field(default_factory=dict)
     lung_coverage: dict | None = None   # see :func:`lung_coverage`
+    lung_volume_note: str | None = None   # see :func:`lung_volume_note`
 
 
 def _lesion_region(lung2d: np.ndarray, radius_px: int) -> np.ndarray:
@@ -112,6 +116,17 @@ def lung_coverage(lungs: np.ndarray, pixel_mm2: float) -> dict:
     return {"first_slice": int(present[0]), "last_slice": int(present[-1]),
             "lung_mm2_on_first_slice": round(float(area[0]), 1), "lung_mm2_on_last_slice": round(float(area[-1]), 1),
             "cut_at_head": cut["head"], "cut_at_feet": cut["feet"], "note": note}
+
+
+def lung_volume_note(volume_ml: float | None) -> str | None:
+    """A warning when the lung mask is larger than lungs can be (:data:`MAX_PLAUSIBLE_LUNG_ML`): then it holds
+    air outside the lungs (e.g. outside air closed in by padding around a circular field of view that is not
+    below air, or a wrong voxel size in the header), and every percentage of lung is too small."""
+    if volume_ml is None or volume_ml <= MAX_PLAUSIBLE_LUNG_ML:
+        return None
+    return (f"the lung mask measures {volume_ml / 1000:.1f} L, more than lungs hold (under "
+            f"{MAX_PLAUSIBLE_LUNG_ML / 1000:.0f} L): it may include air outside the lungs (padding around the field of "
+            f"view?) or the voxel size may be wrong; check lungs.nii.gz before using the percentages")
 
 
 def slice_infection_probability(area_mm2: np.ndarray) -> np.ndarray:
@@ -208,7 +223,8 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     # head and feet are known only for volumes in the working orientation with a pixel size
     coverage = lung_coverage(lungs, px_mm) if vol.kind in ORIENTED_KINDS and vol.spacing and n > 1 and lungs.any() \
         else None
-    return ScanResult(lesions, lungs, burden, slices, diagnosis, lung_method, timings, coverage)
+    return ScanResult(lesions, lungs, burden, slices, diagnosis, lung_method, timings, coverage,
+                      lung_volume_note(burden["lung_volume_ml"]))
 
 
 def _per_slice_counts(lesions: np.ndarray, lungs: np.ndarray, chunk: int = SLICE_CHUNK) -> tuple[np.ndarray, ...]:

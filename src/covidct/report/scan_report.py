@@ -72,6 +72,8 @@ def build_report(vol: Volume, result: ScanResult, models: list[dict], seconds: f
         # slices holding lung; cut_at_head / cut_at_feet: the lungs run off the scan (volumes
         # and percentages are then of the part it holds); None for inputs without orientation or spacing
         "lung_coverage": result.lung_coverage,
+        # a lung mask larger than lungs can be (analysis.scan.lung_volume_note); None when plausible
+        "lung_volume_note": result.lung_volume_note,
         "lesions": {k: {"volume_ml": v["volume_ml"], "percent_of_lung": v["percent_of_lung"], "voxels": v["voxels"]}
                     for k, v in b["lesions"].items()},
         "percent_opacity": b["percent_opacity"],
@@ -117,7 +119,7 @@ figure{{display:inline-block;margin:.3em}} figure img{{max-width:340px}} .kv td{
 <h1>covidct scan report</h1>
 <table class="kv">
 <tr><td>input</td><td>{html.escape(inp['path'])} ({html.escape(inp['kind'])}, {inp['shape']}, spacing {inp['spacing_mm']} mm)</td></tr>
-{_input_notes(inp, report.get("lung_coverage"))}
+{_input_notes(inp, report.get("lung_coverage"), report.get("lung_volume_note"))}
 <tr><td>lung volume</td><td>{'n/a' if lung_ml is None else f'{lung_ml:.0f} mL'} ({html.escape(report['lung_method'])})</td></tr>
 <tr><td>percentage of opacity</td><td>{report['percent_opacity']:.2f} %</td></tr>
 <tr><td>percentage of high opacity</td><td>{'n/a' if report['percent_high_opacity'] is None else f"{report['percent_high_opacity']:.2f} %"}</td></tr>
@@ -135,9 +137,14 @@ figure{{display:inline-block;margin:.3em}} figure img{{max-width:340px}} .kv td{
 """
 
 
-def _input_notes(inp: dict, coverage: dict | None = None) -> str:
-    """Rows that say which series was taken, that slice gaps are uneven and that the lungs run off the
-    scan, when so."""
+def non_finite_note(count: int) -> str:
+    return (f"{count} voxels were NaN or infinite (outside the field of view?): read as the lowest value of the "
+            f"volume, i.e. outside the body")
+
+
+def _input_notes(inp: dict, coverage: dict | None = None, lung_volume_note: str | None = None) -> str:
+    """Rows that say which series was taken, that slice gaps are uneven, that voxels were NaN, that the lungs
+    run off the scan and that the lung mask is implausibly large, when so."""
     rows = []
     if inp.get("series_chosen"):
         rows.append(f"the largest axial one of {len(inp['series_available'])} series: {inp['series_chosen']}")
@@ -148,10 +155,11 @@ def _input_notes(inp: dict, coverage: dict | None = None) -> str:
     if inp.get("slice_positions"):
         rows.append(inp["slice_positions"])
     if inp.get("non_finite_voxels"):
-        rows.append(f"{inp['non_finite_voxels']} voxels were NaN or infinite (outside the field of view?): read as "
-                    f"the lowest value of the volume, i.e. outside the body")
+        rows.append(non_finite_note(inp["non_finite_voxels"]))
     if coverage and coverage.get("note"):
         rows.append(coverage["note"])
+    if lung_volume_note:
+        rows.append(lung_volume_note)
     return "".join(f'<tr><td>note</td><td class="note">{html.escape(r)}</td></tr>' for r in rows)
 
 
