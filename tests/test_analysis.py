@@ -57,6 +57,35 @@ def test_small_gas_pocket_is_not_lung():
     assert not res.labels[:, 80:86, 44:52].any()
 
 
+def test_large_slices_get_the_half_size_labels_upsampled_exactly():
+    """A 512² volume is segmented at 256² and brought back by nearest neighbour (written in place, not by
+    np.repeat): the same labels and volume as repeating the half-size result by hand."""
+    hu = np.repeat(np.repeat(phantom_hu(6, 256), 2, axis=1), 2, axis=2)
+    full = segment_lungs_hu(hu, spacing=(5.0, 1.5, 1.5))
+    half = segment_lungs_hu(hu[:, ::2, ::2], spacing=(5.0, 3.0, 3.0))
+    expected = np.repeat(np.repeat(half.labels, 2, axis=1), 2, axis=2)
+    assert full.labels.shape == hu.shape and full.labels.dtype == np.uint8 and full.labels.flags.c_contiguous
+    assert (full.labels == RIGHT).any() and (full.labels == LEFT).any()
+    assert np.array_equal(full.labels, expected)
+    assert full.volume_ml == pytest.approx(float((expected > 0).sum()) * 5.0 * 1.5 * 1.5 / 1000)
+
+
+def test_component_labels_and_sizes_counted_in_chunks():
+    from scipy import ndimage
+
+    from covidct.analysis.lungs import component_sizes, label_components
+
+    rng = np.random.default_rng(0)
+    mask = ndimage.gaussian_filter(rng.random((40, 50, 50)), 1.0) > 0.55
+    lab, n = label_components(mask)
+    ref, n_ref = ndimage.label(mask)
+    assert lab.dtype == np.uint16 and n == n_ref > 10 and np.array_equal(lab, ref)
+    assert np.array_equal(component_sizes(lab, n, chunk=3), np.bincount(ref.ravel(), minlength=n + 1))
+    speckle = np.zeros((1, 600, 600), bool)
+    speckle[0, ::2, ::2] = True                      # 90,000 components: past 16-bit labels
+    lab, n = label_components(speckle)
+    assert n == 90_000 and lab.dtype == np.int32 and int(lab.max()) == n
+
 def test_severity_bins_and_burden():
     assert [involvement_score(p) for p in (0, 3, 5, 10, 30, 60, 80)] == [0, 1, 1, 2, 3, 4, 5]
     sides = np.zeros((3, 10, 20), np.uint8)

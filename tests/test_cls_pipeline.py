@@ -432,3 +432,23 @@ def test_ensemble_cam_is_the_mean_of_its_cnn_members_maps(trained_cls, tmp_path,
     js = tmp_path / "w.json"
     assert main(["evaluate", "cam", "--model", str(ens), "--data", str(seg_folder), "--json", str(js)]) == 0
     assert json.loads(js.read_text())["n_images"] == 6
+
+
+def test_calibration_of_nearly_constant_logits_stays_finite():
+    """Tiny ensembles give out-of-fold logits that differ by thousandths (all near log 0.5). Fitting them asks
+    for a temperature near 0; the unbounded torch LBFGS fit stepped past what float32 holds (6 of these 20
+    draws raised "value cannot be converted to type float without overflow")."""
+    from covidct.engine.train_cls import fit_temperature_and_bias
+
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        d = 0.002 * torch.randn(20, generator=g)
+        labels = (d + 0.001 * torch.randn(20, generator=g) > 0).long()
+        logits = torch.stack([-0.6931 - d, -0.6931 + d], dim=1)
+        t, c = fit_temperature_and_bias(logits, labels)
+        assert np.isfinite(t) and t > 0 and all(np.isfinite(c)) and c[0] == 0.0
+        probs = torch.softmax((logits + torch.tensor(c)) / t, dim=1)
+        # calibrated at least as well as the raw logits (T = 1, c = 0 is inside the searched range)
+        nll = torch.nn.functional.nll_loss(probs.log(), labels)
+        assert nll <= torch.nn.functional.cross_entropy(logits, labels) + 1e-6
+        assert 0.05 <= fit_temperature(logits, labels) <= 20.0

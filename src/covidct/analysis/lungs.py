@@ -24,6 +24,34 @@ from scipy import ndimage
 from tqdm import tqdm
 
 RIGHT, LEFT = 1, 2
+#: Slices processed together by the whole-volume counting steps (here, in :mod:`covidct.analysis.severity` and
+#: :mod:`covidct.analysis.scan`): it bounds their temporary memory on long scans (benchmarks/RESULTS.md).
+SLICE_CHUNK = 16
+
+
+def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """3-D connected components of ``mask`` (``ndimage.label``), in 16-bit labels while they suffice (32 bits
+    past 65,535 components): half the memory of the default labels on a long scan."""
+    try:
+        return ndimage.label(mask, output=np.uint16)
+    except RuntimeError:   # more components than 16 bits can number
+        return ndimage.label(mask)
+
+
+def component_sizes(labels: np.ndarray, n: int, chunk: int = SLICE_CHUNK) -> np.ndarray:
+    """Voxels of each label 0..n, counted ``chunk`` slices at a time (``np.bincount`` takes an 8-byte copy of
+    its input: 4-8 times a whole label volume at once)."""
+    sizes = np.zeros(n + 1, np.int64)
+    for z in range(0, labels.shape[0], chunk):
+        sizes += np.bincount(labels[z:z + chunk].ravel(), minlength=n + 1)
+    return sizes
+
+
+def _lookup(labels: np.ndarray, chosen: np.ndarray, n: int) -> np.ndarray:
+    """Boolean mask of the voxels whose label is in ``chosen`` (a table lookup: no sort, no temporary)."""
+    table = np.zeros(n + 1, bool)
+    table[chosen] = True
+    return table[labels]
 
 
 @dataclass
@@ -66,26 +94,36 @@ def segment_lungs_hu(hu: np.ndarray, *, spacing: tuple[float, float, float] | No
         small = segment_lungs_hu(hu[:, ::step, ::step], spacing=(sp[0], sp[1] * step, sp[2] * step), affine=affine,
                                  threshold=threshold, min_volume_ml=min_volume_ml, max_size=max_size,
                                  progress=progress)
-        labels = np.repeat(np.repeat(small.labels, step, axis=1), step, axis=2)[:, :hu.shape[1], :hu.shape[2]]
+        # nearest-neighbour upsampling written straight into the full-size array (np.repeat twice would add two
+        # more label volumes at the peak)
+        n, rows, cols = small.labels.shape
+        full = np.empty((n, rows * step, cols * step), np.uint8)
+        full.reshape(n, rows, step, cols, step)[...] = small.labels[:, :, None, :, None]
+        labels = np.ascontiguousarray(full[:, :hu.shape[1], :hu.shape[2]])
+        del full
         voxel_ml = float(np.prod(sp)) / 1000.0
-        return LungResult(np.ascontiguousarray(labels), float((labels > 0).sum() * voxel_ml), small.airway_removed_ml)
+        lung_voxels = sum(int(np.count_nonzero(labels[z:z + SLICE_CHUNK])) for z in range(0, n, SLICE_CHUNK))
+        return LungResult(labels, float(lung_voxels * voxel_ml), small.airway_removed_ml)
     spacing = spacing or (1.0, 1.0, 1.0)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     with tqdm(total=5, desc="lungs", unit="step", disable=not progress) as bar:
         air = hu < threshold
         inside = _clear_border_2d(air)
         bar.update()
-        lab, n = ndimage.label(inside)
+        del air
+        lab, n = label_components(inside)
+        del inside
         if n == 0:   # no air inside the body: no lungs (the stage is done)
             bar.update(bar.total - bar.n)
             return LungResult(np.zeros(hu.shape, np.uint8), 0.0, 0.0)
-        sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+        sizes = component_sizes(lab, n)[1:]
         min_vox = max(1, int(min_volume_ml / voxel_ml)) if hu.shape[0] > 1 else max(1, int(0.005 * hu[0].size))
         # lungs are the large components; stomach / bowel gas is far smaller than either lung
         keep = np.flatnonzero((sizes >= min_vox) & (sizes >= 0.25 * sizes.max())) + 1
         if keep.size == 0:
             keep = np.array([int(np.argmax(sizes)) + 1])
-        mask = np.isin(lab, keep)
+        mask = _lookup(lab, keep, n)
+        del lab
         bar.update()
         airway_ml = 0.0
         if hu.shape[0] > 3:
@@ -102,7 +140,8 @@ def segment_lungs_hu(hu: np.ndarray, *, spacing: tuple[float, float, float] | No
 
 def _remove_airways(mask: np.ndarray, hu: np.ndarray, voxel_ml: float) -> tuple[np.ndarray, float]:
     dark = mask & (hu < -950)
-    lab, n = ndimage.label(dark)
+    lab, n = label_components(dark)
+    del dark
     if n == 0:
         return mask, 0.0
     slices_with_lung = np.flatnonzero(mask.any(axis=(1, 2)))
@@ -139,22 +178,24 @@ def _split_sides(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
     if not mask.any():
         return labels
     to_left = _column_increases_to_left(affine)
-    lab, n = ndimage.label(mask)
-    sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+    lab, n = label_components(mask)
+    sizes = component_sizes(lab, n)[1:]
     order = np.argsort(sizes)[::-1] + 1
     two = n >= 2 and sizes[order[1] - 1] > 0.25 * sizes[order[0] - 1]
     if two:
         a, b = lab == order[0], lab == order[1]
-        ca = np.nonzero(a)[2].mean()
-        cb = np.nonzero(b)[2].mean()
+        del lab
+        ca, cb = (_mean_column(m) for m in (a, b))
         small_i, large_i = (a, b) if ca < cb else (b, a)
         labels[small_i] = RIGHT if to_left else LEFT
         labels[large_i] = LEFT if to_left else RIGHT
         rest = mask & ~(a | b)
+        del a, b, small_i, large_i
     else:
+        del lab
         rest = mask
     if rest.any():  # one joined component (or leftovers): split at the mid column of each slice
-        cols = np.nonzero(mask)[2]
+        cols = np.flatnonzero(mask.any(axis=(0, 1)))
         mid = 0.5 * (cols.min() + cols.max())
         for k in np.flatnonzero(rest.any(axis=(1, 2))):
             profile = mask[k].sum(axis=0).astype(float)
@@ -169,12 +210,18 @@ def _split_sides(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return labels
 
 
+def _mean_column(mask: np.ndarray) -> float:
+    """Mean column index of a 3-D mask's voxels, from its column profile (no index array per voxel)."""
+    profile = mask.sum(axis=(0, 1), dtype=np.int64)
+    return float((profile * np.arange(profile.size)).sum() / profile.sum())
+
+
 def zone_index(labels: np.ndarray) -> np.ndarray:
     """Upper / middle / lower zone (0, 1, 2) of each lung voxel: thirds of each lung's
     cranio-caudal extent (slice 0 = head); -1 outside."""
     zones = np.full(labels.shape, -1, np.int8)
     for side in (RIGHT, LEFT):
-        ks = np.flatnonzero((labels == side).any(axis=(1, 2)))
+        ks = np.flatnonzero([(labels[k] == side).any() for k in range(labels.shape[0])])
         if ks.size == 0:
             continue
         cuts = np.linspace(ks.min(), ks.max() + 1, 4)

@@ -35,8 +35,9 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from covidct.analysis.lungs import LEFT, RIGHT, segment_lungs_hu, zone_index
-from covidct.analysis.severity import SLICE_CHUNK, lesion_burden
+from covidct.analysis.lungs import (LEFT, RIGHT, SLICE_CHUNK, component_sizes, label_components, segment_lungs_hu,
+                                    zone_index)
+from covidct.analysis.severity import lesion_burden
 from covidct.engine.infer import SegPredictor
 from covidct.errors import InputError
 from covidct.io.volume import Volume
@@ -287,15 +288,8 @@ def _drop_small_lesions(lesions: np.ndarray, lungs: np.ndarray, voxel_ml: float 
     if extents[0].size == 0:
         return
     box = tuple(slice(int(e[0]), int(e[-1]) + 1) for e in extents)
-    inside = lesions[box] > 0
-    try:
-        lab, n = ndimage.label(inside, output=np.uint16)
-    except RuntimeError:   # more than 65535 components
-        lab, n = ndimage.label(inside)
-    del inside
-    sizes = np.zeros(n + 1, np.int64)
-    for z in range(0, lab.shape[0], SLICE_CHUNK):   # bincount takes 8-byte copies of its input: a few at a time
-        sizes += np.bincount(lab[z:z + SLICE_CHUNK].ravel(), minlength=n + 1)
+    lab, n = label_components(lesions[box] > 0)
+    sizes = component_sizes(lab, n)
     small = sizes * voxel_ml < MIN_LESION_ML
     small[0] = False
     sub = lesions[box]

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from covidct.analysis.lungs import LEFT, RIGHT
+from covidct.analysis.lungs import LEFT, RIGHT, SLICE_CHUNK
 
 HIGH_OPACITY_HU = -200.0
 ZONE_NAMES = ("upper", "middle", "lower")
 SIDE_NAMES = {RIGHT: "right", LEFT: "left"}
 BINS = (0.0, 5.0, 25.0, 50.0, 75.0)
-#: Slices processed together by the whole-volume counting steps (here and in :mod:`covidct.analysis.scan`): it
-#: bounds their temporary memory on long scans (benchmarks/RESULTS.md).
-SLICE_CHUNK = 16
 
 
 def involvement_score(percent: float) -> int:

@@ -89,25 +89,40 @@ class _Images(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(img, np.float32))[None], self.labels[i]
 
 
+#: Search range of the calibration fit (:func:`fit_temperature_and_bias`): temperature and class offsets.
+CALIBRATION_TEMPERATURE_RANGE = (0.01, 100.0)
+CALIBRATION_OFFSET_RANGE = (-20.0, 20.0)
+
+
 def fit_temperature_and_bias(logits: torch.Tensor, labels: torch.Tensor, *,
                              offsets: bool = True) -> tuple[float, list[float]]:
     """Temperature ``T`` and class offsets ``c`` (``c[0] = 0``) minimising the NLL of
-    ``softmax((logits + c) / T)`` (LBFGS on log T and c): Platt scaling for two classes, vector
-    scaling beyond; ``offsets=False`` fits T alone (temperature scaling). With offsets it corrects a
-    shift between the classes as well as the scale (ensembles, on out-of-fold predictions)."""
-    log_t = torch.zeros(1, requires_grad=True)
-    shift = torch.zeros(logits.shape[1] - 1, requires_grad=offsets)
-    opt = torch.optim.LBFGS([log_t, shift] if offsets else [log_t], lr=0.5, max_iter=200,
-                            line_search_fn="strong_wolfe")
+    ``softmax((logits + c) / T)``: Platt scaling for two classes, vector scaling beyond; ``offsets=False``
+    fits T alone (temperature scaling). With offsets it corrects a shift between the classes as well as the
+    scale (ensembles, on out-of-fold predictions).
 
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy((logits + torch.cat([torch.zeros(1), shift])) / log_t.exp(), labels)
+    SciPy's bounded L-BFGS-B on ``log T`` and ``c`` in float64, within :data:`CALIBRATION_TEMPERATURE_RANGE`
+    and :data:`CALIBRATION_OFFSET_RANGE`: logits that differ by thousandths (tiny ensembles) or separable
+    classes have their NLL minimum at ``T`` -> 0, where an unbounded search (``torch.optim.LBFGS``, used
+    before) stepped past what float32 holds and raised."""
+    from scipy.optimize import minimize
+
+    z = logits.detach().double()
+    y = torch.as_tensor(labels).long()
+    n_shift = z.shape[1] - 1 if offsets else 0
+
+    def nll_and_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
+        p = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+        shift = torch.cat([torch.zeros(1, dtype=torch.float64), p[1:] if offsets else torch.zeros(z.shape[1] - 1,
+                                                                                                  dtype=torch.float64)])
+        loss = F.cross_entropy((z + shift) / p[0].exp(), y)
         loss.backward()
-        return loss
+        return float(loss.detach()), p.grad.numpy().copy()
 
-    opt.step(closure)
-    return float(log_t.detach().exp()), [0.0, *(float(v) for v in shift.detach())]
+    lo, hi = (float(np.log(v)) for v in CALIBRATION_TEMPERATURE_RANGE)
+    res = minimize(nll_and_grad, np.zeros(1 + n_shift), jac=True, method="L-BFGS-B",
+                   bounds=[(lo, hi)] + [CALIBRATION_OFFSET_RANGE] * n_shift)
+    return float(np.exp(res.x[0])), [0.0, *(float(v) for v in res.x[1:])] if offsets else [0.0] * z.shape[1]
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
