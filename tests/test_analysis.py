@@ -443,6 +443,92 @@ def test_real_normal_lungs():
     assert 0.5 < r / l < 2.0
 
 
+def _phantom_with_spine(n_slices: int = 8, size: int = 96) -> np.ndarray:
+    """The chest phantom with a vertebra (dense bone, 700 HU) below the lungs and a small sternum above them:
+    anterior up, as the working orientation has it."""
+    hu = phantom_hu(n_slices, size)
+    yy, xx = np.mgrid[:size, :size]
+    vertebra = np.hypot(yy - 0.78 * size, xx - 0.5 * size) < 0.06 * size
+    sternum = (np.abs(yy - 0.16 * size) < 0.02 * size) & (np.abs(xx - 0.5 * size) < 0.03 * size)
+    hu[:, vertebra | sternum] = 700.0
+    return hu
+
+
+def test_spine_votes_say_which_side_is_posterior():
+    from covidct.analysis.lungs import spine_posterior_votes
+
+    hu = _phantom_with_spine()
+    res = segment_lungs_hu(hu, spacing=(5.0, 3.0, 3.0))
+    assert spine_posterior_votes(hu, res.labels) == (8, 8)
+    flipped = np.ascontiguousarray(hu[:, ::-1])   # upside down: the spine above the lungs
+    assert spine_posterior_votes(flipped, np.ascontiguousarray(res.labels[:, ::-1])) == (0, 8)
+    # no dense bone between the lungs (the plain phantom): no slice votes
+    assert spine_posterior_votes(phantom_hu(8, 96), res.labels) == (0, 0)
+
+
+def test_a_volume_upside_down_is_flagged_and_why(tmp_path, tiny_seg_model, capsys):
+    """The same phantom as a NIfTI in the working orientation, with the posterior axis stated as anterior in its
+    header (a wrong header) and with no orientation at all (qform and sform codes 0: nibabel reads ANALYZE's
+    default axes, L A S, so it arrives upside down): only the last two get the note, in report.json, the HTML
+    report and the printed summary, each with its cause; a volume without dense bone is left undetermined."""
+    from covidct.analysis.scan import orientation_check
+
+    hu = _phantom_with_spine(8, 80)
+    data = hu.transpose(2, 1, 0).astype(np.int16)
+    right_way = np.diag([-3.0, -3.0, -5.0, 1.0])
+    wrong_way = np.diag([-3.0, 3.0, -5.0, 1.0])    # row index said to run anterior
+    nib.save(nib.Nifti1Image(data, right_way), tmp_path / "as_stored.nii.gz")
+    nib.save(nib.Nifti1Image(data, wrong_way), tmp_path / "wrong_header.nii.gz")
+    bare = nib.Nifti1Image(data, None)
+    bare.header.set_zooms((3.0, 3.0, 5.0))
+    nib.save(bare, tmp_path / "no_orientation.nii.gz")
+    expected = {"as_stored": ("as stored", True), "wrong_header": ("reversed", True),
+                "no_orientation": ("reversed", False)}
+    for name, (verdict, in_header) in expected.items():
+        path = tmp_path / f"{name}.nii.gz"
+        assert read(path).summary()["orientation_in_header"] is in_header
+        out = tmp_path / f"out_{name}"
+        capsys.readouterr()
+        assert main(["analyze", str(path), "-o", str(out), "--model", str(tiny_seg_model), "--classifier",
+                     "none"]) == 0
+        printed = capsys.readouterr().out
+        check = json.loads((out / "report.json").read_text())["input"]["orientation_check"]
+        assert (check["anterior_posterior"], check["orientation_in_header"]) == (verdict, in_header)
+        assert check["voting_slices"] == 8
+        html_text = (out / "report.html").read_text()
+        if verdict == "as stored":
+            assert check["note"] is None and "upside down" not in printed and "upside down" not in html_text
+        else:
+            assert check["spine_posterior_slices"] == 0 and "upside down" in check["note"]
+            assert ("gives no orientation" in check["note"]) == (not in_header)
+            assert ("probably wrong" in check["note"]) == in_header
+            assert f"note: {check['note']}" in printed and "upside down" in html_text
+    plain = read(tmp_path / "as_stored.nii.gz")
+    plain.array[:] = phantom_hu(8, 80)   # no bone
+    lungs = segment_lungs_hu(plain.array, spacing=plain.spacing, affine=plain.affine).labels
+    assert orientation_check(plain, lungs)["anterior_posterior"] == "undetermined"
+    plain.is_hu = False
+    assert orientation_check(plain, lungs) is None
+
+
+@pytest.mark.realdata
+def test_real_scan_stored_the_right_way_up_and_upside_down():
+    """cap001 as stored votes spine-posterior on nearly every slice (141 of 143 when written); the same voxels
+    with the row axis stated the other way round in the affine vote the other way."""
+    from covidct.analysis.scan import orientation_check
+
+    path = need_data("covid-ct-md", "cap001.nii.gz")
+    vol = read(path)
+    lungs = segment_lungs_hu(vol.array, spacing=vol.spacing, affine=vol.affine).labels
+    check = orientation_check(vol, lungs)
+    assert check["anterior_posterior"] == "as stored" and check["note"] is None
+    assert check["spine_posterior_slices"] >= 0.9 * check["voting_slices"] > 100
+    flipped = vol.array[:, ::-1]
+    vol.array = np.ascontiguousarray(flipped)
+    check = orientation_check(vol, np.ascontiguousarray(lungs[:, ::-1]))
+    assert check["anterior_posterior"] == "reversed" and check["spine_posterior_slices"] <= 0.1 * check["voting_slices"]
+
+
 def test_analyze_folder_with_two_series_takes_the_largest(tmp_path, tiny_seg_model, capsys):
     write_ct_series(tmp_path / "study" / "a", phantom_hu(6, 80), spacing=(5.0, 3.0, 3.0), series_uid="1.2.840.1")
     write_ct_series(tmp_path / "study" / "b", phantom_hu(3, 80), spacing=(5.0, 3.0, 3.0), series_uid="1.2.840.2")
@@ -452,7 +538,7 @@ def test_analyze_folder_with_two_series_takes_the_largest(tmp_path, tiny_seg_mod
     report = json.loads((out / "report.json").read_text())
     assert report["input"]["series_chosen"] == "1.2.840.1" and report["input"]["shape"][0] == 6
     assert [s["n_files"] for s in report["input"]["series_available"]] == [6, 3]
-    assert "the largest axial one of 2 series: 1.2.840.1" in (out / "report.html").read_text()
+    assert "folder holds 2 series: analysed the largest axial one, 1.2.840.1" in (out / "report.html").read_text()
 
 
 def test_analyze_says_when_slice_gaps_are_uneven(tmp_path, tiny_seg_model, capsys):
@@ -596,6 +682,18 @@ def test_analyze_several_scans_and_every_series(tmp_path, tiny_seg_model, capsys
     one = json.loads((out / "v" / "report.json").read_text())
     assert float(rows[0]["total_percent"]) == pytest.approx(one["lesions"]["total"]["percent_of_lung"])
     assert "[5/5] study-s2" in captured.out and "1 failed" in captured.out
+    # each scan's notes (here: the phantoms' lungs reach both ends of the scan) in the summary, printed under
+    # the scan's line and on the start page of `covidct serve`
+    from covidct.report.notes import report_notes
+    from covidct.serve import index_page
+
+    assert one["lung_coverage"]["note"] and report_notes(one)[-1] == one["lung_coverage"]["note"]
+    assert summary["scans"][0]["notes"] == report_notes(one)
+    assert rows[0]["notes"] == " | ".join(report_notes(one)) and rows[1]["notes"] == ""
+    assert f"    note: {one['lung_coverage']['note']}" in captured.out
+    import html as html_lib
+
+    assert html_lib.escape(one["lung_coverage"]["note"]) in index_page(out)
 
 
 def test_analyze_writes_a_dicom_seg_for_dicom_series_only(tmp_path, tiny_seg_model, capsys):

@@ -35,9 +35,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(to_json(info))
         return 0
+    width = max(len(key) for key in info)
     for key, value in info.items():
         if value is not None:
-            print(f"{key:>16}: {value}")
+            print(f"{key:>{width}}: {value}")
     return 0
 
 
@@ -488,6 +489,8 @@ def _analyze_batch(args: argparse.Namespace, specs: dict) -> int:
         elif not args.json:
             print(f"[{i + 1}/{len(jobs)}] {job.name}: {row['answer']}, lesions {row['total_percent']:.2f} % of lung, "
                   f"severity {row['severity_score']}, {row['seconds']:.1f} s")
+            for note in row["notes"]:
+                print(f"    note: {note}")
 
     rows = analyze_many(jobs, args.output, models=models, on_scan=said, window=args.window,
                         viewer=not args.no_viewer, dicom_seg=args.dicom_seg, slice_orientation=args.slice_orientation)
@@ -515,6 +518,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     pending = None if batch else ReadAhead(args.path[0], series_uid=args.series, largest_series=True, progress=True)
     with pending or nullcontext():
         from covidct.models.registry import DEFAULTS
+        from covidct.report.notes import report_notes
         from covidct.report.scan_report import analyze
 
         specs = dict(model_spec=args.model, device=args.device,
@@ -532,23 +536,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         return 0
     les = report["lesions"]
     lung = report["lung_volume_ml"]
-    if "series_chosen" in report["input"]:
-        n = len(report["input"]["series_available"])
-        print(f"folder holds {n} series: analysed the largest axial one, {report['input']['series_chosen']} (choose with --series)")
-    gaps = report["input"].get("uneven_slice_gaps")
-    if gaps:
-        print(f"note: uneven slice gaps ({gaps['min_mm']}-{gaps['max_mm']} mm, after slices {gaps['after_slices']}; a "
-              f"missing file?): volumes use the median gap, {gaps['median_mm']} mm")
-    if report["input"].get("slice_positions"):
-        print(f"note: {report['input']['slice_positions']}")
-    if (report.get("lung_coverage") or {}).get("note"):
-        print(f"note: {report['lung_coverage']['note']}")
-    if report["input"].get("non_finite_voxels"):
-        from covidct.report.scan_report import non_finite_note
-
-        print(f"note: {non_finite_note(report['input']['non_finite_voxels'])}")
-    if report.get("lung_volume_note"):
-        print(f"note: {report['lung_volume_note']}")
+    for note in report_notes(report):
+        print(f"note: {note}")
     print(f"lung volume: {'n/a' if lung is None else f'{lung:.0f} mL'}")
     for name in ("ggo", "consolidation", "effusion", "total"):
         ml = les[name]["volume_ml"]

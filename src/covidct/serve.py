@@ -16,6 +16,7 @@ from pathlib import Path
 
 from covidct import DISCLAIMER
 from covidct.errors import CovidctError, InputError
+from covidct.report.notes import report_notes
 
 
 def analysed_scans(root: Path) -> list[tuple[str, dict]]:
@@ -30,6 +31,14 @@ def analysed_scans(root: Path) -> list[tuple[str, dict]]:
     return found
 
 
+def _notes(report: dict) -> list[str]:
+    """The report's notes; none for a report.json from another covidct version that lacks what they read."""
+    try:
+        return report_notes(report)
+    except (KeyError, TypeError, AttributeError):
+        return []
+
+
 def index_page(root: Path) -> str:
     """The start page: one row per analysed scan."""
     rows = []
@@ -42,9 +51,10 @@ def index_page(root: Path) -> str:
             f"<td>{html.escape(str(rep.get('input', {}).get('path', '')))}</td>"
             f"<td>{'' if total is None else f'{total:.2f} %'}</td><td>{rep.get('severity_score', '')}</td>"
             f"<td>{html.escape(str(rep.get('diagnosis', {}).get('label', '')))}</td>"
+            f"<td>{'<br>'.join(html.escape(n) for n in _notes(rep))}</td>"
             f'<td><a href="{html.escape(base)}report.html">report</a> {viewer}</td></tr>')
     body = ("<table><tr><th>folder</th><th>input</th><th>lesions % of lung</th><th>severity</th><th>answer</th>"
-            "<th></th></tr>" + "".join(rows) + "</table>") if rows else \
+            "<th>notes</th><th></th></tr>" + "".join(rows) + "</table>") if rows else \
         "<p>No analysed scans here (no report.json): run <code>covidct analyze PATH -o OUTDIR</code> first.</p>"
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>covidct</title>
 <style>body{{font-family:sans-serif;margin:1.5em}} .warn{{background:#fff3cd;border:1px solid #c9a100;padding:.7em;font-weight:bold}}

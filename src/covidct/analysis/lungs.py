@@ -216,6 +216,41 @@ def _mean_column(mask: np.ndarray) -> float:
     return float((profile * np.arange(profile.size)).sum() / profile.sum())
 
 
+#: Dense bone (cortex) in HU: above what contrast-filled vessels usually reach in the mediastinum.
+BONE_HU = 400.0
+#: Bone pixels a slice needs between its lungs to vote in :func:`spine_posterior_votes`.
+MIN_BONE_PIXELS = 20
+
+
+def spine_posterior_votes(hu: np.ndarray, labels: np.ndarray, *, bone_hu: float = BONE_HU,
+                          min_bone_pixels: int = MIN_BONE_PIXELS) -> tuple[int, int]:
+    """Where the spine lies, slice by slice: ``(posterior, voting)`` slices. A slice votes when both lungs are in it
+    and it holds at least ``min_bone_pixels`` of dense bone (``>= bone_hu``) in the mediastinal band (the columns
+    between the two lungs' centres); it votes posterior when more of that bone lies below the lungs' centre row
+    (higher row index: posterior in the working orientation) than above it. The vertebral body and its arch
+    outweigh the sternum in every chest slice, so a correctly oriented chest CT votes posterior almost
+    everywhere (measured: 93.8-98.6 % of the open COVID-CT-MD scans' slices; benchmarks/RESULTS.md) and one
+    stored upside down almost nowhere. One slice at a time: no whole-volume temporaries."""
+    posterior = voting = 0
+    rows = np.arange(labels.shape[1])
+    cols = np.arange(labels.shape[2])
+    for k in range(labels.shape[0]):
+        right, left = labels[k] == RIGHT, labels[k] == LEFT
+        n_right, n_left = int(right.sum()), int(left.sum())
+        if n_right == 0 or n_left == 0:
+            continue
+        row_centre = int(((right | left).sum(axis=1) * rows).sum() / (n_right + n_left))
+        c1 = (right.sum(axis=0) * cols).sum() / n_right
+        c2 = (left.sum(axis=0) * cols).sum() / n_left
+        a, b = int(round(min(c1, c2))), int(round(max(c1, c2)))
+        per_row = (hu[k][:, a:b] >= bone_hu).sum(axis=1)
+        front, back = int(per_row[:row_centre].sum()), int(per_row[row_centre:].sum())
+        if front + back >= min_bone_pixels:
+            voting += 1
+            posterior += back > front
+    return posterior, voting
+
+
 def zone_index(labels: np.ndarray) -> np.ndarray:
     """Upper / middle / lower zone (0, 1, 2) of each lung voxel: thirds of each lung's
     cranio-caudal extent (slice 0 = head); -1 outside."""

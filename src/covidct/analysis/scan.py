@@ -36,7 +36,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from covidct.analysis.lungs import (LEFT, RIGHT, SLICE_CHUNK, component_sizes, label_components, segment_lungs_hu,
-                                    zone_index)
+                                    spine_posterior_votes, zone_index)
 from covidct.analysis.severity import lesion_burden
 from covidct.engine.infer import SegPredictor
 from covidct.errors import InputError
@@ -63,6 +63,11 @@ MAX_PLAUSIBLE_LUNG_ML = 10_000.0
 ORIENTED_KINDS = ("dicom-series", "dicom", "nifti")
 #: Lung of at least this area on a scan's first or last slice: the scan may not hold the whole lungs.
 COVERAGE_EDGE_MM2 = 100.0
+#: Orientation check (:func:`orientation_check`): the spine is called posterior when at least this share of the
+#: voting slices puts it there, anterior (the volume upside down) at or below ``1 -`` it; in between undetermined.
+SPINE_VOTE_SHARE = 0.7
+#: Fewer voting slices than this: the check says nothing.
+MIN_SPINE_VOTES = 5
 
 
 @dataclass
@@ -76,6 +81,7 @@ class ScanResult:
     timings: dict = field(default_factory=dict)
     lung_coverage: dict | None = None   # see :func:`lung_coverage`
     lung_volume_note: str | None = None   # see :func:`lung_volume_note`
+    orientation_check: dict | None = None   # see :func:`orientation_check`
 
 
 def _lesion_region(lung2d: np.ndarray, radius_px: int) -> np.ndarray:
@@ -130,6 +136,36 @@ def lung_volume_note(volume_ml: float | None) -> str | None:
             f"view?) or the voxel size may be wrong; check lungs.nii.gz before using the percentages")
 
 
+def orientation_check(vol: Volume, lungs: np.ndarray) -> dict | None:
+    """Does the anatomy agree with the orientation the file states? In the working orientation the spine lies
+    below (posterior to) the lungs; a volume whose header is wrong or missing (a NIfTI with qform and sform codes 0
+    is read with ANALYZE's default axes) can arrive upside down, and then the models see every slice mirrored and
+    the zones and sides are mislabelled. Counts :func:`~covidct.analysis.lungs.spine_posterior_votes` over the
+    scan: ``{"spine_posterior_slices", "voting_slices", "anterior_posterior": "as stored" | "reversed" |
+    "undetermined", "orientation_in_header", "note"}``; ``note`` only when reversed. None for inputs without HU or
+    without a known orientation (images)."""
+    if not vol.is_hu or vol.kind not in ORIENTED_KINDS:
+        return None
+    posterior, voting = spine_posterior_votes(vol.array, lungs)
+    share = posterior / voting if voting else None
+    verdict = "undetermined"
+    if voting >= MIN_SPINE_VOTES and share is not None:
+        if share >= SPINE_VOTE_SHARE:
+            verdict = "as stored"
+        elif share <= 1.0 - SPINE_VOTE_SHARE:
+            verdict = "reversed"
+    in_header = vol.metadata.get("orientation_in_header", True)
+    note = None
+    if verdict == "reversed":
+        why = ("its NIfTI header gives no orientation (qform and sform codes 0), so the axes were read as ANALYZE's "
+               "default" if not in_header else "the orientation stored in the file is probably wrong")
+        note = (f"the spine lies in front of the lungs on {voting - posterior} of {voting} slices: the volume is "
+                f"upside down (anterior and posterior swapped); {why}. The models saw the slices mirrored and the "
+                f"zones or sides may be swapped too: fix the orientation in the file and run again")
+    return {"spine_posterior_slices": posterior, "voting_slices": voting, "anterior_posterior": verdict,
+            "orientation_in_header": bool(in_header), "note": note}
+
+
 def slice_infection_probability(area_mm2: np.ndarray) -> np.ndarray:
     """``A / (A + AREA_SCALE_MM2)``: 0 without lesion, 0.5 at 1 cm², strictly increasing."""
     area_mm2 = np.asarray(area_mm2, np.float64)
@@ -162,6 +198,7 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     timings["lungs_s"] = round(time.perf_counter() - t0, 2)
     if require_lungs and not lungs.any():   # nothing to measure or answer for: not "Control"
         raise InputError(vol.source, "no lungs found in it (is it a chest CT?), so there is nothing to analyse")
+    orientation = orientation_check(vol, lungs)
 
     t0 = time.perf_counter()
     lesions = np.zeros(vol.shape, np.uint8)
@@ -225,7 +262,7 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     coverage = lung_coverage(lungs, px_mm) if vol.kind in ORIENTED_KINDS and vol.spacing and n > 1 and lungs.any() \
         else None
     return ScanResult(lesions, lungs, burden, slices, diagnosis, lung_method, timings, coverage,
-                      lung_volume_note(burden["lung_volume_ml"]))
+                      lung_volume_note(burden["lung_volume_ml"]), orientation)
 
 
 def _per_slice_counts(lesions: np.ndarray, lungs: np.ndarray, chunk: int = SLICE_CHUNK) -> tuple[np.ndarray, ...]:

@@ -66,6 +66,8 @@ def read_nifti(path: str | Path) -> Volume:
     if data.ndim != 3:
         raise InputError(path, f"expected a 3-D NIfTI volume, got {data.ndim}-D data of shape {data.shape}")
     source_affine = np.asarray(img.affine, dtype=float)
+    # qform and sform codes 0: the header states no orientation and nibabel falls back to ANALYZE's axes
+    in_header = any(int(img.header.get(code, 0) or 0) > 0 for code in ("qform_code", "sform_code"))
     array, affine = to_working(data.transpose(2, 1, 0), source_affine)
     array = np.ascontiguousarray(array)
     non_finite = fill_non_finite(array, path)
@@ -80,6 +82,7 @@ def read_nifti(path: str | Path) -> Volume:
         affine=affine,
         files=[str(path)] * array.shape[0],
         metadata={"modality": "CT" if is_hu else None, "orientation": "".join(nib.aff2axcodes(source_affine)),
+                  "orientation_in_header": in_header,
                   "source_affine": source_affine.tolist(), "source_shape": [int(n) for n in img.shape[:3]],
                   **({"non_finite_voxels": non_finite} if non_finite else {})},
     )

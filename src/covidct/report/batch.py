@@ -19,11 +19,15 @@ from covidct import DISCLAIMER
 from covidct.errors import CovidctError
 from covidct.io.atomic import write_bytes_atomic
 from covidct.report.json_io import write_json
+from covidct.report.notes import report_notes
 from covidct.report.scan_report import ScanModels, analyze
 
 #: Columns of ``summary.csv`` (the same keys in ``summary.json``'s ``scans``).
 SUMMARY_COLUMNS = ("name", "input", "series_uid", "status", "answer", "p_covid19", "lung_volume_ml", "ggo_percent",
-                   "consolidation_percent", "effusion_percent", "total_percent", "severity_score", "seconds", "error")
+                   "consolidation_percent", "effusion_percent", "total_percent", "severity_score", "seconds", "error",
+                   "notes")
+#: How ``summary.csv`` joins a scan's notes (``summary.json`` keeps them as a list).
+NOTES_SEPARATOR = " | "
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ def _row(job: ScanJob, report: dict[str, Any] | None, error: str | None, seconds
                lung_volume_ml=report["lung_volume_ml"], ggo_percent=les["ggo"]["percent_of_lung"],
                consolidation_percent=les["consolidation"]["percent_of_lung"],
                effusion_percent=les["effusion"]["percent_of_lung"], total_percent=les["total"]["percent_of_lung"],
-               severity_score=report["severity_score"],
+               severity_score=report["severity_score"], notes=report_notes(report),
                series_uid=job.series_uid or report["input"].get("series_uid"))
     return row
 
@@ -102,7 +106,7 @@ def write_summary(rows: list[dict[str, Any]], outdir: Path) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(SUMMARY_COLUMNS), lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({**r, "notes": NOTES_SEPARATOR.join(r["notes"] or [])} for r in rows)
     write_bytes_atomic(buf.getvalue().encode("utf-8"), outdir / "summary.csv")
     write_json({"scans": rows, "n_scans": len(rows), "n_failed": sum(r["status"] != "ok" for r in rows),
                 "disclaimer": DISCLAIMER}, outdir / "summary.json")

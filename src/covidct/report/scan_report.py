@@ -20,6 +20,7 @@ from covidct.io import Volume, get_window, read, to_model_input, write_nifti
 from covidct.models.registry import DEFAULTS
 from covidct.io.atomic import write_bytes_atomic
 from covidct.report.json_io import write_json
+from covidct.report.notes import report_notes
 from covidct.report.overlay import overlay_rgb, save_png, with_legend
 from covidct.report.viewer import write_viewer
 
@@ -66,7 +67,10 @@ def build_report(vol: Volume, result: ScanResult, models: list[dict], seconds: f
                   # DICOM series without ImagePositionPatient: how the slices were ordered and spaced
                   "slice_positions": vol.metadata.get("slice_positions"),
                   # NaN / infinite voxels (outside a resampled volume's field of view), read as the lowest value
-                  "non_finite_voxels": vol.metadata.get("non_finite_voxels", 0)},
+                  "non_finite_voxels": vol.metadata.get("non_finite_voxels", 0),
+                  # does the anatomy agree with the stated orientation (the spine posterior to the lungs)?
+                  # analysis.scan.orientation_check; None for inputs without HU or orientation
+                  "orientation_check": result.orientation_check},
         "lung_volume_ml": b["lung_volume_ml"],
         "lung_method": result.lung_method,
         # slices holding lung; cut_at_head / cut_at_feet: the lungs run off the scan (volumes
@@ -119,7 +123,7 @@ figure{{display:inline-block;margin:.3em}} figure img{{max-width:340px}} .kv td{
 <h1>covidct scan report</h1>
 <table class="kv">
 <tr><td>input</td><td>{html.escape(inp['path'])} ({html.escape(inp['kind'])}, {inp['shape']}, spacing {inp['spacing_mm']} mm)</td></tr>
-{_input_notes(inp, report.get("lung_coverage"), report.get("lung_volume_note"))}
+{"".join(f'<tr><td>note</td><td class="note">{html.escape(r)}</td></tr>' for r in report_notes(report))}
 <tr><td>lung volume</td><td>{'n/a' if lung_ml is None else f'{lung_ml:.0f} mL'} ({html.escape(report['lung_method'])})</td></tr>
 <tr><td>percentage of opacity</td><td>{report['percent_opacity']:.2f} %</td></tr>
 <tr><td>percentage of high opacity</td><td>{'n/a' if report['percent_high_opacity'] is None else f"{report['percent_high_opacity']:.2f} %"}</td></tr>
@@ -135,32 +139,6 @@ figure{{display:inline-block;margin:.3em}} figure img{{max-width:340px}} .kv td{
 <p><small>covidct {html.escape(report['covidct_version'])}; models: {html.escape(', '.join(m['name'] for m in report['models']))}; {report['seconds']} s</small></p>
 </body></html>
 """
-
-
-def non_finite_note(count: int) -> str:
-    return (f"{count} voxels were NaN or infinite (outside the field of view?): read as the lowest value of the "
-            f"volume, i.e. outside the body")
-
-
-def _input_notes(inp: dict, coverage: dict | None = None, lung_volume_note: str | None = None) -> str:
-    """Rows that say which series was taken, that slice gaps are uneven, that voxels were NaN, that the lungs
-    run off the scan and that the lung mask is implausibly large, when so."""
-    rows = []
-    if inp.get("series_chosen"):
-        rows.append(f"the largest axial one of {len(inp['series_available'])} series: {inp['series_chosen']}")
-    gaps = inp.get("uneven_slice_gaps")
-    if gaps:
-        rows.append(f"uneven slice gaps ({gaps['min_mm']}-{gaps['max_mm']} mm, after slices {gaps['after_slices']}; "
-                    f"a missing file?): volumes use the median gap, {gaps['median_mm']} mm")
-    if inp.get("slice_positions"):
-        rows.append(inp["slice_positions"])
-    if inp.get("non_finite_voxels"):
-        rows.append(non_finite_note(inp["non_finite_voxels"]))
-    if coverage and coverage.get("note"):
-        rows.append(coverage["note"])
-    if lung_volume_note:
-        rows.append(lung_volume_note)
-    return "".join(f'<tr><td>note</td><td class="note">{html.escape(r)}</td></tr>' for r in rows)
 
 
 def _probability_text(probs: dict[str, float]) -> str:

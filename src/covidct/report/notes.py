@@ -1,0 +1,36 @@
+"""The notes of a scan report: what a reader should know before using its numbers. Plain functions of the
+report dictionary, without the analysis stack, so ``covidct serve`` can show them without loading PyTorch."""
+
+from __future__ import annotations
+
+
+def non_finite_note(count: int) -> str:
+    return (f"{count} voxels were NaN or infinite (outside the field of view?): read as the lowest value of the "
+            f"volume, i.e. outside the body")
+
+
+def report_notes(report: dict) -> list[str]:
+    """Everything a reader of ``report`` should know before using its numbers, one sentence each (printed as
+    ``note: ...`` by the command line, rows of the HTML report, the ``notes`` column of a batch's summary): which
+    series was taken, uneven slice gaps, slices without positions, NaN voxels, a volume upside down, lungs that
+    run off the scan, an implausibly large lung mask."""
+    inp = report["input"]
+    notes = []
+    if inp.get("series_chosen"):
+        notes.append(f"folder holds {len(inp['series_available'])} series: analysed the largest axial one, "
+                     f"{inp['series_chosen']} (choose with --series)")
+    gaps = inp.get("uneven_slice_gaps")
+    if gaps:
+        notes.append(f"uneven slice gaps ({gaps['min_mm']}-{gaps['max_mm']} mm, after slices {gaps['after_slices']}; "
+                     f"a missing file?): volumes use the median gap, {gaps['median_mm']} mm")
+    if inp.get("slice_positions"):
+        notes.append(inp["slice_positions"])
+    if inp.get("non_finite_voxels"):
+        notes.append(non_finite_note(inp["non_finite_voxels"]))
+    if (inp.get("orientation_check") or {}).get("note"):
+        notes.append(inp["orientation_check"]["note"])
+    if (report.get("lung_coverage") or {}).get("note"):
+        notes.append(report["lung_coverage"]["note"])
+    if report.get("lung_volume_note"):
+        notes.append(report["lung_volume_note"])
+    return notes
