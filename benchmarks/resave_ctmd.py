@@ -71,7 +71,7 @@ def main() -> int:
             print(f"{os.path.basename(sys.argv[0])}: error: {exc}", file=sys.stderr)
             shutil.rmtree(args.output, ignore_errors=True)
             return 2
-        array, affine = vol.array, np.asarray(vol.affine, float).copy()
+        array, affine = np.asarray(vol.array, np.float32), np.asarray(vol.affine, float).copy()
         if pid in sizes:
             f = sizes[pid] / array.shape[1]
             array = zoom(array, (1, f, sizes[pid] / array.shape[2]), order=1)

@@ -27,6 +27,43 @@ def test_dicom_series_sorted_head_to_feet_and_in_hu(tmp_path):
     assert vol.affine[0, 0] == pytest.approx(-0.7)
 
 
+def test_whole_number_hu_volumes_are_held_in_16_bits_with_the_same_values(tmp_path):
+    """CT as scanners store it (integers, slope 1, an integer intercept) is held as int16, half the memory of
+    float32, with the same values; a fractional slope, values beyond int16 and images keep float32."""
+    import nibabel as nib
+
+    from covidct.io.volume import compact_hu
+
+    hu = np.round(phantom_hu(5, 32))
+    write_ct_series(tmp_path / "int", hu, slope=1.0, intercept=-1024.0)
+    write_ct_series(tmp_path / "frac", hu + 0.5, slope=0.5, intercept=-1024.0)
+    dicom_int, dicom_frac = read(tmp_path / "int"), read(tmp_path / "frac")
+    assert dicom_int.array.dtype == np.int16 and dicom_frac.array.dtype == np.float32
+    np.testing.assert_allclose(dicom_frac.array, hu + 0.5, atol=0.5)   # half-HU steps kept
+    assert not np.array_equal(dicom_frac.array, np.rint(dicom_frac.array))
+    np.testing.assert_array_equal(dicom_int.array, hu.astype(np.int16))
+    affine = np.diag([-0.7, -0.7, -2.0, 1.0])
+    for name, data, dtype in (("f64", hu, np.float64), ("u16", hu + 1024, np.uint16)):
+        img = nib.Nifti1Image(data.transpose(2, 1, 0).astype(dtype), affine)
+        if name == "u16":
+            img.header.set_slope_inter(1.0, -1024.0)
+        nib.save(img, tmp_path / f"{name}.nii.gz")
+        vol = read(tmp_path / f"{name}.nii.gz")
+        assert vol.array.dtype == np.int16
+        np.testing.assert_array_equal(vol.array, hu.astype(np.int16))
+    # the helper alone: 40 slices (more than one chunk), a fraction in the last chunk or one value out of range
+    whole = np.round(np.random.default_rng(0).normal(0, 500, (40, 8, 8))).astype(np.float32)
+    packed = compact_hu(whole)
+    assert packed.dtype == np.int16 and np.array_equal(packed, whole) and packed.nbytes == whole.nbytes // 2
+    for spoil in (0.25, 40000.0):
+        spoiled = whole.copy()
+        spoiled[-1, -1, -1] = spoil
+        assert compact_hu(spoiled) is spoiled
+    grey = np.full((1, 32, 32), 77.0, np.float32)
+    Image.fromarray(grey[0].astype(np.uint8)).save(tmp_path / "g.png")
+    assert read(tmp_path / "g.png").array.dtype == np.float32   # not HU: as read
+
+
 @pytest.mark.parametrize("syntax, name", [(True, "RLE"), ("1.2.840.10008.1.2.4.90", "JPEG 2000"), ("1.2.840.10008.1.2.4.80", "JPEG-LS")])
 def test_dicom_compressed_series_decodes(tmp_path, syntax, name):
     hu = phantom_hu(3, 32)

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from covidct.errors import InputError
-from covidct.io.volume import Volume, fill_non_finite
+from covidct.io.volume import Volume, compact_hu, fill_non_finite
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -301,11 +301,12 @@ def read_dicom_file(path: str | Path, *, require_ct: bool = True) -> Volume:
     pos = np.array(getattr(ds, "ImagePositionPatient", [0.0, 0.0, 0.0]), dtype=float)
     meta = _metadata(ds)
     _note_non_finite(hu, path, meta)
+    is_hu = meta["modality"] in (None, "CT")
     return Volume(
-        array=hu[None],
+        array=compact_hu(hu[None]) if is_hu else hu[None],
         kind="dicom",
         source=path,
-        is_hu=meta["modality"] in (None, "CT"),
+        is_hu=is_hu,
         spacing=(thickness, *spacing_rc),
         affine=_affine(ds, [pos], spacing_rc),
         files=[str(path)],
@@ -519,8 +520,9 @@ def _working_volume(array: np.ndarray, affine: np.ndarray, spacing: tuple[float,
     """The :class:`Volume` of a stack read as stored (slices head -> feet), in the working orientation."""
     array, affine, spacing, files = _to_working_orientation(array, affine, spacing, files, meta)
     _note_non_finite(array, source, meta)
-    return Volume(array=array, kind=kind, source=source, is_hu=meta["modality"] in (None, "CT"), spacing=spacing,
-                  affine=affine, files=files, n_skipped=n_skipped, metadata=meta)
+    is_hu = meta["modality"] in (None, "CT")
+    return Volume(array=compact_hu(array) if is_hu else array, kind=kind, source=source, is_hu=is_hu,
+                  spacing=spacing, affine=affine, files=files, n_skipped=n_skipped, metadata=meta)
 
 
 def _to_working_orientation(array: np.ndarray, affine: np.ndarray, spacing: tuple[float, float, float],

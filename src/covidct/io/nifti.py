@@ -20,7 +20,7 @@ from covidct import SHORT_DISCLAIMER
 from covidct.errors import InputError
 from covidct.io.atomic import atomic_output
 from covidct.io.orientation import from_working, ornt_to_working, to_working
-from covidct.io.volume import Volume, fill_non_finite
+from covidct.io.volume import Volume, compact_hu, fill_non_finite
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -74,7 +74,7 @@ def read_nifti(path: str | Path) -> Volume:
     zooms = [float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))]
     is_hu = bool(array.min() < -500.0)
     return Volume(
-        array=array,
+        array=compact_hu(array) if is_hu else array,
         kind="nifti",
         source=path,
         is_hu=is_hu,
