@@ -503,6 +503,12 @@ def test_a_volume_upside_down_is_flagged_and_why(tmp_path, tiny_seg_model, capsy
             assert ("gives no orientation" in check["note"]) == (not in_header)
             assert ("probably wrong" in check["note"]) == in_header
             assert f"note: {check['note']}" in printed and "upside down" in html_text
+        # `covidct predict` on the same volume: the check per input in predictions.json, the note printed
+        pred = tmp_path / f"pred_{name}"
+        assert main(["predict", str(path), "-o", str(pred), "--model", str(tiny_seg_model)]) == 0
+        item = json.loads((pred / "predictions.json").read_text())["inputs"][0]
+        assert item["input"] == str(path) and item["orientation_check"] == check
+        assert ("upside down" in capsys.readouterr().out) == (verdict == "reversed")
     plain = read(tmp_path / "as_stored.nii.gz")
     plain.array[:] = phantom_hu(8, 80)   # no bone
     lungs = segment_lungs_hu(plain.array, spacing=plain.spacing, affine=plain.affine).labels

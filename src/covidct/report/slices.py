@@ -21,7 +21,8 @@ def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec
                       progress: bool = True) -> dict[str, Any]:
     """For every slice of every input write ``<name>_labels.png`` (value = class index: 0 background,
     1 GGO, 2 consolidation, 3 effusion), ``<name>_lung.png`` (0/1) and ``<name>_overlay.png``; plus
-    ``predictions.json`` with per-slice lesion pixel counts. With ``lesion_model_spec`` the Mask R-CNN
+    ``predictions.json`` with per-slice lesion pixel counts and, per input, the orientation check of HU volumes
+    (:func:`~covidct.analysis.scan.orientation_check`). With ``lesion_model_spec`` the Mask R-CNN
     lesion model also runs: ``<name>_instances.png`` (masks and boxes with scores, GGO red,
     consolidation blue) and ``instances`` (class, score, box, area) per slice in the JSON, for the
     detections scoring at least ``lesion_score``. All inputs are read before anything is written, so a
@@ -37,6 +38,7 @@ def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec
     lesion_model, lesion_payload = load_lesion_model(lesion_model_spec) if lesion_model_spec else (None, None)
     outdir = Path(outdir)
     rows = []
+    inputs = []
     total = sum(v.n_slices for v in volumes)
     bar = tqdm(total=total, desc="predict", unit="slice", disable=not progress)
     for vol in volumes:
@@ -45,6 +47,8 @@ def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec
         # lungs, each slice cropped to them like the training slices, lesions kept in the lungs)
         # (a slice above or below the lungs is a valid input here: it gets empty maps, not an error)
         scan = analyze_volume(vol, framed, progress=False, require_lungs=False) if vol.is_hu else None
+        inputs.append({"input": str(vol.source), "kind": vol.kind, "n_slices": vol.n_slices,
+                       "orientation_check": None if scan is None else scan.orientation_check})
         # the lesion model sees the slices in its training orientation, as the segmentation model does
         lesion_turns = model_turns(vol, lesion_model) if lesion_model is not None else 0
         for k in range(vol.n_slices):
@@ -69,7 +73,7 @@ def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec
             rows.append(row)
             bar.update(1)
     bar.close()
-    summary = {"model": Path(payload["path"]).name, "slices": rows}
+    summary = {"model": Path(payload["path"]).name, "inputs": inputs, "slices": rows}
     if lesion_payload is not None:
         summary["lesion_model"] = Path(lesion_payload["path"]).name
         summary["lesion_score_threshold"] = lesion_score
