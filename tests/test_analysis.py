@@ -495,7 +495,8 @@ def test_a_volume_upside_down_is_flagged_and_why(tmp_path, tiny_seg_model, capsy
         check = json.loads((out / "report.json").read_text())["input"]["orientation_check"]
         assert (check["anterior_posterior"], check["orientation_in_header"]) == (verdict, in_header)
         assert check["voting_slices"] == 8
-        html_text = (out / "report.html").read_text()
+        html_text = (out / "report.html").read_text() + (out / "viewer.html").read_text()
+        assert ("upside down" in (out / "viewer.html").read_text()) == (verdict == "reversed")
         if verdict == "as stored":
             assert check["note"] is None and "upside down" not in printed and "upside down" not in html_text
         else:

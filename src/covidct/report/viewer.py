@@ -62,9 +62,10 @@ def _label_png(labels: np.ndarray, lung: np.ndarray, size: tuple[int, int]) -> s
 
 def viewer_html(grey_slices: Callable[[int], np.ndarray], lesions: np.ndarray, lungs: np.ndarray,
                 slices: list[dict], *, spacing: Sequence[float] | None = None, title: str = "covidct viewer",
-                max_side: int = MAX_SIDE) -> str:
+                max_side: int = MAX_SIDE, notes: Sequence[str] = ()) -> str:
     """The viewer page. ``grey_slices(k)`` gives slice ``k`` in [0, 1] (display window); ``lesions`` and
-    ``lungs`` are the (slices, rows, cols) label maps of the analysis; ``slices`` its per-slice rows."""
+    ``lungs`` are the (slices, rows, cols) label maps of the analysis; ``slices`` its per-slice rows; ``notes``
+    the report's notes (:func:`covidct.report.notes.report_notes`), shown under the title."""
     n, rows, cols = lesions.shape
     size = _display_size(rows, cols, spacing, max_side)
     frames = []
@@ -81,8 +82,9 @@ def viewer_html(grey_slices: Callable[[int], np.ndarray], lesions: np.ndarray, l
                      for c, label in (("ggo", "GGO"), ("consolidation", "consolidation"), ("effusion", "effusion"),
                                       ("lung", "lung outline")))
     data = json.dumps({"frames": frames, "info": info, "start": start, "width": size[0], "height": size[1]})
+    notes_html = "".join(f'<p class="note">note: {html.escape(n)}</p>' for n in notes)
     return _PAGE.replace("%TITLE%", html.escape(title)).replace("%DISCLAIMER%", html.escape(DISCLAIMER)) \
-        .replace("%LEGEND%", legend).replace("%DATA%", data.replace("</", "<\\/"))
+        .replace("%NOTES%", notes_html).replace("%LEGEND%", legend).replace("%DATA%", data.replace("</", "<\\/"))
 
 
 _PAGE = """<!doctype html>
@@ -90,6 +92,7 @@ _PAGE = """<!doctype html>
 <style>
 body{font-family:sans-serif;margin:1em;background:#111;color:#eee}
 .warn{background:#fff3cd;color:#000;border:1px solid #c9a100;padding:.6em;font-weight:bold}
+.note{color:#ffd27f;margin:.3em 0}
 #stack{position:relative;display:inline-block;cursor:ns-resize}
 #stack img{display:block;width:min(80vh,90vw);height:auto;image-rendering:auto}
 #ov{position:absolute;left:0;top:0;image-rendering:pixelated}
@@ -99,6 +102,7 @@ label{margin-right:1em}
 </style></head><body>
 <p class="warn">%DISCLAIMER%</p>
 <h1>%TITLE%</h1>
+%NOTES%
 <div><label>slice <input id="slider" type="range" min="0" value="0" style="width:24em"></label>
 <span id="where"></span></div>
 <div><label><input id="show" type="checkbox" checked> lesions and lung outline</label>
@@ -153,7 +157,8 @@ show_slice(k);
 
 def write_viewer(path: str | Path, grey_slices: Callable[[int], np.ndarray], lesions: np.ndarray, lungs: np.ndarray,
                  slices: list[dict], *, spacing: Sequence[float] | None = None, title: str = "covidct viewer",
-                 max_side: int = MAX_SIDE) -> Path:
+                 max_side: int = MAX_SIDE, notes: Sequence[str] = ()) -> Path:
     """:func:`viewer_html` written atomically to ``path``."""
-    page = viewer_html(grey_slices, lesions, lungs, slices, spacing=spacing, title=title, max_side=max_side)
+    page = viewer_html(grey_slices, lesions, lungs, slices, spacing=spacing, title=title, max_side=max_side,
+                       notes=notes)
     return write_bytes_atomic(page.encode("utf-8"), path)
