@@ -68,6 +68,7 @@ def _run_sampling_memory(cmd: list[str]) -> tuple[subprocess.Popen, str, float]:
 
 def main() -> int:
     from covidct.metrics import roc_auc
+    from covidct.report.notes import report_notes
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
@@ -88,6 +89,7 @@ def main() -> int:
         for r in csv.DictReader(fh):
             labels.setdefault(r["patient_id"], {})[int(r["slice_index"])] = int(r["infection"])
     rows, all_y, all_p = [], [], []
+    notes: dict[str, list[str]] = {}
     by_patient: dict[str, tuple[list[int], list[float]]] = {}
     areas: dict[str, tuple[list[float], float]] = {}   # lesion area per slice (mm²), slice spacing (mm)
     for p in patients:
@@ -130,11 +132,17 @@ def main() -> int:
             "severity": rep["severity_score"], "answer": rep["diagnosis"]["label"],
             "p_covid19": rep["diagnosis"]["probabilities"].get("COVID-19"), "inside_s": rep["seconds"],
             "slice_auc": round(roc_auc(y, pr), 4) if 0 < sum(y) < len(y) else None,
+            # anatomy vs the file's orientation (covidct.analysis.scan.orientation_check); the report's notes
+            "orientation": (rep["input"].get("orientation_check") or {}).get("anterior_posterior"),
         })
+        notes[p["patient_id"]] = report_notes(rep)
     keys = list(rows[0]) if rows else []
     print(" | ".join(keys))
     for r in rows:
         print(" | ".join(str(r[k]) for k in keys))
+    for pid, said in notes.items():
+        for note in said:
+            print(f"{pid}: note: {note}")
     pooled = roc_auc(all_y, all_p)
     print(f"slice-level infection AUC, all patients pooled: {pooled:.4f} ({sum(all_y)} positive / {len(all_y)} slices)")
     # which pair of patients limits the pooled number (a positive of one ranked against a negative of another)
@@ -172,7 +180,7 @@ def main() -> int:
         print(f"\npatient answers ({len(answered)} scans):\n{rep.confusion_text()}\naccuracy {patient_accuracy:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"patients": rows, "pooled_slice_auc": pooled,
-                                               "patient_accuracy": patient_accuracy}, indent=2))
+                                               "patient_accuracy": patient_accuracy, "notes": notes}, indent=2))
     return 0
 
 
