@@ -179,6 +179,10 @@ def main() -> int:
     args = ap.parse_args()
     files = list(args.files)
     if args.scan:
+        from covidct.io.nifti import is_nifti
+
+        if not (is_nifti(args.scan) and args.scan.is_file()):
+            ap.error(f"--scan {args.scan}: not a NIfTI file")
         files.insert(0, args.scan)
         if args.variants:
             files += write_variants(args.scan, args.variants)
@@ -188,12 +192,20 @@ def main() -> int:
             files.append(write_prone_copy(args.dicom, args.variants / "dicom_prone_header"))
     if not files:
         ap.error("give --scan, --dicom or files")
+    from covidct.errors import CovidctError
+
+    failed = 0
     for path in files:
-        row = measure(path)
+        try:
+            row = measure(path)
+        except CovidctError as exc:   # one line per unreadable file; the others go on
+            print(f"{os.path.basename(sys.argv[0])}: error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
         if args.analyze:
             row.update(analyze(path))
         print(json.dumps(row))
-    return 0
+    return 2 if failed else 0
 
 
 if __name__ == "__main__":
