@@ -42,6 +42,24 @@ def test_whole_number_hu_volumes_are_held_in_16_bits_with_the_same_values(tmp_pa
     np.testing.assert_allclose(dicom_frac.array, hu + 0.5, atol=0.5)   # half-HU steps kept
     assert not np.array_equal(dicom_frac.array, np.rint(dicom_frac.array))
     np.testing.assert_array_equal(dicom_int.array, hu.astype(np.int16))
+    # DICOM slices are decoded straight into int16; one slice with a fractional intercept (or one beyond int16's
+    # range) turns the volume into float32 with every slice decoded before it kept exactly
+    import pydicom
+
+    for name, intercept, stored_max in (("half", -1023.5, None), ("wide", 0.0, 40000)):
+        paths = write_ct_series(tmp_path / name, hu, slope=1.0, intercept=-1024.0, shuffle_names=False)
+        odd = pydicom.dcmread(paths[2])
+        raw = odd.pixel_array.astype(np.uint16)
+        if stored_max:
+            raw[0, 0] = stored_max
+            odd.PixelData = raw.tobytes()
+        odd.RescaleIntercept = intercept
+        odd.save_as(paths[2])
+        mixed = read(tmp_path / name).array
+        expected = hu.astype(np.float32).copy()
+        expected[2] = raw.astype(np.float32) + intercept
+        assert mixed.dtype == np.float32
+        np.testing.assert_array_equal(mixed, expected)
     affine = np.diag([-0.7, -0.7, -2.0, 1.0])
     for name, data, dtype in (("f64", hu, np.float64), ("u16", hu + 1024, np.uint16)):
         img = nib.Nifti1Image(data.transpose(2, 1, 0).astype(dtype), affine)

@@ -13,6 +13,7 @@ functional groups.
 from __future__ import annotations
 
 import os
+import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from covidct.errors import InputError
-from covidct.io.volume import Volume, compact_hu, fill_non_finite
+from covidct.io.volume import Volume, compact_hu, fill_non_finite, fits_int16
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -465,15 +466,23 @@ def read_dicom_series(
             raise InputError(folder, "mixed series: two slices share one position (duplicate or multi-phase series)")
     # decoding (JPEG Lossless etc.) runs in C outside the GIL: threads use the machine's cores
     # (P001, 148 JPEG-Lossless slices on 2 cores: 3.1 s -> 2.2 s); the first bad file in series order raises
-    # each slice goes straight into one preallocated float32 volume, and its dataset lets go of the
-    # pixel data it loaded (compressed bytes and the decoded array): one copy of the volume in memory
+    # each slice goes straight into one preallocated volume, and its dataset lets go of the pixel data it
+    # loaded (compressed bytes and the decoded array): one copy of the volume in memory. CT is held as int16
+    # (HU as stored: whole numbers); the first slice that int16 cannot hold exactly (a fractional rescale,
+    # values out of range, NaN) turns the volume into float32, the slices decoded so far copied over.
     rows, cols = shapes.pop()
-    volume = np.empty((len(items), rows, cols), np.float32)
+    is_hu = _metadata(first)["modality"] in (None, "CT")
+    holder = [np.empty((len(items), rows, cols), np.int16 if is_hu else np.float32)]
+    lock = threading.Lock()
 
     def decode(i: int) -> None:
         path, ds = items[i]
-        volume[i] = _pixels_hu(path, ds)[0]
+        hu = _pixels_hu(path, ds)[0]
         _release_pixels(ds)
+        with lock:   # a copy of one slice; the switch to float32 must not race a write
+            if holder[0].dtype == np.int16 and not fits_int16(hu):
+                holder[0] = holder[0].astype(np.float32)
+            holder[0][i] = hu
 
     bar = tqdm(total=len(items), desc="reading", unit="slice", disable=not progress)
     try:
@@ -489,6 +498,7 @@ def read_dicom_series(
         raise
     finally:
         bar.close()
+    volume = holder.pop()
     meta = _metadata(first)
     if slice_positions_note:
         meta["slice_positions"] = slice_positions_note

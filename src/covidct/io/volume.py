@@ -116,6 +116,18 @@ def fill_non_finite(array: np.ndarray, source: str | Path) -> int:
 _COMPACT_CHUNK = 16
 
 
+def fits_int16(values: np.ndarray) -> bool:
+    """Whether every value of ``values`` is a whole number within int16's range (so int16 holds it exactly);
+    NaN and infinities do not fit."""
+    if values.dtype == np.int16 or values.size == 0:
+        return True
+    info = np.iinfo(np.int16)
+    low, high = values.min(), values.max()
+    if not (low >= info.min and high <= info.max):   # also False for NaN
+        return False
+    return values.dtype.kind in "iub" or bool(np.array_equal(values, np.rint(values)))
+
+
 def compact_hu(array: np.ndarray) -> np.ndarray:
     """``array`` as int16 when every value is a whole number within int16's range — the same values in half the
     memory of float32 — else ``array`` itself. Checked and converted a few slices at a time (no whole-volume
@@ -126,8 +138,7 @@ def compact_hu(array: np.ndarray) -> np.ndarray:
     if float(array.min()) < info.min or float(array.max()) > info.max:
         return array
     for z in range(0, array.shape[0], _COMPACT_CHUNK):
-        part = array[z:z + _COMPACT_CHUNK]
-        if not np.array_equal(part, np.rint(part)):
+        if not fits_int16(array[z:z + _COMPACT_CHUNK]):
             return array
     out = np.empty(array.shape, np.int16)
     for z in range(0, array.shape[0], _COMPACT_CHUNK):
