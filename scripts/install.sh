@@ -7,7 +7,15 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 stamp=.venv/.covidct-install-$(sha256sum pyproject.toml | cut -c1-16)
+js_deps() {   # jsdom (npm) for the test that runs the viewer's JavaScript; without npm that test skips
+  if [ ! -d .venv/js/node_modules/jsdom ] && command -v npm >/dev/null 2>&1; then
+    echo "[install] jsdom for the viewer's JavaScript test"
+    npm install --silent --no-audit --no-fund --prefix .venv/js jsdom@24 >/dev/null 2>&1 \
+      || echo "[install] warning: npm could not install jsdom; the viewer JavaScript test will skip"
+  fi
+}
 if [ -f "$stamp" ]; then
+  js_deps
   exit 0
 fi
 echo "[install] creating .venv with $($PY --version)"
@@ -19,6 +27,7 @@ echo "[install] covidct and its dependencies"
 .venv/bin/python -m pip install --quiet -e '.[test,imagenet]'
 rm -f .venv/.covidct-install-*
 touch "$stamp"
+js_deps
 .venv/bin/python - <<'PY'
 import torch, torchvision
 from torchvision.ops import nms

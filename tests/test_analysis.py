@@ -155,7 +155,11 @@ def _check_outputs(out, vol, report):
     assert list((out / "overlays").glob("*.png"))
     viewer = (out / "viewer.html").read_text()
     assert viewer.index("not for diagnosis") < viewer.index("<h1>") and 'href="viewer.html"' in html
-    assert len(_viewer_data(viewer)["frames"]) == vol.n_slices
+    data = _viewer_data(viewer)
+    assert len(data["frames"]) == vol.n_slices
+    # CT in HU can also be looked at in the mediastinal window (effusion, consolidation); images cannot
+    assert data["windows"] == (["lung", "mediastinum"] if vol.is_hu else ["lung"])
+    assert all(set(f["win"]) == set(data["windows"][1:]) for f in data["frames"])
     umask = os.umask(0)
     os.umask(umask)
     assert (out / "report.json").stat().st_mode & 0o777 == 0o666 & ~umask  # not a temporary file's 0600
@@ -183,8 +187,12 @@ def test_viewer_embeds_every_slice_with_its_overlay():
     slices = [{"index": k, "infection_probability": p, "lesion_percent": q}
               for k, p, q in ((0, 0.0, 0.0), (1, 0.7, 13.0), (2, 0.9, 17.0))]
     slices[2]["triage_probabilities"] = {"Control": 0.1, "Common pneumonia": 0.3, "COVID-19": 0.6}
-    page = viewer_html(lambda k: np.full((40, 60), k / 2.0), lesions, lungs, slices, spacing=(5.0, 1.0, 0.5))
+    page = viewer_html(lambda k: np.full((40, 60), k / 2.0), lesions, lungs, slices, spacing=(5.0, 1.0, 0.5),
+                       extra_windows={"dark": lambda k: np.zeros((40, 60))})
     data = _viewer_data(page)
+    assert data["windows"] == ["lung", "dark"] and '<select id="win">' in page
+    dark = np.asarray(Image.open(io.BytesIO(base64.b64decode(data["frames"][2]["win"]["dark"]))))
+    assert dark.shape == (80, 60) and float(dark.max()) < 3        # the other window's picture of the same slice
     assert len(data["frames"]) == 3 and data["start"] == 2           # opens on the most affected slice
     assert data["frames"][0]["ov"] == ""                            # nothing to draw: no overlay
     assert (data["width"], data["height"]) == (60, 80)              # rows are 1 mm, columns 0.5 mm: square mm
@@ -380,6 +388,7 @@ def test_analyze_image_uses_learned_lungs(tmp_path, tiny_seg_model):
     report = json.loads((out / "report.json").read_text())
     assert report["input"]["kind"] == "image" and report["lung_volume_ml"] is None
     assert "learned" in report["lung_method"]
+    assert _viewer_data((out / "viewer.html").read_text())["windows"] == ["lung"]   # no HU: no mediastinal window
 
 
 def test_analyze_bad_input_leaves_no_output(tmp_path, tiny_seg_model, capsys):
@@ -864,3 +873,37 @@ def test_boxes_found_on_a_turned_slice_map_back_onto_it(turns):
     rows, cols = np.nonzero(turned)
     box_on_turned = [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]
     np.testing.assert_allclose(turn_boxes_back(np.array([box_on_turned]), turns, mask.shape), [[20, 4, 44, 11]])
+
+
+def test_viewer_page_script_moves_through_slices_and_windows(tmp_path):
+    """The viewer's JavaScript run in jsdom (installed by scripts/install.sh): arrow keys move through the
+    slices, the window menu and the key ``w`` switch the picture to the same slice in another window, the
+    overlay check box hides the overlay; no script errors."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from covidct.report.viewer import write_viewer
+
+    modules = Path(__file__).resolve().parents[1] / ".venv" / "js" / "node_modules"
+    if shutil.which("node") is None or not (modules / "jsdom").is_dir():
+        pytest.skip("node or jsdom missing (scripts/install.sh installs jsdom when npm is available)")
+    lesions = np.zeros((4, 40, 60), np.uint8)
+    lesions[1:, 10:20, 10:30] = 1
+    lungs = np.ones_like(lesions)
+    slices = [{"index": k, "infection_probability": 0.2 * k, "lesion_percent": [0, 5, 9, 3][k]} for k in range(4)]
+    page = tmp_path / "viewer.html"
+    write_viewer(page, lambda k: np.full((40, 60), 0.2 + 0.2 * k), lesions, lungs, slices,
+                 extra_windows={"mediastinum": lambda k: np.full((40, 60), 0.05 + 0.1 * k)})
+    run = subprocess.run(["node", str(Path(__file__).parent / "js" / "viewer_check.js"), str(page)],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "NODE_PATH": str(modules)})
+    assert run.returncode == 0, run.stderr
+    steps = json.loads(run.stdout)
+    assert steps["options"] == ["lung", "mediastinum"] and not steps["disabled"] and steps["errors"] == []
+    assert (steps["start"]["slice"], steps["start"]["window"]) == (2, "lung")        # the most affected slice
+    assert (steps["down"]["slice"], steps["down"]["window"]) == (3, "lung")
+    assert (steps["w"]["slice"], steps["w"]["window"]) == (3, "mediastinum")          # same slice, other window
+    assert (steps["up"]["slice"], steps["up"]["window"]) == (2, "mediastinum")        # the window stays
+    assert steps["w_again"]["window"] == "lung" and steps["select_last"]["window"] == "mediastinum"
+    assert steps["slider0"]["slice"] == 0 and steps["slider0"]["where"].startswith("1 / 4")
+    assert steps["start"]["overlay"] == "block" and steps["hidden"]["overlay"] == "none"

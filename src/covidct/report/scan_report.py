@@ -368,7 +368,10 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
             write_viewer(outdir / "viewer.html",
                          lambda k: to_model_input(vol.array[k], is_hu=vol.is_hu, window="lung"), result.lesions,
                          result.lungs, result.slices, spacing=vol.spacing,
-                         title=f"covidct viewer: {Path(str(vol.source)).name}", notes=report_notes(report))
+                         title=f"covidct viewer: {Path(str(vol.source)).name}", notes=report_notes(report),
+                         extra_windows={"mediastinum": lambda k: to_model_input(vol.array[k], is_hu=True,
+                                                                                window="mediastinum")}
+                         if vol.is_hu else None)
             report["timings"]["viewer_s"] = round(time.perf_counter() - t1, 2)
             bar.update()
         report["seconds"] = round(time.perf_counter() - t0, 2)
