@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from covidct.cli import main
 from covidct.engine.lesions import LesionTrainConfig, train_lesions
@@ -58,6 +59,54 @@ def test_train_and_evaluate_lesions(tmp_path, seg_folder, capsys):
     assert set(out["per_class"]) == {"ggo", "consolidation"}
     printed = capsys.readouterr().out
     assert out["n_images"] == 6 and "Evaluation took" in printed and f"wrote {js}" in printed
+    # --overlays: one picture per evaluated slice, the same numbers; a file in the folder's place is one error line
+    pics = tmp_path / "pics"
+    assert main(["evaluate", "lesions", "--model", str(tmp_path / "les.pt"), "--data", str(seg_folder), "--json",
+                 str(tmp_path / "e2.json"), "--overlays", str(pics)]) == 0
+    assert json.loads((tmp_path / "e2.json").read_text())["ap50"] == out["ap50"]
+    assert sorted(p.stem for p in pics.glob("*.png")) == sorted(p.stem for p in (seg_folder / "images").iterdir())
+    assert "not for diagnosis" in Image.open(next(pics.glob("*.png"))).text["Disclaimer"]
+    (tmp_path / "taken").write_text("x")
+    capsys.readouterr()
+    assert main(["evaluate", "lesions", "--model", str(tmp_path / "les.pt"), "--data", str(seg_folder),
+                 "--overlays", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "taken" in err[0] and "folder" in err[0]
+
+
+def test_instances_comparison_draws_truth_beside_confident_predictions():
+    """Left: the true instances in their class colours; right: only the predictions scoring at least
+    ``min_score``; a legend and the counts under them."""
+    from covidct.data.segmentation import LESION_COLOURS
+    from covidct.report.overlay import instances_comparison
+
+    grey = np.full((64, 64), 0.5, np.float32)
+    truth_masks = np.zeros((2, 64, 64), np.uint8)
+    truth_masks[0, 5:20, 5:20] = 1      # GGO
+    truth_masks[1, 40:60, 40:60] = 1    # consolidation
+    truth = {"masks": torch.from_numpy(truth_masks), "labels": torch.tensor([1, 2]),
+             "boxes": torch.tensor([[5, 5, 20, 20], [40, 40, 60, 60]], dtype=torch.float32)}
+    pred_masks = torch.zeros((2, 1, 64, 64))
+    pred_masks[0, 0, 5:20, 40:60] = 0.9   # a confident GGO up right
+    pred_masks[1, 0, 40:60, 5:20] = 0.9   # an unsure consolidation down left: not drawn
+    prediction = {"masks": pred_masks, "labels": torch.tensor([1, 2]), "scores": torch.tensor([0.8, 0.1]),
+                  "boxes": torch.tensor([[40, 5, 60, 20], [5, 40, 20, 60]], dtype=torch.float32)}
+    pic = np.asarray(instances_comparison(grey, truth, prediction, ("background", "ggo", "consolidation"),
+                                          min_score=0.3, title="slice 7"))
+    scale = 640 / (64 + 4 + 64)             # the pair is upscaled to 640 px
+    assert pic.shape[1] == 640
+
+    def colour_at(row, col):                # a pixel of the 64 x 64 panels, left (col) or right (68 + col)
+        return pic[int((row + 0.5) * scale), int((col + 0.5) * scale)].astype(int)
+
+    def tinted(rgb, name):                  # grey 127 blended towards the class colour
+        target = np.array(LESION_COLOURS[name])
+        return np.abs(rgb - (0.55 * 127 + 0.45 * target)).max() <= 3
+
+    assert tinted(colour_at(12, 12), "ggo") and tinted(colour_at(50, 50), "consolidation")         # truth
+    assert tinted(colour_at(17, 68 + 55), "ggo")                        # predicted GGO (below its score text)
+    assert np.abs(colour_at(50, 68 + 12) - 127).max() <= 1                                         # score 0.1: not drawn
+    assert np.abs(colour_at(50, 68 + 50) - 127).max() <= 1                                         # nothing predicted
 
 
 def test_train_lesions_cli_sets_the_training_cost_settings(tmp_path, seg_folder, capsys):
@@ -307,9 +356,11 @@ def test_shipped_lesion_model_on_real_validation_slices(tmp_path, capsys):
             for f in (src / sub).glob(f"{i}.*"):
                 shutil.copy(f, tmp_path / "few" / sub / f.name)
     js = tmp_path / "e.json"
-    assert main(["evaluate", "lesions", "--data", str(tmp_path / "few"), "--json", str(js)]) == 0
+    assert main(["evaluate", "lesions", "--data", str(tmp_path / "few"), "--json", str(js), "--overlays",
+                 str(tmp_path / "pics")]) == 0
     res = json.loads(js.read_text())
     assert res["n_images"] == 3 and res["ap50"] is not None and res["infection_dice"] > 0.5
+    assert len(list((tmp_path / "pics").glob("*.png"))) == 3
     assert "lesion region Dice" in capsys.readouterr().out
 
 

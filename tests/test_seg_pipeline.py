@@ -240,6 +240,42 @@ def test_evaluate_without_effusion_or_lung_labels_gives_null(trained, tmp_path, 
     assert main(["evaluate", "seg", "--model", str(trained[1]), "--data", str(folder), "--json", str(js)]) == 0
     res = json.loads(js.read_text())
     assert res["dice"]["effusion"] is None and res["dice"]["lung"] is None and res["n_images"] == 3
+    # --overlays: truth | prediction for each slice, the same scores; a file where the folder should be: one line
+    pics = tmp_path / "pics"
+    assert main(["evaluate", "seg", "--model", str(trained[1]), "--data", str(folder), "--json", str(tmp_path / "e2.json"),
+                 "--overlays", str(pics)]) == 0
+    assert json.loads((tmp_path / "e2.json").read_text())["dice"] == res["dice"]
+    assert sorted(p.stem for p in pics.glob("*.png")) == sorted(p.stem for p in (folder / "images").iterdir())
+    assert "not for diagnosis" in Image.open(next(pics.glob("*.png"))).text["Disclaimer"]
+    capsys.readouterr()
+    assert main(["evaluate", "seg", "--model", str(trained[1]), "--data", str(folder), "--overlays", str(js)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(js) in err[0] and "folder" in err[0]
+
+
+def test_labels_comparison_draws_truth_beside_prediction():
+    from covidct.data.segmentation import LESION_COLOURS
+    from covidct.report.overlay import labels_comparison
+
+    grey = np.full((64, 64), 0.5, np.float32)
+    truth, predicted = np.zeros((64, 64), np.uint8), np.zeros((64, 64), np.uint8)
+    truth[5:20, 5:20] = 1          # GGO, found
+    truth[40:60, 40:60] = 2        # consolidation, missed
+    predicted[5:20, 5:20] = 1
+    predicted[40:60, 5:20] = 3     # effusion, not in the truth
+    pic = np.asarray(labels_comparison(grey, truth, predicted, title="7"))
+    scale = 640 / (64 + 4 + 64)
+    assert pic.shape[1] == 640
+
+    def at(row, col):
+        return pic[int((row + 0.5) * scale), int((col + 0.5) * scale)].astype(int)
+
+    def tinted(rgb, name):
+        return np.abs(rgb - (0.55 * 127 + 0.45 * np.array(LESION_COLOURS[name]))).max() <= 2
+
+    assert tinted(at(12, 12), "ggo") and tinted(at(50, 50), "consolidation")              # truth, left
+    assert tinted(at(12, 68 + 12), "ggo") and tinted(at(50, 68 + 12), "effusion")         # prediction, right
+    assert np.abs(at(50, 68 + 50) - 127).max() <= 1 and np.abs(at(50, 12) - 127).max() <= 1
 
 
 def test_predict_writes_maps_and_overlays(trained, tmp_path, capsys):

@@ -160,15 +160,35 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overlays_folder(path: str | None) -> Path | None:
+    """The ``--overlays`` folder of an evaluation (made when the first picture is written)."""
+    if path is None:
+        return None
+    if Path(path).exists() and not Path(path).is_dir():
+        raise CovidctError(path, "--overlays must be a folder (a file of that name exists)")
+    return Path(path)
+
+
 def _cmd_evaluate_seg(args: argparse.Namespace) -> int:
     from covidct.engine.evaluate_seg import evaluate_seg, format_table
+    from covidct.io import to_model_input
     from covidct.report.json_io import write_json
+    from covidct.report.overlay import labels_comparison, save_png
 
     t0 = time.time()
+    overlays, draw = _overlays_folder(args.overlays), None
+    if overlays is not None:
+        def draw(sample, prediction):   # truth | prediction for every evaluated slice
+            overlays.mkdir(parents=True, exist_ok=True)
+            save_png(labels_comparison(to_model_input(sample.image, is_hu=False), sample.labels, prediction.labels,
+                                       truth_lung=sample.lung, predicted_lung=prediction.lung, title=sample.id),
+                     overlays / f"{sample.id}.png")
     result = evaluate_seg(args.model, args.data, split=args.split, tta=args.tta,
-                          density_classes=not args.network_classes)
+                          density_classes=not args.network_classes, on_prediction=draw)
     print(format_table(result))
     print(f"Evaluation took {time.time() - t0:.1f} s")
+    if overlays is not None:
+        print(f"wrote {result['n_images']} overlays (truth | predicted) to {overlays}")
     if args.json:
         write_json(result, args.json)
         print(f"wrote {args.json}")
@@ -377,11 +397,19 @@ def _cmd_attach(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate_lesions(args: argparse.Namespace) -> int:
-    from covidct.engine.lesions import evaluate_lesions
+    from covidct.engine.lesions import INSTANCE_SCORE, evaluate_lesions
+    from covidct.io import to_model_input
     from covidct.report.json_io import write_json
+    from covidct.report.overlay import instances_comparison, save_png
 
     t0 = time.time()
-    result = evaluate_lesions(args.model, args.data, split=args.split)
+    overlays, draw = _overlays_folder(args.overlays), None
+    if overlays is not None:
+        def draw(sample, prediction, truth, classes):   # truth | prediction for every evaluated slice
+            overlays.mkdir(parents=True, exist_ok=True)
+            save_png(instances_comparison(to_model_input(sample.image, is_hu=False), truth, prediction, classes,
+                                          min_score=INSTANCE_SCORE, title=sample.id), overlays / f"{sample.id}.png")
+    result = evaluate_lesions(args.model, args.data, split=args.split, on_prediction=draw)
     print(f"{'class':<16}{'AP50':>10}{'AP75':>10}{'mAP':>10}")
     rows = [("all", {k: result[k] for k in ("ap50", "ap75", "map")}), *result["per_class"].items()]
     for name, r in rows:
@@ -391,6 +419,8 @@ def _cmd_evaluate_lesions(args: argparse.Namespace) -> int:
               f"{result['infection_dice']:.4f}")
     print(f"{result['n_images']} images, {result['images_per_second']} images/s")
     print(f"Evaluation took {time.time() - t0:.1f} s")
+    if overlays is not None:
+        print(f"wrote {result['n_images']} overlays (truth | predicted instances) to {overlays}")
     if args.json:
         write_json(result, args.json)
         print(f"wrote {args.json}")
@@ -730,6 +760,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--network-classes", action="store_true", help="score the network's own GGO / consolidation "
                    "split instead of the density rule (consolidation from -346 HU; see covidct.engine.infer)")
     s.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    s.add_argument("--overlays", metavar="DIR", help="also draw every slice: its true labels beside the predicted "
+                   "ones (GGO red, consolidation blue, effusion green, lung outline yellow), DIR/<id>.png")
     s.set_defaults(func=_cmd_evaluate_seg)
 
     s = evaluate.add_parser("cls", help="classifier on a classification folder")
@@ -750,6 +782,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True)
     s.add_argument("--split")
     s.add_argument("--json", metavar="OUT")
+    s.add_argument("--overlays", metavar="DIR", help="also draw every slice: its true instances beside the "
+                   "predicted ones scoring >= 0.3 (masks, boxes with scores; GGO red, consolidation blue), DIR/<id>.png")
     s.set_defaults(func=_cmd_evaluate_lesions)
 
     s = evaluate.add_parser("cam", help="weakly-supervised infection masks from class activation maps")

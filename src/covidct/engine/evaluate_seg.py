@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,12 @@ def score_sample(metrics: SegmentationMetrics, sample: SegSample, pred: SegPredi
     metrics.update_labels(np.isin(pl, (1, 2)).astype(np.uint8), np.isin(gt, (1, 2)).astype(np.uint8))
 
 
-def _score_folder(metrics: SegmentationMetrics, predictor: SegPredictor, folder, *, progress: bool) -> float:
+#: Called with every evaluated slice and its prediction (e.g. to draw them; not timed).
+OnSegPrediction = Callable[[SegSample, SegPrediction], None]
+
+
+def _score_folder(metrics: SegmentationMetrics, predictor: SegPredictor, folder, *, progress: bool,
+                  on_prediction: OnSegPrediction | None = None) -> float:
     """Add every slice of ``folder`` to ``metrics``; returns the seconds spent in the model."""
     has_eff = predictor.predicts_effusion
     model_seconds = 0.0
@@ -42,15 +48,18 @@ def _score_folder(metrics: SegmentationMetrics, predictor: SegPredictor, folder,
         pred = predictor.predict([to_model_input(sample.image, is_hu=False)])[0]
         model_seconds += time.perf_counter() - t0
         score_sample(metrics, sample, pred, has_effusion_head=has_eff)
+        if on_prediction is not None:
+            on_prediction(sample, pred)
     return model_seconds
 
 
 def evaluate_folder(predictor: SegPredictor, folder: SegFolder, *, progress: bool = True,
-                    compute_hd95: bool = True) -> dict[str, Any]:
+                    compute_hd95: bool = True, on_prediction: OnSegPrediction | None = None) -> dict[str, Any]:
     """Score ``predictor`` on every slice; returns the ``covidct evaluate seg`` JSON object plus
-    a ``details`` block (all measures pooled and per image)."""
+    a ``details`` block (all measures pooled and per image). ``on_prediction(sample, prediction)`` sees
+    every slice."""
     metrics = SegmentationMetrics(compute_hd95=compute_hd95)
-    model_seconds = _score_folder(metrics, predictor, folder, progress=progress)
+    model_seconds = _score_folder(metrics, predictor, folder, progress=progress, on_prediction=on_prediction)
     return _summary(metrics, len(folder), model_seconds)
 
 
@@ -120,13 +129,16 @@ def _summary(metrics: SegmentationMetrics, n_images: int, model_seconds: float) 
 
 
 def evaluate_seg(model_spec: str | Path | None, data: str | Path, *, split: str | None = None,
-                 progress: bool = True, tta: bool = False, density_classes: bool = True) -> dict[str, Any]:
-    """``covidct evaluate seg``; ``density_classes=False`` scores the network's own GGO / consolidation split."""
+                 progress: bool = True, tta: bool = False, density_classes: bool = True,
+                 on_prediction: OnSegPrediction | None = None) -> dict[str, Any]:
+    """``covidct evaluate seg``; ``density_classes=False`` scores the network's own GGO / consolidation split;
+    ``on_prediction(sample, prediction)`` sees every slice."""
     from covidct.models.registry import load_seg_model
 
     model, payload = load_seg_model(model_spec)
     folder = SegFolder(data, split=split)
-    result = evaluate_folder(SegPredictor(model, tta=tta, density_classes=density_classes), folder, progress=progress)
+    result = evaluate_folder(SegPredictor(model, tta=tta, density_classes=density_classes), folder, progress=progress,
+                             on_prediction=on_prediction)
     result["model"] = Path(payload["path"]).name
     result["data"] = str(data)
     return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,10 +63,12 @@ def predict_instances(model: LesionNet, images01: list[np.ndarray]) -> list[dict
     return [{k: v.cpu() for k, v in o.items()} for o in outs]
 
 
-def evaluate_instances(model: LesionNet, samples, *, progress: bool = True) -> dict[str, Any]:
+def evaluate_instances(model: LesionNet, samples, *, progress: bool = True,
+                       on_prediction: Callable[[SegSample, dict, dict], None] | None = None) -> dict[str, Any]:
     """AP on masks, overall and per class, plus images/s; and ``infection_dice``: the pooled Dice of
     the union of the instances scoring at least :data:`INSTANCE_SCORE` against GGO ∪ consolidation
-    (how well the instances cover the lesions as a region, whatever their partition into instances)."""
+    (how well the instances cover the lesions as a region, whatever their partition into instances).
+    ``on_prediction(sample, prediction, truth)`` is called for every slice (e.g. to draw it; not timed)."""
     ap = InstanceAP(model.config.classes[1:])
     seconds, overlap, total = 0.0, 0, 0
     for i in tqdm(range(len(samples)), desc="evaluate lesions", unit="slice", disable=not progress):
@@ -74,8 +77,10 @@ def evaluate_instances(model: LesionNet, samples, *, progress: bool = True) -> d
         pred = predict_instances(model, [to_model_input(s.image, is_hu=False)])[0]
         seconds += time.perf_counter() - t0
         masks = pred["masks"][:, 0] > 0.5
-        ap.update({"masks": masks, "scores": pred["scores"], "labels": pred["labels"]},
-                  _targets_for(s.labels, model.config.mask_mode))
+        truth_instances = _targets_for(s.labels, model.config.mask_mode)
+        ap.update({"masks": masks, "scores": pred["scores"], "labels": pred["labels"]}, truth_instances)
+        if on_prediction is not None:
+            on_prediction(s, pred, truth_instances)
         union = masks[pred["scores"] >= INSTANCE_SCORE].any(dim=0).numpy() if len(masks) else np.zeros(s.labels.shape, bool)
         truth = np.isin(s.labels, (1, 2)) if model.config.mask_mode != "ggo" else s.labels == 1
         overlap += int((union & truth).sum())
@@ -175,10 +180,16 @@ def _collate(batch):
 
 
 def evaluate_lesions(model_spec: str | Path | None, data: str | Path, *, split: str | None = None,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True,
+                     on_prediction: Callable[[SegSample, dict, dict, tuple[str, ...]], None] | None = None,
+                     ) -> dict[str, Any]:
+    """:func:`evaluate_instances` of a lesion model (shipped name or file) on a COVID-SemiSeg-layout folder;
+    ``on_prediction(sample, prediction, truth, class_names)`` sees every slice."""
     from covidct.models.registry import load_lesion_model
 
     model, payload = load_lesion_model(model_spec)
-    result = evaluate_instances(model, SegFolder(data, split=split), progress=progress)
+    classes = tuple(model.config.classes)
+    hook = None if on_prediction is None else (lambda s, pred, truth: on_prediction(s, pred, truth, classes))
+    result = evaluate_instances(model, SegFolder(data, split=split), progress=progress, on_prediction=hook)
     result["model"] = Path(payload["path"]).name
     return result

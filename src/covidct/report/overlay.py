@@ -3,6 +3,7 @@ outline in yellow, a legend and the disclaimer line."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +45,10 @@ def with_legend(rgb: np.ndarray, *, names: tuple[str, ...] = ("ggo", "consolidat
     draw = ImageDraw.Draw(canvas)
     y = im.height + 3
     x = 4
-    labels = {"ggo": "GGO", "consolidation": "consolidation", "effusion": "effusion", "lung": "lung outline"}
-    for name in names:
-        draw.rectangle([x, y + 2, x + 10, y + 12], fill=tuple(LESION_COLOURS[name]))
+    labels = {"ggo": "GGO", "consolidation": "consolidation", "effusion": "effusion", "lung": "lung outline",
+              "lesion": "lesion"}
+    for name in names:   # a merged "lesion" class is drawn in the GGO colour
+        draw.rectangle([x, y + 2, x + 10, y + 12], fill=tuple(LESION_COLOURS.get(name, LESION_COLOURS["ggo"])))
         draw.text((x + 14, y), labels[name], fill=(255, 255, 255))
         x += 20 + 7 * len(labels[name])
     y += 18
@@ -81,7 +83,8 @@ def instances_rgb(grey01: np.ndarray, masks: np.ndarray, labels: list[str], scor
     """Lesion instances on the grey slice (torchvision's ``draw_segmentation_masks`` and
     ``draw_bounding_boxes``): the masks of each class blended once in the class colour (GGO red,
     consolidation blue; a merged "lesion" class in red), each box outlined in its colour with its
-    score. ``masks`` ``(N, H, W)`` bool (or none: boxes only), ``boxes`` ``(N, 4)`` x0, y0, x1, y1."""
+    score (no ``scores``: boxes without labels, e.g. ground truth). ``masks`` ``(N, H, W)`` bool (or none: boxes
+    only), ``boxes`` ``(N, 4)`` x0, y0, x1, y1."""
     import torch
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
@@ -98,6 +101,37 @@ def instances_rgb(grey01: np.ndarray, masks: np.ndarray, labels: list[str], scor
         img = draw_segmentation_masks(img, unions, alpha=alpha, colors=[colour(n) for n in names])
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     if len(boxes):
-        img = draw_bounding_boxes(img, torch.from_numpy(boxes), labels=[f"{s:.2f}" for s in scores],
+        img = draw_bounding_boxes(img, torch.from_numpy(boxes), labels=[f"{s:.2f}" for s in scores] if scores else None,
                                   colors=[colour(n) for n in labels])
     return Image.fromarray(img.permute(1, 2, 0).numpy())
+
+
+def instances_comparison(grey01: np.ndarray, truth: dict, prediction: dict, class_names: Sequence[str], *,
+                         min_score: float, title: str = "") -> Image.Image:
+    """Ground-truth instances (left) beside the predicted ones scoring at least ``min_score`` (right), each drawn
+    by :func:`instances_rgb` (GGO red, consolidation blue; truth boxes without a score), a legend and a title
+    under them. ``truth``: ``{"masks" (N, H, W), "labels", "boxes"}`` as
+    :func:`covidct.models.lesions.instances_from_labels`; ``prediction``: a Mask R-CNN output (``masks``
+    ``(M, 1, H, W)`` probabilities)."""
+    keep = np.asarray(prediction["scores"]) >= min_score
+    pred_masks = np.asarray(prediction["masks"])[keep][:, 0] > 0.5
+    pred_names = [class_names[int(c)] for c in np.asarray(prediction["labels"])[keep]]
+    pred_scores = [float(v) for v in np.asarray(prediction["scores"])[keep]]
+    truth_names = [class_names[int(c)] for c in np.asarray(truth["labels"])]
+    left = instances_rgb(grey01, np.asarray(truth["masks"], bool), truth_names, [], np.asarray(truth["boxes"]))
+    right = instances_rgb(grey01, pred_masks, pred_names, pred_scores, np.asarray(prediction["boxes"])[keep])
+    pair = np.concatenate([np.asarray(left), np.full((left.height, 4, 3), 255, np.uint8), np.asarray(right)], axis=1)
+    names = tuple(n for n in ("ggo", "consolidation", "lesion") if n in class_names)
+    caption = f"truth: {len(truth_names)} instances | predicted: {len(pred_names)} scoring >= {min_score:g}"
+    return with_legend(pair, names=names, title=f"{title}: {caption}" if title else caption, min_width=640)
+
+
+def labels_comparison(grey01: np.ndarray, truth: np.ndarray, predicted: np.ndarray, *, truth_lung: np.ndarray | None = None,
+                      predicted_lung: np.ndarray | None = None, title: str = "") -> Image.Image:
+    """The true label map (left) beside the predicted one (right), each drawn by :func:`overlay_rgb` (GGO red,
+    consolidation blue, effusion green, lung outline yellow when given), a legend and a title under them."""
+    left = overlay_rgb(grey01, truth, truth_lung)
+    right = overlay_rgb(grey01, predicted, predicted_lung)
+    pair = np.concatenate([left, np.full((left.shape[0], 4, 3), 255, np.uint8), right], axis=1)
+    caption = "truth | predicted"
+    return with_legend(pair, title=f"{title}: {caption}" if title else caption, min_width=640)
