@@ -169,3 +169,23 @@ def test_unexpected_errors_stay_on_one_line(monkeypatch, capsys):
     assert main(["info", "anything"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["covidct: error: ValueError: 1 validation error for X size must be >= 1 (run with --debug for details)"]
+
+
+def test_analyze_device_that_is_not_here_is_one_line_before_any_work(tmp_path, capsys):
+    """``--device`` is checked before the scan is read: an unknown name, or CUDA on a machine without it, is one
+    line naming ``--device`` and the reason, exit 2, no output folder. ``cpu`` passes the same check."""
+    import torch
+
+    from covidct.engine.common import check_device
+
+    write_ct_series(tmp_path / "s", phantom_hu(3, 32))
+    assert check_device("cpu") == "cpu"
+    cases = [("foo", "is not a device PyTorch knows")]
+    if not torch.cuda.is_available():
+        cases += [("cuda", "no CUDA device is available"), ("cuda:1", "no CUDA device is available")]
+    for device, reason in cases:
+        out = tmp_path / f"out_{device.replace(':', '_')}"
+        assert main(["analyze", str(tmp_path / "s"), "-o", str(out), "--device", device]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [err[0]] and err[0].startswith("covidct: error: --device: ") and reason in err[0], err
+        assert not out.exists()

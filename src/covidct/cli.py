@@ -548,6 +548,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     batch = len(args.path) > 1 or args.series == "all"
     # one scan: read it in a helper process while PyTorch and the models load here (benchmarks/RESULTS.md;
     # in a batch the helper would compete with the analysis for the cores: no gain, measured)
+    if args.device != "cpu":   # before any reading (the cpu default needs no check, nor torch imported early)
+        from covidct.engine.common import check_device
+
+        check_device(args.device)
     pending = None if batch else ReadAhead(args.path[0], series_uid=args.series, largest_series=True, progress=True)
     with pending or nullcontext():
         from covidct.models.registry import DEFAULTS

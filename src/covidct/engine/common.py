@@ -15,6 +15,32 @@ import numpy as np
 import torch
 
 
+def check_device(spec: str) -> str:
+    """``spec`` when PyTorch can run here on that device, else a :class:`~covidct.errors.CovidctError` naming
+    ``--device`` and the reason (an unknown name, no CUDA device, a CUDA index beyond the devices present)."""
+    from covidct.errors import CovidctError
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise CovidctError("--device", f"{spec!r} is not a device PyTorch knows (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cpu":
+        return spec
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CovidctError("--device", f"{spec}: no CUDA device is available on this machine "
+                                           "(torch.cuda.is_available() is False); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CovidctError("--device", f"{spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return spec
+    try:   # any other backend (mps, xpu, ...): can a tensor live there?
+        torch.empty(1, device=device)
+    except Exception as exc:   # PyTorch's messages run to paragraphs: their first sentence
+        first = str(exc).splitlines()[0].split(". ")[0] if str(exc) else type(exc).__name__
+        raise CovidctError("--device", f"{spec}: not usable here ({first}); use --device cpu") from None
+    return spec
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -165,7 +165,9 @@ class ScanModels:
 
     def __init__(self, model_spec: str | Path | None = None, *, device: str = "cpu",
                  classifier_spec: str | Path | None = "auto", triage_spec: str | Path | None = DEFAULTS["triage"]) -> None:
-        self.model_spec, self.device = model_spec, device
+        from covidct.engine.common import check_device
+
+        self.model_spec, self.device = model_spec, check_device(device)
         self.classifier_spec, self.triage_spec = classifier_spec, triage_spec
         self._predictor = self._triage = None
         self._classifiers: dict[str, tuple[Any, dict, dict]] = {}
