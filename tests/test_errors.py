@@ -189,3 +189,25 @@ def test_analyze_device_that_is_not_here_is_one_line_before_any_work(tmp_path, c
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [err[0]] and err[0].startswith("covidct: error: --device: ") and reason in err[0], err
         assert not out.exists()
+
+
+def test_output_paths_that_cannot_be_written_are_one_line_before_any_work(tmp_path, capsys):
+    """-o naming a file where a folder is written, a folder where a file is, a path below a file, --json naming
+    a folder: one line naming the path, exit 2, before anything is read (the input here does not even exist)."""
+    a_file, a_folder = tmp_path / "taken.txt", tmp_path / "folder"
+    a_file.write_text("keep me")
+    a_folder.mkdir()
+    missing = str(tmp_path / "no-input.nii.gz")
+    cases = [
+        (["analyze", missing, "-o", str(a_file)], a_file, "names an existing file; give a folder"),
+        (["predict", missing, "-o", str(a_file)], a_file, "names an existing file; give a folder"),
+        (["analyze", missing, "-o", str(a_file / "out")], a_file, "is a file, so -o"),
+        (["train", "seg", "--data", missing, "-o", str(a_folder)], a_folder, "names a folder; give a file name"),
+        (["evaluate", "seg", "--data", missing, "--json", str(a_folder)], a_folder, "--json names a folder"),
+        (["metrics", "--confusion", "1,2;3,4", "--plot", str(a_folder)], a_folder, "--plot names a folder"),
+    ]
+    for argv, named, reason in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"covidct: error: {named}: ") and reason in err[0], (argv, err)
+    assert a_file.read_text() == "keep me" and not any(a_folder.iterdir())

@@ -202,6 +202,9 @@ def test_windowing():
     assert stretched.dtype == np.float32 and stretched.min() == 0.0 and stretched.max() == 1.0
     with pytest.raises(ValueError):
         get_window("soft")
+    assert get_window("=-600,1500") == get_window("-600,1500") == get_window("lung")   # "--window =L,W" typed
+    with pytest.raises(ValueError, match="width must be positive"):
+        get_window("=-600,0")
 
 
 @pytest.mark.realdata

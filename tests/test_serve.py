@@ -70,3 +70,10 @@ def test_serve_reports_a_busy_port_in_one_line(tmp_path, capsys):
         assert len(err) == 1 and "cannot listen" in err[0]
     finally:
         server.server_close()
+
+
+def test_serve_refuses_a_port_out_of_range_in_one_line(tmp_path, capsys):
+    for port in ("99999", "-1"):
+        assert main(["serve", str(tmp_path), "--port", port]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"covidct: error: --port: {port} is not a TCP port (0-65535; 0: any free one)"]

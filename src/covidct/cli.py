@@ -815,6 +815,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path", nargs="+", help="DICOM series folder or file, NIfTI volume, .zip of these, image, or folder of images; "
                    "several: each into OUTDIR/<name>/ with OUTDIR/summary.csv and summary.json")
     s.add_argument("-o", "--output", required=True, help="output folder")
+    s.set_defaults(output_kind="folder")
     s.add_argument("--model", help="segmentation model: shipped name or .pt file")
     s.add_argument("--device", default="cpu")
     s.add_argument("--series", help="SeriesInstanceUID when a folder holds several series (default: the largest axial one, "
@@ -880,11 +881,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-lung-fraction", type=float, help="skip slices whose lungs cover less of the lung-box "
                    "crop (default 0.15)")
     s.add_argument("-o", "--output", required=True, help="new folder (COVID-SemiSeg layout)")
+    s.set_defaults(output_kind="folder")
     s.set_defaults(func=_cmd_pseudolabel)
 
     s = sub.add_parser("predict", help="segment slices: label maps, lung masks, overlays")
     s.add_argument("paths", nargs="+")
     s.add_argument("-o", "--output", required=True, help="output folder")
+    s.set_defaults(output_kind="folder")
     s.add_argument("--model", help="shipped model name or .pt file")
     s.add_argument("--lesion-model", help="also run a Mask R-CNN lesion model (shipped name or .pt file): "
                    "<name>_instances.png with masks, boxes and scores, and `instances` in predictions.json")
@@ -914,12 +917,32 @@ def check_numeric_options(args: argparse.Namespace) -> None:
         raise CovidctError(None, "--folds must be 0 (no folds) or at least 2, got 1")
 
 
+def check_output_options(args: argparse.Namespace) -> None:
+    """One error line, before any work, when an output path cannot be written as asked: ``-o`` naming a file
+    where a folder is written (``analyze``, ``predict``, ``pseudolabel``) or a folder where a file is, a file
+    standing where a folder of the path should be, ``--json`` / ``--plot`` naming a folder."""
+    outputs = [("-o", getattr(args, "output", None), getattr(args, "output_kind", "file"))]
+    outputs += [(f"--{name}", getattr(args, name, None), "file") for name in ("json", "plot")]
+    for option, value, kind in outputs:
+        if not isinstance(value, str):   # absent, or a flag (analyze --json)
+            continue
+        path = Path(value)
+        for parent in path.parents:
+            if parent.exists() and not parent.is_dir():
+                raise CovidctError(parent, f"is a file, so {option} {value} cannot be written below it")
+        if kind == "folder" and path.exists() and not path.is_dir():
+            raise CovidctError(path, f"{option} names an existing file; give a folder")
+        if kind == "file" and path.is_dir():
+            raise CovidctError(path, f"{option} names a folder; give a file name")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     keep_freed_memory()
     try:
         check_numeric_options(args)
+        check_output_options(args)
         return int(args.func(args) or 0)
     except CovidctError as exc:
         if args.debug:

@@ -84,6 +84,8 @@ def make_server(root: str | Path, *, host: str = "127.0.0.1", port: int = 8000) 
     root = Path(root)
     if not root.is_dir():
         raise InputError(root, "not a folder (give a covidct analyze output folder)")
+    if not 0 <= int(port) <= 65535:
+        raise CovidctError("--port", f"{port} is not a TCP port (0-65535; 0: any free one)")
     try:
         return ThreadingHTTPServer((host, port), functools.partial(_Handler, directory=str(root.resolve())))
     except OSError as exc:

@@ -50,8 +50,8 @@ def get_window(spec: str | Window) -> Window:
         return spec
     if spec in PRESETS:
         return PRESETS[spec]
-    try:
-        level, width = (float(v) for v in spec.split(","))
+    try:   # "=L,W" too: the form of ``--window=L,W`` typed with a space after the option
+        level, width = (float(v) for v in spec.removeprefix("=").split(","))
     except ValueError as exc:
         raise ValueError(f"window {spec!r}: use a preset {sorted(PRESETS)} or 'LEVEL,WIDTH'") from exc
     if width <= 0:
