@@ -61,7 +61,7 @@ def test_whole_number_hu_volumes_are_held_in_16_bits_with_the_same_values(tmp_pa
         assert mixed.dtype == np.float32
         np.testing.assert_array_equal(mixed, expected)
     affine = np.diag([-0.7, -0.7, -2.0, 1.0])
-    for name, data, dtype in (("f64", hu, np.float64), ("u16", hu + 1024, np.uint16)):
+    for name, data, dtype in (("f64", hu, np.float64), ("u16", hu + 1024, np.uint16), ("i16", hu, np.int16)):
         img = nib.Nifti1Image(data.transpose(2, 1, 0).astype(dtype), affine)
         if name == "u16":
             img.header.set_slope_inter(1.0, -1024.0)
@@ -69,6 +69,11 @@ def test_whole_number_hu_volumes_are_held_in_16_bits_with_the_same_values(tmp_pa
         vol = read(tmp_path / f"{name}.nii.gz")
         assert vol.array.dtype == np.int16
         np.testing.assert_array_equal(vol.array, hu.astype(np.int16))
+    # an int16 NIfTI that is not HU (a windowed export) is an image: float32 like every image
+    grey_nii = nib.Nifti1Image(np.full((8, 8, 2), 77, np.int16), affine)
+    nib.save(grey_nii, tmp_path / "grey16.nii.gz")
+    grey_vol = read(tmp_path / "grey16.nii.gz")
+    assert not grey_vol.is_hu and grey_vol.array.dtype == np.float32 and float(grey_vol.array.max()) == 77.0
     # the helper alone: 40 slices (more than one chunk), a fraction in the last chunk or one value out of range
     whole = np.round(np.random.default_rng(0).normal(0, 500, (40, 8, 8))).astype(np.float32)
     packed = compact_hu(whole)

@@ -43,6 +43,17 @@ def _spacing_missing(path: Path) -> bool:
     return int(header["sform_code"]) == 0 and bool(np.any(np.asarray(header["pixdim"][1:4]) == 0))
 
 
+def _voxels(proxy) -> np.ndarray:
+    """The voxel values of a NIfTI image: int16 as stored when the file holds int16 without scaling (CT as
+    converters write it: no float32 copy, half the memory), else float32 with the header's slope and intercept
+    applied."""
+    stored = np.dtype(getattr(proxy, "dtype", np.float32))
+    slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
+    if stored == np.int16 and slope == 1.0 and inter == 0.0:
+        return np.asarray(proxy.get_unscaled(), dtype=np.int16)
+    return np.asarray(proxy, dtype=np.float32)
+
+
 def read_nifti(path: str | Path) -> Volume:
     """Read a 3-D NIfTI volume (HU assumed when the data are integers or span below -500). NaN / infinite
     voxels (outside a resampled volume's field of view) take the lowest finite value (:func:`fill_non_finite`);
@@ -58,7 +69,7 @@ def read_nifti(path: str | Path) -> Volume:
     try:
         with LoggingOutputSuppressor():   # nibabel's header fixes are logged; ours is one error line or none
             img = nib.load(str(path))
-            data = np.asarray(img.dataobj, dtype=np.float32)
+            data = _voxels(img.dataobj)
     except Exception as exc:
         raise InputError(path, f"unreadable NIfTI file ({type(exc).__name__}: {exc})") from None
     if data.ndim == 4 and data.shape[3] == 1:
@@ -73,6 +84,8 @@ def read_nifti(path: str | Path) -> Volume:
     non_finite = fill_non_finite(array, path)
     zooms = [float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))]
     is_hu = bool(array.min() < -500.0)
+    if not is_hu and array.dtype != np.float32:   # not HU: images are float32 everywhere
+        array = array.astype(np.float32)
     return Volume(
         array=compact_hu(array) if is_hu else array,
         kind="nifti",
