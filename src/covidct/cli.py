@@ -489,6 +489,20 @@ def _optional_model(text: str | None, default: str) -> str | None:
     return default if text is None else None if text == "none" else text
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from covidct.report.compare import compare, format_comparison
+    from covidct.report.json_io import write_json
+
+    result = compare(args.before, args.after)
+    print(f"before: {result['before']}\nafter:  {result['after']}")
+    print(format_comparison(result))
+    print(DISCLAIMER)
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from covidct.serve import make_server, start_page
 
@@ -840,6 +854,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "read, anterior up")
     s.add_argument("--json", action="store_true", help="print report.json to stdout")
     s.set_defaults(func=_cmd_analyze)
+
+    s = sub.add_parser("compare", help="a follow-up scan against an earlier one: every burden measure before, "
+                       "after and its change (two covidct analyze outputs)")
+    s.add_argument("before", help="analyze output folder (or its report.json) of the earlier scan")
+    s.add_argument("after", help="analyze output folder (or its report.json) of the later scan")
+    s.add_argument("--json", metavar="OUT", help="write the comparison as JSON")
+    s.set_defaults(func=_cmd_compare)
 
     s = sub.add_parser("serve", help="show analysis outputs in a browser (viewer, report, index of scans)")
     s.add_argument("folder", help="a covidct analyze output folder, or a folder of several")

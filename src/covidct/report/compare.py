@@ -1,0 +1,112 @@
+"""``covidct compare``: two analyses of one patient (a follow-up scan against an earlier one).
+
+Reads the ``report.json`` of two ``covidct analyze`` outputs and gives, for every burden measure, the value
+before, after and the change: lung volume, each lesion type's volume and share of the lung, the percentages
+of opacity and high opacity, the zone-based severity score, and each zone's involvement. Percentages change in
+percentage points. Notes say when the two numbers are less comparable than they look: different segmentation
+models, the same series twice, a lung volume that differs by more than a fifth (another depth of breath: compare
+shares of the lung, not mL), slice gaps or pixel sizes that differ by more than a quarter (the same scan at half
+its in-plane resolution measured 1.71 % instead of 1.85 % of lung: benchmarks/RESULTS.md). Plain dictionaries,
+no PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from covidct.errors import InputError
+
+#: Lesion types of a report, in the order they are printed.
+LESION_TYPES = ("ggo", "consolidation", "effusion", "total")
+#: Lung volumes differing by more than this share are flagged (mL change then mixes disease and breath).
+LUNG_VOLUME_TOLERANCE = 0.2
+#: Slice gaps or pixel sizes differing by more than this share are flagged (partial-volume effects differ).
+SPACING_TOLERANCE = 0.25
+
+
+def load_report(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """``(report.json path, report)`` of an analysis folder or a report.json file; an :class:`InputError` naming
+    the path when there is none or it is not a scan report."""
+    path = Path(path)
+    file = path / "report.json" if path.is_dir() else path
+    if not file.is_file():
+        raise InputError(path, "no report.json here (give a covidct analyze output folder or its report.json)")
+    try:
+        report = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(file, f"not a readable JSON report ({type(exc).__name__})") from None
+    missing = [k for k in ("input", "lesions", "severity_score") if not isinstance(report, dict) or k not in report]
+    if missing:
+        raise InputError(file, f"not a covidct analyze report (no {', '.join(missing)})")
+    return file, report
+
+
+def _change(before: float | None, after: float | None, digits: int) -> dict[str, float | None]:
+    change = None if before is None or after is None else round(after - before, digits)
+    return {"before": before, "after": after, "change": change}
+
+
+def _seg_model(report: dict) -> str | None:
+    seg = [m for m in report.get("models") or [] if m.get("task") == "seg"]
+    return seg[0].get("sha256") if seg else None
+
+
+def compare_reports(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Every burden measure before, after and its change, per zone too, with the notes on comparability."""
+    measures: dict[str, dict[str, float | None]] = {
+        "lung_volume_ml": _change(before.get("lung_volume_ml"), after.get("lung_volume_ml"), 3)}
+    for name in LESION_TYPES:
+        b, a = before["lesions"].get(name) or {}, after["lesions"].get(name) or {}
+        measures[f"{name}_volume_ml"] = _change(b.get("volume_ml"), a.get("volume_ml"), 3)
+        measures[f"{name}_percent_of_lung"] = _change(b.get("percent_of_lung"), a.get("percent_of_lung"), 4)
+    for key in ("percent_opacity", "percent_high_opacity", "severity_score"):
+        measures[key] = _change(before.get(key), after.get(key), 4)
+    zones = {name: _change((before.get("zones") or {}).get(name, {}).get("percent_involved"),
+                           (after.get("zones") or {}).get(name, {}).get("percent_involved"), 4)
+             for name in dict.fromkeys([*(before.get("zones") or {}), *(after.get("zones") or {})])}
+    notes = []
+    if _seg_model(before) != _seg_model(after):
+        notes.append("the two analyses used different segmentation models: part of any change may be the models'")
+    uid_b, uid_a = before["input"].get("series_uid"), after["input"].get("series_uid")
+    if uid_b and uid_b == uid_a:
+        notes.append(f"both reports are of the same series ({uid_b}): this is no follow-up")
+    vol_b, vol_a = before.get("lung_volume_ml"), after.get("lung_volume_ml")
+    if vol_b and vol_a and abs(vol_a - vol_b) > LUNG_VOLUME_TOLERANCE * max(vol_a, vol_b):
+        notes.append(f"the lung volumes differ by {abs(vol_a - vol_b) / max(vol_a, vol_b):.0%} (another depth of "
+                     "breath, or lungs cut off): compare the shares of the lung, not the mL")
+    spacings = [r["input"].get("spacing_mm") or [None, None] for r in (before, after)]
+    for axis, what in ((0, "slice gaps"), (1, "pixel sizes")):
+        size_b, size_a = spacings[0][axis], spacings[1][axis]
+        if size_b and size_a and abs(size_a - size_b) > SPACING_TOLERANCE * max(size_a, size_b):
+            notes.append(f"{what} differ ({size_b:.2f} vs {size_a:.2f} mm): lesions are measured differently at "
+                         "another resolution (P001 at half its resolution: total burden 1.85 -> 1.71 %)")
+    if before.get("lung_volume_ml") is None or after.get("lung_volume_ml") is None:
+        notes.append("a report without lung volume (an image without HU): only shares of the lung compare")
+    label = {k: (r.get("diagnosis") or {}).get("label") for k, r in (("before", before), ("after", after))}
+    return {"measures": measures, "zones": zones, "answer": label,
+            "severity_score_max": after.get("severity_score_max") or before.get("severity_score_max"),
+            "notes": notes}
+
+
+def compare(before: str | Path, after: str | Path) -> dict[str, Any]:
+    """:func:`compare_reports` of two analysis folders (or report.json files), with their paths."""
+    file_b, report_b = load_report(before)
+    file_a, report_a = load_report(after)
+    return {"before": str(file_b), "after": str(file_a), **compare_reports(report_b, report_a)}
+
+
+def format_comparison(result: dict[str, Any]) -> str:
+    """The printed table: measure, before, after, change (percentages in percentage points)."""
+    def cell(value: float | None, signed: bool = False) -> str:
+        if value is None:
+            return f"{'-':>11}"
+        return f"{value:>+11.2f}" if signed else f"{value:>11.2f}"
+
+    lines = [f"{'measure':<28}{'before':>11}{'after':>11}{'change':>11}"]
+    for name, row in [*result["measures"].items(), *((f"zone {z} %", r) for z, r in result["zones"].items())]:
+        lines.append(f"{name:<28}{cell(row['before'])}{cell(row['after'])}{cell(row['change'], signed=True)}")
+    lines.append(f"answer: {result['answer']['before']} -> {result['answer']['after']}")
+    lines += [f"note: {n}" for n in result["notes"]]
+    return "\n".join(lines)
