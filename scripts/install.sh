@@ -10,8 +10,13 @@ stamp=.venv/.covidct-install-$(sha256sum pyproject.toml | cut -c1-16)
 js_deps() {   # jsdom (npm) for the test that runs the viewer's JavaScript; without npm that test skips
   if [ ! -d .venv/js/node_modules/jsdom ] && command -v npm >/dev/null 2>&1; then
     echo "[install] jsdom for the viewer's JavaScript test"
-    npm install --silent --no-audit --no-fund --prefix .venv/js jsdom@24 >/dev/null 2>&1 \
-      || echo "[install] warning: npm could not install jsdom; the viewer JavaScript test will skip"
+    rm -rf .venv/js.partial   # installed aside, then moved: a cut-off install never looks complete
+    if timeout 180 npm install --silent --no-audit --no-fund --prefix .venv/js.partial jsdom@24 >/dev/null 2>&1; then
+      rm -rf .venv/js && mv .venv/js.partial .venv/js
+    else
+      rm -rf .venv/js.partial
+      echo "[install] warning: npm could not install jsdom; the viewer JavaScript test will skip"
+    fi
   fi
 }
 if [ -f "$stamp" ]; then
