@@ -160,15 +160,6 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
     return 0
 
 
-def _overlays_folder(path: str | None) -> Path | None:
-    """The ``--overlays`` folder of an evaluation (made when the first picture is written)."""
-    if path is None:
-        return None
-    if Path(path).exists() and not Path(path).is_dir():
-        raise CovidctError(path, "--overlays must be a folder (a file of that name exists)")
-    return Path(path)
-
-
 def _cmd_evaluate_seg(args: argparse.Namespace) -> int:
     from covidct.engine.evaluate_seg import evaluate_seg, format_table
     from covidct.io import to_model_input
@@ -176,7 +167,7 @@ def _cmd_evaluate_seg(args: argparse.Namespace) -> int:
     from covidct.report.overlay import labels_comparison, save_png
 
     t0 = time.time()
-    overlays, draw = _overlays_folder(args.overlays), None
+    overlays, draw = (Path(args.overlays) if args.overlays else None), None   # checked by check_output_options
     if overlays is not None:
         def draw(sample, prediction):   # truth | prediction for every evaluated slice
             overlays.mkdir(parents=True, exist_ok=True)
@@ -403,7 +394,7 @@ def _cmd_evaluate_lesions(args: argparse.Namespace) -> int:
     from covidct.report.overlay import instances_comparison, save_png
 
     t0 = time.time()
-    overlays, draw = _overlays_folder(args.overlays), None
+    overlays, draw = (Path(args.overlays) if args.overlays else None), None   # checked by check_output_options
     if overlays is not None:
         def draw(sample, prediction, truth, classes):   # truth | prediction for every evaluated slice
             overlays.mkdir(parents=True, exist_ok=True)
@@ -941,8 +932,10 @@ def check_numeric_options(args: argparse.Namespace) -> None:
 def check_output_options(args: argparse.Namespace) -> None:
     """One error line, before any work, when an output path cannot be written as asked: ``-o`` naming a file
     where a folder is written (``analyze``, ``predict``, ``pseudolabel``) or a folder where a file is, a file
-    standing where a folder of the path should be, ``--json`` / ``--plot`` naming a folder."""
-    outputs = [("-o", getattr(args, "output", None), getattr(args, "output_kind", "file"))]
+    standing where a folder of the path should be, ``--json`` / ``--plot`` naming a folder, ``--overlays`` a
+    file."""
+    outputs = [("-o", getattr(args, "output", None), getattr(args, "output_kind", "file")),
+               ("--overlays", getattr(args, "overlays", None), "folder")]
     outputs += [(f"--{name}", getattr(args, name, None), "file") for name in ("json", "plot")]
     for option, value, kind in outputs:
         if not isinstance(value, str):   # absent, or a flag (analyze --json)

@@ -64,11 +64,13 @@ def predict_instances(model: LesionNet, images01: list[np.ndarray]) -> list[dict
 
 
 def evaluate_instances(model: LesionNet, samples, *, progress: bool = True,
-                       on_prediction: Callable[[SegSample, dict, dict], None] | None = None) -> dict[str, Any]:
+                       on_prediction: Callable[[SegSample, dict, dict, tuple[str, ...]], None] | None = None,
+                       ) -> dict[str, Any]:
     """AP on masks, overall and per class, plus images/s; and ``infection_dice``: the pooled Dice of
     the union of the instances scoring at least :data:`INSTANCE_SCORE` against GGO ∪ consolidation
     (how well the instances cover the lesions as a region, whatever their partition into instances).
-    ``on_prediction(sample, prediction, truth)`` is called for every slice (e.g. to draw it; not timed)."""
+    ``on_prediction(sample, prediction, truth, class_names)`` is called for every slice (e.g. to draw it; not
+    timed)."""
     ap = InstanceAP(model.config.classes[1:])
     seconds, overlap, total = 0.0, 0, 0
     for i in tqdm(range(len(samples)), desc="evaluate lesions", unit="slice", disable=not progress):
@@ -80,7 +82,7 @@ def evaluate_instances(model: LesionNet, samples, *, progress: bool = True,
         truth_instances = _targets_for(s.labels, model.config.mask_mode)
         ap.update({"masks": masks, "scores": pred["scores"], "labels": pred["labels"]}, truth_instances)
         if on_prediction is not None:
-            on_prediction(s, pred, truth_instances)
+            on_prediction(s, pred, truth_instances, tuple(model.config.classes))
         union = masks[pred["scores"] >= INSTANCE_SCORE].any(dim=0).numpy() if len(masks) else np.zeros(s.labels.shape, bool)
         truth = np.isin(s.labels, (1, 2)) if model.config.mask_mode != "ggo" else s.labels == 1
         overlap += int((union & truth).sum())
@@ -188,8 +190,6 @@ def evaluate_lesions(model_spec: str | Path | None, data: str | Path, *, split: 
     from covidct.models.registry import load_lesion_model
 
     model, payload = load_lesion_model(model_spec)
-    classes = tuple(model.config.classes)
-    hook = None if on_prediction is None else (lambda s, pred, truth: on_prediction(s, pred, truth, classes))
-    result = evaluate_instances(model, SegFolder(data, split=split), progress=progress, on_prediction=hook)
+    result = evaluate_instances(model, SegFolder(data, split=split), progress=progress, on_prediction=on_prediction)
     result["model"] = Path(payload["path"]).name
     return result

@@ -471,7 +471,8 @@ def read_dicom_series(
     # (HU as stored: whole numbers); the first slice that int16 cannot hold exactly (a fractional rescale,
     # values out of range, NaN) turns the volume into float32, the slices decoded so far copied over.
     rows, cols = shapes.pop()
-    is_hu = _metadata(first)["modality"] in (None, "CT")
+    meta = _metadata(first)
+    is_hu = meta["modality"] in (None, "CT")
     holder = [np.empty((len(items), rows, cols), np.int16 if is_hu else np.float32)]
     lock = threading.Lock()
 
@@ -499,7 +500,6 @@ def read_dicom_series(
     finally:
         bar.close()
     volume = holder.pop()
-    meta = _metadata(first)
     if slice_positions_note:
         meta["slice_positions"] = slice_positions_note
     if n_localizers:

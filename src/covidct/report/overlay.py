@@ -120,9 +120,16 @@ def instances_comparison(grey01: np.ndarray, truth: dict, prediction: dict, clas
     truth_names = [class_names[int(c)] for c in np.asarray(truth["labels"])]
     left = instances_rgb(grey01, np.asarray(truth["masks"], bool), truth_names, [], np.asarray(truth["boxes"]))
     right = instances_rgb(grey01, pred_masks, pred_names, pred_scores, np.asarray(prediction["boxes"])[keep])
-    pair = np.concatenate([np.asarray(left), np.full((left.height, 4, 3), 255, np.uint8), np.asarray(right)], axis=1)
     names = tuple(n for n in ("ggo", "consolidation", "lesion") if n in class_names)
     caption = f"truth: {len(truth_names)} instances | predicted: {len(pred_names)} scoring >= {min_score:g}"
+    return _side_by_side(np.asarray(left), np.asarray(right), names=names, caption=caption, title=title)
+
+
+def _side_by_side(left: np.ndarray, right: np.ndarray, *, caption: str, title: str = "",
+                  names: tuple[str, ...] = ("ggo", "consolidation", "effusion", "lung")) -> Image.Image:
+    """Two pictures of one slice with a white bar between them, the legend of ``names`` and a title under them
+    (at least 640 px wide)."""
+    pair = np.concatenate([left, np.full((left.shape[0], 4, 3), 255, np.uint8), right], axis=1)
     return with_legend(pair, names=names, title=f"{title}: {caption}" if title else caption, min_width=640)
 
 
@@ -130,8 +137,5 @@ def labels_comparison(grey01: np.ndarray, truth: np.ndarray, predicted: np.ndarr
                       predicted_lung: np.ndarray | None = None, title: str = "") -> Image.Image:
     """The true label map (left) beside the predicted one (right), each drawn by :func:`overlay_rgb` (GGO red,
     consolidation blue, effusion green, lung outline yellow when given), a legend and a title under them."""
-    left = overlay_rgb(grey01, truth, truth_lung)
-    right = overlay_rgb(grey01, predicted, predicted_lung)
-    pair = np.concatenate([left, np.full((left.shape[0], 4, 3), 255, np.uint8), right], axis=1)
-    caption = "truth | predicted"
-    return with_legend(pair, title=f"{title}: {caption}" if title else caption, min_width=640)
+    return _side_by_side(overlay_rgb(grey01, truth, truth_lung), overlay_rgb(grey01, predicted, predicted_lung),
+                         caption="truth | predicted", title=title)
