@@ -372,6 +372,37 @@ def test_enhanced_multiframe_ct_reads_like_its_series(tmp_path, prone):
         np.testing.assert_allclose(vol.affine, series.affine, atol=1e-6)
         assert vol.spacing == pytest.approx(series.spacing)
         assert vol.metadata["orientation"] == series.metadata["orientation"]
+        assert vol.array.dtype == np.int16   # whole HU held in 16 bits, as a series is
+
+
+def test_multiframe_stack_is_int16_until_a_chunk_needs_float(monkeypatch):
+    """Frames are converted a few slices at a time: int16 while every value fits, float32 from the first chunk
+    that does not (the slices before it copied over exactly); non-CT frames stay float32."""
+    from types import SimpleNamespace
+
+    from covidct.io import dicom
+
+    monkeypatch.setattr(dicom, "_MULTIFRAME_CHUNK", 2)
+
+    class Frames:
+        def __init__(self, stack):
+            self.stack = stack
+
+        def get_volume(self, *, slice_start, slice_end, as_indices, dtype):
+            assert as_indices
+            return SimpleNamespace(array=self.stack[slice_start:slice_end].astype(dtype))
+
+    whole = np.arange(5 * 3 * 4, dtype=np.float32).reshape(5, 3, 4) - 1000
+    out = dicom._multiframe_stack(Frames(whole), whole.shape, as_hu=True)
+    assert out.dtype == np.int16 and np.array_equal(out, whole)
+    halves = whole.copy()
+    halves[3, 1, 2] = 0.5                               # in the second chunk: slices 0-1 were int16 already
+    out = dicom._multiframe_stack(Frames(halves), halves.shape, as_hu=True)
+    assert out.dtype == np.float32 and np.array_equal(out, halves)
+    out = dicom._multiframe_stack(Frames(whole), whole.shape, as_hu=False)
+    assert out.dtype == np.float32 and np.array_equal(out, whole)
+    with pytest.raises(ValueError, match="single-channel"):
+        dicom._multiframe_stack(Frames(whole), (5, 3, 4, 3), as_hu=True)
 
 
 def test_head_to_feet_turns_a_feet_first_stack_round():

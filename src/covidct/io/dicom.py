@@ -258,32 +258,60 @@ def read_dicom_multiframe(path: str | Path, *, require_ct: bool = True, header: 
     slices as a ``(slices, rows, columns)`` HU volume, slices head -> feet, in the working orientation
     of :func:`read_dicom_series`. Frame geometry and rescale come from the functional groups
     (``highdicom.Image.get_volume``); frames that do not form one regular volume (several phases,
-    uneven gaps, tiles) are an ``InputError``."""
+    uneven gaps, tiles) are an ``InputError``. The frames are converted a few slices at a time into one
+    int16 volume (float32 only if the values need it), as a series is: no whole-volume float copy."""
     import highdicom
 
     path = Path(path)
     header = header if header is not None else read_header(path)
     _check_ct(header, path, require_ct)
+    try:   # frames read from the file as they are needed: the pixel data are not held in memory as well
+        image = highdicom.imread(str(path), lazy_frame_retrieval=True)
+    except Exception:
+        try:
+            image = highdicom.imread(str(path))
+        except Exception as exc:
+            raise InputError(path, f"unreadable multi-frame DICOM ({type(exc).__name__}: {exc})") from None
+    n_frames = _n_frames(header)
     try:
-        image = highdicom.imread(str(path))
+        geometry = image.get_volume_geometry()
+        if geometry is None:
+            raise ValueError("their positions are not one regular stack of parallel slices")
+        array = _multiframe_stack(image, geometry.spatial_shape, as_hu=_metadata(header)["modality"] in (None, "CT"))
+    except InputError:
+        raise
     except Exception as exc:
-        raise InputError(path, f"unreadable multi-frame DICOM ({type(exc).__name__}: {exc})") from None
-    try:
-        hd_volume = image.get_volume(dtype=np.float32)
-    except Exception as exc:
-        raise InputError(path, f"the {_n_frames(header)} frames do not form one regular volume: {exc}") from None
-    array = np.asarray(hd_volume.array, dtype=np.float32)
-    if array.ndim != 3:
-        raise InputError(path, f"expected single-channel frames, got a volume of shape {array.shape}")
-    array, affine = head_to_feet(array, np.asarray(hd_volume.affine, dtype=float))
-    spacing_rc = tuple(float(v) for v in hd_volume.pixel_spacing)
+        raise InputError(path, f"the {n_frames} frames do not form one regular volume: {exc}") from None
+    array, affine = head_to_feet(array, np.asarray(geometry.affine, dtype=float))
+    spacing_rc = tuple(float(v) for v in geometry.pixel_spacing)
     meta = _metadata(header)
-    meta["frames"] = _n_frames(header)
+    meta["frames"] = n_frames
     frames = _frame_of_each_slice(image, affine, array.shape[0])
     if frames is not None:  # to write results back onto the source frames (DICOM SEG)
         meta["source_frames"] = frames
-    return _working_volume(np.ascontiguousarray(array), affine, (float(hd_volume.spacing_between_slices), *spacing_rc),
+    return _working_volume(np.ascontiguousarray(array), affine, (float(geometry.spacing_between_slices), *spacing_rc),
                            [str(path)] * array.shape[0], meta, kind="dicom", source=path)
+
+
+_MULTIFRAME_CHUNK = 16   # slices converted at a time
+
+
+def _multiframe_stack(image: Any, shape: tuple[int, ...], *, as_hu: bool) -> np.ndarray:
+    """The frames of ``image`` (a ``highdicom.Image``) as one ``shape`` stack in highdicom's slice order:
+    int16 when ``as_hu`` and every value fits, else float32 (switched, with the slices so far copied, at the
+    first chunk that does not fit)."""
+    if len(shape) != 3:
+        raise ValueError(f"expected single-channel frames, got a volume of shape {tuple(shape)}")
+    out = np.empty(tuple(shape), np.int16 if as_hu else np.float32)
+    for start in range(0, shape[0], _MULTIFRAME_CHUNK):
+        end = min(start + _MULTIFRAME_CHUNK, shape[0])
+        chunk = np.asarray(image.get_volume(slice_start=start, slice_end=end, as_indices=True, dtype=np.float32).array)
+        if chunk.shape != (end - start, *shape[1:]):
+            raise ValueError(f"expected single-channel frames, got slices of shape {chunk.shape[1:]}")
+        if out.dtype == np.int16 and not fits_int16(chunk):
+            out = out.astype(np.float32)
+        out[start:end] = chunk
+    return out
 
 
 def read_dicom_file(path: str | Path, *, require_ct: bool = True) -> Volume:
