@@ -7,6 +7,12 @@ against ``slice_labels.csv`` (all patients pooled, and per patient where both cl
 
     python benchmarks/analyze.py --data ../shared/data/covid-ct-md [--model NAME|FILE] [--out out/bench-analyze]
 
+Where ``slice_labels.csv`` has COVID-CT-MD's lobe labels (``lobe_LLL, lobe_LUL, lobe_RLL, lobe_RML, lobe_RUL``),
+it also checks the lung sides against them: the slice-level AUC of ``slices[].left_lesion_area_mm2`` for "a left
+lobe is infected" and of ``right_lesion_area_mm2`` for "a right lobe is", beside the same with the sides swapped
+(what a left-right mix-up would give), and the left share of the lesion area on slices where only one side is
+labelled.
+
 ``--z-sigma-mm S`` (repeatable) also prints the AUCs of a variant that was tried and not adopted: each
 slice's lesion area smoothed along the scan axis (Gaussian, S mm) before ``A / (A + 1 cm²)``.
 """
@@ -66,6 +72,34 @@ def _run_sampling_memory(cmd: list[str]) -> tuple[subprocess.Popen, str, float]:
     return proc, err, peak[0] / 1024.0
 
 
+LOBE_COLUMNS = ("lobe_LLL", "lobe_LUL", "lobe_RLL", "lobe_RML", "lobe_RUL")   # left lobes first
+
+
+def _side_agreement(rows: list) -> dict:
+    """Per-slice lesion area of each lung side against the lobe labels of that side (and of the other)."""
+    from covidct.metrics import roc_auc
+
+    left_lab = [lab[0] for lab, _, _ in rows]
+    right_lab = [lab[1] for lab, _, _ in rows]
+    left = [a for _, a, _ in rows]
+    right = [a for _, _, a in rows]
+
+    def auc(y: list[int], score: list[float]):
+        return round(roc_auc(y, score), 4) if 0 < sum(y) < len(y) else None
+
+    def share(want: tuple[int, int]):
+        chosen = [(a, b) for lab, a, b in rows if tuple(lab) == want]
+        with_area = [a / (a + b) for a, b in chosen if a + b > 0]
+        return (round(float(np.mean(with_area)), 3) if with_area else None), f"{len(chosen)} slices, {len(with_area)} with lesions"
+
+    only_left, n_left = share((1, 0))
+    only_right, n_right = share((0, 1))
+    return {"auc_left": auc(left_lab, left), "auc_right": auc(right_lab, right),
+            "auc_left_vs_right_lobes": auc(right_lab, left), "auc_right_vs_left_lobes": auc(left_lab, right),
+            "left_share_only_left": only_left, "n_only_left": n_left,
+            "left_share_only_right": only_right, "n_only_right": n_right}
+
+
 def main() -> int:
     from covidct.metrics import roc_auc
     from covidct.report.notes import report_notes
@@ -86,12 +120,17 @@ def main() -> int:
         patients = list(csv.DictReader(fh))
     with open(data / "slice_labels.csv", newline="") as fh:
         labels: dict[str, dict[int, int]] = {}
+        lobes: dict[str, dict[int, tuple[int, int]]] = {}   # slice -> (a left lobe infected, a right lobe infected)
         for r in csv.DictReader(fh):
             labels.setdefault(r["patient_id"], {})[int(r["slice_index"])] = int(r["infection"])
+            if all(r.get(c) not in (None, "") for c in LOBE_COLUMNS):
+                lobes.setdefault(r["patient_id"], {})[int(r["slice_index"])] = (
+                    int(any(int(r[c]) for c in LOBE_COLUMNS[:2])), int(any(int(r[c]) for c in LOBE_COLUMNS[2:])))
     rows, all_y, all_p = [], [], []
     notes: dict[str, list[str]] = {}
     by_patient: dict[str, tuple[list[int], list[float]]] = {}
     areas: dict[str, tuple[list[float], float]] = {}   # lesion area per slice (mm²), slice spacing (mm)
+    sides: dict[str, list] = {}   # per slice: ((left lobe label, right lobe label), left area, right area)
     for p in patients:
         out = Path(args.out) / p["patient_id"]
         cmd = [sys.executable, "-m", "covidct.cli", "analyze", str(data / p["path"]), "-o", str(out)]
@@ -110,6 +149,7 @@ def main() -> int:
         rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
         rep = json.loads((out / "report.json").read_text())
         by_index = labels.get(p["patient_id"], {})  # a Normal patient may have no slice labels
+        lobe_by_index = lobes.get(p["patient_id"], {})
         if str(p["path"]).lower().endswith((".nii", ".nii.gz")):  # labels name the file's slices k
             import nibabel as nib
 
@@ -117,6 +157,11 @@ def main() -> int:
 
             header = nib.load(data / p["path"])  # the header only; the voxels are not read
             by_index = {working_slice_of_file(header.affine, header.shape[2], k): v for k, v in by_index.items()}
+            lobe_by_index = {working_slice_of_file(header.affine, header.shape[2], k): v
+                             for k, v in lobe_by_index.items()}
+        if any(any(v) for v in lobe_by_index.values()):
+            sides[p["patient_id"]] = [(lobe_by_index.get(s["index"], (0, 0)), s.get("left_lesion_area_mm2", 0.0),
+                                       s.get("right_lesion_area_mm2", 0.0)) for s in rep["slices"]]
         y = [by_index.get(s["index"], 0) for s in rep["slices"]]
         pr = [s["infection_probability"] for s in rep["slices"]]
         all_y += y
@@ -152,6 +197,14 @@ def main() -> int:
         y = by_patient[a][0] + by_patient[b][0]
         if 0 < sum(y) < len(y):
             print(f"  pooled over {a} + {b}: {roc_auc(y, by_patient[a][1] + by_patient[b][1]):.4f}")
+    side_check = {pid: _side_agreement(rows_) for pid, rows_ in sides.items()}
+    if len(sides) > 1:
+        side_check["pooled"] = _side_agreement([r for rows_ in sides.values() for r in rows_])
+    for pid, c in side_check.items():
+        print(f"lung sides vs lobe labels, {pid}: AUC left area / left lobes {c['auc_left']}, right area / right lobes "
+              f"{c['auc_right']} (sides swapped: {c['auc_left_vs_right_lobes']} / {c['auc_right_vs_left_lobes']}); "
+              f"left share of the lesion area where only the left side is labelled {c['left_share_only_left']} "
+              f"({c['n_only_left']}), only the right {c['left_share_only_right']} ({c['n_only_right']})")
     for sigma_mm in args.z_sigma_mm:
         from scipy.ndimage import gaussian_filter1d
 
@@ -180,7 +233,8 @@ def main() -> int:
         print(f"\npatient answers ({len(answered)} scans):\n{rep.confusion_text()}\naccuracy {patient_accuracy:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"patients": rows, "pooled_slice_auc": pooled,
-                                               "patient_accuracy": patient_accuracy, "notes": notes}, indent=2))
+                                               "patient_accuracy": patient_accuracy, "notes": notes,
+                                               "sides_vs_lobe_labels": side_check}, indent=2))
     return 0
 
 

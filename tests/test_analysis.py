@@ -815,6 +815,16 @@ def test_volume_slices_reach_the_model_in_the_training_orientation(tmp_path, ori
         assert rows.min() <= lung_rows.min() + 1 and rows.max() >= lung_rows.max() - 1
     with pytest.raises(ValueError, match="slice_orientation"):
         analyze_volume(vol, _LeftHalfGGO(), progress=False, slice_orientation="sideways")
+    # each slice's lesion area split by lung side: in the working orientation the image's left half is the
+    # patient's right lung (radiological view); turned, the anterior half holds lesions in both lungs
+    with_lesions = [s for s in result.slices if s["lesion_area_mm2"] > 0]
+    assert with_lesions
+    for s in result.slices:
+        assert s["right_lesion_area_mm2"] + s["left_lesion_area_mm2"] == pytest.approx(s["lesion_area_mm2"], abs=0.02)
+    if orientation == "working":
+        assert all(s["left_lesion_area_mm2"] == 0 for s in result.slices)
+    else:
+        assert all(s["left_lesion_area_mm2"] > 0 and s["right_lesion_area_mm2"] > 0 for s in with_lesions)
 
 
 @pytest.mark.parametrize("trained_on", ["anterior-up", "any"])

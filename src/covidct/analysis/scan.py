@@ -235,7 +235,7 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
 
     zones = zone_index(lungs)
     burden = lesion_burden(lesions, lungs, zones, voxel_ml=vol.voxel_volume_ml(), hu=vol.array if vol.is_hu else None)
-    lung_px, ggo_px, cons_px = _per_slice_counts(lesions, lungs)
+    lung_px, ggo_px, cons_px, right_px, left_px = _per_slice_counts(lesions, lungs)
     infected_px = ggo_px + cons_px
     areas = infected_px * px_mm
     probs = slice_infection_probability(areas)
@@ -246,7 +246,9 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     slices = [{"index": int(k), "infection_probability": round(float(probs[k]), 6),
                "lesion_percent": pct(infected_px[k], k), "ggo_percent": pct(ggo_px[k], k),
                "consolidation_percent": pct(cons_px[k], k),
-               "lesion_area_mm2": round(float(areas[k]), 2)} for k in range(n)]
+               "lesion_area_mm2": round(float(areas[k]), 2),
+               "right_lesion_area_mm2": round(float(right_px[k] * px_mm), 2),
+               "left_lesion_area_mm2": round(float(left_px[k] * px_mm), 2)} for k in range(n)]
     top = np.sort(probs)[::-1][:TOP_K]
     p_patient = float(top.mean()) if top.size else 0.0
     present = burden["percent_opacity"] >= MIN_BURDEN_PERCENT
@@ -266,17 +268,21 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
 
 
 def _per_slice_counts(lesions: np.ndarray, lungs: np.ndarray, chunk: int = SLICE_CHUNK) -> tuple[np.ndarray, ...]:
-    """Lung, GGO-in-lung and consolidation-in-lung pixels of every slice, a few slices at a time (whole-volume
-    boolean temporaries would add several hundred MB at the peak of a long scan)."""
+    """Lung, GGO-in-lung, consolidation-in-lung, and GGO + consolidation in the right and in the left lung:
+    pixels of every slice, a few slices at a time (whole-volume boolean temporaries would add several hundred
+    MB at the peak of a long scan)."""
     n = lesions.shape[0]
-    lung_px, ggo_px, cons_px = (np.zeros(n, np.int64) for _ in range(3))
+    lung_px, ggo_px, cons_px, right_px, left_px = (np.zeros(n, np.int64) for _ in range(5))
     for start in range(0, n, chunk):
         part = slice(start, start + chunk)
         in_lung = lungs[part] > 0
         lung_px[part] = in_lung.sum(axis=(1, 2))
         ggo_px[part] = ((lesions[part] == 1) & in_lung).sum(axis=(1, 2))
         cons_px[part] = ((lesions[part] == 2) & in_lung).sum(axis=(1, 2))
-    return lung_px, ggo_px, cons_px
+        infected = (lesions[part] == 1) | (lesions[part] == 2)
+        right_px[part] = (infected & (lungs[part] == RIGHT)).sum(axis=(1, 2))
+        left_px[part] = (infected & (lungs[part] == LEFT)).sum(axis=(1, 2))
+    return lung_px, ggo_px, cons_px, right_px, left_px
 
 
 def model_turns(vol: Volume, model, slice_orientation: str = "training") -> int:
