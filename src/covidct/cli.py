@@ -15,7 +15,7 @@ from pathlib import Path
 
 from covidct import DISCLAIMER, __version__
 from covidct.errors import CovidctError
-from covidct.runtime import keep_freed_memory
+from covidct.runtime import drop_unused_gpu_libraries, keep_freed_memory
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -559,6 +559,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         check_device(args.device)
     pending = None if batch else ReadAhead(args.path[0], series_uid=args.series, largest_series=True, progress=True)
     with pending or nullcontext():
+        _drop_unused_gpu_libraries()   # after the helper has started, so that it reads while torch loads
         from covidct.models.registry import DEFAULTS
         from covidct.report.notes import report_notes
         from covidct.report.scan_report import analyze
@@ -950,6 +951,22 @@ def check_output_options(args: argparse.Namespace) -> None:
             raise CovidctError(path, f"{option} names a folder; give a file name")
 
 
+#: Commands that run networks: PyTorch is imported for them at once and, without a GPU, its GPU libraries'
+#: pages are dropped from memory (``analyze`` does it itself, after it has started reading the scan).
+MODEL_COMMANDS = {"_cmd_train_seg", "_cmd_train_cls", "_cmd_train_lesions", "_cmd_train_maskcls", "_cmd_train_triage",
+                  "_cmd_ensemble", "_cmd_evaluate_seg", "_cmd_evaluate_cls", "_cmd_evaluate_lesions", "_cmd_evaluate_cam",
+                  "_cmd_explain", "_cmd_classify", "_cmd_pretrain_seg", "_cmd_pseudolabel", "_cmd_predict"}
+
+
+def _drop_unused_gpu_libraries() -> None:
+    """PyTorch (and torchvision, which the models import) loaded now, then their GPU libraries' resident pages
+    dropped when no GPU is usable (:func:`covidct.runtime.drop_unused_gpu_libraries`: ~0.27 GB less memory)."""
+    import torch  # noqa: F401  (each model command imports both anyway)
+    import torchvision  # noqa: F401
+
+    drop_unused_gpu_libraries()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -957,6 +974,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_numeric_options(args)
         check_output_options(args)
+        if getattr(args.func, "__name__", "") in MODEL_COMMANDS:
+            _drop_unused_gpu_libraries()
         return int(args.func(args) or 0)
     except CovidctError as exc:
         if args.debug:
