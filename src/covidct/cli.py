@@ -953,9 +953,9 @@ def check_output_options(args: argparse.Namespace) -> None:
 
 #: Commands that run networks: PyTorch is imported for them at once and, without a GPU, its GPU libraries'
 #: pages are dropped from memory (``analyze`` does it itself, after it has started reading the scan).
-MODEL_COMMANDS = {"_cmd_train_seg", "_cmd_train_cls", "_cmd_train_lesions", "_cmd_train_maskcls", "_cmd_train_triage",
-                  "_cmd_ensemble", "_cmd_evaluate_seg", "_cmd_evaluate_cls", "_cmd_evaluate_lesions", "_cmd_evaluate_cam",
-                  "_cmd_explain", "_cmd_classify", "_cmd_pretrain_seg", "_cmd_pseudolabel", "_cmd_predict"}
+MODEL_COMMANDS = {_cmd_train_seg, _cmd_train_cls, _cmd_train_lesions, _cmd_train_maskcls, _cmd_train_triage,
+                  _cmd_ensemble, _cmd_evaluate_seg, _cmd_evaluate_cls, _cmd_evaluate_lesions, _cmd_evaluate_cam,
+                  _cmd_explain, _cmd_classify, _cmd_pretrain_seg, _cmd_pseudolabel, _cmd_predict}
 
 
 def _drop_unused_gpu_libraries() -> None:
@@ -974,7 +974,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_numeric_options(args)
         check_output_options(args)
-        if getattr(args.func, "__name__", "") in MODEL_COMMANDS:
+        if args.func in MODEL_COMMANDS:
             _drop_unused_gpu_libraries()
         return int(args.func(args) or 0)
     except CovidctError as exc:

@@ -276,10 +276,11 @@ def _per_slice_counts(lesions: np.ndarray, lungs: np.ndarray, chunk: int = SLICE
     for start in range(0, n, chunk):
         part = slice(start, start + chunk)
         in_lung = lungs[part] > 0
+        ggo, cons = lesions[part] == 1, lesions[part] == 2
         lung_px[part] = in_lung.sum(axis=(1, 2))
-        ggo_px[part] = ((lesions[part] == 1) & in_lung).sum(axis=(1, 2))
-        cons_px[part] = ((lesions[part] == 2) & in_lung).sum(axis=(1, 2))
-        infected = (lesions[part] == 1) | (lesions[part] == 2)
+        ggo_px[part] = (ggo & in_lung).sum(axis=(1, 2))
+        cons_px[part] = (cons & in_lung).sum(axis=(1, 2))
+        infected = ggo | cons
         right_px[part] = (infected & (lungs[part] == RIGHT)).sum(axis=(1, 2))
         left_px[part] = (infected & (lungs[part] == LEFT)).sum(axis=(1, 2))
     return lung_px, ggo_px, cons_px, right_px, left_px

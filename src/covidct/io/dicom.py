@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from covidct.errors import InputError
-from covidct.io.volume import Volume, compact_hu, fill_non_finite, fits_int16
+from covidct.io.volume import Volume, compact_hu, fill_non_finite, store_slices
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -273,18 +273,18 @@ def read_dicom_multiframe(path: str | Path, *, require_ct: bool = True, header: 
         except Exception as exc:
             raise InputError(path, f"unreadable multi-frame DICOM ({type(exc).__name__}: {exc})") from None
     n_frames = _n_frames(header)
+    meta = _metadata(header)
     try:
         geometry = image.get_volume_geometry()
         if geometry is None:
             raise ValueError("their positions are not one regular stack of parallel slices")
-        array = _multiframe_stack(image, geometry.spatial_shape, as_hu=_metadata(header)["modality"] in (None, "CT"))
+        array = _multiframe_stack(image, geometry.spatial_shape, as_hu=meta["modality"] in (None, "CT"))
     except InputError:
         raise
     except Exception as exc:
         raise InputError(path, f"the {n_frames} frames do not form one regular volume: {exc}") from None
     array, affine = head_to_feet(array, np.asarray(geometry.affine, dtype=float))
     spacing_rc = tuple(float(v) for v in geometry.pixel_spacing)
-    meta = _metadata(header)
     meta["frames"] = n_frames
     frames = _frame_of_each_slice(image, affine, array.shape[0])
     if frames is not None:  # to write results back onto the source frames (DICOM SEG)
@@ -308,9 +308,7 @@ def _multiframe_stack(image: Any, shape: tuple[int, ...], *, as_hu: bool) -> np.
         chunk = np.asarray(image.get_volume(slice_start=start, slice_end=end, as_indices=True, dtype=np.float32).array)
         if chunk.shape != (end - start, *shape[1:]):
             raise ValueError(f"expected single-channel frames, got slices of shape {chunk.shape[1:]}")
-        if out.dtype == np.int16 and not fits_int16(chunk):
-            out = out.astype(np.float32)
-        out[start:end] = chunk
+        out = store_slices(out, slice(start, end), chunk)
     return out
 
 
@@ -509,9 +507,7 @@ def read_dicom_series(
         hu = _pixels_hu(path, ds)[0]
         _release_pixels(ds)
         with lock:   # a copy of one slice; the switch to float32 must not race a write
-            if holder[0].dtype == np.int16 and not fits_int16(hu):
-                holder[0] = holder[0].astype(np.float32)
-            holder[0][i] = hu
+            holder[0] = store_slices(holder[0], i, hu)
 
     bar = tqdm(total=len(items), desc="reading", unit="slice", disable=not progress)
     try:

@@ -128,6 +128,16 @@ def fits_int16(values: np.ndarray) -> bool:
     return values.dtype.kind in "iub" or bool(np.array_equal(values, np.rint(values)))
 
 
+def store_slices(volume: np.ndarray, index, values: np.ndarray) -> np.ndarray:
+    """``volume[index] = values`` for a volume filled part by part (the DICOM readers): an int16 volume becomes
+    float32 (the parts stored so far copied over) when ``values`` do not fit int16 exactly; returns the volume
+    written to, which the caller keeps."""
+    if volume.dtype == np.int16 and not fits_int16(values):
+        volume = volume.astype(np.float32)
+    volume[index] = values
+    return volume
+
+
 def compact_hu(array: np.ndarray) -> np.ndarray:
     """``array`` as int16 when every value is a whole number within int16's range — the same values in half the
     memory of float32 — else ``array`` itself. Checked and converted a few slices at a time (no whole-volume
