@@ -75,17 +75,19 @@ def _run_sampling_memory(cmd: list[str]) -> tuple[subprocess.Popen, str, float]:
 LOBE_COLUMNS = ("lobe_LLL", "lobe_LUL", "lobe_RLL", "lobe_RML", "lobe_RUL")   # left lobes first
 
 
-def _side_agreement(rows: list) -> dict:
-    """Per-slice lesion area of each lung side against the lobe labels of that side (and of the other)."""
+def _auc(y: list[int], score: list[float]) -> float | None:
+    """ROC AUC to 4 decimals, ``None`` unless both classes occur."""
     from covidct.metrics import roc_auc
 
+    return round(roc_auc(y, score), 4) if 0 < sum(y) < len(y) else None
+
+
+def _side_agreement(rows: list) -> dict:
+    """Per-slice lesion area of each lung side against the lobe labels of that side (and of the other)."""
     left_lab = [lab[0] for lab, _, _ in rows]
     right_lab = [lab[1] for lab, _, _ in rows]
     left = [a for _, a, _ in rows]
     right = [a for _, _, a in rows]
-
-    def auc(y: list[int], score: list[float]):
-        return round(roc_auc(y, score), 4) if 0 < sum(y) < len(y) else None
 
     def share(want: tuple[int, int]):
         chosen = [(a, b) for lab, a, b in rows if tuple(lab) == want]
@@ -94,8 +96,8 @@ def _side_agreement(rows: list) -> dict:
 
     only_left, n_left = share((1, 0))
     only_right, n_right = share((0, 1))
-    return {"auc_left": auc(left_lab, left), "auc_right": auc(right_lab, right),
-            "auc_left_vs_right_lobes": auc(right_lab, left), "auc_right_vs_left_lobes": auc(left_lab, right),
+    return {"auc_left": _auc(left_lab, left), "auc_right": _auc(right_lab, right),
+            "auc_left_vs_right_lobes": _auc(right_lab, left), "auc_right_vs_left_lobes": _auc(left_lab, right),
             "left_share_only_left": only_left, "n_only_left": n_left,
             "left_share_only_right": only_right, "n_only_right": n_right}
 
@@ -176,7 +178,7 @@ def main() -> int:
             "total_pct": rep["lesions"]["total"]["percent_of_lung"], "effusion_ml": rep["lesions"]["effusion"]["volume_ml"],
             "severity": rep["severity_score"], "answer": rep["diagnosis"]["label"],
             "p_covid19": rep["diagnosis"]["probabilities"].get("COVID-19"), "inside_s": rep["seconds"],
-            "slice_auc": round(roc_auc(y, pr), 4) if 0 < sum(y) < len(y) else None,
+            "slice_auc": _auc(y, pr),
             # anatomy vs the file's orientation (covidct.analysis.scan.orientation_check); the report's notes
             "orientation": (rep["input"].get("orientation_check") or {}).get("anterior_posterior"),
         })
