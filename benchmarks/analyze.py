@@ -110,6 +110,8 @@ def main() -> int:
     ap.add_argument("--data", required=True)
     ap.add_argument("--model")
     ap.add_argument("--window", help="HU window into the model (covidct analyze --window); default: model")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                    help="segmentation network's arithmetic (covidct analyze --precision); default: auto")
     ap.add_argument("--slice-orientation", choices=("training", "working"),
                     help="covidct analyze --slice-orientation; default: training")
     ap.add_argument("--out", default="out/bench-analyze")
@@ -140,6 +142,8 @@ def main() -> int:
             cmd += ["--model", args.model]
         if args.window:
             cmd += [f"--window={args.window}"]
+        if args.precision:
+            cmd += ["--precision", args.precision]
         if args.slice_orientation:
             cmd += ["--slice-orientation", args.slice_orientation]
         t0 = time.perf_counter()

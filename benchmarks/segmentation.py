@@ -13,8 +13,9 @@ the random-slice rows time one pass.
 ``--model-val`` keeps only the slices the model's checkpoint lists as its validation slices (the others
 are training slices); ``--ids`` picks slices by id; ``--split`` by manifest split.
 
-Speed runs as the command line does: BatchNorms folded (``SegPredictor``'s default) and glibc keeping
-freed memory; ``--no-fold`` and ``--default-allocator`` leave either out, to measure what each adds.
+Speed runs as the command line does: BatchNorms folded (``SegPredictor``'s default), glibc keeping
+freed memory and ``--precision auto`` (bfloat16 where the processor computes it natively); ``--no-fold``,
+``--default-allocator`` and ``--precision fp32`` leave each out, to measure what each adds.
 
 Prints the evaluation table and a speed table; ``--json OUT`` writes everything.
 """
@@ -71,6 +72,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
     ap.add_argument("--no-fold", action="store_true", help="time the networks with their BatchNorms (not folded)")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="arithmetic of every timed and evaluated network, as covidct's --precision (default auto: "
+                    "bfloat16 where native)")
     ap.add_argument("--default-allocator", action="store_true",
                     help="leave glibc malloc as it is (the covidct command line keeps freed memory for reuse)")
     args = ap.parse_args()
@@ -79,7 +83,7 @@ def main() -> int:
         keep_freed_memory()   # as the covidct command line does
 
     model, payload = load_seg_model(args.model)
-    shipped = SegPredictor(model)
+    shipped = SegPredictor(model, precision=args.precision)
     ids = args.ids.split(",") if args.ids else None
     if args.model_val:
         ids = [str(i) for i in payload["metrics"].get("val_ids") or []]
@@ -95,8 +99,9 @@ def main() -> int:
 
     rss0 = peak_rss_mb()
     fold = not args.no_fold
-    shipped = SegPredictor(model, fold_bn=fold)
-    one_pass = SegPredictor(model, crop_to_lung=False, fold_bn=fold)
+    prec = shipped.precision
+    shipped = SegPredictor(model, fold_bn=fold, precision=prec)
+    one_pass = SegPredictor(model, crop_to_lung=False, fold_bn=fold, precision=prec)
     # a companion network stored in the file (the effusion model) runs beside the main one: counted in
     nets = [model, *model.companions.values()]
     params_m = round(sum(p.numel() for net in nets for p in net.parameters()) / 1e6, 2)
@@ -104,7 +109,7 @@ def main() -> int:
     rows["shipped"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
     if model.companions:
         rows["shipped without its companions"] = {
-            **speed(SegPredictor(model, crop_to_lung=False, fold_bn=fold, effusion_model=None)),
+            **speed(SegPredictor(model, crop_to_lung=False, fold_bn=fold, effusion_model=None, precision=prec)),
             "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             "input_size": model.config.input_size, "peak_rss_mb": round(peak_rss_mb(), 1)}
     if args.frames:
@@ -116,18 +121,20 @@ def main() -> int:
             **speed(shipped, slices=real), "params_m": rows["shipped"]["params_m"],
             "input_size": model.config.input_size, "peak_rss_mb": round(peak_rss_mb(), 1)}
     reference = build_seg_model(SegModelConfig(encoder="resnet34", decoder_channels=(256, 128, 64, 32, 16), input_size=512))
-    ref = SegPredictor(reference, crop_to_lung=False, fold_bn=fold)
+    ref = SegPredictor(reference, crop_to_lung=False, fold_bn=fold, precision=prec)
     rows["reference_unet_resnet34_512"] = {**speed(ref), "params_m": round(sum(p.numel() for p in reference.parameters()) / 1e6, 2),
                                            "input_size": 512, "peak_rss_mb": round(peak_rss_mb(), 1)}
     allocator = "default glibc allocator" if args.default_allocator else "freed memory kept, as the CLI"
     folding = "BatchNorms folded" if fold else "BatchNorms not folded"
-    print(f"\n== speed at 512x512, {args.threads} threads, {folding}, {allocator} (peak RSS before speed runs {rss0:.0f} MB)")
+    print(f"\n== speed at 512x512, {args.threads} threads, {prec}, {folding}, {allocator} (peak RSS before speed runs "
+          f"{rss0:.0f} MB)")
     print(f"{'model':<42}{'slices/s':>10}{'params (M)':>12}{'input':>8}{'peak RSS MB':>13}")
     for name, r in rows.items():
         print(f"{name:<42}{r['slices_per_second']:>10}{r['params_m']:>12}{r['input_size']:>8}{r['peak_rss_mb']:>13}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"evaluation": {k: v for k, v in result.items() if k != "details"}, "speed": rows}, fh, indent=2)
+            json.dump({"evaluation": {k: v for k, v in result.items() if k != "details"}, "speed": rows,
+                       "precision": prec}, fh, indent=2)
     return 0
 
 

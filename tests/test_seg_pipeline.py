@@ -219,11 +219,12 @@ def test_kfold_training_validates_on_its_fold(tmp_path, seg_folder, capsys):
 def test_evaluate_seg_cli_json(trained, tmp_path, capsys):
     folder, out, _ = trained
     js = tmp_path / "eval.json"
-    assert main(["evaluate", "seg", "--model", str(out), "--data", str(folder), "--json", str(js)]) == 0
+    assert main(["evaluate", "seg", "--model", str(out), "--data", str(folder), "--json", str(js),
+                 "--precision", "fp32"]) == 0
     printed = capsys.readouterr().out
     assert "Evaluation took" in printed and "pooled" in printed
     res = json.loads(js.read_text())
-    assert SEG_JSON_KEYS <= set(res) and res["n_images"] == 6
+    assert SEG_JSON_KEYS <= set(res) and res["n_images"] == 6 and res["precision"] == "fp32"
     assert set(res["dice"]) == CLASS_KEYS and set(res["dice_mean_per_image"]) == CLASS_KEYS
     assert res["dice"]["lung"] is not None and 0.0 <= res["dice"]["infection"] <= 1.0
     assert "not for diagnosis" in res["disclaimer"]

@@ -130,16 +130,18 @@ def _summary(metrics: SegmentationMetrics, n_images: int, model_seconds: float) 
 
 def evaluate_seg(model_spec: str | Path | None, data: str | Path, *, split: str | None = None,
                  progress: bool = True, tta: bool = False, density_classes: bool = True,
-                 on_prediction: OnSegPrediction | None = None) -> dict[str, Any]:
+                 on_prediction: OnSegPrediction | None = None, precision: str = "auto") -> dict[str, Any]:
     """``covidct evaluate seg``; ``density_classes=False`` scores the network's own GGO / consolidation split;
-    ``on_prediction(sample, prediction)`` sees every slice."""
+    ``on_prediction(sample, prediction)`` sees every slice; ``precision`` as in
+    :class:`~covidct.engine.infer.SegPredictor` (the one used is in the result)."""
     from covidct.models.registry import load_seg_model
 
     model, payload = load_seg_model(model_spec)
     folder = SegFolder(data, split=split)
-    result = evaluate_folder(SegPredictor(model, tta=tta, density_classes=density_classes), folder, progress=progress,
-                             on_prediction=on_prediction)
+    predictor = SegPredictor(model, tta=tta, density_classes=density_classes, precision=precision)
+    result = evaluate_folder(predictor, folder, progress=progress, on_prediction=on_prediction)
     result["model"] = Path(payload["path"]).name
+    result["precision"] = predictor.precision
     result["data"] = str(data)
     return result
 

@@ -27,6 +27,7 @@ others; the probabilities are the main network's (effusion removed, renormalised
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 
 from covidct.data.segmentation import LESION_CLASSES
 from covidct.io.body import mask_box
+from covidct.engine.precision import inference_dtype, resolve_precision
 from covidct.models.fusion import fold_for_inference
 from covidct.models.segmentation import SegmentationNet
 
@@ -78,18 +80,22 @@ class SegPredictor:
 
     def __init__(self, model: SegmentationNet, *, batch_size: int = 8, device: str = "cpu", tta: bool = False,
                  crop_to_lung: bool = True, density_classes: bool = True, fold_bn: bool = True,
-                 effusion_model: SegmentationNet | None | str = "companion") -> None:
+                 effusion_model: SegmentationNet | None | str = "companion", precision: str = "fp32") -> None:
         """``effusion_model``: a network with an effusion output run beside ``model``; ``"companion"`` (default)
-        takes the one ``model``'s checkpoint carries, if any; ``None`` runs ``model`` alone."""
+        takes the one ``model``'s checkpoint carries, if any; ``None`` runs ``model`` alone. ``precision``:
+        ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16 where the processor computes it natively;
+        :mod:`covidct.engine.precision`)."""
         if effusion_model == "companion":
             effusion_model = getattr(model, "companions", {}).get("effusion")
         # BatchNorms folded into their convolutions (a copy; ``model`` is unchanged): 0-10 % faster with the
         # CLI's allocator, ~30 % with glibc's default; channels-last runs the depthwise convolutions of
         # EfficientNet-Lite ~1.5x faster
         # (the copy shares ``model.companions`` rather than copying networks it does not run itself)
+        # bfloat16: the networks' copies hold bfloat16 weights and get bfloat16 inputs; logits come back as float32
+        self.precision = resolve_precision(precision, device)
+        self.dtype = inference_dtype(self.precision)
         companions = (model.companions,) if isinstance(getattr(model, "companions", None), dict) else ()
-        self.model = (fold_for_inference(model, share=companions) if fold_bn else model.eval()).to(device)
-        self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = self._for_inference(model, fold_bn, device, share=companions)
         self.device = device
         self.batch_size = batch_size
         self.tta = tta
@@ -104,9 +110,16 @@ class SegPredictor:
         if effusion_model is not None:
             if "effusion" not in effusion_model.config.lesion_classes:
                 raise ValueError("the effusion model does not predict effusion")
-            net = fold_for_inference(effusion_model) if fold_bn else effusion_model.eval()
-            self.effusion = net.to(device).to(memory_format=torch.channels_last)
+            self.effusion = self._for_inference(effusion_model, fold_bn, device)
             self._effusion_index = effusion_model.config.lesion_classes.index("effusion")
+
+    def _for_inference(self, net: SegmentationNet, fold_bn: bool, device: str, share: tuple = ()) -> torch.nn.Module:
+        """``net`` (or, folded or in another dtype, a copy) in eval mode, channels-last, on ``device``."""
+        if fold_bn:
+            net = fold_for_inference(net, share=share)
+        elif self.dtype != torch.float32:   # a copy: the caller's network keeps its float32 weights
+            net = copy.deepcopy(net, memo={id(obj): obj for obj in share})
+        return net.eval().to(device=device, dtype=self.dtype).to(memory_format=torch.channels_last)
 
     @property
     def predicts_effusion(self) -> bool:
@@ -116,9 +129,9 @@ class SegPredictor:
     @torch.inference_mode()
     def _logits(self, batch: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
         model = self.model if model is None else model
-        out = model(batch)
+        out = model(batch).float()
         if self.tta:
-            out = (out + torch.flip(model(torch.flip(batch, dims=[3])), dims=[3])) / 2
+            out = (out + torch.flip(model(torch.flip(batch, dims=[3])).float(), dims=[3])) / 2
         return out
 
     def predict(self, images: Sequence[np.ndarray], *, pixel_mm: float | None = None) -> list[SegPrediction]:
@@ -186,7 +199,7 @@ class SegPredictor:
             F.interpolate(torch.as_tensor(np.asarray(im, np.float32))[None, None], size=(size, size),
                           mode="bilinear", align_corners=False)[0]
             for im in chunk
-        ]).to(self.device).to(memory_format=torch.channels_last)
+        ]).to(device=self.device, dtype=self.dtype).to(memory_format=torch.channels_last)
 
     def _decode(self, logits: torch.Tensor) -> SegPrediction:
         n = self._n_lesion

@@ -161,13 +161,17 @@ DEFAULT_CLASSIFIER = DEFAULTS["scan_cls"]
 class ScanModels:
     """The models of ``analyze``, each loaded on first use and kept: a batch of scans
     (:func:`covidct.report.batch.analyze_many`) loads them once. ``model_spec``: segmentation model;
-    ``classifier_spec`` / ``triage_spec`` as in :func:`analyze`."""
+    ``classifier_spec`` / ``triage_spec`` as in :func:`analyze`; ``precision`` of the segmentation model
+    (:mod:`covidct.engine.precision`; the classifiers run in float32, the precision they were calibrated in)."""
 
     def __init__(self, model_spec: str | Path | None = None, *, device: str = "cpu",
-                 classifier_spec: str | Path | None = "auto", triage_spec: str | Path | None = DEFAULTS["triage"]) -> None:
+                 classifier_spec: str | Path | None = "auto", triage_spec: str | Path | None = DEFAULTS["triage"],
+                 precision: str = "auto") -> None:
         from covidct.engine.common import check_device
+        from covidct.engine.precision import resolve_precision
 
         self.model_spec, self.device = model_spec, check_device(device)
+        self.precision = resolve_precision(precision, self.device)
         self.classifier_spec, self.triage_spec = classifier_spec, triage_spec
         self._predictor = self._triage = None
         self._classifiers: dict[str, tuple[Any, dict, dict]] = {}
@@ -181,8 +185,9 @@ class ScanModels:
             from covidct.models.registry import load_seg_model
 
             model, payload = load_seg_model(self.model_spec)
-            self.seg_entry = {"name": Path(payload["path"]).stem, "task": "seg", "sha256": file_sha256(payload["path"])}
-            self._predictor = SegPredictor(model, device=self.device, crop_to_lung=False)
+            self.seg_entry = {"name": Path(payload["path"]).stem, "task": "seg", "sha256": file_sha256(payload["path"]),
+                              "precision": self.precision}
+            self._predictor = SegPredictor(model, device=self.device, crop_to_lung=False, precision=self.precision)
         return self._predictor
 
     def classifier(self, spec: str | Path) -> tuple[Any, dict, dict]:
@@ -295,7 +300,7 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
             classifier_spec: str | Path | None = "auto", viewer: bool = True,
             triage_spec: str | Path | None = DEFAULTS["triage"], models: ScanModels | None = None,
             dicom_seg: bool = False, slice_orientation: str = "training",
-            reader: Callable[[], Volume] | None = None) -> dict[str, Any]:
+            reader: Callable[[], Volume] | None = None, precision: str = "auto") -> dict[str, Any]:
     """Analyse one scan and write every output into ``outdir``; returns the report dict. HU slices
     reach the model through ``window`` (a preset of :mod:`covidct.io.window` or ``"L,W"``).
     ``triage_spec`` (``None``: none) gives the 3-class patient answer and every slice's 3-class
@@ -311,9 +316,12 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
     orientation on their way into the model (:mod:`covidct.analysis.scan`), ``"working"`` gives them as read.
     ``reader``: gives the volume of ``path`` (instead of reading it here), e.g. the ``result`` of a
     :class:`covidct.io.read_ahead.ReadAhead` started earlier; the segmentation model is loaded before it is
-    called, so that the two overlap."""
+    called, so that the two overlap. ``precision``: of the segmentation model, ``"auto"`` (bfloat16 where the
+    processor computes it natively), ``"fp32"`` or ``"bf16"`` (:mod:`covidct.engine.precision`; recorded in
+    the report's ``models`` entry)."""
     if models is None:
-        models = ScanModels(model_spec, device=device, classifier_spec=classifier_spec, triage_spec=triage_spec)
+        models = ScanModels(model_spec, device=device, classifier_spec=classifier_spec, triage_spec=triage_spec,
+                            precision=precision)
     t0 = time.perf_counter()
     # a folder of several series: take the one with the most slices (one header scan), and say so
     hu_window = get_window(window)

@@ -18,7 +18,7 @@ from covidct.report.overlay import instances_rgb, overlay_rgb, save_png, with_le
 
 def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec: str | Path | None = None,
                       lesion_model_spec: str | Path | None = None, lesion_score: float = INSTANCE_SCORE,
-                      progress: bool = True) -> dict[str, Any]:
+                      progress: bool = True, precision: str = "auto") -> dict[str, Any]:
     """For every slice of every input write ``<name>_labels.png`` (value = class index: 0 background,
     1 GGO, 2 consolidation, 3 effusion), ``<name>_lung.png`` (0/1) and ``<name>_overlay.png``; plus
     ``predictions.json`` with per-slice lesion pixel counts and, per input, the orientation check of HU volumes
@@ -26,15 +26,17 @@ def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec
     lesion model also runs: ``<name>_instances.png`` (masks and boxes with scores, GGO red,
     consolidation blue) and ``instances`` (class, score, box, area) per slice in the JSON, for the
     detections scoring at least ``lesion_score``. All inputs are read before anything is written, so a
-    bad input leaves no partial output."""
+    bad input leaves no partial output. ``precision``: of the segmentation network
+    (:mod:`covidct.engine.precision`; recorded in the JSON)."""
     from covidct.models.registry import load_lesion_model, load_seg_model
 
     from covidct.analysis.scan import analyze_volume, model_turns
 
     volumes = [read(p, progress=progress) for p in paths]
     model, payload = load_seg_model(model_spec)
-    predictor = SegPredictor(model)  # slices framed unlike the training slices get a lung-cropped pass
-    framed = SegPredictor(model, crop_to_lung=False)
+    # slices framed unlike the training slices get a lung-cropped pass
+    predictor = SegPredictor(model, precision=precision)
+    framed = SegPredictor(model, crop_to_lung=False, precision=precision)
     lesion_model, lesion_payload = load_lesion_model(lesion_model_spec) if lesion_model_spec else (None, None)
     outdir = Path(outdir)
     rows = []
@@ -73,7 +75,7 @@ def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec
             rows.append(row)
             bar.update(1)
     bar.close()
-    summary = {"model": Path(payload["path"]).name, "inputs": inputs, "slices": rows}
+    summary = {"model": Path(payload["path"]).name, "precision": predictor.precision, "inputs": inputs, "slices": rows}
     if lesion_payload is not None:
         summary["lesion_model"] = Path(lesion_payload["path"]).name
         summary["lesion_score_threshold"] = lesion_score
