@@ -151,12 +151,13 @@ def test_fit_and_evaluate_triage(tmp_path, tiny_seg_model, tiny_cls_model, monke
     assert cfg["classifier"] == str(tiny_cls_model.resolve())
 
     js = tmp_path / "eval.json"
-    assert main(["evaluate", "cls", "--model", str(out), "--data", str(data), "--json", str(js)]) == 0
+    assert main(["evaluate", "cls", "--model", str(out), "--data", str(data), "--json", str(js),
+                 "--precision", "fp32"]) == 0
     text = capsys.readouterr().out
     assert "3-class CT triage" in text and "COVID-19 sensitivity" in text
     assert "fitted on C1, P1: in-sample" in text
     res = json.loads(js.read_text())
-    assert res["classes"] == list(TRIAGE_CLASSES) and res["n_images"] == 3 + 3 + 6
+    assert res["classes"] == list(TRIAGE_CLASSES) and res["n_images"] == 3 + 3 + 6 and res["precision"] == "fp32"
     cm = np.array(res["confusion"])
     # every unlabelled Normal slice has no lesion: Control; every gated slice is one of the pneumonias
     assert cm[0].tolist() == [6, 0, 0] and cm[1:, 0].sum() == 0 and cm.sum() == 12
@@ -177,9 +178,10 @@ def test_classify_with_a_triage_model(tmp_path, tiny_seg_model, tiny_cls_model, 
                  str(tiny_seg_model), "-o", str(tmp_path / "t.pt")]) == 0
     capsys.readouterr()
     js = tmp_path / "c.json"
-    assert main(["classify", str(data / "P1.nii.gz"), "--model", str(tmp_path / "t.pt"), "--json", str(js)]) == 0
+    assert main(["classify", str(data / "P1.nii.gz"), "--model", str(tmp_path / "t.pt"), "--json", str(js),
+                 "--precision", "bf16"]) == 0
     res = json.loads(js.read_text())
-    assert res["classes"] == list(TRIAGE_CLASSES) and len(res["slices"]) == 6
+    assert res["classes"] == list(TRIAGE_CLASSES) and len(res["slices"]) == 6 and res["precision"] == "bf16"
     labels = [r["label"] for r in res["slices"]]
     assert [labels[k] for k in (0, 1, 5)] == ["Control"] * 3 and all(labels[k] != "Control" for k in (2, 3, 4))
     from PIL import Image

@@ -117,10 +117,10 @@ def _add_classifier_fold_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--fold", default="0", help="which fold validates (0..folds-1); keep --seed equal across folds")
 
 
-def _add_precision(s: argparse.ArgumentParser) -> None:
+def _add_precision(s: argparse.ArgumentParser, whose: str = "segmentation network") -> None:
     s.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="segmentation network's arithmetic: 'auto' = bfloat16 where the processor computes it natively "
-                   "(AVX512-BF16 / AMX: about 1.4x faster, Dice within 0.002 of float32; benchmarks/precision.py), "
+                   help=f"arithmetic of the {whose}: 'auto' = bfloat16 where the processor computes it natively "
+                   "(AVX512-BF16 / AMX: about 1.5x faster, Dice within 0.001 of float32; benchmarks/precision.py), "
                    "else float32")
 
 
@@ -217,7 +217,7 @@ def _cmd_evaluate_cls(args: argparse.Namespace) -> int:
 
         if args.tta or args.split:
             raise CovidctError(None, "--tta and --split do not apply to a triage model (CT volumes)")
-        result = evaluate_triage(specs, args.data, context=args.slice_context)
+        result = evaluate_triage(specs, args.data, context=args.slice_context, precision=args.precision)
         print(f"model: {result['model']} (3-class CT triage: lesions decide pneumonia or not, the classifier "
               f"COVID-19 or not, for each slice by its {result['slice_context']})")
     else:
@@ -429,7 +429,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     from covidct.report.json_io import write_json
     from covidct.report.slices import classify_paths
 
-    result = classify_paths(args.paths, model_spec=args.model)
+    result = classify_paths(args.paths, model_spec=args.model, precision=args.precision)
     for row in result["slices"]:
         probs = ", ".join(f"{c} {v:.3f}" for c, v in row["probabilities"].items())
         print(f"{row['input']} [{row['slice']}]: {row['label']} ({probs})")
@@ -793,6 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slice-context", choices=("scan", "slice"), default="scan",
                    help="CT triage models only: which pneumonia a slice's lesions are is decided by its scan (the "
                    "mean over the scan's 5 largest-lesion slices, as analyze reports; default) or by the slice alone")
+    _add_precision(s, "lesion segmentation of a triage model (classifiers always run in float32)")
     s.set_defaults(func=_cmd_evaluate_cls)
 
     s = evaluate.add_parser("lesions", help="Mask R-CNN lesion AP on a COVID-SemiSeg-layout folder")
@@ -874,6 +875,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="classifier, Mask-Net classifier, ensemble or CT triage model (3 classes; CT "
                    "with a pixel spacing): shipped name or .pt file (default: the shipped default classifier)")
     s.add_argument("--json", help="also write the result to this JSON file")
+    _add_precision(s, "lesion segmentation of a triage model (classifiers always run in float32)")
     s.set_defaults(func=_cmd_classify)
 
     pretrain = sub.add_parser("pretrain", help="self-supervised pretraining").add_subparsers(dest="task", required=True)

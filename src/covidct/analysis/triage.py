@@ -125,14 +125,18 @@ def top_lesion_slices(slices: Sequence[dict], top_k: int = TOP_K) -> list[int]:
 
 class Triage:
     """A triage model ready to run: its config, classifier (with temperature) and segmentation
-    predictor, each checked against the checksum the config stores."""
+    predictor, each checked against the checksum the config stores. ``precision``: of the segmentation
+    predictor (:mod:`covidct.engine.precision`); the classifier runs in float32, as it was calibrated."""
 
     def __init__(self, config: TriageConfig, *, name: str, device: str = "cpu", path: Path | None = None,
-                 fit: dict | None = None, fold_bn: bool = False, stream_classifier: bool = False) -> None:
+                 fit: dict | None = None, fold_bn: bool = False, stream_classifier: bool = False,
+                 precision: str = "fp32") -> None:
+        from covidct.engine.precision import resolve_precision
         from covidct.models.checkpoint import file_sha256
         from covidct.models.registry import resolve_model
 
         self.config, self.name, self.device = config, name, device
+        self.precision = resolve_precision(precision, device)
         self.path, self.fit = path, fit or {}   # the model file and what its shift was fitted on
         # fold the classifier's BatchNorms (covidct.models.fusion): for the 20-member ensemble folding
         # costs ~0.9 s and saves ~0.04 s a slice, so it pays off from ~20 slices on (evaluation, fitting)
@@ -169,7 +173,7 @@ class Triage:
             from covidct.models.registry import load_seg_model
 
             model = load_seg_model(self._paths["seg"])[0]
-            self._predictor = SegPredictor(model, device=self.device, crop_to_lung=False)
+            self._predictor = SegPredictor(model, device=self.device, crop_to_lung=False, precision=self.precision)
         return self._predictor
 
     def covid_probability(self, vol, indices: Sequence[int], *, window: str | Window = "model",
@@ -201,10 +205,11 @@ def is_triage_model(spec: str | Path) -> bool:
 
 
 def load_triage(spec: str | Path | None = None, *, device: str = "cpu", fold_bn: bool = False,
-                stream_classifier: bool = False) -> Triage:
+                stream_classifier: bool = False, precision: str = "fp32") -> Triage:
     """A shipped triage model by name, a file, or ``None`` for the default; ``fold_bn`` as in
     :func:`covidct.models.registry.load_cls_model` (for many slices); ``stream_classifier``: an ensemble
-    classifier is held one member at a time (``stream_members`` there; for a few slices per call)."""
+    classifier is held one member at a time (``stream_members`` there; for a few slices per call);
+    ``precision`` of its segmentation predictor (:class:`Triage`)."""
     from covidct.models.checkpoint import read_checkpoint
     from covidct.models.registry import resolve_model
 
@@ -213,7 +218,8 @@ def load_triage(spec: str | Path | None = None, *, device: str = "cpu", fold_bn:
     if payload["task"] != "triage":
         raise CovidctError(path, f"is a {payload['task']!r} model, not a triage model")
     return Triage(TriageConfig.from_dict(payload["config"]), name=path.stem, device=device, path=path,
-                  fit=(payload.get("metrics") or {}).get("fit"), fold_bn=fold_bn, stream_classifier=stream_classifier)
+                  fit=(payload.get("metrics") or {}).get("fit"), fold_bn=fold_bn, stream_classifier=stream_classifier,
+                  precision=precision)
 
 
 @dataclass
@@ -324,17 +330,18 @@ def classify_volume(triage: Triage, vol, *, window: str | Window = "model") -> n
 
 
 def evaluate_triage(spec: str | Path | None, data: str | Path, *, context: str = "scan",
-                    classify_all: bool = False, progress: bool = True) -> dict[str, Any]:
+                    classify_all: bool = False, progress: bool = True, precision: str = "auto") -> dict[str, Any]:
     """``covidct evaluate cls`` with a triage model: 3-class slice probabilities of every labelled
     slice of a COVID-CT-MD-layout folder (``context`` as in :meth:`VolumeScores.probabilities`), scored
     like any classifier. ``classify_all`` runs the classifier on every slice with lesions even for the
-    scan context (for the benchmark's looks at single slices)."""
+    scan context (for the benchmark's looks at single slices). ``precision``: of the lesion segmentation,
+    as in ``analyze`` (the one used is in the result)."""
     from covidct.engine.evaluate_cls import score_probabilities
 
     if context not in SLICE_CONTEXTS:
         raise CovidctError(None, f"slice context must be one of {', '.join(SLICE_CONTEXTS)}, not {context!r}")
     records = load_records(data, classes=TRIAGE_CLASSES)
-    triage = load_triage(spec, fold_bn=True)
+    triage = load_triage(spec, fold_bn=True, precision=precision)
     classify = "lesions" if classify_all or context == "slice" else "top"
     groups, seconds = _record_scores(triage, records, classify=classify, progress=progress)
     cfg = triage.config
@@ -343,6 +350,7 @@ def evaluate_triage(spec: str | Path | None, data: str | Path, *, context: str =
     result["images_per_second"] = round(len(records) / seconds, 2) if seconds else None
     result["model"] = triage.name
     result["tta"] = False
+    result["precision"] = triage.precision
     result["slice_context"] = context
     result["ct_slice_targets"] = ct_slice_targets(result)
     # patients whose slices fitted the shift are scored in-sample: say so

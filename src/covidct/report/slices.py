@@ -114,16 +114,17 @@ def _instances(model, grey: np.ndarray, path: Path, min_score: float, title: str
 
 
 def classify_paths(paths: list[str | Path], *, model_spec: str | Path | None = None,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, precision: str = "auto") -> dict[str, Any]:
     """Class probabilities (calibrated) of every slice of every input with a slice classifier (a CNN,
-    a Mask-Net classifier or an ensemble; default: the shipped default). All inputs are read first."""
+    a Mask-Net classifier or an ensemble; default: the shipped default). All inputs are read first.
+    ``precision``: of a triage model's lesion segmentation (classifiers run in float32)."""
     from covidct.analysis.triage import is_triage_model
     from covidct.engine.evaluate_cls import predict_probabilities
     from covidct.models.registry import load_cls_model
 
     volumes = [read(p, progress=progress) for p in paths]
     if model_spec is not None and is_triage_model(model_spec):
-        return _classify_with_triage(volumes, model_spec, progress=progress)
+        return _classify_with_triage(volumes, model_spec, progress=progress, precision=precision)
     model, payload = load_cls_model(model_spec, fold_bn=True)
     classes = list(model.config.classes)
     temperature = float(payload.get("temperature", 1.0))
@@ -143,7 +144,7 @@ def classify_paths(paths: list[str | Path], *, model_spec: str | Path | None = N
     return {"model": Path(payload["path"]).name, "classes": classes, "slices": rows}
 
 
-def _classify_with_triage(volumes: list, spec: str | Path, *, progress: bool) -> dict[str, Any]:
+def _classify_with_triage(volumes: list, spec: str | Path, *, progress: bool, precision: str) -> dict[str, Any]:
     """:func:`classify_paths` with a CT triage model: 3-class probabilities of every slice of each
     volume (which needs a pixel spacing); each volume is analysed once for its lesions."""
     from covidct.analysis.triage import TRIAGE_CLASSES, classify_volume, load_triage
@@ -151,10 +152,10 @@ def _classify_with_triage(volumes: list, spec: str | Path, *, progress: bool) ->
     for vol in volumes:
         if vol.spacing is None:
             raise InputError(vol.source, "a triage model needs CT with a pixel spacing (DICOM or NIfTI)")
-    triage = load_triage(spec)
+    triage = load_triage(spec, precision=precision)
     rows = []
     for vol in tqdm(volumes, desc="triage", unit="scan", disable=not progress):
         for k, p in enumerate(classify_volume(triage, vol)):
             rows.append({"input": str(vol.source), "slice": k, "label": TRIAGE_CLASSES[int(np.argmax(p))],
                          "probabilities": {c: round(float(v), 6) for c, v in zip(TRIAGE_CLASSES, p)}})
-    return {"model": triage.name, "classes": list(TRIAGE_CLASSES), "slices": rows}
+    return {"model": triage.name, "precision": triage.precision, "classes": list(TRIAGE_CLASSES), "slices": rows}
