@@ -12,6 +12,9 @@ each cheapening undone alone (1024-d box head, torchvision's proposal and sample
 
 Each ``--detections`` / ``--proposals`` / ``--input-size`` value is one inference setting of covidct's model,
 changed alone from the model's own, timed and (with ``--model`` and ``--data``) scored.
+
+``--precision auto|fp32|bf16`` (default auto, as covidct's commands): every timed and scored model runs in it
+(torchvision's references under the same autocast as covidct's ``predict_instances``); training steps are float32.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import torch
 
 
-def timed(fn, images, repeats: int) -> float:
-    with torch.inference_mode():
+def timed(fn, images, repeats: int, precision: str = "fp32") -> float:
+    from covidct.engine.precision import autocast
+
+    with torch.inference_mode(), autocast(precision):
         fn(images[:1])
         t0 = time.perf_counter()
         for _ in range(repeats):
@@ -109,6 +114,7 @@ def main() -> int:
     ap.add_argument("--ids", help="comma-separated slice ids of --data to use (e.g. a model's validation slices "
                     "0,1,15,20,24,37,39,46,53,57); default: all")
     ap.add_argument("--n", type=int, default=6, help="slices per timing")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="also write the timings (and AP) to this file")
     ap.add_argument("--detections", type=int, action="append",
@@ -149,14 +155,17 @@ def main() -> int:
                 y, x, r = (int(v) for v in torch.randint(40, 470, (2,)).tolist() + [int(torch.randint(6, 30, (1,)))])
                 lab[y - r:y + r, x - r:x + r] = 1 + k % 2
             labels.append(lab)
-    print(f"timing on {len(grey)} {'real' if args.data else 'random'} 512x512 slices, {args.threads} threads")
+    from covidct.engine.precision import resolve_precision
+
+    prec = resolve_precision(args.precision)
+    print(f"timing on {len(grey)} {'real' if args.data else 'random'} 512x512 slices, {args.threads} threads, {prec}")
     rgb = [g.expand(3, -1, -1) for g in grey]
 
     rows = []
     ref = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
-    rows.append(("torchvision maskrcnn_resnet50_fpn (default 800px)", sum(p.numel() for p in ref.parameters()), timed(ref, rgb, 1)))
+    rows.append(("torchvision maskrcnn_resnet50_fpn (default 800px)", sum(p.numel() for p in ref.parameters()), timed(ref, rgb, 1, prec)))
     ref512 = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=512, max_size=512).eval()
-    rows.append(("torchvision maskrcnn_resnet50_fpn at 512", sum(p.numel() for p in ref512.parameters()), timed(ref512, rgb, 1)))
+    rows.append(("torchvision maskrcnn_resnet50_fpn at 512", sum(p.numel() for p in ref512.parameters()), timed(ref512, rgb, 1, prec)))
     if args.model:
         from covidct.models.registry import load_lesion_model
 
@@ -181,7 +190,7 @@ def main() -> int:
     for label, *setting in settings:
         apply(*setting)
         rows.append((f"covidct lesions ({cfg.backbone}, {label})", sum(p.numel() for p in ours.parameters()),
-                     timed(lambda ims: predict_instances(ours, ims), [g[0].numpy() for g in grey], 2)))
+                     timed(lambda ims: predict_instances(ours, ims, precision=prec), [g[0].numpy() for g in grey], 2)))
     base = rows[0][2]
     print(f"{'model':<66}{'params (M)':>11}{'s/slice':>10}{'slices/s':>10}{'speed-up':>10}")
     for name, params, sec in rows:
@@ -203,14 +212,14 @@ def main() -> int:
 
         for label, *setting in settings:
             apply(*setting)
-            r = evaluate_instances(ours, folder, progress=False)
+            r = evaluate_instances(ours, folder, progress=False, precision=prec)
             print(f"{label}, on {args.data}: AP50 {r['ap50']}, AP75 {r['ap75']}, mAP {r['map']}, "
                   f"lesion region Dice {r['infection_dice']}; per class {r['per_class']}")
             ap_rows.append({"setting": label, **{k: r[k] for k in ("ap50", "ap75", "map", "infection_dice")}})
     if args.json:
         from covidct.report.json_io import write_json
 
-        write_json({"slices": len(grey), "threads": args.threads, "timings": timings, "training": train_rows,
+        write_json({"slices": len(grey), "threads": args.threads, "precision": prec, "timings": timings, "training": train_rows,
                     "ap": ap_rows}, args.json)   # atomic, with the disclaimer
     return 0
 

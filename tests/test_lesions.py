@@ -53,16 +53,18 @@ def test_train_and_evaluate_lesions(tmp_path, seg_folder, capsys):
     assert payload["anchors"]["sizes"] == [4, 8, 16, 32] and model.config.truncate_last_stage
     assert payload["classes"] == ["background", "ggo", "consolidation"]
     js = tmp_path / "e.json"
-    assert main(["evaluate", "lesions", "--model", str(tmp_path / "les.pt"), "--data", str(seg_folder), "--json", str(js)]) == 0
+    assert main(["evaluate", "lesions", "--model", str(tmp_path / "les.pt"), "--data", str(seg_folder), "--json", str(js),
+                 "--precision", "fp32"]) == 0
     out = json.loads(js.read_text())
     assert {"n_images", "ap50", "ap75", "map", "per_class", "images_per_second"} <= set(out)
+    assert out["precision"] == "fp32"
     assert set(out["per_class"]) == {"ggo", "consolidation"}
     printed = capsys.readouterr().out
     assert out["n_images"] == 6 and "Evaluation took" in printed and f"wrote {js}" in printed
     # --overlays: one picture per evaluated slice, the same numbers; a file in the folder's place is one error line
     pics = tmp_path / "pics"
     assert main(["evaluate", "lesions", "--model", str(tmp_path / "les.pt"), "--data", str(seg_folder), "--json",
-                 str(tmp_path / "e2.json"), "--overlays", str(pics)]) == 0
+                 str(tmp_path / "e2.json"), "--overlays", str(pics), "--precision", "fp32"]) == 0
     assert json.loads((tmp_path / "e2.json").read_text())["ap50"] == out["ap50"]
     assert sorted(p.stem for p in pics.glob("*.png")) == sorted(p.stem for p in (seg_folder / "images").iterdir())
     assert "not for diagnosis" in Image.open(next(pics.glob("*.png"))).text["Disclaimer"]
@@ -72,6 +74,23 @@ def test_train_and_evaluate_lesions(tmp_path, seg_folder, capsys):
                  "--overlays", str(tmp_path / "taken")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "taken" in err[0] and "folder" in err[0]
+
+
+def test_predict_instances_in_bfloat16_returns_float32() -> None:
+    """Under bfloat16 autocast the Mask R-CNN's floating outputs come back as float32, boxes inside the image
+    and scores sorted as in float32; the model's own parameters stay float32."""
+    from covidct.engine.lesions import predict_instances
+
+    torch.manual_seed(0)
+    m = build_lesion_model(LesionModelConfig.from_dict(TINY))
+    image = np.random.default_rng(0).random((50, 60), dtype=np.float32)
+    ref, low = (predict_instances(m, [image], precision=p)[0] for p in ("fp32", "bf16"))
+    assert len(low["scores"]) > 0 and len(ref["scores"]) > 0
+    for key in ("boxes", "scores", "masks"):
+        assert low[key].dtype == torch.float32 == ref[key].dtype
+    assert bool((low["scores"][:-1] >= low["scores"][1:]).all()) and low["masks"].shape[-2:] == (50, 60)
+    assert float(low["boxes"][:, 2].max()) <= 60 and float(low["boxes"][:, 3].max()) <= 50
+    assert {p.dtype for p in m.parameters()} == {torch.float32}
 
 
 def test_instances_comparison_draws_truth_beside_confident_predictions():

@@ -120,7 +120,7 @@ def _add_classifier_fold_options(s: argparse.ArgumentParser) -> None:
 def _add_precision(s: argparse.ArgumentParser, whose: str = "segmentation network") -> None:
     s.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help=f"arithmetic of the {whose}: 'auto' = bfloat16 where the processor computes it natively "
-                   "(AVX512-BF16 / AMX: about 1.5x faster, Dice within 0.001 of float32; benchmarks/precision.py), "
+                   "(AVX512-BF16 / AMX: about 1.6x faster; accuracy as float32 within noise, benchmarks/RESULTS.md), "
                    "else float32")
 
 
@@ -407,7 +407,7 @@ def _cmd_evaluate_lesions(args: argparse.Namespace) -> int:
             overlays.mkdir(parents=True, exist_ok=True)
             save_png(instances_comparison(to_model_input(sample.image, is_hu=False), truth, prediction, classes,
                                           min_score=INSTANCE_SCORE, title=sample.id), overlays / f"{sample.id}.png")
-    result = evaluate_lesions(args.model, args.data, split=args.split, on_prediction=draw)
+    result = evaluate_lesions(args.model, args.data, split=args.split, on_prediction=draw, precision=args.precision)
     print(f"{'class':<16}{'AP50':>10}{'AP75':>10}{'mAP':>10}")
     rows = [("all", {k: result[k] for k in ("ap50", "ap75", "map")}), *result["per_class"].items()]
     for name, r in rows:
@@ -803,6 +803,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", metavar="OUT")
     s.add_argument("--overlays", metavar="DIR", help="also draw every slice: its true instances beside the "
                    "predicted ones scoring >= 0.3 (masks, boxes with scores; GGO red, consolidation blue), DIR/<id>.png")
+    _add_precision(s, "lesion Mask R-CNN")
     s.set_defaults(func=_cmd_evaluate_lesions)
 
     s = evaluate.add_parser("cam", help="weakly-supervised infection masks from class activation maps")
@@ -916,7 +917,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lesion-model", help="also run a Mask R-CNN lesion model (shipped name or .pt file): "
                    "<name>_instances.png with masks, boxes and scores, and `instances` in predictions.json")
     s.add_argument("--lesion-score", type=float, default=0.3, help="minimum score of the instances drawn and listed")
-    _add_precision(s)
+    _add_precision(s, "segmentation network and the lesion Mask R-CNN")
     s.set_defaults(func=_cmd_predict)
     return p
 

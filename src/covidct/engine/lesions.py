@@ -23,6 +23,7 @@ from covidct.data.segmentation import SegFolder, SegSample
 from covidct.data.transforms import seg_train_transform
 from covidct.engine.common import (Distributed, seed_everything, train_one_epoch, warmup_cosine, write_log,
                                    write_run_config)
+from covidct.engine.precision import autocast, resolve_precision
 from covidct.engine.train_seg import split_seg_folders
 from covidct.errors import CovidctError
 from covidct.io.window import to_model_input
@@ -53,30 +54,33 @@ def _targets_for(sample_labels: np.ndarray, mask_mode: str) -> dict:
     return instances_from_labels(sample_labels, mask_mode)
 
 
-def predict_instances(model: LesionNet, images01: list[np.ndarray]) -> list[dict]:
-    """Instances (``boxes``, ``labels``, ``scores``, ``masks``) of grey ``[0, 1]`` slices. The network runs
-    channels-last (0.346 -> 0.291-0.298 s per 512² slice in ``benchmarks/masknet.py``),
-    converted outside inference mode so that its parameters stay trainable."""
+def predict_instances(model: LesionNet, images01: list[np.ndarray], *, precision: str = "fp32") -> list[dict]:
+    """Instances (``boxes``, ``labels``, ``scores``, ``masks``; floating ones float32) of grey ``[0, 1]`` slices.
+    The network runs channels-last (0.346 -> 0.291-0.298 s per 512² slice in ``benchmarks/masknet.py``),
+    converted outside inference mode so that its parameters stay trainable; ``precision`` ``"bf16"`` (or
+    ``"auto"`` where native) under autocast (:mod:`covidct.engine.precision`)."""
+    precision = resolve_precision(precision)
     model.eval().to(memory_format=torch.channels_last)
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(precision):
         outs = model([torch.from_numpy(np.asarray(im, np.float32))[None] for im in images01])
-    return [{k: v.cpu() for k, v in o.items()} for o in outs]
+    return [{k: (v.float() if v.is_floating_point() else v).cpu() for k, v in o.items()} for o in outs]
 
 
 def evaluate_instances(model: LesionNet, samples, *, progress: bool = True,
                        on_prediction: Callable[[SegSample, dict, dict, tuple[str, ...]], None] | None = None,
-                       ) -> dict[str, Any]:
+                       precision: str = "fp32") -> dict[str, Any]:
     """AP on masks, overall and per class, plus images/s; and ``infection_dice``: the pooled Dice of
     the union of the instances scoring at least :data:`INSTANCE_SCORE` against GGO ∪ consolidation
     (how well the instances cover the lesions as a region, whatever their partition into instances).
     ``on_prediction(sample, prediction, truth, class_names)`` is called for every slice (e.g. to draw it; not
-    timed)."""
+    timed); ``precision`` as in :func:`predict_instances` (the one used is in the result)."""
+    precision = resolve_precision(precision)
     ap = InstanceAP(model.config.classes[1:])
     seconds, overlap, total = 0.0, 0, 0
     for i in tqdm(range(len(samples)), desc="evaluate lesions", unit="slice", disable=not progress):
         s = samples[i]
         t0 = time.perf_counter()
-        pred = predict_instances(model, [to_model_input(s.image, is_hu=False)])[0]
+        pred = predict_instances(model, [to_model_input(s.image, is_hu=False)], precision=precision)[0]
         seconds += time.perf_counter() - t0
         masks = pred["masks"][:, 0] > 0.5
         truth_instances = _targets_for(s.labels, model.config.mask_mode)
@@ -91,6 +95,7 @@ def evaluate_instances(model: LesionNet, samples, *, progress: bool = True,
     out["infection_dice"] = round(2 * overlap / total, 6) if total else None
     out["instance_score_threshold"] = INSTANCE_SCORE
     out["images_per_second"] = round(len(samples) / seconds, 3) if seconds else None
+    out["precision"] = precision
     return out
 
 
@@ -184,12 +189,14 @@ def _collate(batch):
 def evaluate_lesions(model_spec: str | Path | None, data: str | Path, *, split: str | None = None,
                      progress: bool = True,
                      on_prediction: Callable[[SegSample, dict, dict, tuple[str, ...]], None] | None = None,
-                     ) -> dict[str, Any]:
+                     precision: str = "auto") -> dict[str, Any]:
     """:func:`evaluate_instances` of a lesion model (shipped name or file) on a COVID-SemiSeg-layout folder;
-    ``on_prediction(sample, prediction, truth, class_names)`` sees every slice."""
+    ``on_prediction(sample, prediction, truth, class_names)`` sees every slice; ``precision`` as in
+    :func:`predict_instances`."""
     from covidct.models.registry import load_lesion_model
 
     model, payload = load_lesion_model(model_spec)
-    result = evaluate_instances(model, SegFolder(data, split=split), progress=progress, on_prediction=on_prediction)
+    result = evaluate_instances(model, SegFolder(data, split=split), progress=progress, on_prediction=on_prediction,
+                                precision=precision)
     result["model"] = Path(payload["path"]).name
     return result

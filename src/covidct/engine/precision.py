@@ -2,12 +2,17 @@
 
 On a CPU with AVX512-BF16 or AMX-BF16 instructions, a network whose weights and inputs are bfloat16 runs
 its convolutions about twice as fast as in float32 (the segmentation U-Net on this project's 2-core AMD EPYC:
-0.31 -> 0.13 s per batch of 8 at 320²). Without those instructions bfloat16 is emulated and slower, so
+0.31 -> 0.13 s per batch of 8 at 320²). The segmentation predictor runs bfloat16 copies of its networks
+(:func:`inference_dtype`); the lesion Mask R-CNN runs under PyTorch's :func:`autocast` (convolutions and
+linear layers in bfloat16, box coding, NMS and RoI Align in float32). Without those instructions bfloat16 is emulated and slower, so
 ``"auto"`` picks it only where it is native. Its cost in accuracy was measured, not assumed
 (``benchmarks/precision.py``, ``benchmarks/RESULTS.md``). Training always runs in float32.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -34,6 +39,17 @@ def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str
         return "bf16" if native_bf16(device) else "fp32"
     return precision
 
+
+
+@contextlib.contextmanager
+def autocast(precision: str, device: str | torch.device = "cpu") -> Iterator[None]:
+    """Inside, the operations PyTorch's autocast lists run in bfloat16 when ``precision`` (resolved) is
+    ``"bf16"``; nothing changes for ``"fp32"``. Callers turn floating outputs back to float32."""
+    if precision == "bf16":
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            yield
+    else:
+        yield
 
 
 def inference_dtype(precision: str) -> torch.dtype:

@@ -71,7 +71,7 @@ def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec
                    "lungs": "classical HU threshold" if scan is not None else "learned lung head"}
             if lesion_model is not None:
                 row["instances"] = _instances(lesion_model, grey, outdir / f"{name}_instances.png", lesion_score, name,
-                                              lesion_turns)
+                                              lesion_turns, predictor.precision)
             rows.append(row)
             bar.update(1)
     bar.close()
@@ -96,12 +96,12 @@ def turn_boxes_back(boxes: np.ndarray, turns: int, shape: tuple[int, int]) -> np
 
 
 def _instances(model, grey: np.ndarray, path: Path, min_score: float, title: str,
-               turns: int = 0) -> list[dict[str, Any]]:
+               turns: int = 0, precision: str = "fp32") -> list[dict[str, Any]]:
     """Run the lesion Mask R-CNN on one slice (turned ``turns`` quarters on the way in, its masks and boxes
     turned back), draw its instances, return them for the JSON."""
     from covidct.engine.lesions import predict_instances
 
-    out = predict_instances(model, [np.ascontiguousarray(np.rot90(grey, turns))])[0]
+    out = predict_instances(model, [np.ascontiguousarray(np.rot90(grey, turns))], precision=precision)[0]
     keep = out["scores"] >= min_score
     masks = np.rot90((out["masks"][keep][:, 0] > 0.5).numpy(), -turns, axes=(1, 2))
     names = [model.config.classes[int(c)] for c in out["labels"][keep]]
