@@ -23,6 +23,10 @@ pixel is effusion where the companion's effusion
 probability ``e`` is at least 0.5, otherwise it takes the main network's most likely class among the
 others; the probabilities are the main network's (effusion removed, renormalised) times ``1 - e``, and
 ``e`` for effusion.
+
+Precision: ``precision="bf16"`` (or ``"auto"`` on a processor with native bfloat16) runs bfloat16 copies of the
+networks, their logits turned back to float32 before softmax; the default here is float32, the commands'
+default is ``auto`` (:mod:`covidct.engine.precision`; Dice within 0.001 of float32 on the training slices).
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from covidct.data.segmentation import LESION_CLASSES
-from covidct.io.body import mask_box
 from covidct.engine.precision import inference_dtype, resolve_precision
+from covidct.io.body import mask_box
 from covidct.models.fusion import fold_for_inference
 from covidct.models.segmentation import SegmentationNet
 
