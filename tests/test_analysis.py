@@ -256,7 +256,7 @@ def test_analyze_window_option(tmp_path, tiny_seg_model, capsys):
                  "--window=-600,1500", "--classifier", "none", "--precision", "bf16"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["input"]["model_window"] == {"level": -600.0, "width": 1500.0}
-    assert report["models"][0]["precision"] == "bf16"
+    assert report["models"][0]["precision"] == "bf16" and "(bf16)" in (out / "report.html").read_text()
     assert "classifier" not in report["diagnosis"] and [m["task"] for m in report["models"]] == ["seg", "triage"]
     capsys.readouterr()
     assert main(["analyze", str(tmp_path / "v.nii.gz"), "-o", str(tmp_path / "bad"), "--model", str(tiny_seg_model),

@@ -13,7 +13,7 @@ from covidct.report.json_io import write_json
 
 
 def _report(*, lung_ml=5000.0, ggo=(100.0, 2.0), cons=(25.0, 0.5), score=6, uid="1.2.3", gap=2.0,
-            seg_sha="abc", label="COVID-19", zone_pct=3.0) -> dict:
+            seg_sha="abc", label="COVID-19", zone_pct=3.0, precision: str | None = None) -> dict:
     total = (ggo[0] + cons[0], ggo[1] + cons[1])
     return {
         "input": {"kind": "dicom-series", "series_uid": uid, "spacing_mm": [gap, 0.7, 0.7]},
@@ -24,7 +24,8 @@ def _report(*, lung_ml=5000.0, ggo=(100.0, 2.0), cons=(25.0, 0.5), score=6, uid=
                     "total": {"volume_ml": total[0], "percent_of_lung": total[1]}},
         "percent_opacity": total[1], "percent_high_opacity": cons[1], "severity_score": score,
         "severity_score_max": 30, "zones": {"right_lower": {"percent_involved": zone_pct, "score": 1}},
-        "diagnosis": {"label": label}, "models": [{"name": "seg", "task": "seg", "sha256": seg_sha}],
+        "diagnosis": {"label": label},
+        "models": [{"name": "seg", "task": "seg", "sha256": seg_sha, **({"precision": precision} if precision else {})}],
     }
 
 
@@ -43,6 +44,7 @@ def test_notes_say_when_the_numbers_compare_less_well():
     base = _report()
     cases = {
         "different segmentation models": _report(uid="9", seg_sha="other"),
+        "different precisions (fp32 before, bf16 after)": _report(uid="9", precision="bf16"),
         "same series": _report(),
         "lung volumes differ by 40%": _report(uid="9", lung_ml=3000.0),
         "slice gaps differ (2.00 vs 5.00 mm)": _report(uid="9", gap=5.0),
@@ -53,6 +55,8 @@ def test_notes_say_when_the_numbers_compare_less_well():
     for words, later in cases.items():
         notes = compare_reports(base, later)["notes"]
         assert len(notes) == 1 and words in notes[0], (words, notes)
+    # a report from before precisions were recorded ran in float32: no note against an fp32 one
+    assert compare_reports(base, _report(uid="9", precision="fp32"))["notes"] == []
 
 
 def test_compare_cli_prints_the_table_and_writes_json(tmp_path, capsys):

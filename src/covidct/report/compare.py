@@ -48,9 +48,11 @@ def _change(before: float | None, after: float | None, digits: int) -> dict[str,
     return {"before": before, "after": after, "change": change}
 
 
-def _seg_model(report: dict) -> str | None:
+def _seg_model(report: dict) -> tuple[str | None, str]:
+    """The segmentation model's sha256 and the precision it ran in (reports before precisions were recorded:
+    float32, the only one then)."""
     seg = [m for m in report.get("models") or [] if m.get("task") == "seg"]
-    return seg[0].get("sha256") if seg else None
+    return (seg[0].get("sha256"), seg[0].get("precision", "fp32")) if seg else (None, "fp32")
 
 
 def compare_reports(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -67,8 +69,12 @@ def compare_reports(before: dict[str, Any], after: dict[str, Any]) -> dict[str, 
                            (after.get("zones") or {}).get(name, {}).get("percent_involved"), 4)
              for name in dict.fromkeys([*(before.get("zones") or {}), *(after.get("zones") or {})])}
     notes = []
-    if _seg_model(before) != _seg_model(after):
+    (model_b, prec_b), (model_a, prec_a) = _seg_model(before), _seg_model(after)
+    if model_b != model_a:
         notes.append("the two analyses used different segmentation models: part of any change may be the models'")
+    elif prec_b != prec_a:
+        notes.append(f"the segmentation model ran in different precisions ({prec_b} before, {prec_a} after): on the "
+                     "open scans that alone moves burdens by up to 0.1 percentage points (benchmarks/RESULTS.md)")
     uid_b, uid_a = before["input"].get("series_uid"), after["input"].get("series_uid")
     if uid_b and uid_b == uid_a:
         notes.append(f"both reports are of the same series ({uid_b}): this is no follow-up")

@@ -136,7 +136,7 @@ figure{{display:inline-block;margin:.3em}} figure img{{max-width:340px}} .kv td{
 <h2>Slices</h2>{img(chart, 'slice chart')}
 <p>Every slice with its overlay: <a href="viewer.html">viewer.html</a> (written beside this report).</p>
 <h2>Most affected slices</h2><p>GGO red, consolidation blue, effusion green, lung outline yellow.</p>{figs}
-<p><small>covidct {html.escape(report['covidct_version'])}; models: {html.escape(', '.join(m['name'] for m in report['models']))}; {report['seconds']} s</small></p>
+<p><small>covidct {html.escape(report['covidct_version'])}; models: {html.escape(', '.join(m['name'] + (f" ({m['precision']})" if m.get('precision') else '') for m in report['models']))}; {report['seconds']} s</small></p>
 </body></html>
 """
 
