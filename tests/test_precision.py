@@ -70,3 +70,21 @@ def test_bf16_predictor_keeps_the_companion_of_the_caller() -> None:
     assert {p.dtype for p in eff.parameters()} == {torch.float32}
     out = low.predict([np.random.default_rng(0).random((70, 70), dtype=np.float32)])[0]
     assert out.labels.shape == (70, 70) and out.probs.dtype == np.float32
+
+
+def test_cli_notes_an_emulated_bf16_once(monkeypatch, capsys) -> None:
+    """``--precision bf16`` on a processor without native bfloat16 runs, with one note on stderr; with native
+    bfloat16 (or another precision) there is no note."""
+    import argparse
+
+    from covidct import cli
+
+    args = argparse.Namespace(precision="bf16", device="cpu")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})
+    cli._precision_note(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "emulated" in err[0] and "--precision bf16" in err[0]
+    cli._precision_note(argparse.Namespace(precision="auto", device="cpu"))
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})
+    cli._precision_note(args)
+    assert capsys.readouterr().err == ""

@@ -567,6 +567,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     pending = None if batch else ReadAhead(args.path[0], series_uid=args.series, largest_series=True, progress=True)
     with pending or nullcontext():
         _drop_unused_gpu_libraries()   # after the helper has started, so that it reads while torch loads
+        _precision_note(args)
         from covidct.models.registry import DEFAULTS
         from covidct.report.notes import report_notes
         from covidct.report.scan_report import analyze
@@ -980,6 +981,18 @@ def _drop_unused_gpu_libraries() -> None:
     drop_unused_gpu_libraries()
 
 
+def _precision_note(args: argparse.Namespace) -> None:
+    """``--precision bf16`` asked for on a device without native bfloat16: one note that it runs emulated."""
+    if getattr(args, "precision", None) != "bf16":
+        return
+    from covidct.engine.precision import native_bf16
+
+    device = getattr(args, "device", "cpu")
+    if not native_bf16(device) and device == "cpu":
+        print("note: --precision bf16: this processor has no native bfloat16 (AVX512-BF16 or AMX), so it is emulated "
+              "and slower than fp32 ('auto' would choose fp32 here)", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -989,6 +1002,7 @@ def main(argv: list[str] | None = None) -> int:
         check_output_options(args)
         if args.func in MODEL_COMMANDS:
             _drop_unused_gpu_libraries()
+            _precision_note(args)
         return int(args.func(args) or 0)
     except CovidctError as exc:
         if args.debug:
