@@ -4,9 +4,9 @@ On a CPU with AVX512-BF16 or AMX-BF16 instructions, a network whose weights and 
 its convolutions about twice as fast as in float32 (the segmentation U-Net on this project's 2-core AMD EPYC:
 0.31 -> 0.13 s per batch of 8 at 320²). The segmentation predictor runs bfloat16 copies of its networks
 (:func:`inference_dtype`); the lesion Mask R-CNN runs under PyTorch's :func:`autocast` (convolutions and
-linear layers in bfloat16, box coding, NMS and RoI Align in float32). Without those instructions bfloat16 is emulated and slower, so
-``"auto"`` picks it only where it is native. Its cost in accuracy was measured, not assumed
-(``benchmarks/precision.py``, ``benchmarks/RESULTS.md``). Training always runs in float32.
+linear layers in bfloat16; box coding, NMS and RoI Align in float32). Without those instructions bfloat16 is
+emulated and slower, so ``"auto"`` picks it only where it is native. Its cost in accuracy was measured, not
+assumed (``benchmarks/precision.py``, ``benchmarks/RESULTS.md``). Classifiers and training run in float32.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     return precision
-
 
 
 @contextlib.contextmanager
