@@ -605,8 +605,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if seg.get("note"):
         print(seg["note"] if seg["note"].startswith("lesions.seg.dcm") else f"DICOM SEG {seg['note']}")
     seg_name = "".join(f", {seg[k]}" for k in ("file", "lungs_file") if seg.get(k))
+    precision = report["models"][0].get("precision") if report.get("models") else None
     print(f"wrote {args.output}/report.html, report.json{viewer}, lesions.nii.gz{seg_name}, lungs.nii.gz, overlays/ "
-          f"in {report['seconds']} s")
+          f"in {report['seconds']} s" + (f" (segmentation in {precision})" if precision else ""))
     print(DISCLAIMER)
     return 0
 
