@@ -185,6 +185,9 @@ def main() -> int:
             "slice_auc": _auc(y, pr),
             # anatomy vs the file's orientation (covidct.analysis.scan.orientation_check); the report's notes
             "orientation": (rep["input"].get("orientation_check") or {}).get("anterior_posterior"),
+            # the segmentation network's arithmetic (--precision; reports before it was recorded: fp32)
+            "precision": next((m.get("precision", "fp32") for m in rep.get("models") or [] if m.get("task") == "seg"),
+                              None),
         })
         notes[p["patient_id"]] = report_notes(rep)
     keys = list(rows[0]) if rows else []
