@@ -3,7 +3,7 @@ commands and benchmarks that measure each target, and one table of target, measu
 Meant for data the models have never seen (a test split, other patients); each folder is optional.
 
     python benchmarks/targets.py --seg SEG_DIR [--seg-split test] --ucsd UCSD_DIR [--ucsd-split test] \\
-        --ctmd CTMD_DIR [--out out/targets] [--no-speed]
+        --ctmd CTMD_DIR [--out out/targets] [--no-speed] [--precision auto|fp32|bf16]
 
 * ``--seg``: COVID-SemiSeg layout (``images/``, ``masks/``, optional ``masks4/``, ``lung/``): segmentation
   Dice and 512² speed (``benchmarks/segmentation.py``), lesion AP50 (``covidct evaluate lesions``), the
@@ -145,6 +145,9 @@ def main() -> int:
     ap.add_argument("--ctmd", type=Path, help="COVID-CT-MD-layout folder (CT triage and scan targets)")
     ap.add_argument("--out", type=Path, default=Path("out/targets"))
     ap.add_argument("--no-speed", action="store_true", help="leave out the two speed benchmarks")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="passed to every step (the segmentation networks' and the Mask R-CNN's arithmetic; "
+                    "classifiers run in float32); default auto, as covidct's commands")
     args = ap.parse_args()
     if not (args.seg or args.ucsd or args.ctmd):
         ap.error("give at least one of --seg, --ucsd, --ctmd")
@@ -154,20 +157,21 @@ def main() -> int:
             return 2
     args.out.mkdir(parents=True, exist_ok=True)
     py, cli = sys.executable, [sys.executable, "-m", "covidct.cli"]
+    prec = ["--precision", args.precision]
     failures: list[str] = []
     rows: list[dict] = []
     if args.seg:
         split = ["--split", args.seg_split] if args.seg_split else []
         seg_cmd = ([*cli, "evaluate", "seg"] if args.no_speed else [py, str(HERE / "segmentation.py")])
-        bench = _run("segmentation (issue 3)", [*seg_cmd, "--data", str(args.seg), *split,
+        bench = _run("segmentation (issue 3)", [*seg_cmd, "--data", str(args.seg), *split, *prec,
                                                 "--json", str(args.out / "segmentation.json")],
                      args.out / "segmentation.json", failures)
-        lesions = _run("lesion instances (issue 4)", [*cli, "evaluate", "lesions", "--data", str(args.seg), *split,
+        lesions = _run("lesion instances (issue 4)", [*cli, "evaluate", "lesions", "--data", str(args.seg), *split, *prec,
                                                       "--json", str(args.out / "lesions.json")],
                        args.out / "lesions.json", failures)
         masknet = None if args.no_speed else _run(
             "Mask R-CNN speed (issue 4)", [py, str(HERE / "masknet.py"), "--model", "lesions-effl0-maskrcnn", "--data",
-                                           str(args.seg), "--json", str(args.out / "masknet.json")],
+                                           str(args.seg), *prec, "--json", str(args.out / "masknet.json")],
             args.out / "masknet.json", failures)
         rows += seg_rows(bench, lesions, masknet)
     if args.ucsd:
@@ -176,10 +180,10 @@ def main() -> int:
                                                                   *split, "--json", str(args.out / "ucsd.json")],
                                args.out / "ucsd.json", failures))
     if args.ctmd:
-        triage = _run("CT triage (issue 4)", [*cli, "evaluate", "cls", "--data", str(args.ctmd),
+        triage = _run("CT triage (issue 4)", [*cli, "evaluate", "cls", "--data", str(args.ctmd), *prec,
                                               "--json", str(args.out / "ctmd_triage.json")],
                       args.out / "ctmd_triage.json", failures)
-        scans = _run("scan analysis (issue 6)", [py, str(HERE / "analyze.py"), "--data", str(args.ctmd), "--out",
+        scans = _run("scan analysis (issue 6)", [py, str(HERE / "analyze.py"), "--data", str(args.ctmd), *prec, "--out",
                                                  str(args.out / "scans"), "--json", str(args.out / "scans.json")],
                      args.out / "scans.json", failures)
         rows += ctmd_rows(triage, scans)
