@@ -464,3 +464,42 @@ def test_streamed_ensemble_equals_the_loaded_one_and_checks_members_first(tmp_pa
                     classes=["NonCOVID", "COVID"], input_size=40)
     with pytest.raises(CovidctError, match="changed since the ensemble was made"):
         load_cls_model(ens_file, stream_members=True)
+
+
+def test_streamed_ensemble_refills_a_member_of_the_same_architecture(tmp_path, monkeypatch):
+    """Streamed CNN members of one architecture (the folds of a recipe) reuse the previous member's network
+    instead of building a new one — only a member of another architecture is built — and the probabilities
+    stay those of the ensemble held in memory, bit for bit."""
+    from covidct.engine.evaluate_cls import predict_probabilities
+    from covidct.models import classification
+    from covidct.models.checkpoint import file_sha256, save_checkpoint
+    from covidct.models.classification import ClsModelConfig, build_cls_model
+    from covidct.models.ensemble import EnsembleConfig
+    from covidct.models.registry import load_cls_model
+
+    torch.manual_seed(0)
+    a, b = ClsModelConfig(encoder="resnet18", input_size=48), ClsModelConfig(encoder="resnet18", input_size=40)
+    files = []
+    for k, cfg in enumerate((a, a, b, a)):
+        net = build_cls_model(cfg)
+        with torch.no_grad():   # distinct BatchNorm statistics too: a refilled network must take them over
+            for m in net.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.2, 0.2)
+                    m.running_var.uniform_(0.5, 1.5)
+        files.append(save_checkpoint(tmp_path / f"m{k}.pt", task="cls", config=cfg.to_dict(), state_dict=net.state_dict(),
+                                     classes=["NonCOVID", "COVID"], input_size=cfg.input_size, temperature=1.0 + k / 4))
+    config = EnsembleConfig(members=tuple(str(f) for f in files), checksums=tuple(file_sha256(f) for f in files),
+                            classes=("NonCOVID", "COVID"), input_size=48)
+    ens_file = save_checkpoint(tmp_path / "ens.pt", task="cls", config=config.to_dict(), state_dict={},
+                               classes=["NonCOVID", "COVID"], input_size=48)
+    images = [np.random.default_rng(i).random((50, 45)).astype(np.float32) for i in range(3)]
+    loaded, _ = load_cls_model(ens_file)
+    want = predict_probabilities(loaded, images)
+    built = []
+    real_build = classification.build_cls_model
+    monkeypatch.setattr(classification, "build_cls_model", lambda cfg: built.append(cfg.input_size) or real_build(cfg))
+    streamed, _ = load_cls_model(ens_file, stream_members=True)
+    got = predict_probabilities(streamed, images)
+    np.testing.assert_array_equal(got, want)
+    assert built == [48, 40, 48]   # members 1 and 2 share a build; 3 has another input size, 4 follows it

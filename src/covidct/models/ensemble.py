@@ -116,9 +116,13 @@ class StreamedEnsemble(nn.Module):
         probs: list[list[torch.Tensor]] = [[] for _ in views]
         leaders: list[tuple[nn.Module, list[tuple]]] = []  # Mask-Net members whose front this pass reuses
         members = list(zip(self.config.members, self.config.checksums))
+        # the previous plain CNN member, unfolded: the next member with the same architecture (the folds of one
+        # recipe follow each other) takes its tensors instead of a new build; memory still holds one member
+        spare: nn.Module | None = None
         for spec, checksum in tqdm(members, desc=self.desc, unit="model", disable=not self.progress):
             with torch.inference_mode(False):  # a normal module, also when called under inference mode
-                member, t = load_member(spec, checksum, self.config.classes)
+                member, t = load_member(spec, checksum, self.config.classes, reuse=spare)
+                spare = None
                 if self.fold_bn:
                     from covidct.models.fusion import fold_for_inference
 
@@ -133,6 +137,7 @@ class StreamedEnsemble(nn.Module):
                     logits = [member.classify(member.detections_tensor(*front)) for front in lead]
                 else:
                     logits = [member(resized(v, member.config.input_size)) for v in views]
+                    spare = None if self.fold_bn else member
             for out, lg in zip(probs, logits):
                 out.append(torch.softmax(lg / t, dim=1))
             del member
@@ -181,14 +186,16 @@ def check_member_file(spec: str, checksum: str) -> Path:
     return path
 
 
-def load_member(spec: str, checksum: str, classes: tuple[str, ...]) -> tuple[nn.Module, float]:
+def load_member(spec: str, checksum: str, classes: tuple[str, ...], *,
+                reuse: nn.Module | None = None) -> tuple[nn.Module, float]:
     """``(network, temperature)`` of one member, its file checked against ``checksum`` and its classes
-    against the ensemble's."""
+    against the ensemble's; ``reuse``: a network no longer needed, refilled when it has the member's architecture
+    (:func:`covidct.models.registry.load_model`)."""
     from covidct.errors import CovidctError
     from covidct.models.registry import load_cls_model
 
     path = check_member_file(spec, checksum)
-    model, payload = load_cls_model(path)
+    model, payload = load_cls_model(path, reuse=reuse)
     if tuple(model.config.classes) != tuple(classes):
         raise CovidctError(path, f"member classes {list(model.config.classes)} differ from the ensemble's")
     return model, float(payload.get("temperature", 1.0))

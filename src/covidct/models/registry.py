@@ -90,16 +90,19 @@ TASK_NAMES = {"seg": "segmentation model", "cls": "classifier", "lesions": "lesi
               "maskcls": "Mask-Net classifier", "triage": "CT triage model"}
 
 
-def load_model(spec: str | Path | None, *, task: str, accept: tuple[str, ...] | None = None):
+def load_model(spec: str | Path | None, *, task: str, accept: tuple[str, ...] | None = None,
+               reuse: Any = None):
     """``(network in eval mode, checkpoint dict)`` from a shipped name, a file, or ``None`` (the
     task's shipped default). The network is rebuilt from the checkpoint alone; ``accept`` lists the
-    checkpoint tasks that may stand in for ``task``."""
+    checkpoint tasks that may stand in for ``task``. ``reuse``: a network the caller no longer needs; when the
+    checkpoint describes the same architecture (a ``cls`` network of an equal config), its tensors are
+    overwritten with the checkpoint's instead of building a new one (the same result, without the build)."""
     path = resolve_model(spec, task=task)
     payload = read_checkpoint(path)
     accept = accept or (task,)
     if payload["task"] not in accept:
         raise CovidctError(path, f"is a {payload['task']!r} model, not a {TASK_NAMES[task]}")
-    model = _rebuild(path, payload["task"], payload["config"], _full_state(path, payload), "it describes")
+    model = _rebuild(path, payload["task"], payload["config"], _full_state(path, payload), "it describes", reuse)
     if payload["task"] == "seg" and payload.get("companions"):
         # networks stored inside the file (see covidct.models.checkpoint), rebuilt the same way
         model.companions = {role: _rebuild(path, "seg", extra["config"], extra["state_dict"], f"of its {role} companion")
@@ -108,10 +111,10 @@ def load_model(spec: str | Path | None, *, task: str, accept: tuple[str, ...] | 
     return model, payload
 
 
-def _rebuild(path: Path, task: str, config: dict[str, Any], state: dict[str, Any], what: str):
-    """A network of ``task`` from its config and (fp16 or fp32) state dict, in eval mode; weights that do
-    not fit are one ``CovidctError`` naming ``path``."""
-    model = _builders()[task](config)
+def _rebuild(path: Path, task: str, config: dict[str, Any], state: dict[str, Any], what: str, reuse: Any = None):
+    """A network of ``task`` from its config and (fp16 or fp32) state dict, in eval mode (``reuse`` instead of
+    a new one when it fits, :func:`load_model`); weights that do not fit are one ``CovidctError`` naming ``path``."""
+    model = reuse if _same_cls_architecture(reuse, task, config) else _builders()[task](config)
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     try:
         if not getattr(model, "weights_from_members", False):  # an ensemble loads its members' own files
@@ -119,6 +122,16 @@ def _rebuild(path: Path, task: str, config: dict[str, Any], state: dict[str, Any
     except RuntimeError as exc:
         raise CovidctError(path, f"weights do not fit the architecture {what} ({str(exc).splitlines()[0]})") from None
     return model.eval()
+
+
+def _same_cls_architecture(net: Any, task: str, config: dict[str, Any]) -> bool:
+    """Whether ``net`` is a plain classifier (not an ensemble or a Mask-Net classifier) built from a config
+    equal to ``config``: loading a state dict into it gives the network ``config`` would build."""
+    from covidct.models.classification import ClassificationNet, ClsModelConfig
+
+    if net is None or task != "cls" or "members" in config or type(net) is not ClassificationNet:
+        return False
+    return ClsModelConfig.from_dict(config) == net.config
 
 
 def model_name(path: str | Path) -> str:
@@ -166,12 +179,14 @@ def load_seg_model(spec: str | Path | None = None):
     return load_model(spec, task="seg")
 
 
-def load_cls_model(spec: str | Path | None = None, *, fold_bn: bool = False, stream_members: bool = False):
+def load_cls_model(spec: str | Path | None = None, *, fold_bn: bool = False, stream_members: bool = False,
+                   reuse: Any = None):
     """``(classifier, checkpoint dict)`` for ``cls`` and ``maskcls`` checkpoints; the calibration
     ``temperature`` is in the dict. ``fold_bn``: for inference only, BatchNorms folded into their
     convolutions (:mod:`covidct.models.fusion`; faster on CPU, see benchmarks/RESULTS.md; not for training).
     ``stream_members``: an ensemble comes as a :class:`~covidct.models.ensemble.StreamedEnsemble`, which
-    holds one member in memory at a time and reads the members again on every call (for few images)."""
+    holds one member in memory at a time and reads the members again on every call (for few images).
+    ``reuse``: as in :func:`load_model` (an unfolded network)."""
     if stream_members:
         from covidct.models.ensemble import EnsembleConfig, StreamedEnsemble
 
@@ -180,7 +195,7 @@ def load_cls_model(spec: str | Path | None = None, *, fold_bn: bool = False, str
         if payload["task"] == "cls" and "members" in payload["config"]:
             payload["path"] = str(path)
             return StreamedEnsemble(EnsembleConfig.from_dict(payload["config"]), fold_bn=fold_bn).eval(), payload
-    model, payload = load_model(spec, task="cls", accept=("cls", "maskcls"))
+    model, payload = load_model(spec, task="cls", accept=("cls", "maskcls"), reuse=reuse)
     if fold_bn:
         from covidct.models.fusion import fold_for_inference
 
