@@ -15,7 +15,6 @@ Without native bfloat16 (no AVX512-BF16 / AMX) it still runs, and says that bflo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -61,24 +60,26 @@ def folder_rows(model, data: str) -> dict:
     return out
 
 
-def scan_crops(path: str) -> list[np.ndarray]:
-    """The model inputs ``covidct analyze`` gives the segmentation network for a CT scan."""
+def scan_crops(model, path: str) -> tuple[list[np.ndarray], float]:
+    """The model inputs ``covidct analyze`` gives the segmentation network for a CT scan (its lung crops,
+    :func:`covidct.analysis.scan.lung_crop_input`), and the scan's pixel size in mm."""
     from covidct.analysis.lungs import segment_lungs_hu
-    from covidct.io import read, to_model_input
+    from covidct.analysis.scan import lung_crop_input, model_turns
+    from covidct.io import read
     from covidct.io.body import mask_box
 
     vol = read(path, progress=False)
     lungs = segment_lungs_hu(vol.array, spacing=vol.spacing, affine=vol.affine, progress=False).labels
-    return [np.ascontiguousarray(np.rot90(to_model_input(vol.array[k][mask_box(lungs[k] > 0)], is_hu=True,
-                                                         window="model"), 1))
-            for k in range(vol.n_slices) if lungs[k].any()]
+    turns = model_turns(vol, model)
+    crops = [lung_crop_input(vol, k, mask_box(lungs[k] > 0), turns=turns) for k in range(vol.n_slices) if lungs[k].any()]
+    return crops, float(np.sqrt(vol.spacing[1] * vol.spacing[2]))
 
 
 def scan_speed(model, path: str, repeat: int, batch_size: int = 8) -> dict:
     """Seconds through the predictor (and in the networks alone) for the scan's lung crops, per precision."""
     from covidct.engine.infer import SegPredictor
 
-    crops = scan_crops(path)
+    crops, pixel_mm = scan_crops(model, path)
     predictors = {p: SegPredictor(model, crop_to_lung=False, precision=p, batch_size=batch_size) for p in PRECISIONS}
     times: dict[str, dict[str, list[float]]] = {p: {"predict_s": [], "network_s": []} for p in PRECISIONS}
     for _ in range(repeat):
@@ -95,7 +96,7 @@ def scan_speed(model, path: str, repeat: int, batch_size: int = 8) -> dict:
             predictor._logits = timed
             t0 = time.perf_counter()
             for start in range(0, len(crops), batch_size):   # as analyze: a batch at a time, results dropped
-                predictor.predict(crops[start:start + batch_size], pixel_mm=0.7)
+                predictor.predict(crops[start:start + batch_size], pixel_mm=pixel_mm)
             times[p]["predict_s"].append(round(time.perf_counter() - t0, 3))
             times[p]["network_s"].append(round(spent[0], 3))
             del predictor._logits
@@ -149,8 +150,9 @@ def main() -> int:
               f" / bf16 {b['bf16']['predict_s']} s ({row['speed_up_predict']}x); networks alone "
               f"{b['fp32']['network_s']} / {b['bf16']['network_s']} s ({row['speed_up_network']}x)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        from covidct.report.json_io import write_json
+
+        write_json(report, args.json)   # atomic, with the disclaimer
     return 0
 
 

@@ -988,8 +988,10 @@ def _precision_note(args: argparse.Namespace) -> None:
         return
     from covidct.engine.precision import native_bf16
 
+    import torch
+
     device = getattr(args, "device", "cpu")
-    if not native_bf16(device) and device == "cpu":
+    if torch.device(device).type == "cpu" and not native_bf16(device):
         print("note: --precision bf16: this processor has no native bfloat16 (AVX512-BF16 or AMX), so it is emulated "
               "and slower than fp32 ('auto' would choose fp32 here)", file=sys.stderr)
 

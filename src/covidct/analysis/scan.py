@@ -172,6 +172,13 @@ def slice_infection_probability(area_mm2: np.ndarray) -> np.ndarray:
     return area_mm2 / (area_mm2 + AREA_SCALE_MM2)
 
 
+def lung_crop_input(vol: Volume, k: int, box: tuple[slice, slice], *, turns: int,
+                    window: str | Window = "model") -> np.ndarray:
+    """What the segmentation model sees of slice ``k``: its lung box, windowed into ``[0, 1]`` and turned
+    ``turns`` quarters into the model's training orientation (:func:`model_turns`)."""
+    return np.ascontiguousarray(np.rot90(to_model_input(vol.array[k][box], is_hu=vol.is_hu, window=window), turns))
+
+
 def _slice_pixel_mm2(vol: Volume) -> float:
     return float(vol.spacing[1] * vol.spacing[2]) if vol.spacing else 1.0
 
@@ -211,8 +218,7 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     for start in range(0, len(todo), batch_size):
         ks = todo[start:start + batch_size]
         boxes = [mask_box(lungs[k] > 0) for k in ks]
-        crops = [np.ascontiguousarray(np.rot90(to_model_input(vol.array[k][b], is_hu=vol.is_hu, window=window), turns))
-                 for k, b in zip(ks, boxes)]
+        crops = [lung_crop_input(vol, k, b, turns=turns, window=window) for k, b in zip(ks, boxes)]
         for k, b, pred in zip(ks, boxes, predictor.predict(crops, pixel_mm=pixel_mm)):
             full = np.zeros(vol.shape[1:], np.uint8)
             full[b] = np.rot90(pred.labels, -turns)
