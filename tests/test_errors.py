@@ -43,6 +43,16 @@ def _bad_inputs(tmp_path):
     nopix = tmp_path / "nopixels.dcm"
     ds.save_as(nopix)
     cases["no pixel data"] = (nopix, "no pixel data")
+    ds = pydicom.dcmread(paths[0])
+    ds.Rows = 8   # the 32 x 32 pixels now read as 4 frames of 8 x 32 (pydicom warns about it)
+    short = tmp_path / "rows.dcm"
+    ds.save_as(short)
+    cases["rows that do not match the pixel data"] = (short, "pixel data does not match its header: 8 rows")
+    ds = pydicom.dcmread(paths[0])
+    ds.PixelSpacing = [0, 0]
+    zero = tmp_path / "zerospacing.dcm"
+    ds.save_as(zero)
+    cases["zero pixel spacing"] = (zero, "pixel spacing 0.0 × 0.0 is not two positive numbers")
     mr = write_ct_series(tmp_path / "mr", phantom_hu(1, 32), modality="MR")[0]
     cases["non-CT"] = (mr, "modality is MR")
     import nibabel as nib
@@ -54,6 +64,10 @@ def _bad_inputs(tmp_path):
     nospacing.header.set_zooms((0, 1, 1))   # no sform: nibabel would read the 0 as 1 mm
     nib.save(nospacing, tmp_path / "nospacing.nii.gz")
     cases["nifti without spacing"] = (tmp_path / "nospacing.nii.gz", "gives no voxel spacing")
+    nib.save(nib.Nifti1Image(np.full((64, 64, 8), -1000, np.int16), np.eye(4)), tmp_path / "whole.nii")
+    cut = tmp_path / "cut.nii"   # nibabel's reason for a short file spans two lines
+    cut.write_bytes((tmp_path / "whole.nii").read_bytes()[:1000])
+    cases["truncated nifti"] = (cut, "could the file be damaged")
     return cases
 
 
@@ -76,6 +90,20 @@ def test_subprocess_has_no_traceback(tmp_path):
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
     assert res.stderr.strip().startswith("covidct: error:") and str(bad) in res.stderr
+
+
+def test_library_warnings_do_not_reach_stderr(tmp_path):
+    """pydicom warns in several lines about pixel data that holds more frames than its header states; the
+    command prints only its own one-line reason."""
+    import pydicom
+
+    ds = pydicom.dcmread(write_ct_series(tmp_path / "ct", phantom_hu(1, 32))[0])
+    ds.Rows = 8
+    ds.save_as(tmp_path / "rows.dcm")
+    res = _run_cli("info", str(tmp_path / "rows.dcm"))
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"covidct: error: {tmp_path / 'rows.dcm'}: pixel data does not match "
+                                               "its header: 8 rows × 32 columns declared, the data holds 4 such frames"]
 
 
 def test_bad_confusion_matrix(capsys):

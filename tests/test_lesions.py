@@ -74,6 +74,13 @@ def test_train_and_evaluate_lesions(tmp_path, seg_folder, capsys):
                  "--overlays", str(tmp_path / "taken")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "taken" in err[0] and "folder" in err[0]
+    assert out["images_without_mask"] == []
+    Image.fromarray(np.zeros((48, 48), np.uint8)).save(seg_folder / "images" / "extra.png")
+    assert main(["evaluate", "lesions", "--model", str(tmp_path / "les.pt"), "--data", str(seg_folder), "--json",
+                 str(js), "--precision", "fp32"]) == 0
+    out = json.loads(js.read_text())
+    assert out["n_images"] == 6 and out["images_without_mask"] == ["extra"]
+    assert "1 image(s) without a label map" in capsys.readouterr().err
 
 
 def test_predict_instances_in_bfloat16_returns_float32() -> None:

@@ -252,6 +252,14 @@ def test_evaluate_without_effusion_or_lung_labels_gives_null(trained, tmp_path, 
     assert main(["evaluate", "seg", "--model", str(trained[1]), "--data", str(folder), "--overlays", str(js)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(js) in err[0] and "folder" in err[0]
+    # an image without a label map of its name is left out, and the command says so (stderr and JSON)
+    assert json.loads((tmp_path / "e2.json").read_text())["images_without_mask"] == []
+    Image.fromarray(np.zeros((48, 48), np.uint8)).save(folder / "images" / "extra.png")
+    assert main(["evaluate", "seg", "--model", str(trained[1]), "--data", str(folder), "--json", str(js)]) == 0
+    res = json.loads(js.read_text())
+    assert res["n_images"] == 3 and res["images_without_mask"] == ["extra"]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"note: {folder}: 1 image(s) without a label map of the same name were not evaluated (extra)")
 
 
 def test_labels_comparison_draws_truth_beside_prediction():

@@ -167,6 +167,15 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
     return 0
 
 
+def _note_images_without_mask(data: str, result: dict) -> None:
+    """One stderr line when some images of a segmentation folder had no label map and were left out."""
+    missing = result.get("images_without_mask") or []
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        print(f"note: {data}: {len(missing)} image(s) without a label map of the same name were not evaluated "
+              f"({shown})", file=sys.stderr)
+
+
 def _cmd_evaluate_seg(args: argparse.Namespace) -> int:
     from covidct.engine.evaluate_seg import evaluate_seg, format_table
     from covidct.io import to_model_input
@@ -184,6 +193,7 @@ def _cmd_evaluate_seg(args: argparse.Namespace) -> int:
     result = evaluate_seg(args.model, args.data, split=args.split, tta=args.tta,
                           density_classes=not args.network_classes, on_prediction=draw, precision=args.precision)
     print(format_table(result))
+    _note_images_without_mask(args.data, result)
     print(f"Evaluation took {time.time() - t0:.1f} s")
     if overlays is not None:
         print(f"wrote {result['n_images']} overlays (truth | predicted) to {overlays}")
@@ -416,6 +426,7 @@ def _cmd_evaluate_lesions(args: argparse.Namespace) -> int:
         print(f"lesion region Dice (union of instances scoring >= {result['instance_score_threshold']}): "
               f"{result['infection_dice']:.4f}")
     print(f"{result['n_images']} images, {result['images_per_second']} images/s")
+    _note_images_without_mask(args.data, result)
     print(f"Evaluation took {time.time() - t0:.1f} s")
     if overlays is not None:
         print(f"wrote {result['n_images']} overlays (truth | predicted instances) to {overlays}")
@@ -1010,7 +1021,7 @@ def main(argv: list[str] | None = None) -> int:
     except CovidctError as exc:
         if args.debug:
             raise
-        print(f"covidct: error: {exc}", file=sys.stderr)
+        print(f"covidct: error: {' '.join(str(exc).split())}", file=sys.stderr)   # one line, whatever the reason
         return 2
     except KeyboardInterrupt:
         print("covidct: interrupted", file=sys.stderr)

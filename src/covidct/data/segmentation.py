@@ -71,6 +71,8 @@ class SegFolder:
                                             f"{' ...' if len(unknown) > 5 else ''}{' in split ' + split if split else ''}")
             images = {k: images[k] for k in ids}
         self.ids = [k for k in images if (masks4_dir if self.has_masks4 else masks_dir).joinpath(k + ".png").exists()]
+        #: images with no label map of the same name: left out of every use of the folder (evaluations say so)
+        self.images_without_mask = [k for k in images if k not in set(self.ids)]
         if not self.ids:
             raise InputError(self.root, "no image with a matching mask found")
         self._images = images

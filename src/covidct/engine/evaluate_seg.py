@@ -141,6 +141,7 @@ def evaluate_seg(model_spec: str | Path | None, data: str | Path, *, split: str 
     predictor = SegPredictor(model, tta=tta, density_classes=density_classes, precision=precision)
     result = evaluate_folder(predictor, folder, progress=progress, on_prediction=on_prediction)
     result["model"] = Path(payload["path"]).name
+    result["images_without_mask"] = folder.images_without_mask
     result["precision"] = predictor.precision
     result["data"] = str(data)
     return result

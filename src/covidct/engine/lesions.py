@@ -196,7 +196,8 @@ def evaluate_lesions(model_spec: str | Path | None, data: str | Path, *, split: 
     from covidct.models.registry import load_lesion_model
 
     model, payload = load_lesion_model(model_spec)
-    result = evaluate_instances(model, SegFolder(data, split=split), progress=progress, on_prediction=on_prediction,
-                                precision=precision)
+    folder = SegFolder(data, split=split)
+    result = evaluate_instances(model, folder, progress=progress, on_prediction=on_prediction, precision=precision)
     result["model"] = Path(payload["path"]).name
+    result["images_without_mask"] = folder.images_without_mask
     return result

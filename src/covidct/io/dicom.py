@@ -106,13 +106,26 @@ def _pixels_hu(path: Path, ds: Any | None = None) -> tuple[np.ndarray, Any]:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise InputError(path, "DICOM file has no pixel data")
     _check_codestream_end(path, ds)
+    import warnings
+
     try:
-        raw = ds.pixel_array
+        with warnings.catch_warnings():
+            # pydicom warns (several lines on stderr) when the pixel data holds more frames than the header
+            # declares; the shape check below names that in one line instead
+            warnings.simplefilter("ignore", UserWarning)
+            raw = ds.pixel_array
     except Exception as exc:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", syntax)
         raise InputError(path, f"cannot decode pixel data (transfer syntax {name}): {exc}") from None
     if raw.ndim != 2:
+        samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+        if samples > 1:
+            raise InputError(path, f"a colour image ({samples} samples per pixel, "
+                                   f"{getattr(ds, 'PhotometricInterpretation', '?')}), not a CT slice")
+        if _n_frames(ds) == 1:
+            raise InputError(path, f"pixel data does not match its header: {ds.Rows} rows × {ds.Columns} columns "
+                                   f"declared, the data holds {raw.shape[0]} such frames")
         raise InputError(path, f"expected a single-frame 2-D image, got pixel array of shape {raw.shape}")
     hu = np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
     return hu, ds
@@ -156,6 +169,12 @@ def _pixel_spacing(ds: Any, path: Path) -> tuple[float, float]:
         ps = getattr(ds, keyword, None)
         if ps is not None and len(ps) == 2 and all(float(v) > 0 for v in ps):
             return float(ps[0]), float(ps[1])
+    stated = getattr(ds, "PixelSpacing", None) or getattr(ds, "ImagerPixelSpacing", None)
+    if stated is not None:
+        values = [stated] if isinstance(stated, (str, bytes)) or not hasattr(stated, "__iter__") else list(stated)
+        shown = " × ".join(str(v) for v in values)
+        raise InputError(path, f"pixel spacing {shown} is not two positive numbers, so areas and volumes "
+                               "cannot be measured")
     raise InputError(path, "no PixelSpacing (nor ImagerPixelSpacing) in it, so areas and volumes cannot be measured")
 
 
