@@ -392,6 +392,63 @@ def test_analyze_image_uses_learned_lungs(tmp_path, tiny_seg_model):
     assert _viewer_data((out / "viewer.html").read_text())["windows"] == ["lung"]   # no HU: no mediastinal window
 
 
+def test_lung_mask_covering_the_image_is_flagged(tmp_path, capsys):
+    """Noise is no chest CT: the shipped model's lung head marks nearly all of it, and the report says that the
+    input may not be a chest CT (report.json, the HTML report, the printed notes); a real CT slice gets no note."""
+    from PIL import Image
+
+    from covidct.analysis.scan import MAX_PLAUSIBLE_LUNG_SHARE, lung_share_note
+
+    lungs = np.zeros((3, 10, 10), np.uint8)
+    lungs[1, :, :9] = 1                               # 90 %: still plausible
+    assert lung_share_note(lungs) is None
+    lungs[2, :, :] = 2
+    assert "covers 100 % of the image (slice 2)" in lung_share_note(lungs)
+    assert MAX_PLAUSIBLE_LUNG_SHARE == 0.9
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256), dtype=np.uint8)).save(tmp_path / "noise.png")
+    out = tmp_path / "noise"
+    assert main(["analyze", str(tmp_path / "noise.png"), "-o", str(out), "--classifier", "none", "--no-viewer"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert "may not be a chest CT" in report["lung_share_note"]
+    assert f"note: {report['lung_share_note']}" in capsys.readouterr().out
+    assert "may not be a chest CT" in (out / "report.html").read_text()
+    slice_png = sorted((need_data("covid-semiseg", "images")).iterdir())[0]
+    assert main(["analyze", str(slice_png), "-o", str(tmp_path / "ct"), "--classifier", "none", "--no-viewer"]) == 0
+    assert json.loads((tmp_path / "ct" / "report.json").read_text())["lung_share_note"] is None
+
+
+def test_colour_image_is_flagged(tmp_path, tiny_seg_model, capsys):
+    """CT slices are grey: a grey slice with a red arrow drawn on it gets no note, a colour picture does (in
+    report.json's input.colour_share, the printed notes and the HTML report); DICOM / NIfTI carry no share."""
+    from PIL import Image
+
+    from covidct.io.image import colour_share
+    from covidct.report.notes import MAX_CT_COLOUR_SHARE
+
+    grey = np.random.default_rng(0).integers(0, 255, (80, 80), dtype=np.uint8)
+    arrow = np.repeat(grey[..., None], 3, axis=2)
+    arrow[10:14, 10:40] = (255, 0, 0)                     # 1.9 % of the pixels
+    colour = np.random.default_rng(1).integers(0, 255, (80, 80, 3), dtype=np.uint8)
+    assert colour_share(arrow.astype(np.float32)) == pytest.approx(120 / 6400)
+    assert colour_share(np.repeat(grey[..., None], 3, axis=2)) == 0.0
+    shares = {}
+    for name, image in (("arrow", arrow), ("photo", colour)):
+        Image.fromarray(image).save(tmp_path / f"{name}.png")
+        out = tmp_path / name
+        capsys.readouterr()
+        assert main(["analyze", str(tmp_path / f"{name}.png"), "-o", str(out), "--model", str(tiny_seg_model),
+                     "--no-viewer"]) == 0
+        printed = capsys.readouterr().out
+        shares[name] = json.loads((out / "report.json").read_text())["input"]["colour_share"]
+        flagged = "pixels are coloured, while CT slices are grey" in printed
+        assert flagged == (name == "photo") == ("while CT slices are grey" in (out / "report.html").read_text())
+    assert shares["arrow"] < MAX_CT_COLOUR_SHARE < shares["photo"]
+    write_nifti(tmp_path / "ct.nii.gz", phantom_hu(4, 64))
+    assert main(["analyze", str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "ct"), "--model", str(tiny_seg_model),
+                 "--classifier", "none", "--triage", "none", "--no-viewer"]) == 0
+    assert json.loads((tmp_path / "ct" / "report.json").read_text())["input"]["colour_share"] is None
+
+
 def test_analyze_bad_input_leaves_no_output(tmp_path, tiny_seg_model, capsys):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"

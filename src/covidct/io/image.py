@@ -16,6 +16,14 @@ from covidct.errors import InputError
 from covidct.io.volume import Volume, fill_non_finite
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: A pixel counts as coloured when its red, green and blue values spread over more than this (of 255).
+COLOUR_SPREAD = 30
+
+
+def colour_share(rgb: np.ndarray) -> float:
+    """Share of the pixels of an ``(H, W, 3)`` image whose channels spread over more than
+    :data:`COLOUR_SPREAD`: 0 for grey images, most of the image for photographs."""
+    return float(np.mean(rgb.max(axis=-1) - rgb.min(axis=-1) > COLOUR_SPREAD))
 
 
 def png_info():
@@ -41,9 +49,16 @@ MIN_IMAGE_SIDE = 16
 
 def load_grey(path: str | Path) -> tuple[np.ndarray, str]:
     """Decode an image file into a 2-D float32 grey array; returns ``(array, PIL mode)``."""
+    arr, mode, _ = load_grey_and_colour(path)
+    return arr, mode
+
+
+def load_grey_and_colour(path: str | Path) -> tuple[np.ndarray, str, float]:
+    """:func:`load_grey` and the image's :func:`colour_share` (0 for grey modes)."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    colour = 0.0
     try:
         with Image.open(path) as im:
             im.load()
@@ -52,9 +67,11 @@ def load_grey(path: str | Path) -> tuple[np.ndarray, str]:
                 rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
                 alpha = rgba[..., 3:4] / 255.0
                 rgb = rgba[..., :3] * alpha
+                colour = colour_share(rgb)
                 arr = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
             elif mode in ("RGB", "P", "CMYK", "YCbCr", "HSV", "LAB"):
                 rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
+                colour = colour_share(rgb)
                 arr = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
             elif mode == "1":
                 arr = np.asarray(im.convert("L"), dtype=np.float32)
@@ -75,7 +92,7 @@ def load_grey(path: str | Path) -> tuple[np.ndarray, str]:
                                f"(at least {MIN_IMAGE_SIDE} on each side)")
     arr = np.require(arr, np.float32, ["C_CONTIGUOUS", "WRITEABLE"])   # PIL's arrays are read-only
     fill_non_finite(arr[None], path)   # float TIFF ("F"): NaN / infinite pixels read as the lowest value
-    return arr, mode
+    return arr, mode, round(colour, 4)
 
 
 def load_label_map(path: str | Path) -> np.ndarray:
@@ -95,7 +112,7 @@ def load_label_map(path: str | Path) -> np.ndarray:
 
 def read_image(path: str | Path) -> Volume:
     path = Path(path)
-    arr, mode = load_grey(path)
+    arr, mode, colour = load_grey_and_colour(path)
     return Volume(
         array=arr[None],
         kind="image",
@@ -103,7 +120,7 @@ def read_image(path: str | Path) -> Volume:
         is_hu=False,
         spacing=None,
         files=[str(path)],
-        metadata={"modality": None, "image_mode": mode},
+        metadata={"modality": None, "image_mode": mode, "colour_share": colour},
     )
 
 
@@ -123,12 +140,13 @@ def read_image_folder(folder: str | Path) -> Volume:
     skipped = sum(1 for p in folder.iterdir() if p.is_file()) - len(paths)
     if not paths:
         raise InputError(folder, "no image files found")
-    slices = []
+    slices, colour = [], 0.0
     for p in paths:
-        arr, mode = load_grey(p)
+        arr, mode, share = load_grey_and_colour(p)
         if slices and arr.shape != slices[0].shape:
             raise InputError(p, f"slice size {arr.shape} differs from the first slice {slices[0].shape}")
         slices.append(arr)
+        colour = max(colour, share)
     return Volume(
         array=np.stack(slices),
         kind="image-folder",
@@ -137,5 +155,5 @@ def read_image_folder(folder: str | Path) -> Volume:
         spacing=None,
         files=[str(p) for p in paths],
         n_skipped=skipped,
-        metadata={"modality": None, "image_mode": mode},
+        metadata={"modality": None, "image_mode": mode, "colour_share": colour},   # the most coloured slice's
     )

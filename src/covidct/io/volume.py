@@ -82,7 +82,8 @@ class Volume:
             "files_read": self.n_files,
             "files_skipped": self.n_skipped,
         }
-        for key in ("series_uid", "transfer_syntax", "image_mode", "non_finite_voxels", "orientation_in_header"):
+        for key in ("series_uid", "transfer_syntax", "image_mode", "colour_share", "non_finite_voxels",
+                    "orientation_in_header"):
             if key in self.metadata:
                 out[key] = self.metadata[key]
         return out

@@ -68,6 +68,9 @@ def build_report(vol: Volume, result: ScanResult, models: list[dict], seconds: f
                   "slice_positions": vol.metadata.get("slice_positions"),
                   # NaN / infinite voxels (outside a resampled volume's field of view), read as the lowest value
                   "non_finite_voxels": vol.metadata.get("non_finite_voxels", 0),
+                  # images: share of coloured pixels (io.image.colour_share; of the most coloured slice of a
+                  # folder); None for DICOM / NIfTI
+                  "colour_share": vol.metadata.get("colour_share"),
                   # does the anatomy agree with the stated orientation (the spine posterior to the lungs)?
                   # analysis.scan.orientation_check; None for inputs without HU or orientation
                   "orientation_check": result.orientation_check},
@@ -78,6 +81,9 @@ def build_report(vol: Volume, result: ScanResult, models: list[dict], seconds: f
         "lung_coverage": result.lung_coverage,
         # a lung mask larger than lungs can be (analysis.scan.lung_volume_note); None when plausible
         "lung_volume_note": result.lung_volume_note,
+        # a lung mask covering more of a slice than lungs can (analysis.scan.lung_share_note): probably no chest
+        # CT; None when plausible
+        "lung_share_note": result.lung_share_note,
         "lesions": {k: {"volume_ml": v["volume_ml"], "percent_of_lung": v["percent_of_lung"], "voxels": v["voxels"]}
                     for k, v in b["lesions"].items()},
         "percent_opacity": b["percent_opacity"],
