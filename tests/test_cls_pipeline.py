@@ -220,7 +220,14 @@ def test_classify_prints_and_writes_slice_probabilities(trained_cls, tmp_path, c
     out = capsys.readouterr().out
     assert "research software" in out.lower() and out.count("[0]:") == 2
     res = json.loads(js.read_text())
-    assert res["classes"] == ["NonCOVID", "COVID"] and len(res["slices"]) == 2
+    assert res["classes"] == ["NonCOVID", "COVID"] and len(res["slices"]) == 2 and res["notes"] == []
+    # a colour picture is classified too, with a note that it is probably no CT slice
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(photo)
+    assert main(["classify", str(photo), "--model", str(path), "--json", str(tmp_path / "p.json")]) == 0
+    notes = json.loads((tmp_path / "p.json").read_text())["notes"]
+    assert [n["input"] for n in notes] == [str(photo)] and "while CT slices are grey" in notes[0]["note"]
+    assert f"note: {photo}: {notes[0]['note']}" in capsys.readouterr().out
     # the same calibrated probabilities as `evaluate cls` gives for these images
     from covidct.data.classification import load_records
 

@@ -301,7 +301,15 @@ def test_predict_writes_maps_and_overlays(trained, tmp_path, capsys):
         for kind in ("labels", "lung", "overlay"):   # every image says what it is not for
             assert "not for diagnosis" in Image.open(outdir / f"{img.stem}_{kind}.png").text["Disclaimer"]
     summary = json.loads((outdir / "predictions.json").read_text())
-    assert len(summary["slices"]) == 2
+    assert len(summary["slices"]) == 2 and summary["notes"] == []
+    # a colour picture is segmented too, with a note that it is probably no CT slice
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(photo)
+    capsys.readouterr()
+    assert main(["predict", str(photo), "-o", str(tmp_path / "pred2"), "--model", str(out)]) == 0
+    notes = json.loads((tmp_path / "pred2" / "predictions.json").read_text())["notes"]
+    assert [n["input"] for n in notes] == [str(photo)] and "while CT slices are grey" in notes[0]["note"]
+    assert f"note: {photo}: {notes[0]['note']}" in capsys.readouterr().out
 
 
 def test_predict_bad_input_writes_nothing(trained, tmp_path, capsys):

@@ -444,6 +444,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     for row in result["slices"]:
         probs = ", ".join(f"{c} {v:.3f}" for c, v in row["probabilities"].items())
         print(f"{row['input']} [{row['slice']}]: {row['label']} ({probs})")
+    for note in result.get("notes", []):
+        print(f"note: {note['input']}: {note['note']}")
     print(f"model {result['model']}; {DISCLAIMER}")
     if args.json:
         write_json(result, args.json)
@@ -488,6 +490,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     for item in summary["inputs"]:
         if (item["orientation_check"] or {}).get("note"):
             print(f"note: {item['input']}: {item['orientation_check']['note']}")
+    for note in summary["notes"]:
+        print(f"note: {note['input']}: {note['note']}")
     per_slice = 3 + (1 if args.lesion_model else 0)
     print(f"wrote {per_slice * len(summary['slices'])} files for {len(summary['slices'])} slices to {args.output}")
     return 0

@@ -75,7 +75,8 @@ def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec
             rows.append(row)
             bar.update(1)
     bar.close()
-    summary = {"model": Path(payload["path"]).name, "precision": predictor.precision, "inputs": inputs, "slices": rows}
+    summary = {"model": Path(payload["path"]).name, "precision": predictor.precision, "inputs": inputs, "slices": rows,
+               "notes": input_notes(volumes)}
     if lesion_payload is not None:
         summary["lesion_model"] = Path(lesion_payload["path"]).name
         summary["lesion_score_threshold"] = lesion_score
@@ -141,7 +142,16 @@ def classify_paths(paths: list[str | Path], *, model_spec: str | Path | None = N
                              "probabilities": {c: round(float(v), 6) for c, v in zip(classes, p)}})
             bar.update(len(ks))
     bar.close()
-    return {"model": Path(payload["path"]).name, "classes": classes, "slices": rows}
+    return {"model": Path(payload["path"]).name, "classes": classes, "slices": rows, "notes": input_notes(volumes)}
+
+
+def input_notes(volumes: list) -> list[dict[str, str]]:
+    """``{"input", "note"}`` for each input that is probably not a chest CT slice: a colour image
+    (:func:`~covidct.report.notes.colour_note`)."""
+    from covidct.report.notes import colour_note
+
+    return [{"input": str(v.source), "note": note} for v in volumes
+            if (note := colour_note(v.metadata.get("colour_share")))]
 
 
 def _classify_with_triage(volumes: list, spec: str | Path, *, progress: bool, precision: str) -> dict[str, Any]:
