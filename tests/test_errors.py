@@ -239,3 +239,31 @@ def test_output_paths_that_cannot_be_written_are_one_line_before_any_work(tmp_pa
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"covidct: error: {named}: ") and reason in err[0], (argv, err)
     assert a_file.read_text() == "keep me" and not any(a_folder.iterdir())
+
+
+def test_classifier_training_on_one_class_is_one_line_and_writes_nothing(tmp_path, capsys):
+    """A folder holding a single class (or a validation split of a single class) cannot train or select a
+    classifier: `train cls` and `train maskcls` say so before any work, and leave no model or run folder."""
+    rng = np.random.default_rng(0)
+    one = tmp_path / "one"
+    (one / "COVID").mkdir(parents=True)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 255, (48, 48), dtype=np.uint8)).save(one / "COVID" / f"{i}.png")
+    both = tmp_path / "both"
+    rows = ["path,label,split"]
+    for i in range(24):
+        label = "COVID" if i % 2 else "NonCOVID"
+        Image.fromarray(rng.integers(0, 255, (48, 48), dtype=np.uint8)).save(tmp_path / f"b{i}.png")
+        split = "val" if i >= 20 and label == "COVID" else "train"   # validation: COVID only
+        rows.append(f"{tmp_path / f'b{i}.png'},{label},{split}")
+    both.mkdir()
+    (both / "split.csv").write_text("\n".join(rows) + "\n")
+    cases = [("cls", one, "no training image of class NonCOVID"),
+             ("maskcls", one, "no training image of class NonCOVID"),
+             ("cls", both, "every validation image is of class COVID")]
+    for task, data, reason in cases:
+        out = tmp_path / f"{task}.pt"
+        assert main(["train", task, "--data", str(data), "-o", str(out), "--epochs", "1"]) == 2, (task, data)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(data) in err[0] and reason in err[0], err
+        assert not out.exists() and not (tmp_path / f"{task}_run").exists()

@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -75,6 +75,20 @@ def split_records(records: list[ClsRecord], cfg: ClsTrainConfig) -> tuple[list[C
         return [r for r in records if r.split == "train"], [r for r in records if r.split == "val"]
     train_pool = [r for r in records if r.split in (None, "train")]
     return group_split(train_pool, [r.patient for r in train_pool], val_fraction=cfg.val_fraction, seed=cfg.seed)
+
+
+def check_class_coverage(train: list[ClsRecord], val: list[ClsRecord], classes: Sequence[str], data: Any) -> None:
+    """Refuse a split a classifier cannot learn or be selected on: every class among the training records, at
+    least two classes among the validation records (the AUC that picks the epoch needs both kinds)."""
+    have = {r.label for r in train}
+    missing = [c for c in classes if c not in have]
+    if missing:
+        raise CovidctError(data, f"no training image of class {', '.join(missing)}: a classifier of "
+                                 f"{', '.join(classes)} needs images of every class")
+    in_val = sorted({r.label for r in val})
+    if len(in_val) < 2:
+        raise CovidctError(data, f"every validation image is of class {in_val[0]}: choosing the epoch needs at "
+                                 f"least two classes there (more images, a larger --val-fraction or a val split)")
 
 
 class _Images(torch.utils.data.Dataset):
@@ -145,6 +159,7 @@ def train_cls(cfg: ClsTrainConfig, output: str | Path, *, progress: bool = True)
     train, val = split_records(records, cfg)
     if not train or not val:
         raise CovidctError(cfg.data, "need both training and validation records")
+    check_class_coverage(train, val, classes, cfg.data)
     if len(train) // dist.world_size < cfg.batch_size // dist.world_size:
         raise CovidctError(cfg.data, f"{len(train)} training images do not fill one batch (--batch-size {cfg.batch_size})")
     loader = RecordImages()

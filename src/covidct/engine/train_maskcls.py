@@ -37,7 +37,7 @@ from covidct.data.classification import BINARY_CLASSES, THREE_CLASSES, RecordIma
 from covidct.data.cls_transforms import cls_eval_transform
 from covidct.engine.common import Distributed, seed_everything
 from covidct.engine.evaluate_cls import mean_auc, score_probabilities, summarize
-from covidct.engine.train_cls import ClsTrainConfig, fit_temperature, split_records
+from covidct.engine.train_cls import ClsTrainConfig, check_class_coverage, fit_temperature, split_records
 from covidct.errors import CovidctError
 from covidct.models.checkpoint import delta_state, save_checkpoint
 from covidct.models.maskcls import TRAIN_CHOICES, MaskClsConfig, MaskClsNet
@@ -140,6 +140,7 @@ def train_maskcls(cfg: MaskClsTrainConfig, output: str | Path, *, progress: bool
                                                             folds=cfg.folds, fold=cfg.fold))
     if not train or not val:
         raise CovidctError(cfg.data, "need both training and validation records")
+    check_class_coverage(train, val, classes, cfg.data)
     n_train = len(train)
     train = dist.shard(train)  # this rank's share (all of it in one process)
     # the exact preprocessing of `covidct evaluate cls` / `predict_probabilities` (square resize to the
