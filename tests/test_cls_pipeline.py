@@ -262,7 +262,9 @@ def test_init_from_segmentation_encoder(tmp_path):
     seg_path = save_checkpoint(tmp_path / "seg.pt", task="seg", config=seg.config.to_dict(), state_dict=seg.state_dict())
     cls = build_cls_model(ClsModelConfig(encoder="resnet18", input_size=32), init=str(seg_path))
     torch.testing.assert_close(cls.net.layer1[0].conv1.weight, seg.net.encoder.layer1[0].conv1.weight)
-    with pytest.raises(ValueError):
+    from covidct.errors import InputError
+
+    with pytest.raises(InputError, match="it is a 'seg' model with encoder resnet18"):
         build_cls_model(ClsModelConfig(encoder="resnet34"), init=str(seg_path))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -267,3 +268,18 @@ def test_classifier_training_on_one_class_is_one_line_and_writes_nothing(tmp_pat
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(data) in err[0] and reason in err[0], err
         assert not out.exists() and not (tmp_path / f"{task}_run").exists()
+
+
+def test_a_start_model_of_another_kind_or_encoder_is_named_once(tmp_path, seg_folder, tiny_seg_model, capsys):
+    """`--init` / `--encoder-init` naming a model of another task or encoder: one line, the file named once, what
+    it is said, no model written."""
+    cases = [["train", "lesions", "--data", str(seg_folder), "--backbone", "efficientnet-lite0", "--init",
+              str(tiny_seg_model), "-o", str(tmp_path / "l.pt"), "--epochs", "1"],
+             ["train", "seg", "--data", str(seg_folder), "--encoder", "efficientnet-lite0", "--encoder-init",
+              str(tiny_seg_model), "-o", str(tmp_path / "s.pt"), "--epochs", "1", "--batch-size", "2"]]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].count(str(tiny_seg_model)) == 1, err
+        assert "with encoder efficientnet-lite0 (it is a 'seg' model with encoder resnet18)" in err[0], err
+        assert not Path(argv[argv.index("-o") + 1]).exists()

@@ -319,10 +319,7 @@ def train_seg(cfg: SegTrainConfig, output: str | Path, *, resume: bool = True, p
     mcfg = cfg.model_config()
     try:
         model = build_seg_model(mcfg, imagenet=cfg.imagenet, encoder_init=cfg.encoder_init or None)
-    except ValueError as exc:
-        prefix = f"{cfg.encoder_init}: "
-        if cfg.encoder_init and str(exc).startswith(prefix):
-            raise CovidctError(cfg.encoder_init, str(exc)[len(prefix):]) from None
+    except ValueError as exc:   # an encoder without offline weights (a wrong --encoder-init file is an InputError)
         raise CovidctError(None, str(exc)) from None
     if cfg.init:
         from covidct.engine.pretrain_seg import init_from_pretrained

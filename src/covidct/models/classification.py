@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from covidct.errors import InputError
 from covidct.models.base import NormalizedNet, SavedConfig
 from covidct.models.encoders import (
     IMAGENET_GREY_MEAN, IMAGENET_GREY_STD, OFFLINE_IMAGENET, copy_matching, imagenet_state_dict, seg_encoder_state_dict,
@@ -60,5 +61,5 @@ def build_cls_model(config: ClsModelConfig | None = None, *, init: str = "random
         copy_matching(net, imagenet_state_dict(config.encoder))
     elif init != "random":
         if copy_matching(net, seg_encoder_state_dict(init, config.encoder)) == 0:
-            raise ValueError(f"{init}: no encoder tensor fits {config.encoder}")
+            raise InputError(init, f"no encoder tensor fits {config.encoder}")
     return ClassificationNet(config, net)

@@ -10,6 +10,8 @@ import importlib
 
 import torch
 
+from covidct.errors import InputError
+
 #: covidct encoder name -> smp ``encoder_name``.
 ENCODERS: dict[str, str] = {
     "resnet18": "resnet18",
@@ -87,20 +89,22 @@ def load_imagenet_encoder(encoder: torch.nn.Module, name: str, in_channels: int)
 
 def seg_encoder_state_dict(path: str, encoder: str) -> dict[str, torch.Tensor]:
     """The encoder tensors of a covidct segmentation checkpoint, keyed like the bare backbone (timm
-    or smp ResNet names), float32; ``ValueError`` if the checkpoint is not a segmentation model with
-    that encoder."""
+    or smp ResNet names), float32; :class:`~covidct.errors.InputError` if the checkpoint is not a segmentation
+    model with that encoder."""
     return encoder_state_dict(path, encoder, tasks=("seg",))
 
 
 def encoder_state_dict(path: str, encoder: str, *, tasks: tuple[str, ...] = ("seg", "cls")) -> dict[str, torch.Tensor]:
     """The encoder tensors of a covidct segmentation or classification checkpoint (``tasks``), keyed
     like the bare backbone (timm or smp ResNet names), float32, a classifier's head left out;
-    ``ValueError`` if the checkpoint is none of those tasks or has another encoder."""
+    :class:`~covidct.errors.InputError` if the checkpoint is none of those tasks or has another encoder."""
     from covidct.models.checkpoint import read_checkpoint
 
     payload = read_checkpoint(path)
     if payload["task"] not in tasks or payload["config"].get("encoder") != encoder:
-        raise ValueError(f"{path}: not a {' or '.join(tasks)} model with encoder {encoder}")
+        theirs = payload["config"].get("encoder") or payload["config"].get("backbone")
+        raise InputError(path, f"not a {' or '.join(tasks)} model with encoder {encoder} (it is a "
+                               f"{payload['task']!r} model{' with encoder ' + str(theirs) if theirs else ''})")
     state = payload["state_dict"]
     if payload["task"] == "cls":  # a timm classifier: the whole network under net., head last
         prefix, head = "net.", ("net.classifier.", "net.fc.", "net.conv_head.", "net.bn2.")
