@@ -449,6 +449,37 @@ def test_colour_image_is_flagged(tmp_path, tiny_seg_model, capsys):
     assert json.loads((tmp_path / "ct" / "report.json").read_text())["input"]["colour_share"] is None
 
 
+def test_ct_numbers_without_their_intercept_are_read_as_hu(tmp_path, tiny_seg_model, capsys):
+    """A NIfTI holding stored CT numbers (HU + 1024, unsigned, no scl_inter) reads as the same HU volume with a
+    note, and analyses as the HU file does; HU files and 8-bit volumes are left as they are."""
+    import nibabel as nib
+
+    from covidct.io.volume import stored_ct_offset
+
+    hu = phantom_hu(6, 80)
+    affine = write_nifti(tmp_path / "hu.nii.gz", hu)
+    stored = (hu.astype(np.int32) + 1024).clip(0, None).astype(np.uint16)
+    nib.save(nib.Nifti1Image(stored.transpose(2, 1, 0), affine), tmp_path / "stored.nii.gz")
+    assert stored_ct_offset(stored) == -1024 and stored_ct_offset(hu) is None
+    assert stored_ct_offset(np.clip(stored // 8, 0, 255).astype(np.uint8)) is None      # 8-bit: no soft tissue at ~1024
+    assert stored_ct_offset(np.full((8, 8, 8), 1000, np.uint16)) is None                # no air
+    a, b = read(tmp_path / "hu.nii.gz"), read(tmp_path / "stored.nii.gz")
+    assert b.is_hu and b.metadata["stored_value_offset"] == -1024 and "stored_value_offset" not in a.metadata
+    assert np.array_equal(a.array, b.array)
+    reports = {}
+    for name in ("hu", "stored"):
+        capsys.readouterr()
+        assert main(["analyze", str(tmp_path / f"{name}.nii.gz"), "-o", str(tmp_path / name), "--model",
+                     str(tiny_seg_model), "--classifier", "none", "--triage", "none", "--no-viewer"]) == 0
+        printed = capsys.readouterr().out
+        assert ("without their rescale intercept" in printed) == (name == "stored")
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+    assert reports["stored"]["input"]["stored_value_offset"] == -1024
+    assert reports["hu"]["input"]["stored_value_offset"] is None
+    for key in ("lung_volume_ml", "percent_opacity", "severity_score"):
+        assert reports["stored"][key] == reports["hu"][key], key
+
+
 def test_analyze_bad_input_leaves_no_output(tmp_path, tiny_seg_model, capsys):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"

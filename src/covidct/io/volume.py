@@ -83,7 +83,7 @@ class Volume:
             "files_skipped": self.n_skipped,
         }
         for key in ("series_uid", "transfer_syntax", "image_mode", "colour_share", "non_finite_voxels",
-                    "orientation_in_header"):
+                    "stored_value_offset", "orientation_in_header"):
             if key in self.metadata:
                 out[key] = self.metadata[key]
         return out
@@ -137,6 +137,26 @@ def store_slices(volume: np.ndarray, index, values: np.ndarray) -> np.ndarray:
         volume = volume.astype(np.float32)
     volume[index] = values
     return volume
+
+
+#: CT values are stored as unsigned numbers plus a rescale intercept of this (-1024 HU); a file that keeps the stored
+#: numbers and loses the intercept has air at 0 instead of -1000 HU.
+STORED_CT_INTERCEPT = -1024
+
+
+def stored_ct_offset(array: np.ndarray) -> int | None:
+    """:data:`STORED_CT_INTERCEPT` when ``array`` looks like CT stored without its rescale intercept, else None.
+
+    Hounsfield units of a chest CT always hold air below -900 HU (outside the body, lungs, airways). Values that
+    are all >= 0, reach 1024, and hold air where stored CT numbers put it (0-124, i.e. -1024..-900 HU; at least 5 %
+    of the voxels) and soft tissue (924-1124, -100..+100 HU; at least 2 %) are stored numbers. Checked on every
+    4th voxel along each axis; an 8-bit (0-255) volume, already in HU or without the two peaks gets None."""
+    sample = array[::4, ::4, ::4] if array.ndim == 3 else array[::4, ::4]
+    if sample.size == 0 or float(array.min()) < 0 or float(array.max()) < -STORED_CT_INTERCEPT:
+        return None
+    air = np.count_nonzero(sample <= 124) / sample.size
+    soft = np.count_nonzero((sample >= 924) & (sample <= 1124)) / sample.size
+    return STORED_CT_INTERCEPT if air >= 0.05 and soft >= 0.02 else None
 
 
 def compact_hu(array: np.ndarray) -> np.ndarray:

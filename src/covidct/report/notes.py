@@ -25,8 +25,9 @@ def colour_note(share: float | None) -> str | None:
 def report_notes(report: dict) -> list[str]:
     """Everything a reader of ``report`` should know before using its numbers, one sentence each (printed as
     ``note: ...`` by the command line, rows of the HTML report, the ``notes`` column of a batch's summary): which
-    series was taken, uneven slice gaps, slices without positions, a colour image, NaN voxels, a volume upside down, lungs that
-    run off the scan, a lung mask implausibly large (in volume, or in its share of a slice)."""
+    series was taken, uneven slice gaps, slices without positions, a colour image, CT numbers without their
+    intercept, NaN voxels, a volume upside down, lungs that run off the scan, a lung mask implausibly large (in
+    volume, or in its share of a slice)."""
     inp = report["input"]
     notes = []
     if inp.get("series_chosen"):
@@ -40,6 +41,9 @@ def report_notes(report: dict) -> list[str]:
         notes.append(inp["slice_positions"])
     if colour_note(inp.get("colour_share")):
         notes.append(colour_note(inp["colour_share"]))
+    if inp.get("stored_value_offset"):
+        notes.append(f"the file holds CT numbers without their rescale intercept (no value below 0, air at 0): they "
+                     f"were read as Hounsfield units by adding {inp['stored_value_offset']}")
     if inp.get("non_finite_voxels"):
         notes.append(non_finite_note(inp["non_finite_voxels"]))
     if (inp.get("orientation_check") or {}).get("note"):
