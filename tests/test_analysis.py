@@ -480,6 +480,22 @@ def test_ct_numbers_without_their_intercept_are_read_as_hu(tmp_path, tiny_seg_mo
         assert reports["stored"][key] == reports["hu"][key], key
 
 
+def test_ct_without_air_says_so_when_no_lungs_are_found(tmp_path, tiny_seg_model, capsys):
+    """A DICOM series whose RescaleIntercept was zeroed (stored numbers read as HU: nothing below 0) finds no lungs;
+    the error line says that the values hold no air in HU."""
+    import pydicom
+
+    for path in write_ct_series(tmp_path / "ct", phantom_hu(3, 48)):
+        ds = pydicom.dcmread(path)
+        ds.RescaleIntercept = 0
+        ds.save_as(path)
+    assert main(["analyze", str(tmp_path / "ct"), "-o", str(tmp_path / "out"), "--model", str(tiny_seg_model)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]   # after the lung stage's progress bar
+    assert err.startswith(f"covidct: error: {tmp_path / 'ct'}: no lungs found") and \
+        "it holds no air in Hounsfield units (its lowest value is 0" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_analyze_bad_input_leaves_no_output(tmp_path, tiny_seg_model, capsys):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"

@@ -225,7 +225,10 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
         lung_method = "learned lung head of the segmentation model"
     timings["lungs_s"] = round(time.perf_counter() - t0, 2)
     if require_lungs and not lungs.any():   # nothing to measure or answer for: not "Control"
-        raise InputError(vol.source, "no lungs found in it (is it a chest CT?), so there is nothing to analyse")
+        lowest = float(vol.array.min())
+        hint = (f"; it holds no air in Hounsfield units (its lowest value is {lowest:g}, air is below -900)"
+                if vol.is_hu and lowest > -900 else "")
+        raise InputError(vol.source, f"no lungs found in it (is it a chest CT?){hint}, so there is nothing to analyse")
     orientation = orientation_check(vol, lungs)
 
     t0 = time.perf_counter()
