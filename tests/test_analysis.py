@@ -480,19 +480,30 @@ def test_ct_numbers_without_their_intercept_are_read_as_hu(tmp_path, tiny_seg_mo
         assert reports["stored"][key] == reports["hu"][key], key
 
 
-def test_ct_without_air_says_so_when_no_lungs_are_found(tmp_path, tiny_seg_model, capsys):
-    """A DICOM series whose RescaleIntercept was zeroed (stored numbers read as HU: nothing below 0) finds no lungs;
-    the error line says that the values hold no air in HU."""
+def test_dicom_with_a_zeroed_intercept_is_read_as_hu_and_ct_without_air_says_so(tmp_path, tiny_seg_model, capsys):
+    """A DICOM series whose RescaleIntercept was zeroed (stored numbers, air at 0) reads as the original series in
+    HU with a note; a series without any air finds no lungs, and the error line says that it holds no air."""
     import pydicom
 
-    for path in write_ct_series(tmp_path / "ct", phantom_hu(3, 48)):
+    hu = phantom_hu(3, 48)
+    write_ct_series(tmp_path / "ct", hu)
+    for path in write_ct_series(tmp_path / "zeroed", hu):
         ds = pydicom.dcmread(path)
         ds.RescaleIntercept = 0
         ds.save_as(path)
-    assert main(["analyze", str(tmp_path / "ct"), "-o", str(tmp_path / "out"), "--model", str(tiny_seg_model)]) == 2
+    a, b = read(tmp_path / "ct"), read(tmp_path / "zeroed")
+    assert np.array_equal(a.array, b.array) and b.metadata["stored_value_offset"] == -1024
+    assert "stored_value_offset" not in a.metadata
+    one = write_ct_series(tmp_path / "one", hu[:1])[0]
+    ds = pydicom.dcmread(one)
+    ds.RescaleIntercept = 0
+    ds.save_as(one)
+    assert np.array_equal(read(one).array, a.array[:1])                   # a single file too
+    write_ct_series(tmp_path / "soft", np.full((3, 48, 48), 40.0, np.float32))
+    assert main(["analyze", str(tmp_path / "soft"), "-o", str(tmp_path / "out"), "--model", str(tiny_seg_model)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]   # after the lung stage's progress bar
-    assert err.startswith(f"covidct: error: {tmp_path / 'ct'}: no lungs found") and \
-        "it holds no air in Hounsfield units (its lowest value is 0" in err, err
+    assert err.startswith(f"covidct: error: {tmp_path / 'soft'}: no lungs found") and \
+        "it holds no air in Hounsfield units (its lowest value is 40" in err, err
     assert not (tmp_path / "out").exists()
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from covidct.errors import InputError
-from covidct.io.volume import Volume, compact_hu, fill_non_finite, store_slices
+from covidct.io.volume import Volume, compact_hu, fill_non_finite, shift_stored_ct, store_slices
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -348,6 +348,8 @@ def read_dicom_file(path: str | Path, *, require_ct: bool = True) -> Volume:
     meta = _metadata(ds)
     _note_non_finite(hu, path, meta)
     is_hu = meta["modality"] in (None, "CT")
+    if is_hu:   # a lost or zeroed RescaleIntercept: stored numbers, air at 0
+        hu = shift_stored_ct(hu, meta)
     return Volume(
         array=compact_hu(hu[None]) if is_hu else hu[None],
         kind="dicom",
@@ -574,6 +576,8 @@ def _working_volume(array: np.ndarray, affine: np.ndarray, spacing: tuple[float,
     array, affine, spacing, files = _to_working_orientation(array, affine, spacing, files, meta)
     _note_non_finite(array, source, meta)
     is_hu = meta["modality"] in (None, "CT")
+    if is_hu:   # a lost or zeroed RescaleIntercept: stored numbers, air at 0
+        array = shift_stored_ct(array, meta)
     return Volume(array=compact_hu(array) if is_hu else array, kind=kind, source=source, is_hu=is_hu,
                   spacing=spacing, affine=affine, files=files, n_skipped=n_skipped, metadata=meta)
 

@@ -20,7 +20,7 @@ from covidct import SHORT_DISCLAIMER
 from covidct.errors import InputError
 from covidct.io.atomic import atomic_output
 from covidct.io.orientation import from_working, ornt_to_working, to_working
-from covidct.io.volume import Volume, compact_hu, fill_non_finite, stored_ct_offset
+from covidct.io.volume import Volume, compact_hu, fill_non_finite, shift_stored_ct
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -56,7 +56,7 @@ def _voxels(proxy) -> np.ndarray:
 
 def read_nifti(path: str | Path) -> Volume:
     """Read a 3-D NIfTI volume (HU when the data span below -500; CT numbers saved without their rescale
-    intercept are shifted into HU, :func:`~covidct.io.volume.stored_ct_offset`, and
+    intercept are shifted into HU, :func:`~covidct.io.volume.shift_stored_ct`, and
     ``metadata["stored_value_offset"]`` says so). NaN / infinite
     voxels (outside a resampled volume's field of view) take the lowest finite value (:func:`fill_non_finite`);
     ``metadata["non_finite_voxels"]`` counts them."""
@@ -85,10 +85,8 @@ def read_nifti(path: str | Path) -> Volume:
     array = np.ascontiguousarray(array)
     non_finite = fill_non_finite(array, path)
     zooms = [float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))]
-    offset = stored_ct_offset(array)   # CT numbers saved without their rescale intercept: air at 0, not -1000
-    if offset is not None:
-        array = array.astype(np.int16) if array.dtype.kind in "ui" and array.max() <= 32767 else array.astype(np.float32)
-        array += np.asarray(offset, array.dtype)
+    shifted: dict = {}
+    array = shift_stored_ct(array, shifted)   # CT numbers saved without their rescale intercept: air at 0, not -1000
     is_hu = bool(array.min() < -500.0)
     if not is_hu and array.dtype != np.float32:   # not HU: images are float32 everywhere
         array = array.astype(np.float32)
@@ -104,7 +102,7 @@ def read_nifti(path: str | Path) -> Volume:
                   "orientation_in_header": in_header,
                   "source_affine": source_affine.tolist(), "source_shape": [int(n) for n in img.shape[:3]],
                   **({"non_finite_voxels": non_finite} if non_finite else {}),
-                  **({"stored_value_offset": offset} if offset is not None else {})},
+                  **shifted},
     )
 
 

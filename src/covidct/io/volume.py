@@ -159,6 +159,20 @@ def stored_ct_offset(array: np.ndarray) -> int | None:
     return STORED_CT_INTERCEPT if air >= 0.05 and soft >= 0.02 else None
 
 
+def shift_stored_ct(array: np.ndarray, meta: dict) -> np.ndarray:
+    """``array`` in HU: CT numbers stored without their rescale intercept (:func:`stored_ct_offset`) are shifted
+    (in place where the dtype allows: int16 / float; unsigned or other integers are converted first) and
+    ``meta["stored_value_offset"]`` records the shift; any other array is returned as it is."""
+    offset = stored_ct_offset(array)
+    if offset is None:
+        return array
+    if array.dtype != np.int16 and array.dtype.kind != "f":
+        array = array.astype(np.int16) if float(array.max()) <= np.iinfo(np.int16).max else array.astype(np.float32)
+    array += np.asarray(offset, array.dtype)
+    meta["stored_value_offset"] = offset
+    return array
+
+
 def compact_hu(array: np.ndarray) -> np.ndarray:
     """``array`` as int16 when every value is a whole number within int16's range — the same values in half the
     memory of float32 — else ``array`` itself. Checked and converted a few slices at a time (no whole-volume
