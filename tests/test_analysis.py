@@ -507,6 +507,22 @@ def test_dicom_with_a_zeroed_intercept_is_read_as_hu_and_ct_without_air_says_so(
     assert not (tmp_path / "out").exists()
 
 
+def test_analyze_triage_option_checked_on_any_input(tmp_path, tiny_seg_model, capsys):
+    """--triage naming a model of another kind is one error line also for an image (where the triage would not
+    run); a right one given for an image gets a note that it was not used."""
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(tmp_path / "x.png")
+    assert main(["analyze", str(tmp_path / "x.png"), "-o", str(tmp_path / "a"), "--model", str(tiny_seg_model),
+                 "--triage", str(tiny_seg_model)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"covidct: error: {tiny_seg_model}: is a 'seg' model, not a triage model"
+    assert not (tmp_path / "a").exists()
+    assert main(["analyze", str(tmp_path / "x.png"), "-o", str(tmp_path / "b"), "--model", str(tiny_seg_model),
+                 "--triage", "triage-ct", "--no-viewer"]) == 0
+    assert "note: --triage was not used: the CT triage needs a pixel spacing" in capsys.readouterr().out
+
+
 def test_analyze_bad_input_leaves_no_output(tmp_path, tiny_seg_model, capsys):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"

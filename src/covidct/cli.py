@@ -604,6 +604,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     lung = report["lung_volume_ml"]
     for note in report_notes(report):
         print(f"note: {note}")
+    if args.triage not in (None, "none") and report["input"]["spacing_mm"] is None:
+        print("note: --triage was not used: the CT triage needs a pixel spacing, which this input has not (an "
+              "image); the answer is the lesion-only one")
     print(f"lung volume: {'n/a' if lung is None else f'{lung:.0f} mL'}")
     for name in ("ggo", "consolidation", "effusion", "total"):
         ml = les[name]["volume_ml"]

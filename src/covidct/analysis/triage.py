@@ -204,6 +204,19 @@ def is_triage_model(spec: str | Path) -> bool:
     return read_checkpoint(resolve_model(spec, task="cls"))["task"] == "triage"
 
 
+def check_triage_model(spec: str | Path | None) -> Path:
+    """The file of a triage model (shipped name, file, or ``None`` for the default); one error line if it is a
+    model of another kind. Reads only the small triage file, not the models it names."""
+    from covidct.models.checkpoint import read_checkpoint
+    from covidct.models.registry import resolve_model
+
+    path = resolve_model(spec, task="triage")
+    task = read_checkpoint(path)["task"]
+    if task != "triage":
+        raise CovidctError(path, f"is a {task!r} model, not a triage model")
+    return path
+
+
 def load_triage(spec: str | Path | None = None, *, device: str = "cpu", fold_bn: bool = False,
                 stream_classifier: bool = False, precision: str = "fp32") -> Triage:
     """A shipped triage model by name, a file, or ``None`` for the default; ``fold_bn`` as in
@@ -211,12 +224,9 @@ def load_triage(spec: str | Path | None = None, *, device: str = "cpu", fold_bn:
     classifier is held one member at a time (``stream_members`` there; for a few slices per call);
     ``precision`` of its segmentation predictor (:class:`Triage`)."""
     from covidct.models.checkpoint import read_checkpoint
-    from covidct.models.registry import resolve_model
 
-    path = resolve_model(spec, task="triage")
-    payload = read_checkpoint(path)
-    if payload["task"] != "triage":
-        raise CovidctError(path, f"is a {payload['task']!r} model, not a triage model")
+    path = check_triage_model(spec)
+    payload = read_checkpoint(path)   # a few kB: the models it names are loaded by Triage
     return Triage(TriageConfig.from_dict(payload["config"]), name=path.stem, device=device, path=path,
                   fit=(payload.get("metrics") or {}).get("fit"), fold_bn=fold_bn, stream_classifier=stream_classifier,
                   precision=precision)

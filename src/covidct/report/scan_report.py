@@ -182,6 +182,10 @@ class ScanModels:
         self.model_spec, self.device = model_spec, check_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.classifier_spec, self.triage_spec = classifier_spec, triage_spec
+        if triage_spec:   # a model of another kind fails here, also for inputs the triage would not run on
+            from covidct.analysis.triage import check_triage_model
+
+            check_triage_model(triage_spec)
         self._predictor = self._triage = None
         self._classifiers: dict[str, tuple[Any, dict, dict]] = {}
         self.seg_entry: dict[str, str] = {}
