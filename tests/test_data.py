@@ -161,6 +161,11 @@ def test_covid_ct_md_normal_patients_need_no_slice_labels(tmp_path):
                                            "N1,Normal,N1.nii.gz,three\n")
     with pytest.raises(InputError, match="n_slices"):
         load_records(tmp_path, classes=THREE_CLASSES)
+    # a listed scan that is not in the folder is an error (it used to be skipped when it had no labelled slices)
+    (tmp_path / "patients.csv").write_text("patient_id,diagnosis,path,n_slices\nP1,COVID-19,P1.nii.gz,4\n"
+                                           "P9,CAP,P9.nii.gz,4\n")
+    with pytest.raises(InputError, match="patient P9: its scan 'P9.nii.gz' is not in"):
+        load_records(tmp_path, classes=THREE_CLASSES)
 
 
 def test_label_spellings_map_onto_classes_and_unknown_labels_are_refused():

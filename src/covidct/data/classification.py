@@ -158,6 +158,9 @@ def load_split_csv(root: Path) -> list[ClsRecord]:
 
 def load_covid_ct_md(root: Path) -> list[ClsRecord]:
     patients = {r["patient_id"]: r for r in _read_csv(root / "patients.csv", ("patient_id", "diagnosis", "path"))}
+    for pid, p in patients.items():   # before any work: a listed scan that is not there is a mistake, not a skip
+        if not (p["path"] or "").strip() or not (root / p["path"]).exists():
+            raise InputError(root / "patients.csv", f"patient {pid}: its scan {p['path']!r} is not in {root}")
     out = []
     labels = root / "slice_labels.csv"
     rows = _read_csv(labels, ("patient_id", "slice_index", "infection")) if labels.is_file() else []
