@@ -249,3 +249,22 @@ def test_quarter_turns_show_the_training_slices_in_other_orientations(quarter_tu
         axis = evecs[:, -1]                     # principal axis (row, col)
         upright += abs(axis[0]) > np.cos(np.radians(40))   # within 40 degrees of vertical
     assert (upright > 5) if quarter_turns else (upright == 0)
+
+
+@pytest.mark.parametrize("delimiter", [",", ";", "\t"])
+def test_tables_saved_by_spreadsheets_read_alike(tmp_path, delimiter):
+    """split.csv with a byte-order mark, CRLF line endings, spaces around the header names and any of the
+    three usual separators reads as the plain file does; a missing column is still named."""
+    from covidct.data.tables import read_table
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((32, 32), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    lines = [f"path{delimiter} label"] + [f"{i}.png{delimiter}{'COVID' if i % 2 else 'NonCOVID'}" for i in range(4)]
+    (folder / "split.csv").write_bytes(("\ufeff" + "\r\n".join(lines) + "\r\n").encode("utf-8"))
+    recs = load_records(folder, classes=BINARY_CLASSES)
+    assert [(r.path.name, r.label) for r in recs] == [("0.png", "NonCOVID"), ("1.png", "COVID"),
+                                                      ("2.png", "NonCOVID"), ("3.png", "COVID")]
+    with pytest.raises(InputError, match="needs the column\\(s\\) 'split'"):
+        read_table(folder / "split.csv", ("path", "split"))

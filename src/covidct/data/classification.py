@@ -13,12 +13,12 @@
 
 from __future__ import annotations
 
-import csv
 import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from covidct.data.tables import read_table
 from covidct.errors import InputError
 from covidct.io.image import list_images
 
@@ -102,20 +102,6 @@ def detect_layout(root: str | Path) -> str:
                            "COVIDx-CT names, or one folder per class)")
 
 
-def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
-    """The rows of a CSV with a header that names every ``required`` column (else one clear error)."""
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            missing = [c for c in required if c not in (reader.fieldnames or [])]
-            if missing:
-                raise InputError(path, f"needs the column(s) {', '.join(repr(c) for c in missing)}"
-                                       f" (header: {', '.join(reader.fieldnames or []) or 'none'})")
-            return list(reader)
-    except UnicodeDecodeError:
-        raise InputError(path, "is not UTF-8 text") from None
-
-
 LEADING_NUMBER = re.compile(r"^(\d+)(?:%\d+)?\.[A-Za-z]+$")
 
 
@@ -138,7 +124,7 @@ def numbered_name_groups(names: list[str]) -> list[str | None]:
 
 
 def load_split_csv(root: Path) -> list[ClsRecord]:
-    rows = _read_csv(root / "split.csv", ("path", "label"))
+    rows = read_table(root / "split.csv", ("path", "label"))
     # numbered names are grouped per label and folder (COVID and NonCOVID numbers are unrelated)
     unsourced: dict[tuple[str, str], list[int]] = {}
     for i, r in enumerate(rows):
@@ -157,13 +143,13 @@ def load_split_csv(root: Path) -> list[ClsRecord]:
 
 
 def load_covid_ct_md(root: Path) -> list[ClsRecord]:
-    patients = {r["patient_id"]: r for r in _read_csv(root / "patients.csv", ("patient_id", "diagnosis", "path"))}
+    patients = {r["patient_id"]: r for r in read_table(root / "patients.csv", ("patient_id", "diagnosis", "path"))}
     for pid, p in patients.items():   # before any work: a listed scan that is not there is a mistake, not a skip
         if not (p["path"] or "").strip() or not (root / p["path"]).exists():
             raise InputError(root / "patients.csv", f"patient {pid}: its scan {p['path']!r} is not in {root}")
     out = []
     labels = root / "slice_labels.csv"
-    rows = _read_csv(labels, ("patient_id", "slice_index", "infection")) if labels.is_file() else []
+    rows = read_table(labels, ("patient_id", "slice_index", "infection")) if labels.is_file() else []
     for line, r in enumerate(rows, start=2):
         p = patients.get(r["patient_id"])
         if p is None:

@@ -13,12 +13,12 @@ Label maps carry the class index as the pixel value.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from covidct.data.tables import read_table
 from covidct.errors import InputError
 from covidct.io.image import list_images, load_grey, load_label_map
 
@@ -87,21 +87,17 @@ class SegFolder:
         manifest = self.root / "manifest.csv"
         groups = {k: k for k in self.ids}
         if manifest.exists():
-            with open(manifest, newline="", encoding="utf-8") as fh:
-                for r in csv.DictReader(fh):
-                    stem = Path(r.get("image", "")).stem
-                    if stem in groups and r.get("infnet_id"):
-                        groups[stem] = f"infnet:{r['infnet_id']}"
+            for r in read_table(manifest):
+                stem = Path(r.get("image") or "").stem
+                if stem in groups and r.get("infnet_id"):
+                    groups[stem] = f"infnet:{r['infnet_id']}"
         return [groups[k] for k in self.ids]
 
     def _manifest_ids(self, split: str) -> set[str]:
         manifest = self.root / "manifest.csv"
         if not manifest.exists():
             raise InputError(manifest, "split requested but there is no manifest.csv")
-        with open(manifest, newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-        if not rows or "split" not in rows[0] or "image" not in rows[0]:
-            raise InputError(manifest, "manifest.csv needs 'image' and 'split' columns")
+        rows = read_table(manifest, ("image", "split"))
         wanted = {Path(r["image"]).stem for r in rows if r["split"] == split}
         if not wanted:
             splits = sorted({r["split"] for r in rows})
