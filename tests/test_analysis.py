@@ -523,6 +523,30 @@ def test_analyze_triage_option_checked_on_any_input(tmp_path, tiny_seg_model, ca
     assert "note: --triage was not used: the CT triage needs a pixel spacing" in capsys.readouterr().out
 
 
+def test_analysis_into_a_used_folder_leaves_nothing_of_the_earlier_one(tmp_path, tiny_seg_model):
+    """A second analysis into the same folder: the first one's viewer, DICOM SEGs and overlay pictures that the
+    second does not write are removed (covidct serve would open a stale viewer), other files are kept, and the
+    report links the viewer only when it was written."""
+    write_ct_series(tmp_path / "ct", phantom_hu(6, 64))
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "ct"), "-o", str(out), "--model", str(tiny_seg_model), "--classifier",
+                 "none", "--triage", "none", "--dicom-seg"]) == 0
+    (out / "overlays" / "slice_0999.png").write_bytes(b"stale")   # as if a longer scan had been analysed here
+    (out / "notes.txt").write_text("mine")                        # not covidct's: kept
+    first = {p.name for p in out.iterdir()}
+    assert {"viewer.html", "lungs.seg.dcm"} <= first and 'href="viewer.html"' in (out / "report.html").read_text()
+    write_nifti(tmp_path / "v.nii.gz", phantom_hu(4, 64))
+    assert main(["analyze", str(tmp_path / "v.nii.gz"), "-o", str(out), "--model", str(tiny_seg_model), "--classifier",
+                 "none", "--triage", "none", "--no-viewer"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["input"]["kind"] == "nifti"
+    assert not (out / "viewer.html").exists() and not list(out.glob("*.seg.dcm"))
+    assert (out / "notes.txt").read_text() == "mine"
+    shown = sorted(p.name for p in (out / "overlays").iterdir())
+    assert shown and "slice_0999.png" not in shown and len(shown) <= 8
+    assert 'href="viewer.html"' not in (out / "report.html").read_text()
+
+
 def test_analyze_bad_input_leaves_no_output(tmp_path, tiny_seg_model, capsys):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"

@@ -106,7 +106,7 @@ def build_report(vol: Volume, result: ScanResult, models: list[dict], seconds: f
     }
 
 
-def _html(report: dict, overlays: list[tuple[int, bytes]], chart: bytes) -> str:
+def _html(report: dict, overlays: list[tuple[int, bytes]], chart: bytes, *, viewer: bool = True) -> str:
     def img(data: bytes, alt: str) -> str:
         return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
@@ -143,7 +143,7 @@ figure{{display:inline-block;margin:.3em}} figure img{{max-width:340px}} .kv td{
 <h2>Lesions</h2><table><tr><th>type</th><th>volume (mL)</th><th>% of lung</th></tr>{rows}</table>
 <h2>Zones</h2><table><tr><th>zone</th><th>% involved</th><th>score (0-5)</th></tr>{zones}</table>
 <h2>Slices</h2>{img(chart, 'slice chart')}
-<p>Every slice with its overlay: <a href="viewer.html">viewer.html</a> (written beside this report).</p>
+{'<p>Every slice with its overlay: <a href="viewer.html">viewer.html</a> (written beside this report).</p>' if viewer else ''}
 <h2>Most affected slices</h2><p>GGO red, consolidation blue, effusion green, lung outline yellow.</p>{figs}
 <p><small>covidct {html.escape(report['covidct_version'])}; models: {html.escape(', '.join(m['name'] + (f" ({m['precision']})" if m.get('precision') else '') for m in report['models']))}; {report['seconds']} s</small></p>
 </body></html>
@@ -399,7 +399,30 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
             bar.update()
         report["seconds"] = round(time.perf_counter() - t0, 2)
         write_json(report, outdir / "report.json")
-        write_bytes_atomic(_html(report, overlays, _slice_chart(result.slices)).encode("utf-8"),
+        write_bytes_atomic(_html(report, overlays, _slice_chart(result.slices), viewer=viewer).encode("utf-8"),
                            outdir / "report.html")
         bar.update(2)
+    seg = report.get("dicom_seg") or {}
+    remove_stale_outputs(outdir, overlays=[f"slice_{k:04d}.png" for k, _ in overlays],
+                         written=({"viewer.html"} if viewer else set()) | {seg[k] for k in ("file", "lungs_file")
+                                                                           if seg.get(k)})
     return report
+
+
+#: Files of an earlier analysis in the same folder that this one may not rewrite (``overlays/slice_*.png`` too).
+OPTIONAL_OUTPUTS = ("viewer.html", "lesions.seg.dcm", "lungs.seg.dcm")
+
+
+def remove_stale_outputs(outdir: Path, *, overlays: list[str], written: set[str]) -> list[Path]:
+    """Delete what an earlier analysis left in ``outdir`` and this one did not write: its viewer, DICOM SEGs and
+    overlay pictures would otherwise sit beside this report as if they were its own (``covidct serve`` opens
+    the viewer). Only covidct's own output names are touched. Returns the removed paths."""
+    stale = [outdir / name for name in OPTIONAL_OUTPUTS if name not in written]
+    keep = set(overlays)
+    stale += [p for p in sorted((outdir / "overlays").glob("slice_*.png")) if p.name not in keep]
+    removed = []
+    for path in stale:
+        if path.is_file():
+            path.unlink()
+            removed.append(path)
+    return removed
