@@ -126,6 +126,7 @@ def test_missing_model_file(tmp_path, seg_folder, capsys):
 def test_classification_csvs_with_missing_columns_or_bad_values(tmp_path, capsys):
     """A COVID-CT-MD-style folder whose CSVs lack a column or hold a non-number: one line naming the file."""
     (tmp_path / "patients.csv").write_text("patient_id,diagnosis,path\nP9,COVID-19,P9.nii.gz\n")
+    (tmp_path / "P9.nii.gz").touch()   # listed scans must exist; this one is never read
     labels = tmp_path / "slice_labels.csv"
     labels.write_text("patient_id,slice_index\nP9,0\n")
     assert main(["evaluate", "cls", "--data", str(tmp_path)]) == 2
