@@ -36,14 +36,14 @@ def _bad_inputs(tmp_path):
     paths = write_ct_series(tmp_path / "ct", phantom_hu(1, 32))
     dcm = tmp_path / "trunc.dcm"
     dcm.write_bytes(paths[0].read_bytes()[:400])
-    cases["truncated dicom"] = (dcm, "")
+    cases["truncated dicom"] = (dcm, "no pixel data nor image attributes (a truncated file, or not an image: CT Image")
     import pydicom
 
     ds = pydicom.dcmread(paths[0])
     del ds.PixelData
     nopix = tmp_path / "nopixels.dcm"
     ds.save_as(nopix)
-    cases["no pixel data"] = (nopix, "no pixel data")
+    cases["no pixel data"] = (nopix, "no pixel data although its header describes an image (a truncated file?)")
     ds = pydicom.dcmread(paths[0])
     ds.Rows = 8   # the 32 x 32 pixels now read as 4 frames of 8 x 32 (pydicom warns about it)
     short = tmp_path / "rows.dcm"

@@ -104,7 +104,12 @@ def _pixels_hu(path: Path, ds: Any | None = None) -> tuple[np.ndarray, Any]:
     if getattr(ds, "covidct_damaged", None):
         raise InputError(path, ds.covidct_damaged)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise InputError(path, "DICOM file has no pixel data")
+        if "Rows" in ds:
+            why = " although its header describes an image (a truncated file?)"
+        else:
+            sop = getattr(getattr(ds, "SOPClassUID", None), "name", None)
+            why = f" nor image attributes (a truncated file, or not an image{': ' + sop if sop else ''})"
+        raise InputError(path, f"DICOM file has no pixel data{why}")
     _check_codestream_end(path, ds)
     import warnings
 
