@@ -706,11 +706,24 @@ def test_analyze_folder_with_two_series_takes_the_largest(tmp_path, tiny_seg_mod
     write_ct_series(tmp_path / "study" / "b", phantom_hu(3, 80), spacing=(5.0, 3.0, 3.0), series_uid="1.2.840.2")
     out = tmp_path / "out"
     assert main(["analyze", str(tmp_path / "study"), "-o", str(out), "--model", str(tiny_seg_model)]) == 0
-    assert "analysed the largest axial one, 1.2.840.1" in capsys.readouterr().out
+    assert "analysed the largest axial CT one, 1.2.840.1" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["input"]["series_chosen"] == "1.2.840.1" and report["input"]["shape"][0] == 6
     assert [s["n_files"] for s in report["input"]["series_available"]] == [6, 3]
-    assert "folder holds 2 series: analysed the largest axial one, 1.2.840.1" in (out / "report.html").read_text()
+    assert "folder holds 2 series: analysed the largest axial CT one, 1.2.840.1" in (out / "report.html").read_text()
+    # a DICOM SEG in the study (here our own, of the lungs) has more frames than the CT has slices: still the CT
+    assert main(["analyze", str(tmp_path / "study" / "a"), "-o", str(tmp_path / "seg"), "--model", str(tiny_seg_model),
+                 "--dicom-seg", "--no-viewer"]) == 0
+    (tmp_path / "study" / "b" / "lungs.seg.dcm").write_bytes((tmp_path / "seg" / "lungs.seg.dcm").read_bytes())
+    assert main(["analyze", str(tmp_path / "study"), "-o", str(tmp_path / "out2"), "--model", str(tiny_seg_model),
+                 "--no-viewer"]) == 0
+    report = json.loads((tmp_path / "out2" / "report.json").read_text())
+    seg_row = [s for s in report["input"]["series_available"] if s["modality"] == "SEG"]
+    assert report["input"]["series_chosen"] == "1.2.840.1" and seg_row and seg_row[0]["n_images"] > 6
+    assert [s["modality"] for s in report["input"]["series_available"]] == ["CT", "CT", "SEG"]
+    from covidct.report.batch import scan_jobs
+
+    assert len(scan_jobs([tmp_path / "study"], series="all")) == 2   # --series all: the CT series only
 
 
 def test_analyze_says_when_slice_gaps_are_uneven(tmp_path, tiny_seg_model, capsys):

@@ -29,8 +29,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if info["kind"] == "dicom-study" and not args.json:
         print(f"{args.path}: {len(info['series'])} DICOM series (analyze takes the first; choose with --series UID)")
         for row in info["series"]:
-            print(f"  {row['series_uid']}  {row['n_images']:>5} images in {row['n_files']:>4} files  {row['plane']:<8}  "
-                  f"{row['description']}")
+            print(f"  {row['series_uid']}  {row.get('modality') or '?':<8} {row['n_images']:>5} images in "
+                  f"{row['n_files']:>4} files  {row['plane']:<8}  {row['description']}")
         return 0
     if args.json:
         print(to_json(info))

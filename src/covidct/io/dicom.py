@@ -410,13 +410,17 @@ def _plane(normal: np.ndarray) -> str:
 
 
 def _series_list(groups: dict[str, list[tuple[Path, Any]]]) -> list[dict[str, Any]]:
-    """``[{"series_uid", "n_files", "n_images", "description", "plane"}, ...]``: axial series first (the plane
-    covidct's models read; a coronal reformat often has more files than the axial series it was made from),
-    then by number of images (frames of multi-frame files counted)."""
+    """``[{"series_uid", "n_files", "n_images", "description", "plane", "modality"}, ...]``: CT series first
+    (a study export also holds segmentations, structure sets, reports, other modalities: a DICOM SEG of the
+    lungs has more frames than the CT has slices), then axial ones (the plane covidct's models read; a coronal
+    reformat often has more files than the axial series it was made from), then by number of images (frames
+    of multi-frame files counted)."""
     rows = [{"series_uid": uid, "n_files": len(items), "n_images": sum(_n_frames(ds) for _, ds in items),
              "description": str(getattr(items[0][1], "SeriesDescription", "") or ""),
-             "plane": image_plane(items[0][1])} for uid, items in groups.items()]
-    return sorted(rows, key=lambda r: (r["plane"] not in ("axial", "unknown"), -r["n_images"]))
+             "plane": image_plane(items[0][1]),
+             "modality": str(getattr(items[0][1], "Modality", "") or "") or None} for uid, items in groups.items()]
+    return sorted(rows, key=lambda r: (r["modality"] not in ("CT", None), r["plane"] not in ("axial", "unknown"),
+                                       -r["n_images"]))
 
 
 def list_series(folder: str | Path) -> list[dict[str, Any]]:

@@ -50,7 +50,8 @@ def _stem(path: Path) -> str:
 
 def scan_jobs(paths: Sequence[str | Path], *, series: str | None = None) -> list[ScanJob]:
     """The scans to analyse, with unique output names: one per path, or with ``series="all"`` one per
-    DICOM series of a folder that holds several (``<folder>-s1``, ``-s2``, ...: axial first, then by size); ``series``
+    DICOM CT series of a folder that holds several (``<folder>-s1``, ``-s2``, ...: axial first, then by size;
+    series of other modalities, e.g. a DICOM SEG, are left out when there is a CT series); ``series``
     otherwise names one SeriesInstanceUID for every path."""
     from covidct.io.archive import is_zip, unpacked
     from covidct.io.dicom import list_series
@@ -76,6 +77,8 @@ def scan_jobs(paths: Sequence[str | Path], *, series: str | None = None) -> list
                 found = list_series(unpacked(path) if zipped else path)
             except CovidctError:
                 found = []   # a folder of images, or no DICOM: analysed (or refused) as one input
+            # the CT series; segmentations, structure sets, reports and other modalities beside them are not scans
+            found = [s for s in found if s["modality"] in ("CT", None)] or found
             if len(found) > 1:  # a zipped study's series are read from the archive (its name in the report)
                 targets = [(path if zipped else s["folder"], s["series_uid"]) for s in found]
         for i, (where, uid) in enumerate(targets):

@@ -31,7 +31,7 @@ def report_notes(report: dict) -> list[str]:
     inp = report["input"]
     notes = []
     if inp.get("series_chosen"):
-        notes.append(f"folder holds {len(inp['series_available'])} series: analysed the largest axial one, "
+        notes.append(f"folder holds {len(inp['series_available'])} series: analysed the largest axial CT one, "
                      f"{inp['series_chosen']} (choose with --series)")
     gaps = inp.get("uneven_slice_gaps")
     if gaps:
