@@ -652,6 +652,35 @@ def test_read_ahead_input_errors_are_the_readers(tmp_path):
     assert (got.value.path, got.value.reason) == (expected.value.path, expected.value.reason)
 
 
+def _wait_for_the_helper(pending, seconds: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not pending._conn.poll(0.1):
+        assert time.monotonic() < deadline, "the read-ahead helper did not answer"
+
+
+def test_read_ahead_raises_a_failed_read_before_it_is_asked_for(tmp_path):
+    """raise_if_failed: the helper's input error at once, without waiting (analyze then loads no model); a read
+    that went well is kept for result(), which gives the volume read() gives."""
+    from covidct.io.read_ahead import ReadAhead
+
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"\x1f\x8b" + b"not really gzip" * 10)
+    pending = ReadAhead(bad)
+    pending.raise_if_failed()                      # nothing yet or already failed: never blocks
+    _wait_for_the_helper(pending)
+    with pytest.raises(InputError, match="unreadable NIfTI"):
+        pending.raise_if_failed()
+    assert not pending.in_background
+    write_nifti(tmp_path / "v.nii.gz", phantom_hu(3, 32))
+    with ReadAhead(tmp_path / "v.nii.gz") as pending:
+        _wait_for_the_helper(pending)
+        pending.raise_if_failed()
+        pending.raise_if_failed()                  # twice: the header stays kept
+        np.testing.assert_array_equal(pending.result().array, read(tmp_path / "v.nii.gz").array)
+
+
 def test_read_ahead_reads_here_when_its_helper_dies_or_for_a_zip(tmp_path):
     import zipfile
 

@@ -587,6 +587,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         from covidct.report.notes import report_notes
         from covidct.report.scan_report import analyze
 
+        if pending is not None:   # the 2 s of imports above are usually enough to find a bad input: no model loaded
+            pending.raise_if_failed()
+
         specs = dict(model_spec=args.model, device=args.device, precision=args.precision,
                      classifier_spec=_optional_model(args.classifier, "auto"),
                      triage_spec=_optional_model(args.triage, DEFAULTS["triage"]))

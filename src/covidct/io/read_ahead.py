@@ -87,6 +87,7 @@ class ReadAhead:
         if not self.path.exists():
             raise InputError(self.path, "no such file or folder")
         self._process = self._conn = None
+        self._early: tuple | None = None   # the helper's first message, when raise_if_failed received it
         self.in_background = False
         if is_zip(self.path):
             return
@@ -101,12 +102,28 @@ class ReadAhead:
         except (OSError, RuntimeError):   # no process could be started: read when asked
             self.close()
 
+    def raise_if_failed(self) -> None:
+        """Without waiting: if the helper has already failed to read the input, raise its error now (before the
+        caller loads its models, 3 s for `analyze`); if it has already sent the volume's header, keep it for
+        :meth:`result`."""
+        if not self.in_background or self._early is not None:
+            return
+        try:
+            if not self._conn.poll():
+                return
+            self._early = self._conn.recv()
+        except (EOFError, OSError):   # the helper died: result() reads the input here and says why
+            return
+        if self._early[0] == "error":
+            self.close()
+            raise InputError(self._early[1], self._early[2])
+
     def result(self) -> Volume:
         """The volume (read here if the helper process is absent or failed); input errors re-raised."""
         message = None
         if self.in_background:
             try:
-                message = self._conn.recv()
+                message = self._early if self._early is not None else self._conn.recv()
                 if message[0] == "ok":
                     volume, shape, dtype = message[1:]
                     volume.array = np.empty(shape, np.dtype(dtype))
