@@ -175,9 +175,10 @@ def _pixel_spacing(ds: Any, path: Path) -> tuple[float, float]:
         if ps is not None and len(ps) == 2 and all(float(v) > 0 for v in ps):
             return float(ps[0]), float(ps[1])
     stated = getattr(ds, "PixelSpacing", None) or getattr(ds, "ImagerPixelSpacing", None)
-    if stated is not None:
-        values = [stated] if isinstance(stated, (str, bytes)) or not hasattr(stated, "__iter__") else list(stated)
-        shown = " × ".join(str(v) for v in values)
+    if stated is not None:   # a MultiValue of decimal strings, or one value
+        from pydicom.multival import MultiValue
+
+        shown = " × ".join(map(str, stated)) if isinstance(stated, MultiValue) else str(stated)
         raise InputError(path, f"pixel spacing {shown} is not two positive numbers, so areas and volumes "
                                "cannot be measured")
     raise InputError(path, "no PixelSpacing (nor ImagerPixelSpacing) in it, so areas and volumes cannot be measured")
@@ -351,12 +352,9 @@ def read_dicom_file(path: str | Path, *, require_ct: bool = True) -> Volume:
     thickness = _slice_thickness(ds) or 1.0   # one slice: only its own volume in mL depends on it
     pos = np.array(getattr(ds, "ImagePositionPatient", [0.0, 0.0, 0.0]), dtype=float)
     meta = _metadata(ds)
-    _note_non_finite(hu, path, meta)
-    is_hu = meta["modality"] in (None, "CT")
-    if is_hu:   # a lost or zeroed RescaleIntercept: stored numbers, air at 0
-        hu = shift_stored_ct(hu, meta)
+    array, is_hu = _volume_values(hu[None], path, meta)
     return Volume(
-        array=compact_hu(hu[None]) if is_hu else hu[None],
+        array=array,
         kind="dicom",
         source=path,
         is_hu=is_hu,
@@ -583,12 +581,18 @@ def _working_volume(array: np.ndarray, affine: np.ndarray, spacing: tuple[float,
                     meta: dict[str, Any], *, kind: str, source: Path, n_skipped: int = 0) -> Volume:
     """The :class:`Volume` of a stack read as stored (slices head -> feet), in the working orientation."""
     array, affine, spacing, files = _to_working_orientation(array, affine, spacing, files, meta)
+    array, is_hu = _volume_values(array, source, meta)
+    return Volume(array=array, kind=kind, source=source, is_hu=is_hu,
+                  spacing=spacing, affine=affine, files=files, n_skipped=n_skipped, metadata=meta)
+
+
+def _volume_values(array: np.ndarray, source: Path, meta: dict[str, Any]) -> tuple[np.ndarray, bool]:
+    """The values of every DICOM volume (one file, a series, a multi-frame file) as a :class:`Volume` holds
+    them, and whether they are HU: non-finite voxels filled; CT shifted into HU if its intercept was lost
+    (stored numbers, air at 0: :func:`~covidct.io.volume.shift_stored_ct`) and stored compactly."""
     _note_non_finite(array, source, meta)
     is_hu = meta["modality"] in (None, "CT")
-    if is_hu:   # a lost or zeroed RescaleIntercept: stored numbers, air at 0
-        array = shift_stored_ct(array, meta)
-    return Volume(array=compact_hu(array) if is_hu else array, kind=kind, source=source, is_hu=is_hu,
-                  spacing=spacing, affine=affine, files=files, n_skipped=n_skipped, metadata=meta)
+    return (compact_hu(shift_stored_ct(array, meta)) if is_hu else array), is_hu
 
 
 def _to_working_orientation(array: np.ndarray, affine: np.ndarray, spacing: tuple[float, float, float],
