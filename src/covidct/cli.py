@@ -167,6 +167,12 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_input_notes(notes: list[dict[str, str]]) -> None:
+    """``note: INPUT: ...`` for each input note of ``classify`` / ``predict`` (report.slices.input_notes)."""
+    for note in notes:
+        print(f"note: {note['input']}: {note['note']}")
+
+
 def _note_images_without_mask(data: str, result: dict) -> None:
     """One stderr line when some images of a segmentation folder had no label map and were left out."""
     missing = result.get("images_without_mask") or []
@@ -444,8 +450,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     for row in result["slices"]:
         probs = ", ".join(f"{c} {v:.3f}" for c, v in row["probabilities"].items())
         print(f"{row['input']} [{row['slice']}]: {row['label']} ({probs})")
-    for note in result.get("notes", []):
-        print(f"note: {note['input']}: {note['note']}")
+    _print_input_notes(result["notes"])
     print(f"model {result['model']}; {DISCLAIMER}")
     if args.json:
         write_json(result, args.json)
@@ -490,8 +495,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     for item in summary["inputs"]:
         if (item["orientation_check"] or {}).get("note"):
             print(f"note: {item['input']}: {item['orientation_check']['note']}")
-    for note in summary["notes"]:
-        print(f"note: {note['input']}: {note['note']}")
+    _print_input_notes(summary["notes"])
     per_slice = 3 + (1 if args.lesion_model else 0)
     print(f"wrote {per_slice * len(summary['slices'])} files for {len(summary['slices'])} slices to {args.output}")
     return 0

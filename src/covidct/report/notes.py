@@ -16,6 +16,7 @@ MAX_CT_COLOUR_SHARE = 0.3
 
 
 def colour_note(share: float | None) -> str | None:
+    """The note for an image with more coloured pixels than :data:`MAX_CT_COLOUR_SHARE`, else None."""
     if share is None or share <= MAX_CT_COLOUR_SHARE:
         return None
     return (f"{100 * share:.0f} % of the image's pixels are coloured, while CT slices are grey: this input may not "
@@ -39,8 +40,8 @@ def report_notes(report: dict) -> list[str]:
                      f"a missing file?): volumes use the median gap, {gaps['median_mm']} mm")
     if inp.get("slice_positions"):
         notes.append(inp["slice_positions"])
-    if colour_note(inp.get("colour_share")):
-        notes.append(colour_note(inp["colour_share"]))
+    if colour := colour_note(inp.get("colour_share")):
+        notes.append(colour)
     if inp.get("stored_value_offset"):
         notes.append(f"the file holds CT numbers without their rescale intercept (no value below 0, air at 0): they "
                      f"were read as Hounsfield units by adding {inp['stored_value_offset']}")

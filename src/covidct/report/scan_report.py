@@ -71,8 +71,8 @@ def build_report(vol: Volume, result: ScanResult, models: list[dict], seconds: f
                   # images: share of coloured pixels (io.image.colour_share; of the most coloured slice of a
                   # folder); None for DICOM / NIfTI
                   "colour_share": vol.metadata.get("colour_share"),
-                  # NIfTI CT numbers saved without their rescale intercept, shifted by this into HU
-                  # (io.volume.stored_ct_offset); None when the file held HU
+                  # CT numbers saved without their rescale intercept (NIfTI, DICOM), shifted by this into HU
+                  # (io.volume.shift_stored_ct); None when the file held HU
                   "stored_value_offset": vol.metadata.get("stored_value_offset"),
                   # does the anatomy agree with the stated orientation (the spine posterior to the lungs)?
                   # analysis.scan.orientation_check; None for inputs without HU or orientation

@@ -168,4 +168,5 @@ def _classify_with_triage(volumes: list, spec: str | Path, *, progress: bool, pr
         for k, p in enumerate(classify_volume(triage, vol)):
             rows.append({"input": str(vol.source), "slice": k, "label": TRIAGE_CLASSES[int(np.argmax(p))],
                          "probabilities": {c: round(float(v), 6) for c, v in zip(TRIAGE_CLASSES, p)}})
-    return {"model": triage.name, "precision": triage.precision, "classes": list(TRIAGE_CLASSES), "slices": rows}
+    return {"model": triage.name, "precision": triage.precision, "classes": list(TRIAGE_CLASSES), "slices": rows,
+            "notes": input_notes(volumes)}
