@@ -292,6 +292,46 @@ def test_maskcls_stage2_trains_only_what_was_chosen(tmp_path, train):
     assert not moved("rpn.") and not moved("roi_heads.mask_")
 
 
+def test_maskcls_label_columns_carry_each_rois_lesion_class(tmp_path):
+    """--roi-features label: every kept RoI row gets the one-hot lesion class torchvision's detector gives
+    that box (padding rows stay zero); S is sized for it, and the file rebuilds it without options."""
+    from test_cls_pipeline import _make_split_folder
+
+    from covidct.models import save_checkpoint
+    from covidct.models.maskcls import MaskClsConfig, MaskClsNet
+    from covidct.models.registry import load_cls_model
+
+    cfg = LesionModelConfig(backbone="efficientnet-lite0", input_size=64, anchor_sizes=(4, 8, 16, 32, 64),
+                            rpn_post_nms_top_n_test=20, box_score_thresh=0.0)
+    torch.manual_seed(0)
+    lesion = build_lesion_model(cfg).eval()
+    model = MaskClsNet(MaskClsConfig(top_n=8, s_width=16, lesion=cfg.to_dict(), roi_features=("label",)), lesion)
+    assert model.config.roi_width == 7 and model.s[0].in_features == 8 * 7
+    x = torch.rand(1, 64, 64)
+    rois = model.roi_tensor([x])[0]
+    with torch.inference_mode():
+        det = lesion.net([x.expand(3, -1, -1)])[0]
+    kept = rois[:, 4] > 0
+    assert 0 < int(kept.sum()) <= 8 and torch.all(rois[~kept] == 0)
+    assert torch.all(rois[kept, 5:].sum(1) == 1)
+    for row in rois[kept]:  # the same detection in torchvision's own output: same class
+        j = int(torch.argmin((det["scores"] - row[4]).abs() + (det["boxes"] / 64 - row[:4]).abs().sum(1)))
+        assert float((det["scores"][j] - row[4]).abs()) < 1e-5
+        assert int(torch.argmax(row[5:])) + 1 == int(det["labels"][j])
+    with pytest.raises(ValueError, match="unknown RoI feature"):
+        MaskClsConfig(lesion=cfg.to_dict(), roi_features=("colour",))
+    les_path = save_checkpoint(tmp_path / "les.pt", task="lesions", config=cfg.to_dict(), state_dict=lesion.state_dict(),
+                               classes=list(cfg.classes), input_size=64,
+                               anchors={"sizes": list(cfg.anchor_sizes), "aspect_ratios": list(cfg.aspect_ratios)})
+    data = _make_split_folder(tmp_path / "cls", n=6, size=40)
+    out = tmp_path / "mc.pt"
+    assert main(["train", "maskcls", "--data", str(data), "--lesion-model", str(les_path), "--top-n", "8", "--s-width",
+                 "16", "--epochs", "3", "--roi-features", "label", "-o", str(out)]) == 0
+    loaded, payload = load_cls_model(out)
+    assert loaded.config.roi_features == ("label",) and list(payload["train_config"]["roi_features"]) == ["label"]
+    assert loaded.roi_tensor([x]).shape == (1, 8, 7)
+
+
 def test_maskcls_s_plus_bn_refuses_a_frozen_batch_norm_backbone(tmp_path, seg_folder, capsys):
     from test_cls_pipeline import _make_split_folder
 

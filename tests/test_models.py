@@ -117,3 +117,28 @@ def test_every_saved_config_survives_json_and_other_versions():
         assert type(cfg).from_dict(d) == cfg
         assert type(cfg).from_dict({**d, "added_in_a_later_version": 1}) == cfg
     assert SegModelConfig.from_dict({"encoder": "resnet18"}) == SegModelConfig(encoder="resnet18")
+
+
+def test_command_line_choices_match_the_library():
+    """Options whose choices the CLI writes out (to stay free of a torch import at start) offer exactly what
+    the library accepts, in every sub-command that has them."""
+    import argparse
+
+    from covidct.cli import build_parser
+    from covidct.engine.precision import PRECISIONS
+    from covidct.models.maskcls import ROI_FEATURES
+
+    expected = {"--precision": tuple(PRECISIONS), "--roi-features": tuple(ROI_FEATURES)}
+    found: dict[str, list[tuple]] = {k: [] for k in expected}
+
+    def walk(parser: argparse.ArgumentParser) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    walk(sub)
+            for flag in set(action.option_strings) & set(expected):
+                found[flag].append(tuple(action.choices))
+
+    walk(build_parser())
+    for flag, choices in found.items():
+        assert choices and all(c == expected[flag] for c in choices), flag

@@ -380,7 +380,8 @@ def _cmd_train_maskcls(args: argparse.Namespace) -> int:
     if not Path(args.data).is_dir():
         raise CovidctError(args.data, "no such folder")
     cfg = MaskClsTrainConfig(data=str(args.data), lesion_model=args.lesion_model, n_classes=args.classes,
-                             top_n=args.top_n, s_width=args.s_width, train=args.train, epochs=args.epochs,
+                             top_n=args.top_n, s_width=args.s_width, train=args.train,
+                             roi_features=tuple(args.roi_features), epochs=args.epochs,
                              batch_size=args.batch_size, lr=args.lr, seed=args.seed, folds=args.folds,
                              fold=_classifier_fold(args))
     _print_training_result(train_maskcls(cfg, args.output))
@@ -761,6 +762,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", type=int, choices=(2, 3), default=2)
     s.add_argument("--top-n", type=int, default=32, help="RoIs per image (N of the N x 5 tensor)")
     s.add_argument("--s-width", type=int, default=128)
+    s.add_argument("--roi-features", nargs="*", default=[], choices=("label",),  # = models.maskcls.ROI_FEATURES
+                   help="columns added after each RoI's box and score: label = its one-hot lesion class "
+                   "(GGO / consolidation), which the published N x 5 tensor drops")
     s.add_argument("--train", choices=("s", "s+bn", "s+roi"), default="s",
                    help="what to train: s = the classification module S only; s+bn = S and the backbone's "
                    "batch-norm affine parameters; s+roi = S, box head and box predictor")

@@ -53,6 +53,7 @@ class MaskClsTrainConfig:
     top_n: int = 32
     s_width: int = 128
     train: str = "s"  # s | s+bn | s+roi
+    roi_features: tuple[str, ...] = ()  # extra columns per RoI (models.maskcls.ROI_FEATURES); () = N x 5
     epochs: int | None = None  # None: DEFAULT_EPOCHS[train]
     batch_size: int = 16  # images per step for s+bn / s+roi (s trains full-batch)
     lr: float = 1e-3  # for S; the lesion network's parameters get lr / 10
@@ -125,7 +126,11 @@ def train_maskcls(cfg: MaskClsTrainConfig, output: str | Path, *, progress: bool
     seed_everything(cfg.seed)
     classes = BINARY_CLASSES if cfg.n_classes == 2 else THREE_CLASSES
     lesion, lesion_payload = load_lesion_model(cfg.lesion_model)
-    mcfg = MaskClsConfig(classes=classes, top_n=cfg.top_n, s_width=cfg.s_width, lesion=lesion.config.to_dict())
+    try:
+        mcfg = MaskClsConfig(classes=classes, top_n=cfg.top_n, s_width=cfg.s_width, lesion=lesion.config.to_dict(),
+                             roi_features=tuple(cfg.roi_features))
+    except ValueError as exc:
+        raise CovidctError(None, f"--roi-features: {exc}") from None
     model = MaskClsNet(mcfg, lesion).eval()  # inference mode throughout: fixed BN statistics, test-time RPN
     try:
         trainable = model.stage2_parameters(cfg.train)

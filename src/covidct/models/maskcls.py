@@ -5,6 +5,10 @@ RoIs; the ``top_n`` highest-scoring detections give an ``N x 5`` tensor (box cor
 image size, and the score; zero-padded to ``N``), which a small module **S** (an MLP of width
 ``s_width``) turns into class logits, trained with per-class binary cross-entropy. Mask prediction is
 skipped at this stage.
+
+``roi_features`` adds columns after the five of each RoI (an ``N x (5 + extra)`` tensor):
+``label`` = the one-hot lesion class of the detection (GGO / consolidation for a ``both`` lesion model),
+which the published ``N x 5`` tensor drops.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from covidct.models.lesions import LesionModelConfig, LesionNet, build_lesion_mo
 
 
 TRAIN_CHOICES = ("s", "s+bn", "s+roi")
+#: Columns that may follow each RoI's box corners and score in S's input (``MaskClsConfig.roi_features``).
+ROI_FEATURES = ("label",)
 
 
 @dataclass
@@ -28,10 +34,26 @@ class MaskClsConfig(SavedConfig):
     top_n: int = 32
     s_width: int = 128
     lesion: dict | None = None  # LesionModelConfig fields
+    roi_features: tuple[str, ...] = ()  # extra columns per RoI, from ROI_FEATURES; () = the published N x 5
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.roi_features if f not in ROI_FEATURES]
+        if unknown:
+            raise ValueError(f"unknown RoI feature(s) {', '.join(unknown)}; known: {', '.join(ROI_FEATURES)}")
 
     @property
     def input_size(self) -> int:
         return LesionModelConfig.from_dict(self.lesion or {}).input_size
+
+    @property
+    def lesion_classes(self) -> tuple[str, ...]:
+        """The lesion model's classes without the background."""
+        return LesionModelConfig.from_dict(self.lesion or {}).classes[1:]
+
+    @property
+    def roi_width(self) -> int:
+        """Columns per RoI: box corners (4), score, then the ``roi_features`` columns."""
+        return 5 + (len(self.lesion_classes) if "label" in self.roi_features else 0)
 
 
 class MaskClsNet(nn.Module):
@@ -40,7 +62,7 @@ class MaskClsNet(nn.Module):
         self.config = config
         self.lesion = lesion
         n = len(config.classes)
-        self.s = nn.Sequential(nn.Linear(config.top_n * 5, config.s_width), nn.ReLU(inplace=True),
+        self.s = nn.Sequential(nn.Linear(config.top_n * config.roi_width, config.s_width), nn.ReLU(inplace=True),
                                nn.Linear(config.s_width, config.s_width), nn.ReLU(inplace=True),
                                nn.Linear(config.s_width, n))
 
@@ -57,21 +79,26 @@ class MaskClsNet(nn.Module):
 
     def detections_tensor(self, pooled: list[torch.Tensor], proposals: list[torch.Tensor],
                           image_sizes: list[tuple[int, int]]) -> torch.Tensor:
-        """``(B, top_n, 5)`` from pooled RoI features: box head, box predictor and torchvision's
+        """``(B, top_n, roi_width)`` from pooled RoI features: box head, box predictor and torchvision's
         post-processing (score threshold, NMS); differentiable in the box head and predictor."""
         rh = self.lesion.net.roi_heads
         logits, regression = rh.box_predictor(rh.box_head(torch.cat(pooled).float()))
-        boxes, scores, _ = rh.postprocess_detections(logits, regression, proposals, image_sizes)
+        boxes, scores, labels = rh.postprocess_detections(logits, regression, proposals, image_sizes)
+        n_lesion = len(self.config.lesion_classes)
         rows = []
-        for b, s, (h, w) in zip(boxes, scores, image_sizes):
+        for b, s, lab, (h, w) in zip(boxes, scores, labels, image_sizes):
             order = torch.argsort(s, descending=True)[: self.config.top_n]
-            rows_i = torch.cat([b[order] / b.new_tensor([w, h, w, h]), s[order, None]], dim=1)
+            columns = [b[order] / b.new_tensor([w, h, w, h]), s[order, None]]
+            if "label" in self.config.roi_features:  # torchvision's labels count from 1 (0 = background)
+                columns.append(F.one_hot(lab[order] - 1, n_lesion).to(b.dtype))
+            rows_i = torch.cat(columns, dim=1)
             rows.append(F.pad(rows_i, (0, 0, 0, self.config.top_n - len(order))))
         return torch.stack(rows)
 
     @torch.no_grad()
     def roi_tensor(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """``(B, top_n, 5)``: top RoI boxes (normalised) and scores of each ``(1, H, W)`` image."""
+        """``(B, top_n, roi_width)``: top RoI boxes (normalised), scores (and ``roi_features``) of each
+        ``(1, H, W)`` image."""
         self.lesion.net.eval()
         return self.detections_tensor(*self.pooled_rois(x))
 
