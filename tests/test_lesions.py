@@ -292,7 +292,7 @@ def test_maskcls_stage2_trains_only_what_was_chosen(tmp_path, train):
     assert not moved("rpn.") and not moved("roi_heads.mask_")
 
 
-def test_maskcls_label_columns_carry_each_rois_lesion_class(tmp_path):
+def test_maskcls_label_columns_carry_each_rois_lesion_class(tmp_path, capsys):
     """--roi-features label: every kept RoI row gets the one-hot lesion class torchvision's detector gives
     that box (padding rows stay zero); S is sized for it, and the file rebuilds it without options."""
     from test_cls_pipeline import _make_split_folder
@@ -330,6 +330,14 @@ def test_maskcls_label_columns_carry_each_rois_lesion_class(tmp_path):
     loaded, payload = load_cls_model(out)
     assert loaded.config.roi_features == ("label",) and list(payload["train_config"]["roi_features"]) == ["label"]
     assert loaded.roi_tensor([x]).shape == (1, 8, 7)
+    # a file asking for a column this version does not know: one line naming the file, no traceback
+    stored = torch.load(out, weights_only=False)
+    stored["config"]["roi_features"] = ["label", "colour"]
+    torch.save(stored, tmp_path / "newer.pt")
+    capsys.readouterr()
+    assert main(["classify", str(data / "COVID" / "0.png"), "--model", str(tmp_path / "newer.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "newer.pt" in err[0] and "unknown RoI feature(s) colour" in err[0]
 
 
 def test_maskcls_s_plus_bn_refuses_a_frozen_batch_norm_backbone(tmp_path, seg_folder, capsys):

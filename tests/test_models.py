@@ -142,3 +142,15 @@ def test_command_line_choices_match_the_library():
     walk(build_parser())
     for flag, choices in found.items():
         assert choices and all(c == expected[flag] for c in choices), flag
+
+
+@pytest.mark.parametrize("key, value, reason", [("encoder", "efficientnet-lite9", "unknown encoder 'efficientnet-lite9'"),
+                                                ("arch", "segformer9", "unknown architecture 'segformer9'")])
+def test_a_file_whose_architecture_cannot_be_built_is_one_error_naming_it(tmp_path, key, value, reason):
+    """A checkpoint from a newer covidct (a setting this version does not know): a CovidctError naming the file."""
+    net = build_seg_model(TINY)
+    config = {**TINY.to_dict(), key: value}
+    path = save_checkpoint(tmp_path / "newer.pt", task="seg", config=config, state_dict=net.state_dict())
+    with pytest.raises(CovidctError, match=reason) as info:
+        load_seg_model(path)
+    assert "newer.pt" in str(info.value) and "\n" not in str(info.value)

@@ -113,8 +113,12 @@ def load_model(spec: str | Path | None, *, task: str, accept: tuple[str, ...] | 
 
 def _rebuild(path: Path, task: str, config: dict[str, Any], state: dict[str, Any], what: str, reuse: Any = None):
     """A network of ``task`` from its config and (fp16 or fp32) state dict, in eval mode (``reuse`` instead of
-    a new one when it fits, :func:`load_model`); weights that do not fit are one ``CovidctError`` naming ``path``."""
-    model = reuse if _same_cls_architecture(reuse, task, config) else _builders()[task](config)
+    a new one when it fits, :func:`load_model`); a config it cannot build or weights that do not fit are one
+    ``CovidctError`` naming ``path``."""
+    try:
+        model = reuse if _same_cls_architecture(reuse, task, config) else _builders()[task](config)
+    except ValueError as exc:  # e.g. a setting this version does not know (a file of a newer covidct)
+        raise CovidctError(path, f"the architecture {what} cannot be built here: {exc}") from None
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     try:
         if not getattr(model, "weights_from_members", False):  # an ensemble loads its members' own files
