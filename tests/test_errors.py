@@ -123,6 +123,19 @@ def test_missing_model_file(tmp_path, seg_folder, capsys):
     assert "junk.pt" in capsys.readouterr().err
 
 
+def test_segmentation_data_that_is_missing_or_a_file_is_named_so(tmp_path, capsys):
+    """``evaluate seg`` / ``evaluate lesions`` / ``train seg`` on a path that does not exist or is a file: one line
+    saying that, not that a folder lacks images/."""
+    missing, a_file = tmp_path / "nowhere", tmp_path / "slice.png"
+    a_file.write_bytes(b"x")
+    for data, reason in ((missing, "no such folder"), (a_file, "not a folder")):
+        for argv in (["evaluate", "seg"], ["evaluate", "lesions"], ["train", "seg", "-o", str(tmp_path / "m.pt")]):
+            assert main([*argv, "--data", str(data)]) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and err.startswith(f"covidct: error: {data}: {reason}"), (argv, err)
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_classification_csvs_with_missing_columns_or_bad_values(tmp_path, capsys):
     """A COVID-CT-MD-style folder whose CSVs lack a column or hold a non-number: one line naming the file."""
     (tmp_path / "patients.csv").write_text("patient_id,diagnosis,path\nP9,COVID-19,P9.nii.gz\n")

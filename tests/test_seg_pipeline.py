@@ -711,3 +711,46 @@ def test_train_limit_draws_fewer_training_slices_and_keeps_the_validation(tmp_pa
     assert [s.id for s in again] == [s.id for s in train]                 # seeded
     with pytest.raises(CovidctError, match="--train-limit must be 1..8"):
         load_training_data(SegTrainConfig(**base, train_limit=9))
+
+
+def test_lung_crop_cuts_wide_frames_to_their_lung_box_like_the_second_pass(tmp_path):
+    """``--lung-crop``: training slices framed wider than their lungs (MedSeg 512² frames) are cut to their
+    reference lung box (+3 % per side), the box the predictor's second pass takes; slices framed like the
+    crops, the validation slices and a slice without lungs stay as they are."""
+    from pathlib import Path
+
+    from conftest import make_seg_folder
+    from PIL import Image
+
+    from covidct.data.segmentation import SegSample, crop_to_lung, lung_crop_box
+    from covidct.engine.train_seg import SegTrainConfig, load_training_data
+
+    crops = make_seg_folder(tmp_path / "crops", n=5)
+    frames = tmp_path / "frames"                 # each crop pasted into a 3x larger black frame at (30, 50)
+    for sub in ("images", "masks", "masks4", "lung"):
+        (frames / sub).mkdir(parents=True)
+        for p in sorted((crops / sub).iterdir()):
+            a = np.asarray(Image.open(p))
+            big = np.zeros((3 * a.shape[0], 3 * a.shape[1]), a.dtype)
+            big[30:30 + a.shape[0], 50:50 + a.shape[1]] = a
+            Image.fromarray(big).save(frames / sub / p.name)
+    (frames / "manifest.csv").write_text((crops / "manifest.csv").read_text())
+    base = dict(data=[str(crops), str(frames)], folds=5, fold=0)
+    plain_train, plain_val = load_training_data(SegTrainConfig(**base))
+    train, val = load_training_data(SegTrainConfig(**base, lung_crop=True))
+    assert [s.image.shape for s in val] == [s.image.shape for s in plain_val]
+    for before, after in zip(plain_train, train):
+        assert before.id == after.id
+        if before.image_path.parent.parent == crops:              # lungs fill the crop: unchanged
+            assert np.array_equal(after.image, before.image) and after.labels.shape == before.labels.shape
+            continue
+        box = lung_crop_box(before.lung)
+        rows = np.flatnonzero(before.lung.any(axis=1))
+        h = before.lung.shape[0]
+        assert box[0].start == rows[0] - (int(0.03 * h) + 1) and after.image.shape == before.image[box].shape
+        assert after.image.shape[0] < h / 2
+        for name in ("image", "labels", "lung"):                   # image and label maps cut alike
+            assert np.array_equal(getattr(after, name), getattr(before, name)[box])
+        assert after.labels.sum() == before.labels.sum()           # no lesion pixel lost
+    no_lung = SegSample("x", Path("x.png"), np.zeros((64, 64), np.float32), np.zeros((64, 64), np.uint8), None, False)
+    assert crop_to_lung(no_lung) is no_lung

@@ -132,12 +132,19 @@ def _print_training_result(result: dict) -> None:
         print(to_json(result, disclaimer=False))
 
 
+def _require_folder(path: str | Path) -> None:
+    """One error line unless ``path`` is a folder: it does not exist, or it is a file."""
+    if not Path(path).exists():
+        raise CovidctError(path, "no such folder")
+    if not Path(path).is_dir():
+        raise CovidctError(path, "not a folder")
+
+
 def _cmd_train_seg(args: argparse.Namespace) -> int:
     from covidct.engine.train_seg import SegTrainConfig, train_seg
 
     for d in args.data:
-        if not Path(d).is_dir():
-            raise CovidctError(d, "no such folder")
+        _require_folder(d)
     if args.repeat_first < 1:
         raise CovidctError(None, "--repeat-first must be at least 1")
     data = [str(args.data[0])] * args.repeat_first + [str(d) for d in args.data[1:]]
@@ -161,7 +168,7 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
         decoder_channels=decoder_channels, fpn_channels=fpn_channels, swa_epochs=args.swa_epochs,
         encoder_init=encoder_init, init=str(args.init), infection_dice_weight=args.infection_dice_weight,
         copy_paste=args.copy_paste, quarter_turns=args.quarter_turns, data_orientation=args.data_orientation,
-        train_limit=args.train_limit, loss=args.loss,
+        train_limit=args.train_limit, loss=args.loss, lung_crop=args.lung_crop,
     )
     _print_training_result(train_seg(cfg, args.output, resume=not args.no_resume))
     return 0
@@ -212,8 +219,7 @@ def _cmd_evaluate_seg(args: argparse.Namespace) -> int:
 def _cmd_train_cls(args: argparse.Namespace) -> int:
     from covidct.engine.train_cls import ClsTrainConfig, train_cls
 
-    if not Path(args.data).is_dir():
-        raise CovidctError(args.data, "no such folder")
+    _require_folder(args.data)
     cfg = ClsTrainConfig(data=str(args.data), n_classes=args.classes, encoder=args.encoder, init=args.init,
                          input_size=args.input_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, folds=args.folds, fold=_classifier_fold(args))
@@ -355,8 +361,7 @@ def _cmd_train_lesions(args: argparse.Namespace) -> int:
     from covidct.engine.lesions import LesionTrainConfig, train_lesions
 
     for d in args.data:
-        if not Path(d).is_dir():
-            raise CovidctError(d, "no such folder")
+        _require_folder(d)
     model = {"backbone": args.backbone, "mask_mode": args.mask_mode, "input_size": args.input_size,
              "truncate_last_stage": args.truncate_last_stage}
     for name in ("box_head_dim", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_batch_size_per_image",
@@ -377,8 +382,7 @@ def _cmd_train_lesions(args: argparse.Namespace) -> int:
 def _cmd_train_maskcls(args: argparse.Namespace) -> int:
     from covidct.engine.train_maskcls import MaskClsTrainConfig, train_maskcls
 
-    if not Path(args.data).is_dir():
-        raise CovidctError(args.data, "no such folder")
+    _require_folder(args.data)
     cfg = MaskClsTrainConfig(data=str(args.data), lesion_model=args.lesion_model, n_classes=args.classes,
                              top_n=args.top_n, s_width=args.s_width, train=args.train,
                              roi_features=tuple(args.roi_features), epochs=args.epochs,
@@ -392,8 +396,8 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
     from covidct.engine.evaluate_cls import save_ensemble
     from covidct.report.json_io import to_json
 
-    if args.data is not None and not Path(args.data).is_dir():
-        raise CovidctError(args.data, "no such folder")
+    if args.data is not None:
+        _require_folder(args.data)
     if args.out_of_fold and args.data is None:
         raise CovidctError(None, "--out-of-fold needs --data (the folder the fold models were trained on)")
     print(to_json(save_ensemble(args.model, args.output, data=args.data, split=args.split, out_of_fold=args.out_of_fold,
@@ -717,6 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--copy-paste", type=float, default=0.0, metavar="P", help="lesion copy-paste: this share of "
                    "training slices first receive the GGO / consolidation of another training slice, laid into "
                    "their lung field; 0: off")
+    s.add_argument("--lung-crop", action="store_true", help="cut training slices framed wider than their lungs "
+                   "(MedSeg 512² frames) to their lung/ box, as prediction's second pass cuts such slices")
     s.add_argument("--select", choices=("best", "last"), default="best", help="keep the best validation epoch "
                    "or the last one (always the last with --fold all)")
     s.add_argument("--swa-epochs", type=int, default=0, metavar="N", help="stochastic weight averaging: the model "

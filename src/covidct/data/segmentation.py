@@ -13,13 +13,14 @@ Label maps carry the class index as the pixel value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from covidct.data.tables import read_table
 from covidct.errors import InputError
+from covidct.io.body import mask_box
 from covidct.io.image import list_images, load_grey, load_label_map
 
 #: Lesion label values shared by every model and report.
@@ -46,12 +47,45 @@ class SegSample:
     has_effusion: bool
 
 
+#: A slice whose lung box (+3 % of the slice per side) covers less than this share of it is framed wider
+#: than the lung-ROI crops the models train on (COVID-SemiSeg: ≈ 1; full CT frames: ≈ 0.3-0.5).
+CROP_MAX_FRACTION = 0.7
+
+
+def lung_crop_box(lung: np.ndarray | None) -> tuple[slice, slice] | None:
+    """The box (+3 % per side) of a lung mask when the slice is framed wider than its lungs (the box
+    covers less than :data:`CROP_MAX_FRACTION` of it and is at least 16 pixels a side), else None."""
+    if lung is None:
+        return None
+    box = mask_box(lung)
+    if box is None:
+        return None
+    h, w = box[0].stop - box[0].start, box[1].stop - box[1].start
+    if h >= 16 and w >= 16 and h * w < CROP_MAX_FRACTION * lung.shape[-2] * lung.shape[-1]:
+        return box
+    return None
+
+
+def crop_to_lung(sample: SegSample) -> SegSample:
+    """``sample`` cut to its reference lung box when it is framed wider than its lungs (a MedSeg 512²
+    frame), as the predictor's second pass cuts such slices at inference; otherwise unchanged."""
+    box = lung_crop_box(sample.lung)
+    if box is None:
+        return sample
+    return replace(sample, image=sample.image[box].copy(), labels=sample.labels[box].copy(),
+                   lung=sample.lung[box].copy())
+
+
 class SegFolder:
     """A folder in the COVID-SemiSeg layout; indexable, yields :class:`SegSample`."""
 
     def __init__(self, root: str | Path, *, split: str | None = None, ids: list[str] | None = None) -> None:
         self.root = Path(root)
         images_dir = self.root / "images"
+        if not self.root.exists():
+            raise InputError(self.root, "no such folder")
+        if not self.root.is_dir():
+            raise InputError(self.root, "not a folder (a segmentation folder holds images/ and masks/)")
         if not images_dir.is_dir():
             raise InputError(self.root, "not a segmentation folder: no images/ subfolder")
         masks_dir = self.root / "masks"

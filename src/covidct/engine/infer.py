@@ -3,7 +3,7 @@ bring the logits back to each slice's own size.
 
 The training slices (COVID-SemiSeg) are cropped to the lungs. A slice framed otherwise (a full CT
 slice, a 512² MedSeg frame) is segmented in two passes when the model has a lung head: the first
-pass finds the lungs, and if their box (+3 %) covers less than :data:`CROP_MAX_FRACTION` of the slice,
+pass finds the lungs, and if their box (+3 %) covers less than :data:`~covidct.data.segmentation.CROP_MAX_FRACTION` of the slice,
 the second pass segments that box and its labels are pasted back (out of fold on the MedSeg frames:
 infection Dice 0.714 -> 0.734, consolidation 0.443 -> 0.485; lung-cropped slices are unchanged).
 
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from covidct.data.segmentation import LESION_CLASSES
+from covidct.data.segmentation import LESION_CLASSES, lung_crop_box
 from covidct.engine.precision import inference_dtype, resolve_precision
 from covidct.io.body import mask_box
 from covidct.models.fusion import fold_for_inference
@@ -57,7 +57,6 @@ DENSITY_SIGMA_PX = 3.0
 DENSITY_SIGMA_MM = DENSITY_SIGMA_PX * 0.75
 #: A second, lung-cropped pass runs when the lung box covers less than this share of the slice
 #: (lung-cropped training slices: about 1; full CT slices: about 0.3-0.5).
-CROP_MAX_FRACTION = 0.7
 
 
 @dataclass
@@ -160,11 +159,9 @@ class SegPredictor:
         the indices replaced."""
         boxes = {}
         for i, (im, r) in enumerate(zip(images, results)):
-            box = mask_box(r.lung)
+            box = lung_crop_box(r.lung)
             if box is not None:
-                h, w = box[0].stop - box[0].start, box[1].stop - box[1].start
-                if h >= 16 and w >= 16 and h * w < CROP_MAX_FRACTION * im.shape[-2] * im.shape[-1]:
-                    boxes[i] = box
+                boxes[i] = box
         if boxes:
             order = sorted(boxes)
             for i, crop in zip(order, self._predict_once([np.asarray(images[i])[boxes[i]] for i in order])):

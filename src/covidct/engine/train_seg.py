@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from covidct.data.segmentation import LESION_CLASSES, SegFolder, SegSample
+from covidct.data.segmentation import LESION_CLASSES, SegFolder, SegSample, crop_to_lung
 from covidct.data.splits import group_kfold, group_split
 from covidct.data.transforms import PASTED_LABELS, paste_lesions, seg_train_transform
 from covidct.engine.common import (Distributed, seed_everything, train_one_epoch, warmup_cosine, write_log,
@@ -93,6 +93,9 @@ class SegTrainConfig:
     copy_paste: float = 0.0
     # also transpose half the slices: all eight orientations (the model's slice orientation is then "any")
     quarter_turns: bool = False
+    # training slices framed wider than their lungs (MedSeg 512² frames) cut to their reference lung box,
+    # as the predictor's second pass cuts them at inference (:func:`~covidct.data.segmentation.crop_to_lung`)
+    lung_crop: bool = False
     # the orientation of the training slices (anterior-left: the documented layouts; anterior-up)
     data_orientation: str = "anterior-left"
     seed: int = 0
@@ -161,6 +164,8 @@ def load_training_data(cfg: SegTrainConfig) -> tuple[list[SegSample], list[SegSa
             raise CovidctError(cfg.data[0], f"--train-limit must be 1..{len(first)} (its training slices)")
         keep = set(random.Random(cfg.seed).sample(first, cfg.train_limit))
         train = [s for s in train if s.image_path.resolve().parent.parent != root or s.id in keep]
+    if cfg.lung_crop:
+        train = [crop_to_lung(s) for s in train]
     if cfg.labels == "effusion" and not all(s.has_effusion for s in train + val):
         raise CovidctError(cfg.data[0], "--labels effusion needs pleural effusion labels (masks4/, or label 3 in masks/)")
     need_lung = cfg.lung_head or cfg.labels == "lung"
