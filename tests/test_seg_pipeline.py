@@ -614,6 +614,28 @@ def test_attach_cli_stores_the_companion_and_lists_it(tiny_seg_model, tmp_path, 
     assert len(err) == 1 and "missing.pt" in err[0] and not (tmp_path / "x.pt").exists()
 
 
+def test_attach_takes_the_companion_a_file_carries(tiny_seg_model, tmp_path):
+    """``attach --effusion FILE`` with a FILE that carries an effusion companion stores that companion (the
+    network deciding effusion in FILE), not FILE's main network: the shipped pair's companion can be moved
+    onto a retrained main network unchanged."""
+    from covidct.models import SegModelConfig, build_seg_model, save_checkpoint
+
+    torch.manual_seed(1)
+    cfg = SegModelConfig(encoder="resnet18", decoder_channels=(32, 16, 16, 8, 8), input_size=64)
+    other = save_checkpoint(tmp_path / "other.pt", task="seg", config=cfg.to_dict(),
+                            state_dict=build_seg_model(cfg).state_dict(), classes=[*cfg.lesion_classes, "lung"],
+                            input_size=64)
+    pair = tmp_path / "pair.pt"                   # main: other, companion: tiny
+    assert main(["attach", "--model", str(other), "--effusion", str(tiny_seg_model), "-o", str(pair)]) == 0
+    moved = tmp_path / "moved.pt"                 # main: tiny, companion taken from the pair
+    assert main(["attach", "--model", str(tiny_seg_model), "--effusion", str(pair), "-o", str(moved)]) == 0
+    companion = read_checkpoint(moved)["companions"]["effusion"]
+    tiny, other_state = read_checkpoint(tiny_seg_model)["state_dict"], read_checkpoint(other)["state_dict"]
+    differs = [k for k in tiny if not torch.equal(tiny[k], other_state[k])]
+    assert differs and all(torch.equal(companion["state_dict"][k], tiny[k]) for k in differs)
+    assert "companions" not in companion
+
+
 def test_encoder_starts_from_a_classifier_and_a_wrong_one_is_one_line(tmp_path, seg_folder, capsys):
     from covidct.models import SegModelConfig, build_seg_model, save_checkpoint
     from covidct.models.classification import ClsModelConfig, build_cls_model

@@ -801,7 +801,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "predictor runs it beside the main network and lets it decide effusion")
     s.add_argument("--model", required=True, help="the main segmentation model (shipped name or .pt)")
     s.add_argument("--effusion", required=True, help="a segmentation model that predicts effusion "
-                   "(e.g. covidct train seg --labels effusion)")
+                   "(e.g. covidct train seg --labels effusion); a file that carries an effusion companion "
+                   "(e.g. seg-effl0-unet) gives that companion")
     s.add_argument("-o", "--output", required=True, help="model file to write (.pt)")
     s.set_defaults(func=_cmd_attach)
 

@@ -105,13 +105,18 @@ def attach_companion(path: str | Path, companion: str | Path, *, role: str = "ef
                      output: str | Path | None = None) -> Path:
     """Store the seg checkpoint ``companion`` inside the seg checkpoint ``path`` under ``role`` and write
     the result to ``output`` (default: rewrite ``path``) atomically; weights and settings of the main
-    model are unchanged. The effusion companion must predict effusion."""
+    model are unchanged. The effusion companion must predict effusion. When ``companion`` itself carries a
+    companion in ``role`` (a file made by this function, e.g. the shipped ``seg-effl0-unet``), that network is
+    taken: it is the one that decides ``role`` in that file."""
     if role not in COMPANION_ROLES:
         raise CovidctError(None, f"unknown companion role {role!r}; choose one of {COMPANION_ROLES}")
     payload, extra = read_checkpoint(path), read_checkpoint(companion)
     for p, pl in ((path, payload), (companion, extra)):
         if pl["task"] != "seg":
             raise CovidctError(p, f"is a {pl['task']!r} model, not a segmentation model")
+    carried = (extra.get("companions") or {}).get(role)
+    if carried is not None:
+        extra = carried
     if role not in (extra["config"].get("lesion_classes") or []):
         raise CovidctError(companion, f"does not predict {role}")
     extra.pop("companions", None)
