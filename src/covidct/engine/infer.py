@@ -55,8 +55,6 @@ DENSITY_SIGMA_PX = 3.0
 #: usual for chest CT, and the open 512² COVID-CT-MD scans' 0.64–0.75 mm). So a scan at another resolution
 #: (cap001: 1.18 mm) is smoothed over the same anatomy.
 DENSITY_SIGMA_MM = DENSITY_SIGMA_PX * 0.75
-#: A second, lung-cropped pass runs when the lung box covers less than this share of the slice
-#: (lung-cropped training slices: about 1; full CT slices: about 0.3-0.5).
 
 
 @dataclass
@@ -158,7 +156,7 @@ class SegPredictor:
         """Replace the results of slices framed wider than their lungs by a lung-cropped pass; returns
         the indices replaced."""
         boxes = {}
-        for i, (im, r) in enumerate(zip(images, results)):
+        for i, r in enumerate(results):
             box = lung_crop_box(r.lung)
             if box is not None:
                 boxes[i] = box
