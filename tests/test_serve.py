@@ -59,7 +59,11 @@ def test_serve_refuses_a_missing_folder_in_one_line(tmp_path, capsys):
         make_server(tmp_path / "nope", port=0)
     assert main(["serve", str(tmp_path / "nope"), "--port", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "nope" in err[0] and "not a folder" in err[0]
+    assert len(err) == 1 and "nope" in err[0] and "no such folder" in err[0]
+    (tmp_path / "report.json").write_text("{}")     # a file, not an analysis folder
+    assert main(["serve", str(tmp_path / "report.json"), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"covidct: error: {tmp_path / 'report.json'}: not a folder (give a covidct analyze output folder)"]
 
 
 def test_serve_reports_a_busy_port_in_one_line(tmp_path, capsys):

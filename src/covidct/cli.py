@@ -14,7 +14,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from covidct import DISCLAIMER, __version__
-from covidct.errors import CovidctError
+from covidct.errors import CovidctError, require_folder
 from covidct.runtime import drop_unused_gpu_libraries, keep_freed_memory
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -132,19 +132,11 @@ def _print_training_result(result: dict) -> None:
         print(to_json(result, disclaimer=False))
 
 
-def _require_folder(path: str | Path) -> None:
-    """One error line unless ``path`` is a folder: it does not exist, or it is a file."""
-    if not Path(path).exists():
-        raise CovidctError(path, "no such folder")
-    if not Path(path).is_dir():
-        raise CovidctError(path, "not a folder")
-
-
 def _cmd_train_seg(args: argparse.Namespace) -> int:
     from covidct.engine.train_seg import SegTrainConfig, train_seg
 
     for d in args.data:
-        _require_folder(d)
+        require_folder(d)
     if args.repeat_first < 1:
         raise CovidctError(None, "--repeat-first must be at least 1")
     data = [str(args.data[0])] * args.repeat_first + [str(d) for d in args.data[1:]]
@@ -219,7 +211,7 @@ def _cmd_evaluate_seg(args: argparse.Namespace) -> int:
 def _cmd_train_cls(args: argparse.Namespace) -> int:
     from covidct.engine.train_cls import ClsTrainConfig, train_cls
 
-    _require_folder(args.data)
+    require_folder(args.data)
     cfg = ClsTrainConfig(data=str(args.data), n_classes=args.classes, encoder=args.encoder, init=args.init,
                          input_size=args.input_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, folds=args.folds, fold=_classifier_fold(args))
@@ -361,7 +353,7 @@ def _cmd_train_lesions(args: argparse.Namespace) -> int:
     from covidct.engine.lesions import LesionTrainConfig, train_lesions
 
     for d in args.data:
-        _require_folder(d)
+        require_folder(d)
     model = {"backbone": args.backbone, "mask_mode": args.mask_mode, "input_size": args.input_size,
              "truncate_last_stage": args.truncate_last_stage}
     for name in ("box_head_dim", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_batch_size_per_image",
@@ -382,7 +374,7 @@ def _cmd_train_lesions(args: argparse.Namespace) -> int:
 def _cmd_train_maskcls(args: argparse.Namespace) -> int:
     from covidct.engine.train_maskcls import MaskClsTrainConfig, train_maskcls
 
-    _require_folder(args.data)
+    require_folder(args.data)
     cfg = MaskClsTrainConfig(data=str(args.data), lesion_model=args.lesion_model, n_classes=args.classes,
                              top_n=args.top_n, s_width=args.s_width, train=args.train,
                              roi_features=tuple(args.roi_features), epochs=args.epochs,
@@ -397,7 +389,7 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
     from covidct.report.json_io import to_json
 
     if args.data is not None:
-        _require_folder(args.data)
+        require_folder(args.data)
     if args.out_of_fold and args.data is None:
         raise CovidctError(None, "--out-of-fold needs --data (the folder the fold models were trained on)")
     print(to_json(save_ensemble(args.model, args.output, data=args.data, split=args.split, out_of_fold=args.out_of_fold,

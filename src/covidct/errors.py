@@ -19,3 +19,14 @@ class CovidctError(Exception):
 
 class InputError(CovidctError):
     """An input file or folder cannot be read or is not what the command needs."""
+
+
+def require_folder(path: str | Path, *, hint: str = "") -> Path:
+    """``path`` as a Path if it is a folder; else one ``InputError`` naming it: "no such folder", or
+    "not a folder" (followed by `` (hint)``) when it is something else."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such folder")
+    if not path.is_dir():
+        raise InputError(path, f"not a folder ({hint})" if hint else "not a folder")
+    return path

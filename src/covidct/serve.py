@@ -15,7 +15,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from covidct import DISCLAIMER
-from covidct.errors import CovidctError, InputError
+from covidct.errors import CovidctError, require_folder
 from covidct.report.notes import report_notes
 
 
@@ -81,9 +81,7 @@ class _Handler(SimpleHTTPRequestHandler):
 
 def make_server(root: str | Path, *, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
     """An HTTP server for ``root`` (not yet serving: call ``serve_forever``); ``port=0`` picks a free one."""
-    root = Path(root)
-    if not root.is_dir():
-        raise InputError(root, "not a folder (give a covidct analyze output folder)")
+    root = require_folder(root, hint="give a covidct analyze output folder")
     if not 0 <= int(port) <= 65535:
         raise CovidctError("--port", f"{port} is not a TCP port (0-65535; 0: any free one)")
     try:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from covidct.data.tables import read_table
-from covidct.errors import InputError
+from covidct.errors import InputError, require_folder
 from covidct.io.image import list_images
 
 #: The three classes of COVID-CT-Mask-Net / COVIDx-CT, in index order.
@@ -82,9 +82,7 @@ class ClsRecord:
 
 def detect_layout(root: str | Path) -> str:
     """``split-csv``, ``covid-ct-md``, ``covidx``, or ``folder-per-class``."""
-    root = Path(root)
-    if not root.is_dir():
-        raise InputError(root, "no such folder")
+    root = require_folder(root)
     if (root / "split.csv").exists():
         return "split-csv"
     if (root / "patients.csv").exists() and (root / "slice_labels.csv").exists():

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from covidct.data.tables import read_table
-from covidct.errors import InputError
+from covidct.errors import InputError, require_folder
 from covidct.io.body import mask_box
 from covidct.io.image import list_images, load_grey, load_label_map
 
@@ -82,10 +82,7 @@ class SegFolder:
     def __init__(self, root: str | Path, *, split: str | None = None, ids: list[str] | None = None) -> None:
         self.root = Path(root)
         images_dir = self.root / "images"
-        if not self.root.exists():
-            raise InputError(self.root, "no such folder")
-        if not self.root.is_dir():
-            raise InputError(self.root, "not a folder (a segmentation folder holds images/ and masks/)")
+        require_folder(self.root, hint="a segmentation folder holds images/ and masks/")
         if not images_dir.is_dir():
             raise InputError(self.root, "not a segmentation folder: no images/ subfolder")
         masks_dir = self.root / "masks"

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from covidct.errors import CovidctError, InputError
+from covidct.errors import CovidctError, InputError, require_folder
 from covidct.io.body import mask_box
 from covidct.io.image import png_info
 
@@ -45,8 +45,7 @@ def slice_sources(data: Path, split: str | None) -> list[tuple[str, ClsRecord]]:
     from covidct.data.classification import ClsRecord, load_records
     from covidct.io.image import list_images
 
-    if not data.is_dir():
-        raise InputError(data, "no such folder")
+    require_folder(data)
     try:
         records = load_records(data)
     except InputError:
