@@ -8,7 +8,9 @@ model and for a plain reference U-Net (ResNet-34 encoder, smp default decoder, 5
 A model file with a companion network (the effusion model of ``covidct attach``) is timed with it, and
 once more without it (``shipped without its companions``). ``--frames`` also times the shipped model on real full 512² frames, where the lungs fill part of the slice
 and the predictor runs its second, lung-cropped pass (``SegPredictor(crop_to_lung=True)``, the default);
-the random-slice rows time one pass.
+the random-slice rows time one pass. The MedSeg frames are black outside the lungs: a model with a ``lung_masked``
+companion gives them to it (first pass of the main network, then the companion on the lung box), and the row
+``shipped, frames, main network only`` times the same frames without that companion (the main network's two passes).
 
 ``--model-val`` keeps only the slices the model's checkpoint lists as its validation slices (the others
 are training slices); ``--ids`` picks slices by id; ``--split`` by manifest split.
@@ -109,7 +111,8 @@ def main() -> int:
     rows["shipped"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
     if model.companions:
         rows["shipped without its companions"] = {
-            **speed(SegPredictor(model, crop_to_lung=False, fold_bn=fold, effusion_model=None, precision=prec)),
+            **speed(SegPredictor(model, crop_to_lung=False, fold_bn=fold, effusion_model=None, lung_masked_model=None,
+                                 precision=prec)),
             "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             "input_size": model.config.input_size, "peak_rss_mb": round(peak_rss_mb(), 1)}
     if args.frames:
@@ -120,6 +123,11 @@ def main() -> int:
         rows["shipped, two passes (real 512² frames)"] = {
             **speed(shipped, slices=real), "params_m": rows["shipped"]["params_m"],
             "input_size": model.config.input_size, "peak_rss_mb": round(peak_rss_mb(), 1)}
+        if "lung_masked" in model.companions:   # the frames are lung-masked: the same slices without the companion
+            main_only = SegPredictor(model, fold_bn=fold, lung_masked_model=None, precision=prec)
+            rows["shipped, frames, main network only"] = {
+                **speed(main_only, slices=real), "params_m": rows["shipped"]["params_m"],
+                "input_size": model.config.input_size, "peak_rss_mb": round(peak_rss_mb(), 1)}
     reference = build_seg_model(SegModelConfig(encoder="resnet34", decoder_channels=(256, 128, 64, 32, 16), input_size=512))
     ref = SegPredictor(reference, crop_to_lung=False, fold_bn=fold, precision=prec)
     rows["reference_unet_resnet34_512"] = {**speed(ref), "params_m": round(sum(p.numel() for p in reference.parameters()) / 1e6, 2),

@@ -17,6 +17,11 @@ adopted; see benchmarks/RESULTS.md).
 ``--effusion E0,E1,...``: an effusion recipe's fold models (same folds, same order), each run beside its
 fold's model as the effusion companion (:class:`~covidct.engine.infer.SegPredictor`), which is how a
 model file with an attached effusion model (``covidct attach``) predicts.
+
+``--lung-masked-of MAIN``: each fold model runs as MAIN's lung-masked companion (``covidct attach --lung-masked``):
+MAIN's first pass decides which slices are black outside their lungs and gives their lung boxes, the fold model
+segments those (with MAIN's effusion companion), MAIN the rest; ``lung_masked_images`` counts the slices routed.
+``--record-in`` then records a routed estimate: keep it off the companion's own file.
 """
 
 from __future__ import annotations
@@ -47,6 +52,10 @@ def main() -> int:
                     help="another recipe's fold models (same folds, same order) to average probabilities with")
     ap.add_argument("--effusion", metavar="E0,E1,...", help="an effusion recipe's fold models (same folds, same "
                     "order), each the effusion companion of its fold's model")
+    ap.add_argument("--lung-masked-of", metavar="MAIN", help="each fold model stands in for MAIN's lung-masked "
+                    "companion: MAIN's first pass picks the slices black outside their lungs and their lung boxes, "
+                    "the fold model segments those, MAIN the others (how a file with an attached lung-masked model "
+                    "predicts)")
     ap.add_argument("--record-in", metavar="MODEL", help="also store the estimate in this model's metrics "
                     "(`cross_validation`), e.g. the --fold all model trained with the same recipe")
     args = ap.parse_args()
@@ -58,8 +67,8 @@ def main() -> int:
         with open(Path(args.data) / "manifest.csv", newline="") as fh:
             id_map = {r[args.id_column]: Path(r["image"]).stem for r in csv.DictReader(fh) if r.get(args.id_column)}
     try:
-        if args.average_with and args.effusion:
-            raise CovidctError(None, "--effusion and --average-with do not combine")
+        if args.average_with and (args.effusion or args.lung_masked_of):
+            raise CovidctError(None, "--effusion / --lung-masked-of and --average-with do not combine")
         if args.average_with:
             result = _ensemble_out_of_fold([args.models] + [g.split(",") for g in args.average_with], args.data,
                                            id_map=id_map, crop_to_lung=not args.no_crop,
@@ -67,7 +76,8 @@ def main() -> int:
         else:
             result = evaluate_out_of_fold(args.models, args.data, id_map=id_map, crop_to_lung=not args.no_crop,
                                           density_classes=not args.network_classes, tta=args.tta,
-                                          effusion_specs=args.effusion.split(",") if args.effusion else None)
+                                          effusion_specs=args.effusion.split(",") if args.effusion else None,
+                                          lung_masked_of=args.lung_masked_of)
     except CovidctError as exc:
         print(f"{os.path.basename(sys.argv[0])}: error: {exc}", file=sys.stderr)
         return 2
@@ -81,6 +91,7 @@ def main() -> int:
 
         from covidct.models.checkpoint import record_metrics
 
+        summary["data"] = Path(args.data).resolve().name  # which slices the estimate is on
         summary["fold_models"] = [Path(m).name for m in args.models]
         if args.effusion:
             summary["effusion_fold_models"] = [Path(m).name for m in args.effusion.split(",")]

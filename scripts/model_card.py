@@ -39,9 +39,12 @@ def main() -> None:
     ]
     for role, c in (p.get("companions") or {}).items():
         cm = c.get("metrics", {})
+        use = {"effusion": "run beside the main network on the same input (`covidct attach`; it alone decides "
+                           "effusion)",
+               "lung_masked": "run instead of the main network, on the lung box the main network found, for slices black outside their lungs "
+                              "(`covidct attach --lung-masked`; `SegPrediction.network`)"}.get(role, "run by the predictor")
         lines += ["", f"## Companion network: {role}", "",
-                  f"Stored inside this file and run beside the main network on the same input "
-                  f"(`covidct attach`; it alone decides {role}). Classes: {', '.join(c.get('classes', []))}; "
+                  f"Stored inside this file and {use}. Classes: {', '.join(c.get('classes', []))}; "
                   f"input size: {c.get('input_size')}; training time up to its kept epoch {cm.get('epoch', 'n/a')}: "
                   f"{cm.get('train_seconds', 'n/a')} s.", "", "```json",
                   json.dumps({"config": c["config"], "metrics": {k: v for k, v in cm.items() if k != "val_ids"}},

@@ -414,7 +414,21 @@ def test_lung_mask_covering_the_image_is_flagged(tmp_path, capsys):
     assert "may not be a chest CT" in (out / "report.html").read_text()
     slice_png = sorted((need_data("covid-semiseg", "images")).iterdir())[0]
     assert main(["analyze", str(slice_png), "-o", str(tmp_path / "ct"), "--classifier", "none", "--no-viewer"]) == 0
-    assert json.loads((tmp_path / "ct" / "report.json").read_text())["lung_share_note"] is None
+    report = json.loads((tmp_path / "ct" / "report.json").read_text())
+    assert report["lung_share_note"] is None and report["lung_masked_slices"] == []
+
+
+def test_analyze_says_which_slices_went_to_the_lung_masked_network(tmp_path, capsys):
+    """A MedSeg frame (black outside its lungs) is segmented by the shipped model's lung-masked companion, and
+    the report says so (report.json, its notes); a slice with the body around its lungs is not."""
+    frame = need_data("medseg-512", "images") / "017.png"
+    out = tmp_path / "frame"
+    capsys.readouterr()
+    assert main(["analyze", str(frame), "-o", str(out), "--classifier", "none", "--no-viewer"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["lung_masked_slices"] == [0]
+    assert "note: 1 slice is black outside the lungs" in capsys.readouterr().out
+    assert "black outside the lungs" in (out / "report.html").read_text()
 
 
 def test_colour_image_is_flagged(tmp_path, tiny_seg_model, capsys):

@@ -202,6 +202,34 @@ def test_out_of_fold_pools_each_slice_once(tmp_path, seg_folder):
         evaluate_out_of_fold(models, seg_folder, progress=False, effusion_specs=models[::-1])
 
 
+def test_out_of_fold_through_a_main_models_lung_masked_routing(tmp_path, seg_folder, monkeypatch):
+    """``lung_masked_of``: the fold models stand in for a main model's lung-masked companion; they segment
+    only the slices the main model routes, the main model the rest (its own result when none is routed)."""
+    import covidct.engine.infer as infer
+    from covidct.data.segmentation import SegFolder
+    from covidct.engine.evaluate_seg import evaluate_folder, evaluate_out_of_fold
+    from covidct.engine.infer import SegPredictor
+    from covidct.models.registry import load_seg_model
+
+    models = []
+    for fold in range(2):
+        out = tmp_path / f"f{fold}.pt"
+        train_seg(_tiny(seg_folder, folds=2, fold=fold, epochs=1), out, progress=False)
+        models.append(out)
+    main_path = tmp_path / "main.pt"
+    train_seg(_tiny(seg_folder, epochs=1, seed=3), main_path, progress=False)
+    n = len(list((seg_folder / "images").iterdir()))
+    for routed in (False, True):
+        monkeypatch.setattr(infer, "is_lung_masked", lambda image, lung, routed=routed: routed)
+        result = evaluate_out_of_fold(models, seg_folder, progress=False, compute_hd95=False, lung_masked_of=main_path)
+        assert result["n_images"] == n and result["lung_masked_images"] == (n if routed else 0)
+        if not routed:   # nothing routed: the main model's own evaluation
+            alone = evaluate_folder(SegPredictor(load_seg_model(main_path)[0]), SegFolder(seg_folder), progress=False,
+                                    compute_hd95=False)
+            assert result["dice"] == alone["dice"]
+    assert "lung_masked_images" not in evaluate_out_of_fold(models, seg_folder, progress=False, compute_hd95=False)
+
+
 def test_kfold_training_validates_on_its_fold(tmp_path, seg_folder, capsys):
     assert main(["train", "seg", "--data", str(seg_folder), "--encoder", "resnet18", "--random-init",
                  "--input-size", "48", "--decoder-channels", "32,16,16,8,8", "--epochs", "1", "--batch-size", "2",
@@ -302,6 +330,7 @@ def test_predict_writes_maps_and_overlays(trained, tmp_path, capsys):
             assert "not for diagnosis" in Image.open(outdir / f"{img.stem}_{kind}.png").text["Disclaimer"]
     summary = json.loads((outdir / "predictions.json").read_text())
     assert len(summary["slices"]) == 2 and summary["notes"] == []
+    assert [r["network"] for r in summary["slices"]] == ["main", "main"]   # the model has no lung-masked companion
     # a colour picture is segmented too, with a note that it is probably no CT slice
     photo = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(photo)
@@ -335,6 +364,11 @@ def test_models_json_lists_shipped(capsys):
     assert main(["models"]) == 0
     text = capsys.readouterr().out
     assert "validation (instances): ap50" in text and "cross-validation (Dice): infection" in text
+    # the networks inside the shipped seg file, each with its own estimate (on the data it was scored on)
+    seg = next(m for m in models if m["name"] == DEFAULTS["seg"])
+    assert set(seg["companions"]) == {"effusion", "lung_masked"}
+    assert seg["companions"]["lung_masked"]["metrics"]["cross_validation"]["data"] == "medseg-512"
+    assert "+ lung_masked companion: unet" in text and "cross-validation (Dice, medseg-512): infection" in text
 
 
 @pytest.mark.realdata
@@ -360,6 +394,29 @@ def test_shipped_model_on_real_slices(tmp_path):
     assert res["dice"]["infection"] > 0.5 and res["dice"]["lung"] > 0.8
     # two of these four slices (1, 10) hold pleural effusion: the file's effusion companion finds it
     assert res["dice"]["effusion"] > 0.3
+    assert res["lung_masked_images"] == 0    # crops show the body around the lungs
+
+
+def test_shipped_model_gives_lung_masked_frames_to_its_companion(tmp_path):
+    """MedSeg's 512² frames are black outside their lungs: the shipped model's lung head finds that, and its
+    lung-masked companion segments them (the crops of the same slices stay with the main network, above)."""
+    import shutil
+
+    src = need_data("medseg-512")
+    dst = tmp_path / "frames"
+    for sub in ("images", "masks", "lung"):
+        (dst / sub).mkdir(parents=True)
+        for name in ("017.png", "041.png", "056.png"):
+            shutil.copy(src / sub / name, dst / sub / name)
+    js = tmp_path / "e.json"
+    assert main(["evaluate", "seg", "--data", str(dst), "--json", str(js)]) == 0
+    res = json.loads(js.read_text())
+    assert res["n_images"] == 3 and res["lung_masked_images"] == 3
+    assert res["dice"]["infection"] > 0.5 and res["dice"]["lung"] > 0.9
+    crop = need_data("covid-semiseg", "images") / "16.jpg"    # the crop of frame 017
+    assert main(["predict", str(dst / "images" / "017.png"), str(crop), "-o", str(tmp_path / "pred")]) == 0
+    rows = json.loads((tmp_path / "pred" / "predictions.json").read_text())["slices"]
+    assert [r["network"] for r in rows] == ["lung_masked", "main"]
 
 
 def test_too_few_training_slices_for_a_batch_is_one_line_and_writes_nothing(tmp_path, seg_folder, capsys):
@@ -634,6 +691,103 @@ def test_attach_takes_the_companion_a_file_carries(tiny_seg_model, tmp_path):
     differs = [k for k in tiny if not torch.equal(tiny[k], other_state[k])]
     assert differs and all(torch.equal(companion["state_dict"][k], tiny[k]) for k in differs)
     assert "companions" not in companion
+
+
+def _phantom_slice(size: int = 96) -> tuple[np.ndarray, np.ndarray]:
+    """A CT-like slice in [0, 1] (grey body, bright rim, two dark lungs) and its lung mask."""
+    yy, xx = np.mgrid[:size, :size] / size
+    body = ((yy - 0.5) / 0.45) ** 2 + ((xx - 0.5) / 0.48) ** 2 < 1
+    lung = (((yy - 0.5) / 0.3) ** 2 + ((xx - 0.3) / 0.14) ** 2 < 1) | (((yy - 0.5) / 0.3) ** 2 + ((xx - 0.7) / 0.14) ** 2 < 1)
+    image = np.where(body, 0.8, 0.1).astype(np.float32)
+    image[lung] = 0.2 + 0.1 * np.random.default_rng(0).random(int(lung.sum()))
+    return image, lung
+
+
+def test_is_lung_masked_tells_slices_black_outside_their_lungs():
+    from scipy import ndimage
+
+    from covidct.data.segmentation import is_lung_masked
+
+    image, lung = _phantom_slice()
+    assert not is_lung_masked(image, lung)                              # a framed CT slice: body around the lungs
+    masked = ndimage.gaussian_filter(np.where(lung, image, 0.0), 1.5)   # MedSeg's way: blacked out, then blurred
+    masked[masked < 1 / 255] = 0.0                                      # 8-bit black
+    assert is_lung_masked(masked, lung)
+    assert is_lung_masked(masked, ndimage.binary_erosion(lung, iterations=3))   # a lung head that misses the edge
+    mediastinal = np.where(lung, 0.0, image)                            # lungs black, body grey (mediastinal window)
+    assert not is_lung_masked(mediastinal, lung)
+    assert not is_lung_masked(mediastinal, ~lung)                       # ... even when the lung head marks the body
+    assert not is_lung_masked(masked, None) and not is_lung_masked(masked, np.zeros_like(lung))
+    # a lung field filling the slice leaves too little outside to tell
+    filling = np.zeros_like(lung)
+    filling[8:-8, 8:-8] = True
+    assert not is_lung_masked(np.where(filling, masked, 0.0), filling)
+
+
+def _biased_seg_net(cfg, *, lesion: str, lung_logit: float):
+    """A seg network whose output is the same everywhere: ``lesion`` (a class name) and the lung logit."""
+    from covidct.models import build_seg_model
+
+    net = build_seg_model(cfg)
+    head = net.net.segmentation_head[0]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[cfg.lesion_classes.index(lesion)] = 10.0
+        head.bias[len(cfg.lesion_classes)] = lung_logit
+    return net
+
+
+def test_lung_masked_companion_segments_the_slices_black_outside_their_lungs(tmp_path, monkeypatch, capsys):
+    """A slice found black outside its lungs goes to the lung-masked companion instead of the main network,
+    the effusion companion still deciding effusion; the others are the main pair's as before. ``attach``
+    stores both roles."""
+    import covidct.engine.infer as infer
+    from covidct.engine.infer import SegPredictor
+    from covidct.models import SegModelConfig, save_checkpoint
+    from covidct.models.registry import load_seg_model, model_entry
+
+    classes = ("background", "ggo", "consolidation", "effusion")
+    cfg = SegModelConfig(encoder="resnet18", decoder_channels=(16, 16, 8, 8, 8), input_size=32, lesion_classes=classes)
+    files = {}
+    for name, lesion in (("main", "ggo"), ("masked", "consolidation"), ("eff", "effusion")):
+        net = _biased_seg_net(cfg, lesion=lesion, lung_logit=10.0)
+        files[name] = save_checkpoint(tmp_path / f"{name}.pt", task="seg", config=cfg.to_dict(),
+                                      state_dict=net.state_dict(), classes=[*classes, "lung"])
+    both = tmp_path / "both.pt"
+    assert main(["attach", "--model", str(files["main"]), "--effusion", str(files["eff"]),
+                 "--lung-masked", str(files["masked"]), "-o", str(both)]) == 0
+    assert "lung-masked model masked.pt" in capsys.readouterr().out
+    assert set(model_entry(both)["companions"]) == {"effusion", "lung_masked"}
+    model, _ = load_seg_model(both)
+    images = [np.full((40, 48), v, np.float32) for v in (0.5, 0.0, 0.7)]
+    # the decision itself is tested above; here: slices whose every pixel is black count as lung-masked
+    monkeypatch.setattr(infer, "is_lung_masked", lambda image, lung: bool(lung.any() and image.max() == 0))
+    for kwargs in ({}, {"crop_to_lung": False}):
+        preds = SegPredictor(model, density_classes=False, effusion_model=None, **kwargs).predict(images)
+        assert [p.network for p in preds] == ["main", "lung_masked", "main"]
+        assert (preds[0].labels == 1).all() and (preds[2].labels == 1).all()   # the main network: GGO
+        assert (preds[1].labels == 2).all() and preds[1].lung.all()           # the lung-masked one: consolidation
+        # with the effusion companion (everywhere effusion here), effusion on every slice, routed or not
+        preds = SegPredictor(model, density_classes=False, **kwargs).predict(images)
+        assert [p.network for p in preds] == ["main", "lung_masked", "main"]
+        assert all((p.labels == 3).all() for p in preds)
+    alone = SegPredictor(model, density_classes=False, effusion_model=None, lung_masked_model=None).predict(images)
+    assert [p.network for p in alone] == ["main"] * 3 and (alone[1].labels == 1).all()
+    # a companion that cannot stand in for the main network is refused in one line, nothing written
+    small = SegModelConfig(encoder="resnet18", decoder_channels=(16, 16, 8, 8, 8), input_size=32,
+                           lesion_classes=("background", "ggo", "consolidation"))
+    odd = save_checkpoint(tmp_path / "odd.pt", task="seg", config=small.to_dict(),
+                          state_dict=_biased_seg_net(small, lesion="ggo", lung_logit=1.0).state_dict())
+    for extra in (["--lung-masked", str(odd)], []):
+        assert main(["attach", "--model", str(files["main"]), *extra, "-o", str(tmp_path / "bad.pt")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and not (tmp_path / "bad.pt").exists()
+    main(["attach", "--model", str(files["main"]), "--effusion", str(files["eff"]), "--lung-masked", str(odd),
+          "-o", str(tmp_path / "bad.pt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "odd.pt" in err[0] and "same lesion classes" in err[0]
+    assert not (tmp_path / "bad.pt").exists()    # the effusion companion, which passed, was not written either
 
 
 def test_encoder_starts_from_a_classifier_and_a_wrong_one_is_one_line(tmp_path, seg_folder, capsys):

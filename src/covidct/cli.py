@@ -12,6 +12,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 from covidct import DISCLAIMER, __version__
 from covidct.errors import CovidctError, require_folder
@@ -82,17 +83,27 @@ def _cmd_models(args: argparse.Namespace) -> int:
         print("no shipped models")
     for m in models:
         print(f"{m['name']:<24} task={m['task']:<8} input={m['input_size']} classes={','.join(m['classes'])}")
-        metrics = m["metrics"] if isinstance(m["metrics"], dict) else {}
-        for key, label in (("validation", "validation"), ("cross_validation", "cross-validation"),
-                           ("in_sample", "in-sample")):
-            block = metrics.get(key) or {}
-            keys = ("ap50", "ap75", "map", "infection_dice") if "ap50" in block else ("accuracy", "auc")
-            shown = block.get("dice") or {k: block[k] for k in keys if isinstance(block.get(k), float)}
-            text = ", ".join(f"{k} {v:.3f}" for k, v in shown.items() if isinstance(v, float))
-            kind = "Dice" if "dice" in block else "instances" if "ap50" in block else "slices"
-            if text:
-                print(f"{'':<24} {label} ({kind}): {text}")
+        _print_metrics(m["metrics"], "")
+        for role, companion in (m.get("companions") or {}).items():
+            print(f"{'':<24} + {role} companion: {companion['arch']}, classes={','.join(companion['classes'])}")
+            _print_metrics(companion["metrics"], "  ")
     return 0
+
+
+def _print_metrics(metrics: Any, indent: str) -> None:
+    """The validation / cross-validation / in-sample lines of one ``covidct models`` entry."""
+    metrics = metrics if isinstance(metrics, dict) else {}
+    for key, label in (("validation", "validation"), ("cross_validation", "cross-validation"),
+                       ("in_sample", "in-sample")):
+        block = metrics.get(key) or {}
+        keys = ("ap50", "ap75", "map", "infection_dice") if "ap50" in block else ("accuracy", "auc")
+        shown = block.get("dice") or {k: block[k] for k in keys if isinstance(block.get(k), float)}
+        text = ", ".join(f"{k} {v:.3f}" for k, v in shown.items() if isinstance(v, float))
+        kind = "Dice" if "dice" in block else "instances" if "ap50" in block else "slices"
+        if isinstance(block.get("data"), str):
+            kind += f", {block['data']}"
+        if text:
+            print(f"{'':<24} {indent}{label} ({kind}): {text}")
 
 
 def _parse_fold(text: str) -> int | str:
@@ -398,12 +409,17 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def _cmd_attach(args: argparse.Namespace) -> int:
-    from covidct.models.checkpoint import attach_companion
+    from covidct.models.checkpoint import attach_companions
     from covidct.models.registry import resolve_model
 
-    main_path, effusion_path = resolve_model(args.model, task="seg"), resolve_model(args.effusion, task="seg")
-    out = attach_companion(main_path, effusion_path, role="effusion", output=args.output)
-    print(f"wrote {out}: {main_path.name} with the effusion model {effusion_path.name} inside")
+    given = {role: spec for role, spec in (("effusion", args.effusion), ("lung_masked", args.lung_masked)) if spec}
+    if not given:
+        raise CovidctError(None, "nothing to attach: give --effusion FILE and/or --lung-masked FILE")
+    main_path = resolve_model(args.model, task="seg")
+    files = {role: resolve_model(spec, task="seg") for role, spec in given.items()}
+    out = attach_companions(main_path, files, output=args.output)
+    inside = " and ".join(f"the {role.replace('_', '-')} model {p.name}" for role, p in files.items())
+    print(f"wrote {out}: {main_path.name} with {inside} inside")
     return 0
 
 
@@ -789,12 +805,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "left-right mirror image (scored and calibrated that way)")
     s.set_defaults(func=_cmd_ensemble)
 
-    s = sub.add_parser("attach", help="store a pleural-effusion model inside a segmentation model file: the "
-                       "predictor runs it beside the main network and lets it decide effusion")
+    s = sub.add_parser("attach", help="store companion networks inside a segmentation model file: a "
+                       "pleural-effusion model that the predictor runs beside the main network and lets decide "
+                       "effusion, and/or a model that segments slices blacked out outside their lungs")
     s.add_argument("--model", required=True, help="the main segmentation model (shipped name or .pt)")
-    s.add_argument("--effusion", required=True, help="a segmentation model that predicts effusion "
+    s.add_argument("--effusion", help="a segmentation model that predicts effusion "
                    "(e.g. covidct train seg --labels effusion); a file that carries an effusion companion "
                    "(e.g. seg-effl0-unet) gives that companion")
+    s.add_argument("--lung-masked", help="a segmentation model (same lesion classes, with a lung head) that "
+                   "segments, instead of the main one, the slices found black outside their lungs (e.g. "
+                   "train seg --data covid-semiseg --data medseg-512 --lung-crop); a file that carries such a "
+                   "companion gives that companion")
     s.add_argument("-o", "--output", required=True, help="model file to write (.pt)")
     s.set_defaults(func=_cmd_attach)
 

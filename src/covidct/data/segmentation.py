@@ -66,6 +66,40 @@ def lung_crop_box(lung: np.ndarray | None) -> tuple[slice, slice] | None:
     return None
 
 
+#: Grey level (of [0, 1]) up to which a pixel counts as blacked out (2 of 255: JPG noise on black).
+LUNG_MASKED_BLACK = 2 / 255
+#: A slice is rendered "lung-masked" (black outside its lung field, as the MedSeg 512² frames) when at
+#: least this share of its pixels outside the lungs is black (MedSeg frames 0.93-1.00; COVID-SemiSeg crops
+#: at most 0.02; UCSD figures, mediastinal windows with black lungs included, at most 0.79; HU slices 0).
+LUNG_MASKED_SHARE = 0.9
+#: ... and those pixels are at least this share of the slice (a lung filling its slice says nothing).
+LUNG_MASKED_MIN_OUTSIDE = 0.2
+#: The lung mask is widened by this many pixels first (a blurred or slightly missed lung edge).
+LUNG_MASKED_DILATION_PX = 5
+
+
+def lung_masked_shares(image01: np.ndarray, lung: np.ndarray) -> tuple[float, float]:
+    """``(share of the slice outside the widened lung, share of those pixels that are black)`` for
+    :func:`is_lung_masked`."""
+    from scipy import ndimage
+
+    outside = ~ndimage.binary_dilation(lung, iterations=LUNG_MASKED_DILATION_PX)
+    black = np.asarray(image01)[outside] <= LUNG_MASKED_BLACK
+    return float(outside.mean()), float(black.mean()) if black.size else 0.0
+
+
+def is_lung_masked(image01: np.ndarray, lung: np.ndarray | None) -> bool:
+    """Whether ``image01`` (grey, [0, 1]) is blacked out outside ``lung`` (its lung mask, e.g. the lung
+    head's): at least :data:`LUNG_MASKED_SHARE` of the pixels outside the widened lung are black and they
+    cover at least :data:`LUNG_MASKED_MIN_OUTSIDE` of the slice. False without a lung mask."""
+    if lung is None or not lung.any():
+        return False
+    if (np.asarray(image01) <= LUNG_MASKED_BLACK).mean() < LUNG_MASKED_SHARE * LUNG_MASKED_MIN_OUTSIDE:
+        return False     # too little black anywhere (cheap: no dilation)
+    outside, black = lung_masked_shares(image01, lung)
+    return outside >= LUNG_MASKED_MIN_OUTSIDE and black >= LUNG_MASKED_SHARE
+
+
 def crop_to_lung(sample: SegSample) -> SegSample:
     """``sample`` cut to its reference lung box when it is framed wider than its lungs (a MedSeg 512²
     frame), as the predictor's second pass cuts such slices at inference; otherwise unchanged."""

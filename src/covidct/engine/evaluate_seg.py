@@ -53,6 +53,19 @@ def _score_folder(metrics: SegmentationMetrics, predictor: SegPredictor, folder,
     return model_seconds
 
 
+class _RoutedCount:
+    """An ``on_prediction`` that counts the slices the lung-masked companion segmented and passes every
+    slice on to ``then``."""
+
+    def __init__(self, then: OnSegPrediction | None = None) -> None:
+        self.n, self.then = 0, then
+
+    def __call__(self, sample: SegSample, prediction: SegPrediction) -> None:
+        self.n += prediction.network == "lung_masked"
+        if self.then is not None:
+            self.then(sample, prediction)
+
+
 def evaluate_folder(predictor: SegPredictor, folder: SegFolder, *, progress: bool = True,
                     compute_hd95: bool = True, on_prediction: OnSegPrediction | None = None) -> dict[str, Any]:
     """Score ``predictor`` on every slice; returns the ``covidct evaluate seg`` JSON object plus
@@ -90,12 +103,21 @@ def fold_validation_sets(model_specs: list[str | Path], data: str | Path, *,
 def evaluate_out_of_fold(model_specs: list[str | Path], data: str | Path, *, progress: bool = True,
                          compute_hd95: bool = True, id_map: dict[str, str] | None = None,
                          crop_to_lung: bool = True, density_classes: bool = True,
-                         tta: bool = False, effusion_specs: list[str | Path] | None = None) -> dict[str, Any]:
+                         tta: bool = False, effusion_specs: list[str | Path] | None = None,
+                         lung_masked_of: str | Path | None = None) -> dict[str, Any]:
     """Cross-validation estimate: each fold model scores only its own validation slices
     (:func:`fold_validation_sets`), all pooled into one result. ``effusion_specs``: an effusion
-    recipe's fold models, one per fold in the same order, each run as its fold's effusion companion."""
+    recipe's fold models, one per fold in the same order, each run as its fold's effusion companion.
+    ``lung_masked_of``: a main model (file or name) whose lung-masked companion each fold model stands in for:
+    the main model's first pass decides which slices are lung-masked and gives their lung boxes, the fold model
+    segments those (beside the main model's effusion companion, or the fold's ``effusion_specs``), the main
+    model the others; ``lung_masked_images`` in the result counts the slices the fold models segmented."""
+    from covidct.models.registry import load_seg_model
+
     metrics = SegmentationMetrics(compute_hd95=compute_hd95)
     n, model_seconds = 0, 0.0
+    main = load_seg_model(lung_masked_of)[0] if lung_masked_of is not None else None
+    routed = _RoutedCount()
     folds = fold_validation_sets(model_specs, data, id_map=id_map)
     companions: list = [None] * len(folds)
     if effusion_specs is not None:
@@ -104,11 +126,18 @@ def evaluate_out_of_fold(model_specs: list[str | Path], data: str | Path, *, pro
             raise CovidctError(None, "the effusion models must hold out the same slices as the models, fold by fold")
         companions = [e[0] for e in eff_folds]
     for (model, _, folder), effusion in zip(folds, companions):
-        predictor = SegPredictor(model, crop_to_lung=crop_to_lung, density_classes=density_classes, tta=tta,
-                                 effusion_model=effusion if effusion is not None else "companion")
-        model_seconds += _score_folder(metrics, predictor, folder, progress=progress)
+        effusion = effusion if effusion is not None else "companion"
+        if main is not None:
+            if not main.config.lung_head:
+                raise CovidctError(lung_masked_of, "has no lung head: it cannot tell lung-masked slices")
+            predictor = SegPredictor(main, crop_to_lung=crop_to_lung, density_classes=density_classes, tta=tta,
+                                     effusion_model=effusion, lung_masked_model=model)
+        else:
+            predictor = SegPredictor(model, crop_to_lung=crop_to_lung, density_classes=density_classes, tta=tta,
+                                     effusion_model=effusion)
+        model_seconds += _score_folder(metrics, predictor, folder, progress=progress, on_prediction=routed)
         n += len(folder)
-    return _summary(metrics, n, model_seconds)
+    return {**_summary(metrics, n, model_seconds), **({"lung_masked_images": routed.n} if main is not None else {})}
 
 
 def _summary(metrics: SegmentationMetrics, n_images: int, model_seconds: float) -> dict[str, Any]:
@@ -132,6 +161,7 @@ def evaluate_seg(model_spec: str | Path | None, data: str | Path, *, split: str 
                  progress: bool = True, tta: bool = False, density_classes: bool = True,
                  on_prediction: OnSegPrediction | None = None, precision: str = "auto") -> dict[str, Any]:
     """``covidct evaluate seg``; ``density_classes=False`` scores the network's own GGO / consolidation split;
+    ``lung_masked_images`` in the result counts the slices the lung-masked companion segmented;
     ``on_prediction(sample, prediction)`` sees every slice; ``precision`` as in
     :class:`~covidct.engine.infer.SegPredictor` (the one used is in the result)."""
     from covidct.models.registry import load_seg_model
@@ -139,8 +169,11 @@ def evaluate_seg(model_spec: str | Path | None, data: str | Path, *, split: str 
     model, payload = load_seg_model(model_spec)
     folder = SegFolder(data, split=split)
     predictor = SegPredictor(model, tta=tta, density_classes=density_classes, precision=precision)
-    result = evaluate_folder(predictor, folder, progress=progress, on_prediction=on_prediction)
+    routed = _RoutedCount(on_prediction)
+    result = evaluate_folder(predictor, folder, progress=progress, on_prediction=routed)
     result["model"] = Path(payload["path"]).name
+    # slices found black outside their lungs and segmented by the model's lung-masked companion (None: it has none)
+    result["lung_masked_images"] = routed.n if predictor.lung_masked is not None else None
     result["images_without_mask"] = folder.images_without_mask
     result["precision"] = predictor.precision
     result["data"] = str(data)
@@ -161,4 +194,7 @@ def format_table(result: dict[str, Any]) -> str:
                 f"{row.get(c, float('nan')):>12.4f}" if c in row else f"{'-':>12}" for c in cols))
     lines.append(f"rand error (infection, mean per image): {result['rand_error']}")
     lines.append(f"{result['n_images']} images, {result['images_per_second']} images/s")
+    if result.get("lung_masked_images"):
+        lines.append(f"{result['lung_masked_images']} of them black outside their lungs: segmented by the "
+                     "model's lung-masked companion")
     return "\n".join(lines)

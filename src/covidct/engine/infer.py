@@ -24,6 +24,15 @@ probability ``e`` is at least 0.5, otherwise it takes the main network's most li
 others; the probabilities are the main network's (effusion removed, renormalised) times ``1 - e``, and
 ``e`` for effusion.
 
+Lung-masked slices: when the model carries a ``lung_masked`` companion (a network trained on slices blacked
+out outside their lung field, like MedSeg's 512² frames), a slice that the main network's lung head finds
+blacked out outside its lungs (:func:`~covidct.data.segmentation.is_lung_masked`) is segmented by that
+network instead, beside the effusion companion: once, on the box of the lungs the main network found when
+the slice is framed wider than them (as the second pass cuts), else on the whole slice; the density split
+follows. ``SegPrediction.network`` says which network ran.
+Out of fold on the MedSeg frames the crop-trained network scores infection Dice 0.73, a network that also
+trained on frames 0.79 (``benchmarks/RESULTS.md``).
+
 Precision: ``precision="bf16"`` (or ``"auto"`` on a processor with native bfloat16) runs bfloat16 copies of the
 networks, their logits turned back to float32 before softmax; the default here is float32, the commands'
 default is ``auto`` (:mod:`covidct.engine.precision`; Dice within 0.001 of float32 on the training slices).
@@ -39,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from covidct.data.segmentation import LESION_CLASSES, lung_crop_box
+from covidct.data.segmentation import LESION_CLASSES, is_lung_masked, lung_crop_box
 from covidct.engine.precision import inference_dtype, resolve_precision
 from covidct.io.body import mask_box
 from covidct.models.fusion import fold_for_inference
@@ -61,11 +70,13 @@ DENSITY_SIGMA_MM = DENSITY_SIGMA_PX * 0.75
 class SegPrediction:
     """One slice's result on its own grid: ``labels`` uint8 (values index
     :data:`~covidct.data.segmentation.LESION_CLASSES`), ``probs`` float32 ``(4, H, W)`` for
-    background/GGO/consolidation/effusion (0 for classes the model lacks), ``lung_prob`` or ``None``."""
+    background/GGO/consolidation/effusion (0 for classes the model lacks), ``lung_prob`` or ``None``;
+    ``network``: ``"main"``, or ``"lung_masked"`` when the lung-masked companion segmented the slice."""
 
     labels: np.ndarray
     probs: np.ndarray
     lung_prob: np.ndarray | None
+    network: str = "main"
 
     @property
     def infection_prob(self) -> np.ndarray:
@@ -81,9 +92,13 @@ class SegPredictor:
 
     def __init__(self, model: SegmentationNet, *, batch_size: int = 8, device: str = "cpu", tta: bool = False,
                  crop_to_lung: bool = True, density_classes: bool = True, fold_bn: bool = True,
-                 effusion_model: SegmentationNet | None | str = "companion", precision: str = "fp32") -> None:
+                 effusion_model: SegmentationNet | None | str = "companion",
+                 lung_masked_model: SegmentationNet | None | str = "companion", precision: str = "fp32") -> None:
         """``effusion_model``: a network with an effusion output run beside ``model``; ``"companion"`` (default)
-        takes the one ``model``'s checkpoint carries, if any; ``None`` runs ``model`` alone. ``precision``:
+        takes the one ``model``'s checkpoint carries, if any; ``None`` runs ``model`` alone.
+        ``lung_masked_model``: a network that segments (instead of ``model``, beside the effusion model) the
+        slices found blacked out outside their lungs (needs ``model``'s lung head); ``"companion"`` (default)
+        as for effusion. ``precision``:
         ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16 where the processor computes it natively;
         :mod:`covidct.engine.precision`)."""
         if effusion_model == "companion":
@@ -113,6 +128,14 @@ class SegPredictor:
                 raise ValueError("the effusion model does not predict effusion")
             self.effusion = self._for_inference(effusion_model, fold_bn, device)
             self._effusion_index = effusion_model.config.lesion_classes.index("effusion")
+        if lung_masked_model == "companion":
+            lung_masked_model = getattr(model, "companions", {}).get("lung_masked")
+        self.lung_masked: SegPredictor | None = None
+        if lung_masked_model is not None and self.has_lung:
+            self.lung_masked = SegPredictor(
+                lung_masked_model, batch_size=batch_size, device=device, tta=tta, crop_to_lung=crop_to_lung,
+                density_classes=density_classes, fold_bn=fold_bn, effusion_model=effusion_model,
+                lung_masked_model=None, precision=precision)
 
     def _for_inference(self, net: SegmentationNet, fold_bn: bool, device: str, share: tuple = ()) -> torch.nn.Module:
         """``net`` (or, folded or in another dtype, a copy) in eval mode, channels-last, on ``device``."""
@@ -139,25 +162,45 @@ class SegPredictor:
         """Predict for 2-D float arrays in ``[0, 1]`` (any sizes); slices not framed like the training
         slices get the second, lung-cropped pass (see the module docstring). ``pixel_mm``: the images'
         in-plane pixel size, if known; the density split then smooths over :data:`DENSITY_SIGMA_MM`."""
-        results = self._predict_once(images, effusion=not self.crop_to_lung)
+        results = self._predict_once(images, effusion=False)
+        rest = list(range(len(images)))
+        if self.lung_masked is not None:
+            routed = [i for i in rest if is_lung_masked(images[i], results[i].lung)]
+            if routed:
+                for i, r in zip(routed, self.lung_masked._predict_in_lung_boxes([images[i] for i in routed],
+                                                                                [results[i] for i in routed])):
+                    r.network = "lung_masked"
+                    results[i] = r
+                rest = [i for i in rest if i not in set(routed)]
         if self.crop_to_lung:
             # the effusion companion runs once per slice: on the crop of a re-cropped slice (inside the
             # second pass), on the whole slice otherwise (a first-pass result that is replaced needs none)
-            recropped = self._second_pass(images, results)
-            rest = [i for i in range(len(images)) if i not in recropped]
-            self._add_effusion([images[i] for i in rest], [results[i] for i in rest])
+            recropped = self._second_pass(images, results, rest)
+            rest = [i for i in rest if i not in recropped]
+        self._add_effusion([images[i] for i in rest], [results[i] for i in rest])
         if self.density_classes:
             sigma = DENSITY_SIGMA_PX if pixel_mm is None else DENSITY_SIGMA_MM / pixel_mm
             for im, r in zip(images, results):
                 split_by_density(r.labels, np.asarray(im, np.float32), sigma_px=sigma)
         return results
 
-    def _second_pass(self, images: Sequence[np.ndarray], results: list[SegPrediction]) -> set[int]:
-        """Replace the results of slices framed wider than their lungs by a lung-cropped pass; returns
-        the indices replaced."""
+    def _predict_in_lung_boxes(self, images: Sequence[np.ndarray], firsts: Sequence[SegPrediction]) -> list[SegPrediction]:
+        """This network (and its effusion companion) once on each image: on the box of the lungs another
+        network's first pass found (``firsts``) where the slice is framed wider than them, as the second pass
+        cuts, else on the whole image; results on each image's grid (the lung outside the box from ``firsts``).
+        How the main predictor runs its lung-masked companion: no first pass of its own."""
+        boxes = [lung_crop_box(f.lung) if self.crop_to_lung else None for f in firsts]
+        inputs = [np.asarray(im)[b] if b is not None else im for im, b in zip(images, boxes)]
+        return [r if b is None else _paste(f, r, b)
+                for r, b, f in zip(self._predict_once(inputs), boxes, firsts)]
+
+    def _second_pass(self, images: Sequence[np.ndarray], results: list[SegPrediction],
+                     among: Sequence[int]) -> set[int]:
+        """Replace the results (of the indices ``among``) of slices framed wider than their lungs by a
+        lung-cropped pass; returns the indices replaced."""
         boxes = {}
-        for i, r in enumerate(results):
-            box = lung_crop_box(r.lung)
+        for i in among:
+            box = lung_crop_box(results[i].lung)
             if box is not None:
                 boxes[i] = box
         if boxes:

@@ -12,9 +12,10 @@ tensors that differ from it, with ``"base_model": {"name", "sha256", "prefix"}``
 rest from that file (shipped name or path) after checking its checksum (:func:`delta_state`).
 
 A segmentation checkpoint may carry **companions**: ``"companions": {"effusion": {<a whole seg
-checkpoint dict>}}`` — a second network, stored inside the file, that the predictor runs beside the main
-one on the same input (the pleural-effusion model beside a lesion model that does not learn effusion;
-:func:`attach_companion`, :class:`covidct.engine.infer.SegPredictor`).
+checkpoint dict>}, "lung_masked": {...}}`` — networks stored inside the file that the predictor runs
+besides the main one: ``effusion`` on the same input (the pleural-effusion model beside a lesion model that
+does not learn effusion), ``lung_masked`` instead of the main one on slices blacked out outside their lungs
+(a model trained on such slices; :func:`attach_companion`, :class:`covidct.engine.infer.SegPredictor`).
 
 It loads with ``weights_only=True`` (plain types and tensors only).
 """
@@ -98,29 +99,46 @@ def record_metrics(path: str | Path, **metrics: Any) -> Path:
 
 
 #: Companion roles a segmentation checkpoint may carry.
-COMPANION_ROLES = ("effusion",)
+COMPANION_ROLES = ("effusion", "lung_masked")
 
 
 def attach_companion(path: str | Path, companion: str | Path, *, role: str = "effusion",
                      output: str | Path | None = None) -> Path:
-    """Store the seg checkpoint ``companion`` inside the seg checkpoint ``path`` under ``role`` and write
-    the result to ``output`` (default: rewrite ``path``) atomically; weights and settings of the main
-    model are unchanged. The effusion companion must predict effusion. When ``companion`` itself carries a
-    companion in ``role`` (a file made by this function, e.g. the shipped ``seg-effl0-unet``), that network is
-    taken: it is the one that decides ``role`` in that file."""
-    if role not in COMPANION_ROLES:
-        raise CovidctError(None, f"unknown companion role {role!r}; choose one of {COMPANION_ROLES}")
-    payload, extra = read_checkpoint(path), read_checkpoint(companion)
-    for p, pl in ((path, payload), (companion, extra)):
-        if pl["task"] != "seg":
-            raise CovidctError(p, f"is a {pl['task']!r} model, not a segmentation model")
-    carried = (extra.get("companions") or {}).get(role)
-    if carried is not None:
-        extra = carried
-    if role not in (extra["config"].get("lesion_classes") or []):
-        raise CovidctError(companion, f"does not predict {role}")
-    extra.pop("companions", None)
-    payload["companions"] = {**(payload.get("companions") or {}), role: extra}
+    """Store the seg checkpoint ``companion`` inside the seg checkpoint ``path`` under ``role``
+    (:func:`attach_companions` with one role)."""
+    return attach_companions(path, {role: companion}, output=output)
+
+
+def attach_companions(path: str | Path, companions: dict[str, str | Path], *,
+                      output: str | Path | None = None) -> Path:
+    """Store each seg checkpoint of ``companions`` (role -> file) inside the seg checkpoint ``path`` under
+    its role and write the result to ``output`` (default: rewrite ``path``) atomically, once, after every
+    companion passed its checks; weights and settings of the main model are unchanged. The effusion
+    companion must predict effusion; the lung-masked one must have the main model's lesion classes and a
+    lung head. A companion's own companions are not kept (it runs alone), except that when a file carries a
+    companion in the role asked for (a file made by this function, e.g. the shipped ``seg-effl0-unet``),
+    that network is taken: it is the one that decides the role in that file."""
+    payload = read_checkpoint(path)
+    if payload["task"] != "seg":
+        raise CovidctError(path, f"is a {payload['task']!r} model, not a segmentation model")
+    stored = dict(payload.get("companions") or {})
+    for role, companion in companions.items():
+        if role not in COMPANION_ROLES:
+            raise CovidctError(None, f"unknown companion role {role!r}; choose one of {COMPANION_ROLES}")
+        extra = read_checkpoint(companion)
+        if extra["task"] != "seg":
+            raise CovidctError(companion, f"is a {extra['task']!r} model, not a segmentation model")
+        extra = (extra.get("companions") or {}).get(role) or extra
+        classes = extra["config"].get("lesion_classes") or []
+        if role == "effusion" and "effusion" not in classes:
+            raise CovidctError(companion, "does not predict effusion")
+        if role == "lung_masked" and (classes != (payload["config"].get("lesion_classes") or [])
+                                      or not extra["config"].get("lung_head", True)):
+            raise CovidctError(companion, "cannot stand in for the main model: it needs the same lesion "
+                                          "classes and a lung head")
+        extra.pop("companions", None)
+        stored[role] = extra
+    payload["companions"] = stored
     return _save_atomic(payload, Path(output or path))
 
 

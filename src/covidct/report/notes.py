@@ -28,7 +28,7 @@ def report_notes(report: dict) -> list[str]:
     ``note: ...`` by the command line, rows of the HTML report, the ``notes`` column of a batch's summary): which
     series was taken, uneven slice gaps, slices without positions, a colour image, CT numbers without their
     intercept, NaN voxels, a volume upside down, lungs that run off the scan, a lung mask implausibly large (in
-    volume, or in its share of a slice)."""
+    volume, or in its share of a slice), slices segmented by the network for lung-masked slices."""
     inp = report["input"]
     notes = []
     if inp.get("series_chosen"):
@@ -55,4 +55,8 @@ def report_notes(report: dict) -> list[str]:
         notes.append(report["lung_volume_note"])
     if report.get("lung_share_note"):
         notes.append(report["lung_share_note"])
+    if report.get("lung_masked_slices"):
+        n = len(report["lung_masked_slices"])
+        notes.append(f"{n} slice{'s are' if n > 1 else ' is'} black outside the lungs (a lung-masked rendering): "
+                     f"segmented by the model's network for such slices, trained on MedSeg's lung-masked frames")
     return notes

@@ -87,6 +87,9 @@ def build_report(vol: Volume, result: ScanResult, models: list[dict], seconds: f
         # a lung mask covering more of a slice than lungs can (analysis.scan.lung_share_note): probably no chest
         # CT; None when plausible
         "lung_share_note": result.lung_share_note,
+        # slices found black outside their lungs (a lung-masked rendering), segmented by the model's
+        # lung-masked companion network instead of the main one (engine.infer); [] for every other input
+        "lung_masked_slices": result.lung_masked_slices,
         "lesions": {k: {"volume_ml": v["volume_ml"], "percent_of_lung": v["percent_of_lung"], "voxels": v["voxels"]}
                     for k, v in b["lesions"].items()},
         "percent_opacity": b["percent_opacity"],

@@ -68,7 +68,10 @@ def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec
             row = {"input": str(vol.source), "slice": k, "name": name,
                    "pixels": {"ggo": int((labels == 1).sum()), "consolidation": int((labels == 2).sum()),
                               "effusion": int((labels == 3).sum()), "lung": None if lung is None else int(lung.sum())},
-                   "lungs": "classical HU threshold" if scan is not None else "learned lung head"}
+                   "lungs": "classical HU threshold" if scan is not None else "learned lung head",
+                   # which network segmented it: the main one, or the lung-masked companion (slices black outside
+                   # their lungs); HU slices go through the scan analysis
+                   "network": "main" if scan is not None else pred.network}
             if lesion_model is not None:
                 row["instances"] = _instances(lesion_model, grey, outdir / f"{name}_instances.png", lesion_score, name,
                                               lesion_turns, predictor.precision)
