@@ -44,6 +44,7 @@ def main() -> int:
     ap.add_argument("models", nargs="+", help="one model file per fold")
     ap.add_argument("--json")
     ap.add_argument("--id-column", help="manifest.csv column of --data holding the fold models' slice ids")
+    ap.add_argument("--split", help="only the slices of this manifest.csv split of --data (e.g. train)")
     ap.add_argument("--no-crop", action="store_true", help="one pass on the whole slice (no lung-cropped pass)")
     ap.add_argument("--network-classes", action="store_true", help="the network's own GGO / consolidation split "
                     "(no density rule)")
@@ -67,8 +68,8 @@ def main() -> int:
         with open(Path(args.data) / "manifest.csv", newline="") as fh:
             id_map = {r[args.id_column]: Path(r["image"]).stem for r in csv.DictReader(fh) if r.get(args.id_column)}
     try:
-        if args.average_with and (args.effusion or args.lung_masked_of):
-            raise CovidctError(None, "--effusion / --lung-masked-of and --average-with do not combine")
+        if args.average_with and (args.effusion or args.lung_masked_of or args.split):
+            raise CovidctError(None, "--effusion / --lung-masked-of / --split and --average-with do not combine")
         if args.average_with:
             result = _ensemble_out_of_fold([args.models] + [g.split(",") for g in args.average_with], args.data,
                                            id_map=id_map, crop_to_lung=not args.no_crop,
@@ -77,7 +78,7 @@ def main() -> int:
             result = evaluate_out_of_fold(args.models, args.data, id_map=id_map, crop_to_lung=not args.no_crop,
                                           density_classes=not args.network_classes, tta=args.tta,
                                           effusion_specs=args.effusion.split(",") if args.effusion else None,
-                                          lung_masked_of=args.lung_masked_of)
+                                          lung_masked_of=args.lung_masked_of, split=args.split)
     except CovidctError as exc:
         print(f"{os.path.basename(sys.argv[0])}: error: {exc}", file=sys.stderr)
         return 2

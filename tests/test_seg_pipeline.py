@@ -195,6 +195,9 @@ def test_out_of_fold_pools_each_slice_once(tmp_path, seg_folder):
     assert 0.0 <= result["dice"]["infection"] <= 1.0
     with pytest.raises(CovidctError, match="overlap"):
         evaluate_out_of_fold([models[0], models[0]], seg_folder, progress=False)
+    # only the slices of one manifest split (the folder's last two are "test")
+    train_only = evaluate_out_of_fold(models, seg_folder, progress=False, compute_hd95=False, split="train")
+    assert train_only["n_images"] == result["n_images"] - 2
     # an effusion recipe's fold models pair with the models fold by fold, never across folds
     paired = evaluate_out_of_fold(models, seg_folder, progress=False, compute_hd95=False, effusion_specs=models)
     assert paired["n_images"] == result["n_images"] and paired["dice"]["effusion"] is not None

@@ -77,13 +77,16 @@ def evaluate_folder(predictor: SegPredictor, folder: SegFolder, *, progress: boo
 
 
 def fold_validation_sets(model_specs: list[str | Path], data: str | Path, *,
-                         id_map: dict[str, str] | None = None) -> list[tuple[Any, dict, SegFolder]]:
+                         id_map: dict[str, str] | None = None,
+                         split: str | None = None) -> list[tuple[Any, dict, SegFolder]]:
     """``(model, checkpoint, its validation slices of data)`` for each fold model (trained with
     ``--folds K --fold k``): every slice is scored by the one model that did not train on it. The
     folds must not overlap. ``id_map`` translates the checkpoints' ids to ``data``'s ids (the same
-    slices in another folder, e.g. MedSeg's 512² frames of the COVID-SemiSeg crops); ids it lacks are skipped."""
+    slices in another folder, e.g. MedSeg's 512² frames of the COVID-SemiSeg crops); ids it lacks are skipped.
+    ``split``: only the slices of this manifest split (e.g. MedSeg's ``train`` frames, without its ``extra``)."""
     from covidct.models.registry import load_seg_model
 
+    in_split = set(SegFolder(data, split=split).ids) if split is not None else None
     seen: set[str] = set()
     out = []
     for spec in model_specs:
@@ -96,6 +99,8 @@ def fold_validation_sets(model_specs: list[str | Path], data: str | Path, *,
         seen |= set(ids)
         if id_map is not None:
             ids = [id_map[i] for i in ids if i in id_map]
+        if in_split is not None:
+            ids = [i for i in ids if i in in_split]
         out.append((model, payload, SegFolder(data, ids=ids)))
     return out
 
@@ -104,24 +109,25 @@ def evaluate_out_of_fold(model_specs: list[str | Path], data: str | Path, *, pro
                          compute_hd95: bool = True, id_map: dict[str, str] | None = None,
                          crop_to_lung: bool = True, density_classes: bool = True,
                          tta: bool = False, effusion_specs: list[str | Path] | None = None,
-                         lung_masked_of: str | Path | None = None) -> dict[str, Any]:
+                         lung_masked_of: str | Path | None = None, split: str | None = None) -> dict[str, Any]:
     """Cross-validation estimate: each fold model scores only its own validation slices
     (:func:`fold_validation_sets`), all pooled into one result. ``effusion_specs``: an effusion
     recipe's fold models, one per fold in the same order, each run as its fold's effusion companion.
     ``lung_masked_of``: a main model (file or name) whose lung-masked companion each fold model stands in for:
     the main model's first pass decides which slices are lung-masked and gives their lung boxes, the fold model
     segments those (beside the main model's effusion companion, or the fold's ``effusion_specs``), the main
-    model the others; ``lung_masked_images`` in the result counts the slices the fold models segmented."""
+    model the others; ``lung_masked_images`` in the result counts the slices the fold models segmented.
+    ``split``: only the slices of this manifest split (:func:`fold_validation_sets`)."""
     from covidct.models.registry import load_seg_model
 
     metrics = SegmentationMetrics(compute_hd95=compute_hd95)
     n, model_seconds = 0, 0.0
     main = load_seg_model(lung_masked_of)[0] if lung_masked_of is not None else None
     routed = _RoutedCount()
-    folds = fold_validation_sets(model_specs, data, id_map=id_map)
+    folds = fold_validation_sets(model_specs, data, id_map=id_map, split=split)
     companions: list = [None] * len(folds)
     if effusion_specs is not None:
-        eff_folds = fold_validation_sets(effusion_specs, data, id_map=id_map)
+        eff_folds = fold_validation_sets(effusion_specs, data, id_map=id_map, split=split)
         if len(eff_folds) != len(folds) or any(e[2].ids != f[2].ids for e, f in zip(eff_folds, folds)):
             raise CovidctError(None, "the effusion models must hold out the same slices as the models, fold by fold")
         companions = [e[0] for e in eff_folds]
