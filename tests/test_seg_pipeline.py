@@ -737,7 +737,8 @@ def _biased_seg_net(cfg, *, lesion: str, lung_logit: float):
         head.weight.zero_()
         head.bias.zero_()
         head.bias[cfg.lesion_classes.index(lesion)] = 10.0
-        head.bias[len(cfg.lesion_classes)] = lung_logit
+        if cfg.lung_head:
+            head.bias[len(cfg.lesion_classes)] = lung_logit
     return net
 
 
@@ -791,6 +792,15 @@ def test_lung_masked_companion_segments_the_slices_black_outside_their_lungs(tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "odd.pt" in err[0] and "same lesion classes" in err[0]
     assert not (tmp_path / "bad.pt").exists()    # the effusion companion, which passed, was not written either
+    # a main model without a lung head could never route a slice: refused, naming it
+    headless = SegModelConfig(encoder="resnet18", decoder_channels=(16, 16, 8, 8, 8), input_size=32,
+                              lesion_classes=classes, lung_head=False)
+    blind = save_checkpoint(tmp_path / "blind.pt", task="seg", config=headless.to_dict(),
+                            state_dict=_biased_seg_net(headless, lesion="ggo", lung_logit=1.0).state_dict())
+    assert main(["attach", "--model", str(blind), "--lung-masked", str(files["masked"]), "-o",
+                 str(tmp_path / "bad.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "blind.pt" in err[0] and "no lung head" in err[0] and not (tmp_path / "bad.pt").exists()
 
 
 def test_encoder_starts_from_a_classifier_and_a_wrong_one_is_one_line(tmp_path, seg_folder, capsys):

@@ -115,7 +115,7 @@ def attach_companions(path: str | Path, companions: dict[str, str | Path], *,
     its role and write the result to ``output`` (default: rewrite ``path``) atomically, once, after every
     companion passed its checks; weights and settings of the main model are unchanged. The effusion
     companion must predict effusion; the lung-masked one must have the main model's lesion classes and a
-    lung head. A companion's own companions are not kept (it runs alone), except that when a file carries a
+    lung head, and the main model a lung head (it decides which slices go to it). A companion's own companions are not kept (it runs alone), except that when a file carries a
     companion in the role asked for (a file made by this function, e.g. the shipped ``seg-effl0-unet``),
     that network is taken: it is the one that decides the role in that file."""
     payload = read_checkpoint(path)
@@ -132,6 +132,9 @@ def attach_companions(path: str | Path, companions: dict[str, str | Path], *,
         classes = extra["config"].get("lesion_classes") or []
         if role == "effusion" and "effusion" not in classes:
             raise CovidctError(companion, "does not predict effusion")
+        if role == "lung_masked" and not payload["config"].get("lung_head", True):
+            raise CovidctError(path, "has no lung head, so it cannot tell which slices are black outside their "
+                                     "lungs: a lung-masked companion needs a main model with one")
         if role == "lung_masked" and (classes != (payload["config"].get("lesion_classes") or [])
                                       or not extra["config"].get("lung_head", True)):
             raise CovidctError(companion, "cannot stand in for the main model: it needs the same lesion "
