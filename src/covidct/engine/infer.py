@@ -163,20 +163,24 @@ class SegPredictor:
         slices get the second, lung-cropped pass (see the module docstring). ``pixel_mm``: the images'
         in-plane pixel size, if known; the density split then smooths over :data:`DENSITY_SIGMA_MM`."""
         results = self._predict_once(images, effusion=False)
+        # the box of each slice framed wider than its lungs (the second pass cuts it to that box)
+        boxes = [lung_crop_box(r.lung) if self.crop_to_lung else None for r in results]
         rest = list(range(len(images)))
         if self.lung_masked is not None:
             routed = [i for i in rest if is_lung_masked(images[i], results[i].lung)]
             if routed:
-                for i, r in zip(routed, self.lung_masked._predict_in_lung_boxes([images[i] for i in routed],
-                                                                                [results[i] for i in routed])):
+                for i, r in zip(routed, self.lung_masked._predict_in_boxes(
+                        [images[i] for i in routed], [results[i] for i in routed], [boxes[i] for i in routed])):
                     r.network = "lung_masked"
                     results[i] = r
                 rest = [i for i in rest if i not in set(routed)]
-        if self.crop_to_lung:
-            # the effusion companion runs once per slice: on the crop of a re-cropped slice (inside the
-            # second pass), on the whole slice otherwise (a first-pass result that is replaced needs none)
-            recropped = self._second_pass(images, results, rest)
-            rest = [i for i in rest if i not in recropped]
+        # the second pass; the effusion companion runs once per slice: on the crop of a re-cropped slice (inside
+        # the second pass), on the whole slice otherwise (a first-pass result that is replaced needs none)
+        recropped = [i for i in rest if boxes[i] is not None]
+        for i, r in zip(recropped, self._predict_in_boxes(
+                [images[i] for i in recropped], [results[i] for i in recropped], [boxes[i] for i in recropped])):
+            results[i] = r
+        rest = [i for i in rest if boxes[i] is None]
         self._add_effusion([images[i] for i in rest], [results[i] for i in rest])
         if self.density_classes:
             sigma = DENSITY_SIGMA_PX if pixel_mm is None else DENSITY_SIGMA_MM / pixel_mm
@@ -184,30 +188,15 @@ class SegPredictor:
                 split_by_density(r.labels, np.asarray(im, np.float32), sigma_px=sigma)
         return results
 
-    def _predict_in_lung_boxes(self, images: Sequence[np.ndarray], firsts: Sequence[SegPrediction]) -> list[SegPrediction]:
-        """This network (and its effusion companion) once on each image: on the box of the lungs another
-        network's first pass found (``firsts``) where the slice is framed wider than them, as the second pass
-        cuts, else on the whole image; results on each image's grid (the lung outside the box from ``firsts``).
-        How the main predictor runs its lung-masked companion: no first pass of its own."""
-        boxes = [lung_crop_box(f.lung) if self.crop_to_lung else None for f in firsts]
+    def _predict_in_boxes(self, images: Sequence[np.ndarray], firsts: Sequence[SegPrediction],
+                          boxes: Sequence[tuple[slice, slice] | None]) -> list[SegPrediction]:
+        """This network (and its effusion companion) once on each image: on its box where one is given (the
+        result pasted onto the image's grid, the lung outside the box from ``firsts``, a first pass), else on
+        the whole image. The second pass of this predictor, and how the main predictor runs its lung-masked
+        companion (on the main network's boxes: no first pass of the companion's own)."""
         inputs = [np.asarray(im)[b] if b is not None else im for im, b in zip(images, boxes)]
         return [r if b is None else _paste(f, r, b)
                 for r, b, f in zip(self._predict_once(inputs), boxes, firsts)]
-
-    def _second_pass(self, images: Sequence[np.ndarray], results: list[SegPrediction],
-                     among: Sequence[int]) -> set[int]:
-        """Replace the results (of the indices ``among``) of slices framed wider than their lungs by a
-        lung-cropped pass; returns the indices replaced."""
-        boxes = {}
-        for i in among:
-            box = lung_crop_box(results[i].lung)
-            if box is not None:
-                boxes[i] = box
-        if boxes:
-            order = sorted(boxes)
-            for i, crop in zip(order, self._predict_once([np.asarray(images[i])[boxes[i]] for i in order])):
-                results[i] = _paste(results[i], crop, boxes[i])
-        return set(boxes)
 
     def _predict_once(self, images: Sequence[np.ndarray], *, effusion: bool = True) -> list[SegPrediction]:
         """The main network on each image (and, with ``effusion``, the effusion companion)."""
