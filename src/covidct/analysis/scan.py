@@ -87,7 +87,7 @@ class ScanResult:
     lung_volume_note: str | None = None   # see :func:`lung_volume_note`
     orientation_check: dict | None = None   # see :func:`orientation_check`
     lung_share_note: str | None = None   # see :func:`lung_share_note`
-    # slices found black outside their lungs, segmented by the model's lung-masked companion (engine.infer)
+    # slices whose lesions the lung-masked companion segmented: their lung box found black outside the lungs
     lung_masked_slices: list[int] = field(default_factory=list)
 
 
@@ -218,13 +218,12 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     n = vol.n_slices
-    routed: set[int] = set()
     if vol.is_hu:
         lung_res = segment_lungs_hu(vol.array, spacing=vol.spacing, affine=vol.affine, progress=progress)
         lungs = lung_res.labels
         lung_method = "classical HU threshold (scikit-image/SciPy)"
     else:
-        lungs, routed = _learned_lungs(vol, predictor, progress, turns)
+        lungs = _learned_lungs(vol, predictor, progress, turns)
         lung_method = "learned lung head of the segmentation model"
     timings["lungs_s"] = round(time.perf_counter() - t0, 2)
     if require_lungs and not lungs.any():   # nothing to measure or answer for: not "Control"
@@ -236,6 +235,7 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
 
     t0 = time.perf_counter()
     lesions = np.zeros(vol.shape, np.uint8)
+    routed: list[int] = []   # slices whose lesions the lung-masked companion segmented (engine.infer)
     todo = [k for k in range(n) if lungs[k].any()]
     px_mm = _slice_pixel_mm2(vol)
     eff_margin = max(1, int(round(15.0 / np.sqrt(px_mm)))) if vol.spacing else 15
@@ -248,7 +248,7 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
         crops = [lung_crop_input(vol, k, b, turns=turns, window=window) for k, b in zip(ks, boxes)]
         for k, b, pred in zip(ks, boxes, predictor.predict(crops, pixel_mm=pixel_mm)):
             if pred.network == "lung_masked":
-                routed.add(k)
+                routed.append(k)
             full = np.zeros(vol.shape[1:], np.uint8)
             full[b] = np.rot90(pred.labels, -turns)
             if not full.any():   # nothing to restrict to the lung region (most slices of most scans)
@@ -299,7 +299,7 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     coverage = lung_coverage(lungs, px_mm) if vol.kind in ORIENTED_KINDS and vol.spacing and n > 1 and lungs.any() \
         else None
     return ScanResult(lesions, lungs, burden, slices, diagnosis, lung_method, timings, coverage,
-                      lung_volume_note(burden["lung_volume_ml"]), orientation, lung_share_note(lungs), sorted(routed))
+                      lung_volume_note(burden["lung_volume_ml"]), orientation, lung_share_note(lungs), routed)
 
 
 def _per_slice_counts(lesions: np.ndarray, lungs: np.ndarray, chunk: int = SLICE_CHUNK) -> tuple[np.ndarray, ...]:
@@ -376,19 +376,15 @@ def _drop_small_lesions(lesions: np.ndarray, lungs: np.ndarray, voxel_ml: float 
         sub[z:z + SLICE_CHUNK][small[lab[z:z + SLICE_CHUNK]]] = 0
 
 
-def _learned_lungs(vol: Volume, predictor: SegPredictor, progress: bool, turns: int = 0) -> tuple[np.ndarray, set[int]]:
+def _learned_lungs(vol: Volume, predictor: SegPredictor, progress: bool, turns: int = 0) -> np.ndarray:
     """Lungs of non-HU slices from the model's lung head (each slice turned ``turns`` quarters on the
-    way in and back on the way out), split into sides at the middle column; and the slices whose lungs came
-    from the lung-masked companion."""
+    way in and back on the way out), split into sides at the middle column."""
     if not predictor.has_lung:
         raise ValueError("input has no Hounsfield units and the model has no lung head")
     out = np.zeros(vol.shape, np.uint8)
-    routed = set()
     for k in tqdm(range(vol.n_slices), desc="lungs", unit="slice", disable=not progress):
         turned = np.ascontiguousarray(np.rot90(to_model_input(vol.array[k], is_hu=False), turns))
         pred = predictor.predict([turned])[0]
-        if pred.network == "lung_masked":
-            routed.add(k)
         lung = ndimage.binary_fill_holes(np.rot90(pred.lung, -turns))
         if not lung.any():
             continue
@@ -396,4 +392,4 @@ def _learned_lungs(vol: Volume, predictor: SegPredictor, progress: bool, turns: 
         mid = (cols[0] + cols[-1]) // 2
         out[k][:, :mid][lung[:, :mid]] = RIGHT
         out[k][:, mid:][lung[:, mid:]] = LEFT
-    return out, routed
+    return out
