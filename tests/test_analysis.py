@@ -392,6 +392,52 @@ def test_analyze_image_uses_learned_lungs(tmp_path, tiny_seg_model):
     assert _viewer_data((out / "viewer.html").read_text())["windows"] == ["lung"]   # no HU: no mediastinal window
 
 
+class _ScriptedPredictor:
+    """Stands in for a SegPredictor with a lung head: a fixed lung (two discs), lesions inside one of them and one
+    outside both (which analyze must drop), the slice "routed" to the lung-masked network; counts its calls."""
+
+    has_lung = True
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        from covidct.engine.infer import SegPrediction
+
+        yy, xx = np.mgrid[:shape[0], :shape[1]]
+        lung = ((yy - 40) ** 2 + (xx - 30) ** 2 < 15 ** 2) | ((yy - 40) ** 2 + (xx - 90) ** 2 < 15 ** 2)
+        labels = np.zeros(shape, np.uint8)
+        labels[35:45, 25:35] = 1            # GGO in the right-hand (image left) lung
+        labels[38:42, 88:92] = 2            # consolidation in the other
+        labels[70:76, 55:65] = 1            # outside both lungs, below them
+        probs = np.zeros((4, *shape), np.float32)
+        self.prediction = SegPrediction(labels, probs, lung.astype(np.float32), network="lung_masked")
+        self.calls: list[int] = []
+
+    def predict(self, images, *, pixel_mm=None):
+        import copy
+
+        self.calls.append(len(images))
+        return [copy.deepcopy(self.prediction) for _ in images]
+
+
+def test_analyze_segments_an_image_once_and_keeps_its_lesions_in_the_lungs(tmp_path):
+    """A slice without Hounsfield units goes through the predictor once (lungs and lesions from one run, the
+    lung-masked decision made on the whole slice and reported); lesions outside the lungs are dropped, those in
+    them kept as predicted."""
+    from PIL import Image
+
+    from covidct.analysis.scan import analyze_volume
+
+    Image.fromarray(np.full((90, 120), 60, np.uint8)).save(tmp_path / "x.png")
+    predictor = _ScriptedPredictor((90, 120))
+    result = analyze_volume(read(tmp_path / "x.png"), predictor, progress=False)
+    assert predictor.calls == [1]
+    assert result.lung_masked_slices == [0]
+    expected = predictor.prediction.labels.copy()
+    expected[70:76, 55:65] = 0
+    assert np.array_equal(result.lesions[0], expected)
+    assert set(np.unique(result.lungs[0])) == {0, RIGHT, LEFT}
+    assert result.slices[0]["lesion_percent"] > 0
+
+
 def test_lung_mask_covering_the_image_is_flagged(tmp_path, capsys):
     """Noise is no chest CT: the shipped model's lung head marks nearly all of it, and the report says that the
     input may not be a chest CT (report.json, the HTML report, the printed notes); a real CT slice gets no note."""
@@ -421,14 +467,15 @@ def test_lung_mask_covering_the_image_is_flagged(tmp_path, capsys):
 def test_analyze_says_which_slices_went_to_the_lung_masked_network(tmp_path, capsys):
     """A MedSeg frame (black outside its lungs) is segmented by the shipped model's lung-masked companion, and
     the report says so (report.json, its notes); a slice with the body around its lungs is not."""
-    frame = need_data("medseg-512", "images") / "017.png"
-    out = tmp_path / "frame"
-    capsys.readouterr()
-    assert main(["analyze", str(frame), "-o", str(out), "--classifier", "none", "--no-viewer"]) == 0
-    report = json.loads((out / "report.json").read_text())
-    assert report["lung_masked_slices"] == [0]
-    assert "note: 1 slice is black outside the lungs" in capsys.readouterr().out
-    assert "black outside the lungs" in (out / "report.html").read_text()
+    for name in ("017", "023"):   # 023: routed on its whole frame, not on its lung box (decided once, whole)
+        frame = need_data("medseg-512", "images") / f"{name}.png"
+        out = tmp_path / name
+        capsys.readouterr()
+        assert main(["analyze", str(frame), "-o", str(out), "--classifier", "none", "--no-viewer"]) == 0
+        report = json.loads((out / "report.json").read_text())
+        assert report["lung_masked_slices"] == [0], name
+        assert "note: 1 slice is black outside the lungs" in capsys.readouterr().out
+        assert "black outside the lungs" in (out / "report.html").read_text()
 
 
 def test_colour_image_is_flagged(tmp_path, tiny_seg_model, capsys):

@@ -1,10 +1,13 @@
 """Scan-level analysis: lungs -> lesions slice by slice -> burden, severity, slice scores.
 
-Lesion model input: each slice is cropped to the bounding box of its lungs (plus a 3 % margin) —
-the framing of the COVID-SemiSeg training slices — windowed (HU: the ``model`` window of
+Lesion model input: each HU slice is cropped to the bounding box of its lungs (plus a 3 % margin) —
+the framing of the COVID-SemiSeg training slices — windowed (the ``model`` window of
 :mod:`covidct.io.window`) and resized to the model's input size, so the in-plane resolution of the source does not matter (a 256² NIfTI at
 1.18 mm and a 512² series at 0.75 mm give the same framing). Predictions are pasted back on the
-input grid. GGO/consolidation are kept inside each lung closed with a 10 mm disk (holes filled),
+input grid. Slices without HU get one run of the segmentation predictor on the whole slice, which gives
+both their lungs (its lung head) and their lesions (cut to its own lung box, :mod:`covidct.engine.infer`): the
+slice is segmented as ``covidct predict`` and ``covidct evaluate seg`` segment it, and the decision to
+give it to the lung-masked companion is made once, on the whole slice. GGO/consolidation are kept inside each lung closed with a 10 mm disk (holes filled),
 effusion within 15 mm of it; 3-D lesion components under 0.1 mL are dropped (volumes with spacing only).
 
 Slices of a volume in the working orientation (DICOM, NIfTI: anterior up, :mod:`covidct.io.orientation`)
@@ -87,7 +90,8 @@ class ScanResult:
     lung_volume_note: str | None = None   # see :func:`lung_volume_note`
     orientation_check: dict | None = None   # see :func:`orientation_check`
     lung_share_note: str | None = None   # see :func:`lung_share_note`
-    # slices whose lesions the lung-masked companion segmented: their lung box found black outside the lungs
+    # slices whose lesions the lung-masked companion segmented (found black outside the lungs: the whole slice
+    # for non-HU inputs, the lung box for HU ones, where this never happens on a windowed CT slice)
     lung_masked_slices: list[int] = field(default_factory=list)
 
 
@@ -218,14 +222,19 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     n = vol.n_slices
+    px_mm = _slice_pixel_mm2(vol)
+    pixel_mm = float(np.sqrt(px_mm)) if vol.spacing else None   # the density split smooths in mm
+    routed: list[int] = []   # slices whose lesions the lung-masked companion segmented (engine.infer)
     if vol.is_hu:
         lung_res = segment_lungs_hu(vol.array, spacing=vol.spacing, affine=vol.affine, progress=progress)
         lungs = lung_res.labels
+        lesions = np.zeros(vol.shape, np.uint8)
         lung_method = "classical HU threshold (scikit-image/SciPy)"
-    else:
-        lungs = _learned_lungs(vol, predictor, progress, turns)
+    else:   # one predictor run per slice: lungs and (unrestricted) lesions
+        lungs, lesions, routed = _learned_lungs_and_lesions(vol, predictor, progress=progress, turns=turns,
+                                                            batch_size=batch_size, pixel_mm=pixel_mm)
         lung_method = "learned lung head of the segmentation model"
-    timings["lungs_s"] = round(time.perf_counter() - t0, 2)
+    timings["lungs_s"] = round(time.perf_counter() - t0, 2)   # non-HU: the one predictor run (lesions too)
     if require_lungs and not lungs.any():   # nothing to measure or answer for: not "Control"
         lowest = float(vol.array.min())
         hint = (f"; it holds no air in Hounsfield units (its lowest value is {lowest:g}, air is below -900)"
@@ -234,37 +243,26 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     orientation = orientation_check(vol, lungs)
 
     t0 = time.perf_counter()
-    lesions = np.zeros(vol.shape, np.uint8)
-    routed: list[int] = []   # slices whose lesions the lung-masked companion segmented (engine.infer)
-    todo = [k for k in range(n) if lungs[k].any()]
-    px_mm = _slice_pixel_mm2(vol)
     eff_margin = max(1, int(round(15.0 / np.sqrt(px_mm)))) if vol.spacing else 15
     close_px = max(1, int(round(CLOSING_MM / np.sqrt(px_mm)))) if vol.spacing else 10
-    pixel_mm = float(np.sqrt(px_mm)) if vol.spacing else None   # the density split smooths in mm
-    bar = tqdm(total=len(todo), desc="lesions", unit="slice", disable=not progress)
-    for start in range(0, len(todo), batch_size):
-        ks = todo[start:start + batch_size]
-        boxes = [mask_box(lungs[k] > 0) for k in ks]
-        crops = [lung_crop_input(vol, k, b, turns=turns, window=window) for k, b in zip(ks, boxes)]
-        for k, b, pred in zip(ks, boxes, predictor.predict(crops, pixel_mm=pixel_mm)):
-            if pred.network == "lung_masked":
-                routed.append(k)
-            full = np.zeros(vol.shape[1:], np.uint8)
-            full[b] = np.rot90(pred.labels, -turns)
-            if not full.any():   # nothing to restrict to the lung region (most slices of most scans)
-                continue
-            region = _lesion_region(lungs[k], close_px)
-            keep = np.isin(full, (1, 2)) & (region > 0)
-            if (full == 3).any():
-                near = ndimage.distance_transform_edt(region == 0) <= eff_margin
-                keep |= (full == 3) & near
-            full[~keep] = 0
-            lesions[k] = full
-            # the lung includes the GGO/consolidation it encloses
-            grow = np.isin(full, (1, 2)) & (lungs[k] == 0)
-            lungs[k][grow] = region[grow]
-        bar.update(len(ks))
-    bar.close()
+    if vol.is_hu:
+        todo = [k for k in range(n) if lungs[k].any()]
+        bar = tqdm(total=len(todo), desc="lesions", unit="slice", disable=not progress)
+        for start in range(0, len(todo), batch_size):
+            ks = todo[start:start + batch_size]
+            boxes = [mask_box(lungs[k] > 0) for k in ks]
+            crops = [lung_crop_input(vol, k, b, turns=turns, window=window) for k, b in zip(ks, boxes)]
+            for k, b, pred in zip(ks, boxes, predictor.predict(crops, pixel_mm=pixel_mm)):
+                if pred.network == "lung_masked":
+                    routed.append(k)
+                lesions[k][b] = np.rot90(pred.labels, -turns)
+                _keep_near_lungs(lesions[k], lungs[k], close_px=close_px, effusion_px=eff_margin)
+            bar.update(len(ks))
+        bar.close()
+    else:
+        routed = [k for k in routed if lungs[k].any()]
+        for k in range(n):
+            _keep_near_lungs(lesions[k], lungs[k], close_px=close_px, effusion_px=eff_margin)
     _drop_small_lesions(lesions, lungs, vol.voxel_volume_ml())
     timings["lesions_s"] = round(time.perf_counter() - t0, 2)
 
@@ -376,20 +374,52 @@ def _drop_small_lesions(lesions: np.ndarray, lungs: np.ndarray, voxel_ml: float 
         sub[z:z + SLICE_CHUNK][small[lab[z:z + SLICE_CHUNK]]] = 0
 
 
-def _learned_lungs(vol: Volume, predictor: SegPredictor, progress: bool, turns: int = 0) -> np.ndarray:
-    """Lungs of non-HU slices from the model's lung head (each slice turned ``turns`` quarters on the
-    way in and back on the way out), split into sides at the middle column."""
+def _learned_lungs_and_lesions(vol: Volume, predictor: SegPredictor, *, progress: bool, turns: int = 0,
+                               batch_size: int = 8, pixel_mm: float | None = None
+                               ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Lungs and lesions of non-HU slices from one predictor run per whole slice (each slice turned ``turns``
+    quarters on the way in and back on the way out): the lungs from the lung head, holes filled, split into
+    sides at the middle column; the lesion labels as predicted (not yet restricted to the lungs); and the
+    slices the lung-masked companion segmented."""
     if not predictor.has_lung:
         raise ValueError("input has no Hounsfield units and the model has no lung head")
-    out = np.zeros(vol.shape, np.uint8)
-    for k in tqdm(range(vol.n_slices), desc="lungs", unit="slice", disable=not progress):
-        turned = np.ascontiguousarray(np.rot90(to_model_input(vol.array[k], is_hu=False), turns))
-        pred = predictor.predict([turned])[0]
-        lung = ndimage.binary_fill_holes(np.rot90(pred.lung, -turns))
-        if not lung.any():
-            continue
-        cols = np.flatnonzero(lung.any(axis=0))
-        mid = (cols[0] + cols[-1]) // 2
-        out[k][:, :mid][lung[:, :mid]] = RIGHT
-        out[k][:, mid:][lung[:, mid:]] = LEFT
-    return out
+    lungs = np.zeros(vol.shape, np.uint8)
+    lesions = np.zeros(vol.shape, np.uint8)
+    routed: list[int] = []
+    bar = tqdm(total=vol.n_slices, desc="lungs and lesions", unit="slice", disable=not progress)
+    for start in range(0, vol.n_slices, batch_size):
+        ks = range(start, min(vol.n_slices, start + batch_size))
+        turned = [np.ascontiguousarray(np.rot90(to_model_input(vol.array[k], is_hu=False), turns)) for k in ks]
+        for k, pred in zip(ks, predictor.predict(turned, pixel_mm=pixel_mm)):
+            if pred.network == "lung_masked":
+                routed.append(k)
+            lesions[k] = np.rot90(pred.labels, -turns)
+            lung = ndimage.binary_fill_holes(np.rot90(pred.lung, -turns))
+            if not lung.any():
+                continue
+            cols = np.flatnonzero(lung.any(axis=0))
+            mid = (cols[0] + cols[-1]) // 2
+            lungs[k][:, :mid][lung[:, :mid]] = RIGHT
+            lungs[k][:, mid:][lung[:, mid:]] = LEFT
+        bar.update(len(ks))
+    bar.close()
+    return lungs, lesions, routed
+
+
+def _keep_near_lungs(labels: np.ndarray, lung2d: np.ndarray, *, close_px: int, effusion_px: int) -> None:
+    """Restrict one slice's lesion ``labels`` (in place) to where they may lie: GGO / consolidation inside the
+    lung region (:func:`_lesion_region`), effusion within ``effusion_px`` of it; then the lung (``lung2d``, in
+    place) takes in the GGO / consolidation its region encloses."""
+    if not labels.any():   # nothing to restrict (most slices of most scans)
+        return
+    if not lung2d.any():   # no lung, no lesion
+        labels[:] = 0
+        return
+    region = _lesion_region(lung2d, close_px)
+    keep = np.isin(labels, (1, 2)) & (region > 0)
+    if (labels == 3).any():
+        near = ndimage.distance_transform_edt(region == 0) <= effusion_px
+        keep |= (labels == 3) & near
+    labels[~keep] = 0
+    grow = np.isin(labels, (1, 2)) & (lung2d == 0)
+    lung2d[grow] = region[grow]
