@@ -9,7 +9,8 @@ A model file with a companion network (the effusion model of ``covidct attach``)
 once more without it (``shipped without its companions``). ``--frames`` also times the shipped model on real full 512² frames, where the lungs fill part of the slice
 and the predictor runs its second, lung-cropped pass (``SegPredictor(crop_to_lung=True)``, the default);
 the random-slice rows time one pass. The MedSeg frames are black outside the lungs: a model with a ``lung_masked``
-companion gives them to it (first pass of the main network, then the companion on the lung box), and the row
+companion gives them to it (first pass of the main network, then the companion on the lung box; no effusion network on
+them), and the row
 ``shipped, frames, main network only`` times the same frames without that companion (the main network's two passes).
 
 ``--model-val`` keeps only the slices the model's checkpoint lists as its validation slices (the others

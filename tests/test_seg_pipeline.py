@@ -744,7 +744,7 @@ def _biased_seg_net(cfg, *, lesion: str, lung_logit: float):
 
 def test_lung_masked_companion_segments_the_slices_black_outside_their_lungs(tmp_path, monkeypatch, capsys):
     """A slice found black outside its lungs goes to the lung-masked companion instead of the main network,
-    the effusion companion still deciding effusion; the others are the main pair's as before. ``attach``
+    without the effusion companion; the others are the main pair's as before. ``attach``
     stores both roles."""
     import covidct.engine.infer as infer
     from covidct.engine.infer import SegPredictor
@@ -772,10 +772,12 @@ def test_lung_masked_companion_segments_the_slices_black_outside_their_lungs(tmp
         assert [p.network for p in preds] == ["main", "lung_masked", "main"]
         assert (preds[0].labels == 1).all() and (preds[2].labels == 1).all()   # the main network: GGO
         assert (preds[1].labels == 2).all() and preds[1].lung.all()           # the lung-masked one: consolidation
-        # with the effusion companion (everywhere effusion here), effusion on every slice, routed or not
+        # with the effusion companion (everywhere effusion here): effusion on the slices the main network
+        # segments; a routed slice is black outside its lungs, where effusion lies, so the companion does not run
         preds = SegPredictor(model, density_classes=False, **kwargs).predict(images)
         assert [p.network for p in preds] == ["main", "lung_masked", "main"]
-        assert all((p.labels == 3).all() for p in preds)
+        assert (preds[0].labels == 3).all() and (preds[2].labels == 3).all()
+        assert (preds[1].labels == 2).all() and preds[1].probs[3].max() < 0.01
     alone = SegPredictor(model, density_classes=False, effusion_model=None, lung_masked_model=None).predict(images)
     assert [p.network for p in alone] == ["main"] * 3 and (alone[1].labels == 1).all()
     # a companion that cannot stand in for the main network is refused in one line, nothing written

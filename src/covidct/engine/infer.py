@@ -27,11 +27,14 @@ others; the probabilities are the main network's (effusion removed, renormalised
 Lung-masked slices: when the model carries a ``lung_masked`` companion (a network trained on slices blacked
 out outside their lung field, like MedSeg's 512² frames), a slice that the main network's lung head finds
 blacked out outside its lungs (:func:`~covidct.data.segmentation.is_lung_masked`) is segmented by that
-network instead, beside the effusion companion: once, on the box of the lungs the main network found when
+network instead: once, on the box of the lungs the main network found when
 the slice is framed wider than them (as the second pass cuts), else on the whole slice; the density split
 follows. ``SegPrediction.network`` says which network ran.
 Out of fold on the MedSeg frames the crop-trained network scores infection Dice 0.73, a network that also
-trained on frames 0.79 (``benchmarks/RESULTS.md``).
+trained on frames 0.79 (``benchmarks/RESULTS.md``). The effusion companion does not run on such slices:
+pleural effusion lies outside the lung field, which these renderings black out (of the 19,786 effusion
+pixels of the MedSeg frames, 19,777 are black), so only the lung-masked network's own effusion output
+(if any) can label it there.
 
 Precision: ``precision="bf16"`` (or ``"auto"`` on a processor with native bfloat16) runs bfloat16 copies of the
 networks, their logits turned back to float32 before softmax; the default here is float32, the commands'
@@ -96,7 +99,7 @@ class SegPredictor:
                  lung_masked_model: SegmentationNet | None | str = "companion", precision: str = "fp32") -> None:
         """``effusion_model``: a network with an effusion output run beside ``model``; ``"companion"`` (default)
         takes the one ``model``'s checkpoint carries, if any; ``None`` runs ``model`` alone.
-        ``lung_masked_model``: a network that segments (instead of ``model``, beside the effusion model) the
+        ``lung_masked_model``: a network that segments (instead of ``model``, without the effusion model) the
         slices found blacked out outside their lungs (needs ``model``'s lung head); ``"companion"`` (default)
         as for effusion. ``precision``:
         ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16 where the processor computes it natively;
@@ -134,7 +137,7 @@ class SegPredictor:
         if lung_masked_model is not None and self.has_lung:
             self.lung_masked = SegPredictor(
                 lung_masked_model, batch_size=batch_size, device=device, tta=tta, crop_to_lung=crop_to_lung,
-                density_classes=density_classes, fold_bn=fold_bn, effusion_model=effusion_model,
+                density_classes=density_classes, fold_bn=fold_bn, effusion_model=None,
                 lung_masked_model=None, precision=precision)
 
     def _for_inference(self, net: SegmentationNet, fold_bn: bool, device: str, share: tuple = ()) -> torch.nn.Module:

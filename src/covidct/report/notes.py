@@ -58,5 +58,6 @@ def report_notes(report: dict) -> list[str]:
     if report.get("lung_masked_slices"):
         n = len(report["lung_masked_slices"])
         notes.append(f"{n} slice{'s are' if n > 1 else ' is'} black outside the lungs (a lung-masked rendering): "
-                     f"segmented by the model's network for such slices, trained on MedSeg's lung-masked frames")
+                     f"segmented by the model's network for such slices, trained on MedSeg's lung-masked frames; "
+                     f"pleural effusion, which lies outside the lungs, cannot be seen on them")
     return notes
