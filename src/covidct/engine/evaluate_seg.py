@@ -202,5 +202,5 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"{result['n_images']} images, {result['images_per_second']} images/s")
     if result.get("lung_masked_images"):
         lines.append(f"{result['lung_masked_images']} of them black outside their lungs: segmented by the "
-                     "model's lung-masked companion")
+                     "model's lung-masked companion (pleural effusion, outside the lungs, cannot be seen on them)")
     return "\n".join(lines)
