@@ -84,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from covidct.data.segmentation import SegFolder
-    from covidct.data.tables import read_table
-    from covidct.engine.evaluate_seg import fold_validation_sets
+    from covidct.engine.evaluate_seg import fold_validation_sets, manifest_id_map
     from covidct.engine.infer import SegPredictor
     from covidct.errors import CovidctError
     from covidct.models.registry import load_seg_model
@@ -98,10 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.lung_masked_folds is None:
                 predictors = [(SegPredictor(main_model), SegFolder(root))]
             else:
-                id_map = None
-                if args.id_column:
-                    id_map = {r[args.id_column]: Path(r["image"]).stem
-                              for r in read_table(root / "manifest.csv", ("image", args.id_column)) if r[args.id_column]}
+                id_map = manifest_id_map(root, args.id_column) if args.id_column else None
                 predictors = [(SegPredictor(main_model, lung_masked_model=fold_model), folder)
                               for fold_model, _, folder in fold_validation_sets(args.lung_masked_folds, root,
                                                                                 id_map=id_map)]
@@ -119,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         if r["routed_differently"]:
             print(f"  routed by one way only: {', '.join(r['routed_differently'])}")
     if args.json:
-        args.json.write_text(json.dumps({"folders": rows}, indent=2))
+        from covidct.io.atomic import write_bytes_atomic
+
+        write_bytes_atomic(json.dumps({"folders": rows}, indent=2).encode(), args.json)
     return 0
 
 

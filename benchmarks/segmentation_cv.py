@@ -36,7 +36,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
 def main() -> int:
-    from covidct.engine.evaluate_seg import evaluate_out_of_fold, format_table
+    from covidct.engine.evaluate_seg import evaluate_out_of_fold, format_table, manifest_id_map
     from covidct.errors import CovidctError
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,14 +60,8 @@ def main() -> int:
     ap.add_argument("--record-in", metavar="MODEL", help="also store the estimate in this model's metrics "
                     "(`cross_validation`), e.g. the --fold all model trained with the same recipe")
     args = ap.parse_args()
-    id_map = None
-    if args.id_column:
-        import csv
-        from pathlib import Path
-
-        with open(Path(args.data) / "manifest.csv", newline="") as fh:
-            id_map = {r[args.id_column]: Path(r["image"]).stem for r in csv.DictReader(fh) if r.get(args.id_column)}
     try:
+        id_map = manifest_id_map(args.data, args.id_column) if args.id_column else None
         if args.average_with and (args.effusion or args.lung_masked_of or args.split):
             raise CovidctError(None, "--effusion / --lung-masked-of / --split and --average-with do not combine")
         if args.average_with:

@@ -205,6 +205,18 @@ def test_out_of_fold_pools_each_slice_once(tmp_path, seg_folder):
         evaluate_out_of_fold(models, seg_folder, progress=False, effusion_specs=models[::-1])
 
 
+def test_manifest_id_map_translates_fold_ids_and_names_a_missing_manifest_or_column(tmp_path):
+    from covidct.engine.evaluate_seg import manifest_id_map
+    from covidct.errors import CovidctError
+
+    (tmp_path / "manifest.csv").write_text("image,infnet_id\nimages/001.png,0\nimages/023.png,\nimages/002.png,1\n")
+    assert manifest_id_map(tmp_path, "infnet_id") == {"0": "001", "1": "002"}   # rows without an id are left out
+    with pytest.raises(CovidctError, match="needs the column"):
+        manifest_id_map(tmp_path, "crop_id")
+    with pytest.raises(CovidctError, match="manifest.csv: not found"):
+        manifest_id_map(tmp_path / "nowhere", "infnet_id")
+
+
 def test_out_of_fold_through_a_main_models_lung_masked_routing(tmp_path, seg_folder, monkeypatch):
     """``lung_masked_of``: the fold models stand in for a main model's lung-masked companion; they segment
     only the slices the main model routes, the main model the rest (its own result when none is routed)."""

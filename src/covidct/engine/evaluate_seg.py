@@ -76,6 +76,17 @@ def evaluate_folder(predictor: SegPredictor, folder: SegFolder, *, progress: boo
     return _summary(metrics, len(folder), model_seconds)
 
 
+def manifest_id_map(data: str | Path, column: str) -> dict[str, str]:
+    """``{value of column: slice id}`` from ``data``'s ``manifest.csv``: the ``id_map`` of
+    :func:`fold_validation_sets` for fold models whose slice ids are that column (e.g. MedSeg's ``infnet_id``)."""
+    from covidct.data.tables import read_table
+
+    manifest = Path(data) / "manifest.csv"
+    if not manifest.is_file():
+        raise CovidctError(manifest, f"not found: the slice ids of column {column!r} are read from it")
+    return {r[column]: Path(r["image"]).stem for r in read_table(manifest, ("image", column)) if r[column]}
+
+
 def fold_validation_sets(model_specs: list[str | Path], data: str | Path, *,
                          id_map: dict[str, str] | None = None,
                          split: str | None = None) -> list[tuple[Any, dict, SegFolder]]:
@@ -115,8 +126,8 @@ def evaluate_out_of_fold(model_specs: list[str | Path], data: str | Path, *, pro
     recipe's fold models, one per fold in the same order, each run as its fold's effusion companion.
     ``lung_masked_of``: a main model (file or name) whose lung-masked companion each fold model stands in for:
     the main model's first pass decides which slices are lung-masked and gives their lung boxes, the fold model
-    segments those (beside the main model's effusion companion, or the fold's ``effusion_specs``), the main
-    model the others; ``lung_masked_images`` in the result counts the slices the fold models segmented.
+    segments those (with no effusion network: :mod:`covidct.engine.infer`), the main model the others (beside the
+    main model's effusion companion, or the fold's ``effusion_specs``); ``lung_masked_images`` in the result counts the slices the fold models segmented.
     ``split``: only the slices of this manifest split (:func:`fold_validation_sets`)."""
     from covidct.models.registry import load_seg_model
 

@@ -193,7 +193,7 @@ class SegPredictor:
 
     def _predict_in_boxes(self, images: Sequence[np.ndarray], firsts: Sequence[SegPrediction],
                           boxes: Sequence[tuple[slice, slice] | None]) -> list[SegPrediction]:
-        """This network (and its effusion companion) once on each image: on its box where one is given (the
+        """This network (and its effusion companion, if it has one) once on each image: on its box where one is given (the
         result pasted onto the image's grid, the lung outside the box from ``firsts``, a first pass), else on
         the whole image. The second pass of this predictor, and how the main predictor runs its lung-masked
         companion (on the main network's boxes: no first pass of the companion's own)."""
