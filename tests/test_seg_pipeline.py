@@ -874,6 +874,27 @@ def test_pretrained_network_starts_segmentation_training(tmp_path, seg_folder, c
                                             "decoder_channels")
 
 
+def test_trained_model_starts_fine_tuning(tmp_path, trained, capsys):
+    """``--init`` with a trained segmentation model: a network of its classes starts as that model (head
+    included: the same outputs), one of other classes gets all but the head; a misfit is one error line."""
+    from covidct.engine.pretrain_seg import init_from_pretrained
+    from covidct.models import SegModelConfig, build_seg_model, load_seg_model
+
+    folder, source_path, _ = trained
+    source, payload = load_seg_model(source_path)
+    same = build_seg_model(SegModelConfig.from_dict(payload["config"]))
+    assert init_from_pretrained(same, source_path) == len(same.state_dict())
+    x = torch.rand(2, 1, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(same.eval()(x), source.eval()(x))
+    classes = tuple(payload["config"]["lesion_classes"])
+    other = build_seg_model(SegModelConfig.from_dict({**payload["config"], "lesion_classes": classes[:-1]}))
+    head = [k for k in other.state_dict() if k.startswith("net.segmentation_head.")]
+    assert head and init_from_pretrained(other, source_path) == len(other.state_dict()) - len(head)
+    _start_is_recorded_and_a_misfit_refused(tmp_path, folder, capsys, "init", source_path, ["--encoder", "resnet18"],
+                                            "decoder_channels")
+
+
 def _start_is_recorded_and_a_misfit_refused(tmp_path, seg_folder, capsys, field: str, start, misfit_args: list[str],
                                             reason: str) -> None:
     """Training from ``start`` (config ``field``) records it; ``train seg`` with ``misfit_args`` (a network it does

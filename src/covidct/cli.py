@@ -163,13 +163,18 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
         from covidct.models.registry import resolve_model
 
         encoder_init = str(resolve_model(args.encoder_init, task="seg"))
+    init = ""
+    if args.init:
+        from covidct.models.registry import resolve_model
+
+        init = str(resolve_model(args.init, task="seg"))
     cfg = SegTrainConfig(
         data=data, labels=args.labels, warmup_epochs=args.warmup_epochs, lung_head=not args.no_lung_head, arch=args.arch,
         encoder=args.encoder, input_size=args.input_size, imagenet=not args.random_init, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, encoder_lr_scale=args.encoder_lr_scale, val_fraction=args.val_fraction, seed=args.seed, threads=args.threads,
         folds=args.folds, fold=_parse_fold(args.fold), select=args.select, class_weighting=args.class_weighting,
         decoder_channels=decoder_channels, fpn_channels=fpn_channels, swa_epochs=args.swa_epochs,
-        encoder_init=encoder_init, init=str(args.init), infection_dice_weight=args.infection_dice_weight,
+        encoder_init=encoder_init, init=init, infection_dice_weight=args.infection_dice_weight,
         copy_paste=args.copy_paste, quarter_turns=args.quarter_turns, data_orientation=args.data_orientation,
         train_limit=args.train_limit, loss=args.loss, lung_crop=args.lung_crop,
     )
@@ -700,8 +705,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input-size", type=int, default=320)
     _add_training_options(s, epochs=120, batch_size=8, lr=2e-3)
     s.add_argument("--encoder-lr-scale", type=float, default=1.0, help="encoder learning rate = lr x this")
-    s.add_argument("--init", metavar="FILE", default="", help="start the whole network but its output head from a "
-                   "covidct pretrain seg file (same encoder, decoder channels)")
+    s.add_argument("--init", metavar="MODEL", default="", help="start the whole network from a covidct pretrain seg "
+                   "file (all but its output head) or a trained segmentation model, shipped name or .pt file (fine-tuning:"
+                   " its output head too when its classes and lung head are this network's); same encoder, decoder channels")
     s.add_argument("--encoder-init", metavar="MODEL", help="start the encoder from this covidct segmentation or "
                    "classification model (shipped name or .pt file) with the same --encoder, instead of ImageNet")
     s.add_argument("--warmup-epochs", type=float, default=3.0, help="linear learning-rate warm-up (epochs, may be "

@@ -188,19 +188,24 @@ def pretrain_seg(cfg: PretrainConfig, output: str | Path, *, progress: bool = Tr
 
 
 def init_from_pretrained(model: torch.nn.Module, path: str | Path) -> int:
-    """Copy every tensor of a ``seg-pretrain`` checkpoint into ``model`` (a
-    :class:`~covidct.models.segmentation.SegmentationNet`) except the output head; architecture,
-    encoder, decoder channels and input channels must match (the input size need not). Returns the
-    number of tensors copied."""
+    """Copy the tensors of a ``seg-pretrain`` checkpoint, or of a trained covidct segmentation model (``seg``:
+    fine-tuning), into ``model`` (a :class:`~covidct.models.segmentation.SegmentationNet`). Architecture, encoder,
+    decoder channels and input channels must match (the input size need not). The output head is not copied from a
+    pretrained network, and from a segmentation model only when its classes and lung head are ``model``'s.
+    Returns the number of tensors copied."""
     from covidct.models.checkpoint import read_checkpoint
     from covidct.models.encoders import copy_matching
 
     payload = read_checkpoint(path)
-    if payload["task"] != TASK:
-        raise CovidctError(path, f"not a pretrained network (task {payload['task']!r}, expected {TASK!r})")
+    if payload["task"] not in (TASK, "seg"):
+        raise CovidctError(path, f"not a pretrained network or segmentation model (task {payload['task']!r})")
     mine, theirs = model.config.to_dict(), payload["config"]
-    for key in ("arch", "encoder", "decoder_channels", "in_channels"):
-        if list(np.atleast_1d(mine[key])) != list(np.atleast_1d(theirs[key])):
-            raise CovidctError(path, f"its {key} {theirs[key]} does not fit this network's {mine[key]}")
-    body = {k: v.float() for k, v in payload["state_dict"].items() if not k.startswith("net.segmentation_head.")}
+    shape_keys = ("arch", "encoder", "decoder_channels", "in_channels") + (("fpn_channels",) if mine["arch"] == "fpn" else ())
+    for key in shape_keys:
+        if list(np.atleast_1d(mine[key])) != list(np.atleast_1d(theirs.get(key))):
+            raise CovidctError(path, f"its {key} {theirs.get(key)} does not fit this network's {mine[key]}")
+    same_head = payload["task"] == "seg" and all(
+        list(np.atleast_1d(mine[k])) == list(np.atleast_1d(theirs[k])) for k in ("lesion_classes", "lung_head"))
+    body = {k: v.float() for k, v in payload["state_dict"].items()
+            if same_head or not k.startswith("net.segmentation_head.")}
     return copy_matching(model, body)
