@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import os
@@ -431,6 +432,10 @@ def test_analyze_segments_an_image_once_and_keeps_its_lesions_in_the_lungs(tmp_p
     result = analyze_volume(read(tmp_path / "x.png"), predictor, progress=False)
     assert predictor.calls == [1]
     assert result.lung_masked_slices == [0]
+    assert not result.effusion_assessable()     # its only lung slice is lung-masked: effusion cannot be seen
+    two = np.stack([result.lungs[0], result.lungs[0]])
+    assert dataclasses.replace(result, lungs=two).effusion_assessable()          # slice 1 is not lung-masked
+    assert not dataclasses.replace(result, lungs=two, lung_masked_slices=[0, 1]).effusion_assessable()
     expected = predictor.prediction.labels.copy()
     expected[70:76, 55:65] = 0
     assert np.array_equal(result.lesions[0], expected)
@@ -462,6 +467,7 @@ def test_lung_mask_covering_the_image_is_flagged(tmp_path, capsys):
     assert main(["analyze", str(slice_png), "-o", str(tmp_path / "ct"), "--classifier", "none", "--no-viewer"]) == 0
     report = json.loads((tmp_path / "ct" / "report.json").read_text())
     assert report["lung_share_note"] is None and report["lung_masked_slices"] == []
+    assert report["lesions"]["effusion"]["assessable"] is True
 
 
 def test_analyze_says_which_slices_went_to_the_lung_masked_network(tmp_path, capsys):
@@ -474,8 +480,10 @@ def test_analyze_says_which_slices_went_to_the_lung_masked_network(tmp_path, cap
         assert main(["analyze", str(frame), "-o", str(out), "--classifier", "none", "--no-viewer"]) == 0
         report = json.loads((out / "report.json").read_text())
         assert report["lung_masked_slices"] == [0], name
+        assert report["lesions"]["effusion"]["assessable"] is False, name    # its pleural space is black
         assert "note: 1 slice is black outside the lungs" in capsys.readouterr().out
-        assert "black outside the lungs" in (out / "report.html").read_text()
+        page = (out / "report.html").read_text()
+        assert "black outside the lungs" in page and "not assessable (lung-masked slices)" in page
 
 
 def test_colour_image_is_flagged(tmp_path, tiny_seg_model, capsys):

@@ -52,6 +52,9 @@ def test_notes_say_when_the_numbers_compare_less_well():
     coarse = _report(uid="9")
     coarse["input"]["spacing_mm"] = [2.0, 1.4, 1.4]
     cases["pixel sizes differ (0.70 vs 1.40 mm)"] = coarse
+    masked = _report(uid="9")
+    masked["lesions"]["effusion"]["assessable"] = False
+    cases["pleural effusion could not be assessed after"] = masked
     for words, later in cases.items():
         notes = compare_reports(base, later)["notes"]
         assert len(notes) == 1 and words in notes[0], (words, notes)

@@ -94,6 +94,12 @@ class ScanResult:
     # for non-HU inputs, the lung box for HU ones, where this never happens on a windowed CT slice)
     lung_masked_slices: list[int] = field(default_factory=list)
 
+    def effusion_assessable(self) -> bool:
+        """Whether pleural effusion could be seen: not when every slice holding lung is a lung-masked rendering,
+        whose pleural space is black (its effusion of 0 is then not measured, not absent)."""
+        lung_slices = int(np.count_nonzero(self.lungs.reshape(len(self.lungs), -1).any(axis=1)))
+        return len(self.lung_masked_slices) < lung_slices
+
 
 def _lesion_region(lung2d: np.ndarray, radius_px: int) -> np.ndarray:
     """Where lesions may lie on a slice, labelled by side: each lung closed with a disk of

@@ -90,6 +90,11 @@ def compare_reports(before: dict[str, Any], after: dict[str, Any]) -> dict[str, 
                          "another resolution (P001 at half its resolution: total burden 1.85 -> 1.71 %)")
     if before.get("lung_volume_ml") is None or after.get("lung_volume_ml") is None:
         notes.append("a report without lung volume (an image without HU): only shares of the lung compare")
+    unseen = [k for k, r in (("before", before), ("after", after))
+              if not ((r.get("lesions") or {}).get("effusion") or {}).get("assessable", True)]
+    if unseen:
+        notes.append(f"pleural effusion could not be assessed {' or '.join(unseen)} (lung-masked slices, black "
+                     "outside the lungs): its change is not measured")
     label = {k: (r.get("diagnosis") or {}).get("label") for k, r in (("before", before), ("after", after))}
     return {"measures": measures, "zones": zones, "answer": label,
             "severity_score_max": after.get("severity_score_max") or before.get("severity_score_max"),

@@ -90,7 +90,9 @@ def build_report(vol: Volume, result: ScanResult, models: list[dict], seconds: f
         # slices found black outside their lungs (a lung-masked rendering), segmented by the model's
         # lung-masked companion network instead of the main one (engine.infer); [] for every other input
         "lung_masked_slices": result.lung_masked_slices,
-        "lesions": {k: {"volume_ml": v["volume_ml"], "percent_of_lung": v["percent_of_lung"], "voxels": v["voxels"]}
+        "lesions": {k: {"volume_ml": v["volume_ml"], "percent_of_lung": v["percent_of_lung"], "voxels": v["voxels"],
+                        # effusion: False when every slice holding lung is lung-masked (its 0 means not measured)
+                        **({"assessable": result.effusion_assessable()} if k == "effusion" else {})}
                     for k, v in b["lesions"].items()},
         "percent_opacity": b["percent_opacity"],
         "percent_high_opacity": b["percent_high_opacity"],
@@ -118,6 +120,8 @@ def _html(report: dict, overlays: list[tuple[int, bytes]], chart: bytes, *, view
 
     les = report["lesions"]
     rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{ml(v['volume_ml'])}</td><td>{v['percent_of_lung']:.2f}</td></tr>"
+                   if v.get("assessable", True) else
+                   f'<tr><td>{html.escape(name)}</td><td colspan="2">not assessable (lung-masked slices)</td></tr>'
                    for name, v in les.items())
     zones = "".join(f"<tr><td>{html.escape(z)}</td><td>{v['percent_involved']:.2f}</td><td>{v['score']}</td></tr>"
                     for z, v in report["zones"].items())
