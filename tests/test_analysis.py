@@ -436,6 +436,9 @@ def test_analyze_segments_an_image_once_and_keeps_its_lesions_in_the_lungs(tmp_p
     two = np.stack([result.lungs[0], result.lungs[0]])
     assert dataclasses.replace(result, lungs=two).effusion_assessable()          # slice 1 is not lung-masked
     assert not dataclasses.replace(result, lungs=two, lung_masked_slices=[0, 1]).effusion_assessable()
+    lung_then_none = np.stack([result.lungs[0], np.zeros_like(result.lungs[0])])   # slice 1 holds no lung
+    assert dataclasses.replace(result, lungs=lung_then_none, lung_masked_slices=[1]).effusion_assessable()
+    assert not dataclasses.replace(result, lungs=lung_then_none, lung_masked_slices=[0]).effusion_assessable()
     expected = predictor.prediction.labels.copy()
     expected[70:76, 55:65] = 0
     assert np.array_equal(result.lesions[0], expected)

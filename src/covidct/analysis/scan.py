@@ -97,8 +97,8 @@ class ScanResult:
     def effusion_assessable(self) -> bool:
         """Whether pleural effusion could be seen: not when every slice holding lung is a lung-masked rendering,
         whose pleural space is black (its effusion of 0 is then not measured, not absent)."""
-        lung_slices = int(np.count_nonzero(self.lungs.reshape(len(self.lungs), -1).any(axis=1)))
-        return len(self.lung_masked_slices) < lung_slices
+        lung_slices = np.flatnonzero(self.lungs.reshape(len(self.lungs), -1).any(axis=1))
+        return bool(set(lung_slices.tolist()) - set(self.lung_masked_slices))
 
 
 def _lesion_region(lung2d: np.ndarray, radius_px: int) -> np.ndarray:
