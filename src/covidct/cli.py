@@ -158,16 +158,11 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
         raise CovidctError(None, "--decoder-channels / --fpn-channels take comma-separated integers") from None
     if len(fpn_channels) != 2 or min(fpn_channels + decoder_channels) < 1 or fpn_channels[1] % 32:
         raise CovidctError(None, "--fpn-channels takes two positive integers: pyramid,segmentation (a multiple of 32)")
-    encoder_init = ""
-    if args.encoder_init:
-        from covidct.models.registry import resolve_model
+    from covidct.models.registry import resolve_model
 
-        encoder_init = str(resolve_model(args.encoder_init, task="seg"))
-    init = ""
-    if args.init:
-        from covidct.models.registry import resolve_model
-
-        init = str(resolve_model(args.init, task="seg"))
+    # --encoder-init / --init: a shipped name or a file, recorded in the training config as the file it named
+    encoder_init = str(resolve_model(args.encoder_init, task="seg")) if args.encoder_init else ""
+    init = str(resolve_model(args.init, task="seg")) if args.init else ""
     cfg = SegTrainConfig(
         data=data, labels=args.labels, warmup_epochs=args.warmup_epochs, lung_head=not args.no_lung_head, arch=args.arch,
         encoder=args.encoder, input_size=args.input_size, imagenet=not args.random_init, epochs=args.epochs,
