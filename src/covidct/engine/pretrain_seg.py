@@ -5,7 +5,9 @@ curve, locally shuffled pixels, and in-painting (boxes replaced by noise) or out
 few boxes replaced) — and train the network to restore the original. The U-Net's encoder *and
 decoder* learn CT anatomy from images without labels; ``covidct train seg --init FILE`` then starts
 from every tensor but the output head. The checkpoint has task ``seg-pretrain`` and the network's
-configuration (encoder, decoder, input size), so ``--init`` can check that the two networks fit.
+configuration (encoder, decoder, input size), so ``--init`` can check that the two networks fit. ``--init`` also
+takes a trained segmentation model (:func:`init_from_pretrained`: fine-tuning, its output head included when
+the classes match).
 
 Images come from any classification folder layout (labels ignored; one split with ``split``) or a
 plain folder of images, loaded as the classifiers load them (grey ``[0, 1]``; CT through the model
