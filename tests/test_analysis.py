@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import re
@@ -487,6 +488,15 @@ def test_analyze_says_which_slices_went_to_the_lung_masked_network(tmp_path, cap
         assert "note: 1 slice is black outside the lungs" in capsys.readouterr().out
         page = (out / "report.html").read_text()
         assert "black outside the lungs" in page and "not assessable (lung-masked slices)" in page
+    # several inputs: summary.csv / summary.json say per scan whether its effusion could be measured
+    crop = sorted(need_data("covid-semiseg", "images").iterdir())[0]
+    assert main(["analyze", str(need_data("medseg-512", "images") / "017.png"), str(crop), "-o", str(tmp_path / "both"),
+                 "--classifier", "none", "--no-viewer"]) == 0
+    with open(tmp_path / "both" / "summary.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["name"], r["effusion_assessable"]) for r in rows] == [("017", "False"), (crop.stem, "True")]
+    scans = json.loads((tmp_path / "both" / "summary.json").read_text())["scans"]
+    assert [s["effusion_assessable"] for s in scans] == [False, True]
 
 
 def test_colour_image_is_flagged(tmp_path, tiny_seg_model, capsys):

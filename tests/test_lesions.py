@@ -52,6 +52,7 @@ def test_train_and_evaluate_lesions(tmp_path, seg_folder, capsys):
     model, payload = load_lesion_model(tmp_path / "les.pt")
     assert payload["anchors"]["sizes"] == [4, 8, 16, 32] and model.config.truncate_last_stage
     assert payload["classes"] == ["background", "ggo", "consolidation"]
+    assert payload["starts"] == {}  # from ImageNet / at random: no start file to name
     js = tmp_path / "e.json"
     assert main(["evaluate", "lesions", "--model", str(tmp_path / "les.pt"), "--data", str(seg_folder), "--json", str(js),
                  "--precision", "fp32"]) == 0

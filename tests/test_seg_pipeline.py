@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from covidct.cli import main
 from covidct.engine.train_seg import SegTrainConfig, selection_score, train_seg
 from covidct.errors import CovidctError
 from covidct.models import read_checkpoint
+from covidct.models.checkpoint import file_sha256
 from covidct.models.registry import DEFAULTS, WEIGHTS_DIR
 
 SEG_JSON_KEYS = {"n_images", "dice", "dice_mean_per_image", "iou", "rand_error", "images_per_second"}
@@ -901,7 +903,10 @@ def _start_is_recorded_and_a_misfit_refused(tmp_path, seg_folder, capsys, field:
     not fit) is one error line naming it and ``reason``, and leaves no model or run folder."""
     out = tmp_path / "m.pt"
     train_seg(_tiny(seg_folder, epochs=1, **{field: str(start)}), out, progress=False)
-    assert read_checkpoint(out)["train_config"][field] == str(start)
+    payload = read_checkpoint(out)
+    assert payload["train_config"][field] == str(start)
+    # and names it portably: the file's name and checksum (a path of this machine means nothing on another)
+    assert payload["starts"] == {field: {"name": Path(start).name, "shipped": False, "sha256": file_sha256(start)}}
     bad = tmp_path / "bad.pt"
     assert main(["train", "seg", "--data", str(seg_folder), *misfit_args, "--random-init", "--input-size", "48",
                  "--epochs", "1", "--batch-size", "2", f"--{field.replace('_', '-')}", str(start), "-o", str(bad)]) == 2

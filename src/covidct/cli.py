@@ -221,9 +221,12 @@ def _cmd_evaluate_seg(args: argparse.Namespace) -> int:
 
 def _cmd_train_cls(args: argparse.Namespace) -> int:
     from covidct.engine.train_cls import ClsTrainConfig, train_cls
+    from covidct.models.registry import resolve_model
 
     require_folder(args.data)
-    cfg = ClsTrainConfig(data=str(args.data), n_classes=args.classes, encoder=args.encoder, init=args.init,
+    # --init: imagenet, random, or a segmentation model (shipped name or file)
+    init = args.init if args.init in ("imagenet", "random") else str(resolve_model(args.init, task="seg"))
+    cfg = ClsTrainConfig(data=str(args.data), n_classes=args.classes, encoder=args.encoder, init=init,
                          input_size=args.input_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, folds=args.folds, fold=_classifier_fold(args))
     _print_training_result(train_cls(cfg, args.output))
@@ -745,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="classification folder (split.csv, COVID-CT-MD, COVIDx-CT names, folder per class)")
     s.add_argument("--classes", type=int, choices=(2, 3), default=2)
     s.add_argument("--encoder", default="efficientnet-lite0")
-    s.add_argument("--init", default="imagenet", help="random, imagenet, or a covidct segmentation model file")
+    s.add_argument("--init", default="imagenet", help="random, imagenet, or a covidct segmentation model (shipped name or file): its encoder")
     s.add_argument("--input-size", type=int, default=224)
     _add_classifier_fold_options(s)
     _add_training_options(s, epochs=30, batch_size=16, lr=1e-3)

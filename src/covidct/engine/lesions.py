@@ -29,6 +29,7 @@ from covidct.errors import CovidctError
 from covidct.io.window import to_model_input
 from covidct.metrics.instances import InstanceAP
 from covidct.models.checkpoint import save_checkpoint
+from covidct.models.registry import model_references
 from covidct.models.lesions import LesionModelConfig, LesionNet, build_lesion_model, instances_from_labels
 
 
@@ -137,6 +138,7 @@ def train_lesions(cfg: LesionTrainConfig, output: str | Path, *, progress: bool 
         model = build_lesion_model(mcfg, imagenet=cfg.imagenet, encoder_init=cfg.encoder_init)
     except ValueError as exc:
         raise CovidctError(cfg.encoder_init, str(exc)) from None
+    starts = model_references(encoder_init=cfg.encoder_init)
     ds = _Instances(train, seg_train_transform(mcfg.input_size, seed=cfg.seed + 1000 * dist.rank), mcfg.mask_mode)
     sampler = dist.sampler(ds, seed=cfg.seed)
     dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size // dist.world_size, shuffle=sampler is None,
@@ -169,7 +171,7 @@ def train_lesions(cfg: LesionTrainConfig, output: str | Path, *, progress: bool 
                             classes=list(mcfg.classes), input_size=mcfg.input_size,
                             anchors={"sizes": list(mcfg.anchor_sizes), "aspect_ratios": list(mcfg.aspect_ratios)},
                             normalization="grey [0,1] (HU: model window L-420/W1480; 8-bit /255), copied to 3 channels, (x-0.449)/0.226",
-                            train_config=asdict(cfg),
+                            train_config=asdict(cfg), starts=starts,
                             metrics={"validation": result, "epoch": epoch, "train_seconds": round(elapsed, 1),
                                      "n_train": len(train), "val_ids": [s.id for s in val],
                                      "world_size": dist.world_size})

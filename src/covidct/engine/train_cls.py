@@ -33,6 +33,7 @@ from covidct.engine.common import (Distributed, seed_everything, train_one_epoch
 from covidct.engine.evaluate_cls import evaluate_records, mean_auc, summarize
 from covidct.errors import CovidctError
 from covidct.models.checkpoint import save_checkpoint
+from covidct.models.registry import model_references
 from covidct.models.classification import ClsModelConfig, build_cls_model
 
 
@@ -218,5 +219,6 @@ def train_cls(cfg: ClsTrainConfig, output: str | Path, *, progress: bool = True)
                     classes=list(classes), input_size=cfg.input_size, temperature=temperature,
                     normalization="grey [0,1] (HU: model window L-420/W1480; 8-bit /255), resized to input_size; (x-0.449)/0.226 inside",
                     train_config=asdict(cfg), metrics=metrics,
+                    starts=model_references(init=None if cfg.init in ("imagenet", "random") else cfg.init),
                     validation_files=[relative_name(r, Path(cfg.data)) for r in val])
     return {"output": str(output), "temperature": temperature, **metrics}

@@ -37,6 +37,7 @@ from covidct.errors import CovidctError
 from covidct.io.window import to_model_input
 from covidct.metrics.plots import save_figure
 from covidct.models.checkpoint import save_checkpoint
+from covidct.models.registry import model_references
 from covidct.models.segmentation import SegModelConfig, build_seg_model
 
 LABEL_SETS: dict[str, tuple[str, ...]] = {
@@ -463,6 +464,7 @@ def _save_model(output: Path, model, mcfg: SegModelConfig, cfg: SegTrainConfig, 
         normalization="grey [0,1]: HU through the model window (L-420/W1480), 8-bit images /255; "
                       "then (x-0.449)/0.226 inside the network",
         train_config={**asdict(cfg), "decoder_channels": list(cfg.decoder_channels), "fpn_channels": list(cfg.fpn_channels)},
+        starts=model_references(init=cfg.init, encoder_init=cfg.encoder_init),
         metrics={"validation": result, "epoch": epoch, "train_seconds": round(elapsed, 1),
                  "n_train": n_train, "n_val": len(val_ids), "val_ids": val_ids, "world_size": world_size},
     )

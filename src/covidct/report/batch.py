@@ -24,8 +24,8 @@ from covidct.report.scan_report import ScanModels, analyze
 
 #: Columns of ``summary.csv`` (the same keys in ``summary.json``'s ``scans``).
 SUMMARY_COLUMNS = ("name", "input", "series_uid", "status", "answer", "p_covid19", "lung_volume_ml", "ggo_percent",
-                   "consolidation_percent", "effusion_percent", "total_percent", "severity_score", "seconds", "error",
-                   "notes")
+                   "consolidation_percent", "effusion_percent", "effusion_assessable", "total_percent", "severity_score",
+                   "seconds", "error", "notes")
 #: How ``summary.csv`` joins a scan's notes (``summary.json`` keeps them as a list).
 NOTES_SEPARATOR = " | "
 
@@ -98,7 +98,10 @@ def _row(job: ScanJob, report: dict[str, Any] | None, error: str | None, seconds
                p_covid19=report["diagnosis"]["probabilities"].get("COVID-19"),
                lung_volume_ml=report["lung_volume_ml"], ggo_percent=les["ggo"]["percent_of_lung"],
                consolidation_percent=les["consolidation"]["percent_of_lung"],
-               effusion_percent=les["effusion"]["percent_of_lung"], total_percent=les["total"]["percent_of_lung"],
+               effusion_percent=les["effusion"]["percent_of_lung"],
+               # False: every lung slice is black outside the lungs, so 0 % effusion means "not measured"
+               effusion_assessable=les["effusion"].get("assessable", True),
+               total_percent=les["total"]["percent_of_lung"],
                severity_score=report["severity_score"], notes=report_notes(report),
                series_uid=job.series_uid or report["input"].get("series_uid"))
     return row
