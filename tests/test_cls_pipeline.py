@@ -266,7 +266,7 @@ def test_init_from_segmentation_encoder(tmp_path):
 
     with pytest.raises(InputError, match="it is a 'seg' model with encoder resnet18"):
         build_cls_model(ClsModelConfig(encoder="resnet34"), init=str(seg_path))
-    # train cls --init: the start named portably in the classifier's checkpoint (file name + checksum)
+    # train cls --init: the start named in the classifier's checkpoint with its checksum
     from covidct.models.checkpoint import file_sha256, read_checkpoint
 
     data = _make_split_folder(tmp_path / "data", n=8, size=32)
@@ -274,7 +274,7 @@ def test_init_from_segmentation_encoder(tmp_path):
     assert main(["train", "cls", "--data", str(data), "--encoder", "resnet18", "--init", str(seg_path),
                  "--input-size", "32", "--epochs", "1", "--batch-size", "4", "-o", str(out)]) == 0
     payload = read_checkpoint(out)
-    assert payload["starts"] == {"init": {"name": "seg.pt", "shipped": False, "sha256": file_sha256(seg_path)}}
+    assert payload["starts"] == {"init": {"name": str(seg_path.resolve()), "sha256": file_sha256(seg_path)}}
     # a classifier started from ImageNet or at random has no start file
     assert main(["train", "cls", "--data", str(data), "--encoder", "resnet18", "--init", "random",
                  "--input-size", "32", "--epochs", "1", "--batch-size", "4", "-o", str(tmp_path / "r.pt")]) == 0

@@ -69,6 +69,20 @@ def test_train_and_evaluate_lesions(tmp_path, seg_folder, capsys):
     assert json.loads((tmp_path / "e2.json").read_text())["ap50"] == out["ap50"]
     assert sorted(p.stem for p in pics.glob("*.png")) == sorted(p.stem for p in (seg_folder / "images").iterdir())
     assert "not for diagnosis" in Image.open(next(pics.glob("*.png"))).text["Disclaimer"]
+    # binary infection masks (0 / 255) hold no lesion type: a GGO + consolidation model is refused in one line
+    import shutil
+
+    binary = tmp_path / "binary"
+    shutil.copytree(seg_folder, binary)
+    shutil.rmtree(binary / "masks4", ignore_errors=True)
+    for png in (binary / "masks").glob("*.png"):
+        Image.fromarray(((np.asarray(Image.open(png)) > 0) * 255).astype(np.uint8)).save(png)
+    capsys.readouterr()
+    assert main(["evaluate", "lesions", "--model", str(tmp_path / "les.pt"), "--data", str(binary), "--json",
+                 str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "binary infection masks" in err and "'both'" in err
+    assert not (tmp_path / "b.json").exists()
     (tmp_path / "taken").write_text("x")
     capsys.readouterr()
     assert main(["evaluate", "lesions", "--model", str(tmp_path / "les.pt"), "--data", str(seg_folder),
@@ -339,6 +353,42 @@ def test_maskcls_label_columns_carry_each_rois_lesion_class(tmp_path, capsys):
     assert main(["classify", str(data / "COVID" / "0.png"), "--model", str(tmp_path / "newer.pt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "newer.pt" in err[0] and "unknown RoI feature(s) colour" in err[0]
+
+
+def test_maskcls_embedding_pools_the_box_head_features_of_the_kept_detections(tmp_path):
+    """``roi_features=("embedding",)``: S reads the published RoI rows unchanged, then the score-weighted mean and
+    the maximum of the box-head features of exactly the proposals the kept detections came from (each such
+    proposal's class score is the detection's score); a file trained with it rebuilds S without options."""
+    import torch.nn.functional as F
+
+    from covidct.models.maskcls import MaskClsConfig, MaskClsNet, _source_proposals
+
+    cfg = LesionModelConfig(backbone="efficientnet-lite0", input_size=64, anchor_sizes=(4, 8, 16, 32, 64),
+                            rpn_post_nms_top_n_test=20, box_score_thresh=0.0, box_head_dim=16)
+    torch.manual_seed(0)
+    lesion = build_lesion_model(cfg).eval()
+    plain = MaskClsNet(MaskClsConfig(top_n=8, s_width=16, lesion=cfg.to_dict()), lesion)
+    model = MaskClsNet(MaskClsConfig(top_n=8, s_width=16, lesion=cfg.to_dict(), roi_features=("embedding",)), lesion)
+    assert model.config.roi_width == 5 and model.config.pooled_width == 32 and model.s[0].in_features == 8 * 5 + 32
+    x = torch.rand(1, 64, 64)
+    s_in = model.s_input([x])[0]
+    assert s_in.shape == (8 * 5 + 32,)
+    torch.testing.assert_close(model.roi_tensor([x]), plain.roi_tensor([x]))   # the RoI rows as published
+    with torch.no_grad():
+        pooled, proposals, sizes = model.pooled_rois([x])
+        rh = lesion.net.roi_heads
+        feats = rh.box_head(pooled[0])
+        logits, regression = rh.box_predictor(feats)
+        boxes, scores, labels = rh.postprocess_detections(logits, regression, proposals, sizes)
+        order = torch.argsort(scores[0], descending=True)[:8]
+        b, sc, lab = boxes[0][order], scores[0][order], labels[0][order]
+        assert len(b) > 1
+        source = _source_proposals(rh.box_coder.decode(regression, proposals), b, lab, sizes[0])
+        # independent of the box match: the source proposal's own class score is the detection's score
+        torch.testing.assert_close(F.softmax(logits[source], -1)[torch.arange(len(lab)), lab], sc)
+        kept = feats[source]
+    torch.testing.assert_close(s_in[40:56], (sc[:, None] * kept).sum(0) / sc.sum())
+    torch.testing.assert_close(s_in[56:], kept.max(0).values)
 
 
 def test_maskcls_s_plus_bn_refuses_a_frozen_batch_norm_backbone(tmp_path, seg_folder, capsys):

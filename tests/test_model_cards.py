@@ -11,7 +11,7 @@ import pytest
 
 from covidct.cli import build_parser
 from covidct.models.checkpoint import file_sha256
-from covidct.models.registry import WEIGHTS_DIR, model_reference, resolve_model, shipped_files
+from covidct.models.registry import shipped_files
 
 SHIPPED = shipped_files()
 
@@ -121,15 +121,12 @@ def test_readme_names_every_command_and_only_options_that_exist():
         assert not unknown, f"README `{span}`: no such option {unknown}"
 
 
-def test_a_shipped_start_is_named_as_the_model_option_takes_it(tmp_path):
-    """A checkpoint names a shipped start file by its shipped name (resolving to that very file), a fold member
-    below the weights folder by its relative name; a copy elsewhere by its file name, with the same checksum."""
+def test_models_name_shipped_starts():
+    """A checkpoint's ``starts`` name a shipped start file the way ``--model`` takes it (a fold member by its path
+    below the weights folder), which resolves back to that very file on any machine, with its checksum."""
+    from covidct.models.registry import model_references, resolve_model
+
     for spec in ("seg-effl0-unet", "cv5-ucsd/cls-effl0-ucsd-f0"):
         path = resolve_model(spec, task="seg")
-        ref = model_reference(path)
-        assert ref == {"name": spec, "shipped": True, "sha256": file_sha256(path)}
-        assert resolve_model(ref["name"], task="seg").resolve() == path.resolve()
-    copy = tmp_path / "mine.pt"
-    copy.write_bytes((WEIGHTS_DIR / "triage-ct.pt").read_bytes())
-    assert model_reference(copy) == {"name": "mine.pt", "shipped": False,
-                                     "sha256": file_sha256(WEIGHTS_DIR / "triage-ct.pt")}
+        assert model_references(init=path, encoder_init=None) == {"init": {"name": spec, "sha256": file_sha256(path)}}
+        assert resolve_model(spec, task="seg").resolve() == path.resolve()

@@ -905,8 +905,8 @@ def _start_is_recorded_and_a_misfit_refused(tmp_path, seg_folder, capsys, field:
     train_seg(_tiny(seg_folder, epochs=1, **{field: str(start)}), out, progress=False)
     payload = read_checkpoint(out)
     assert payload["train_config"][field] == str(start)
-    # and names it portably: the file's name and checksum (a path of this machine means nothing on another)
-    assert payload["starts"] == {field: {"name": Path(start).name, "shipped": False, "sha256": file_sha256(start)}}
+    # and names it with its checksum (a shipped start by its shipped name: test_models_name_shipped_starts)
+    assert payload["starts"] == {field: {"name": str(Path(start).resolve()), "sha256": file_sha256(start)}}
     bad = tmp_path / "bad.pt"
     assert main(["train", "seg", "--data", str(seg_folder), *misfit_args, "--random-init", "--input-size", "48",
                  "--epochs", "1", "--batch-size", "2", f"--{field.replace('_', '-')}", str(start), "-o", str(bad)]) == 2
@@ -987,3 +987,48 @@ def test_lung_crop_cuts_wide_frames_to_their_lung_box_like_the_second_pass(tmp_p
         assert after.labels.sum() == before.labels.sum()           # no lesion pixel lost
     no_lung = SegSample("x", Path("x.png"), np.zeros((64, 64), np.float32), np.zeros((64, 64), np.uint8), None, False)
     assert crop_to_lung(no_lung) is no_lung
+
+
+def test_binary_infection_masks_are_scored_as_infection_only(tmp_path, seg_folder, tiny_seg_model, capsys):
+    """A masks/ folder of 0 / 255 files (Inf-Net's binary LungInfection GT) is read as infection without a type:
+    `evaluate seg` scores infection exactly as on the class-index masks it came from, GGO / consolidation are
+    null and a note says why; training and a typed lesion model refuse it in one line, leaving no output."""
+    import shutil
+
+    from covidct.data.segmentation import SegFolder
+    from covidct.io.image import load_label_map
+
+    binary = tmp_path / "binary"
+    shutil.copytree(seg_folder, binary)
+    shutil.rmtree(binary / "masks4", ignore_errors=True)
+    for png in (binary / "masks").glob("*.png"):
+        Image.fromarray(((load_label_map(png) > 0) * 255).astype(np.uint8)).save(png)
+    folder = SegFolder(binary)
+    assert folder.binary and not SegFolder(seg_folder).binary
+    sample = folder[0]
+    assert not sample.has_types and set(np.unique(sample.labels)) <= {0, 1}
+    typed = SegFolder(seg_folder)[0]
+    np.testing.assert_array_equal(sample.labels, np.isin(typed.labels, (1, 2)).astype(np.uint8))
+
+    outs = {}
+    for name, data in (("typed", seg_folder), ("binary", binary)):
+        js = tmp_path / f"{name}.json"
+        assert main(["evaluate", "seg", "--model", str(tiny_seg_model), "--data", str(data), "--json", str(js),
+                     "--precision", "fp32"]) == 0
+        outs[name] = json.loads(js.read_text())
+    printed = capsys.readouterr().out
+    assert printed.count("holds binary infection masks") == 1
+    typed_res, bin_res = outs["typed"], outs["binary"]
+    assert bin_res["binary_masks"] is True and typed_res["binary_masks"] is False
+    assert bin_res["dice"]["ggo"] is None and bin_res["dice"]["consolidation"] is None
+    assert typed_res["dice"]["ggo"] is not None
+    assert bin_res["dice"]["infection"] == typed_res["dice"]["infection"]
+    assert bin_res["rand_error"] == typed_res["rand_error"]
+    assert bin_res["dice"]["lung"] == typed_res["dice"]["lung"]
+
+    out = tmp_path / "m.pt"
+    assert main(["train", "seg", "--data", str(binary), "--encoder", "resnet18", "--random-init", "--input-size", "48",
+                 "--epochs", "1", "--batch-size", "2", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(binary / "masks") in err and "binary infection masks" in err
+    assert not out.exists() and not (tmp_path / "m_run").exists()

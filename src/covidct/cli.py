@@ -204,11 +204,15 @@ def _cmd_evaluate_seg(args: argparse.Namespace) -> int:
         def draw(sample, prediction):   # truth | prediction for every evaluated slice
             overlays.mkdir(parents=True, exist_ok=True)
             save_png(labels_comparison(to_model_input(sample.image, is_hu=False), sample.labels, prediction.labels,
-                                       truth_lung=sample.lung, predicted_lung=prediction.lung, title=sample.id),
+                                       truth_lung=sample.lung, predicted_lung=prediction.lung,
+                                       title=sample.id + ("" if sample.has_types else " (truth: binary infection mask, drawn red)")),
                      overlays / f"{sample.id}.png")
     result = evaluate_seg(args.model, args.data, split=args.split, tta=args.tta,
                           density_classes=not args.network_classes, on_prediction=draw, precision=args.precision)
     print(format_table(result))
+    if result["binary_masks"]:
+        print(f"note: {Path(args.data) / 'masks'} holds binary infection masks (0 / 255): infection is scored, "
+              "GGO and consolidation are not")
     _note_images_without_mask(args.data, result)
     print(f"Evaluation took {time.time() - t0:.1f} s")
     if overlays is not None:
@@ -780,9 +784,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", type=int, choices=(2, 3), default=2)
     s.add_argument("--top-n", type=int, default=32, help="RoIs per image (N of the N x 5 tensor)")
     s.add_argument("--s-width", type=int, default=128)
-    s.add_argument("--roi-features", nargs="*", default=[], choices=("label",),  # = models.maskcls.ROI_FEATURES
-                   help="columns added after each RoI's box and score: label = its one-hot lesion class "
-                   "(GGO / consolidation), which the published N x 5 tensor drops")
+    s.add_argument("--roi-features", nargs="*", default=[], choices=("label", "embedding"),  # = models.maskcls.ROI_FEATURES
+                   help="what S reads besides the published N x 5 tensor: label = each RoI's one-hot lesion class "
+                   "(GGO / consolidation), as columns after its box and score; embedding = the box head's features of "
+                   "the kept detections, pooled (score-weighted mean and maximum)")
     s.add_argument("--train", choices=("s", "s+bn", "s+roi"), default="s",
                    help="what to train: s = the classification module S only; s+bn = S and the backbone's "
                    "batch-norm affine parameters; s+roi = S, box head and box predictor")

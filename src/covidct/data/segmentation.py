@@ -3,12 +3,15 @@
 ```
 FOLDER/
   images/<id>.<png|jpg|...>
-  masks/<id>.png     0 background, 1 GGO, 2 consolidation (medseg-512: 3 = pleural effusion)
+  masks/<id>.png     0 background, 1 GGO, 2 consolidation (medseg-512: 3 = pleural effusion);
+                     or binary infection masks, 0 / 255 in every file (Inf-Net's LungInfection GT): infection only
   masks4/<id>.png    optional: 0 background, 1 GGO, 2 consolidation, 3 pleural effusion
   lung/<id>.png      optional: 0/1 lung field
   manifest.csv       optional: a ``split`` column is honoured by ``split=``
 ```
-Label maps carry the class index as the pixel value.
+Label maps carry the class index as the pixel value, except binary infection masks: a ``masks/`` folder
+(without ``masks4/``) whose files hold only the values 0 and 255 is read as infection / background, with
+no lesion type (:attr:`SegFolder.binary`): evaluation scores infection (and lung), training refuses it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ class SegSample:
     labels: np.ndarray
     lung: np.ndarray | None
     has_effusion: bool
+    #: False for a binary infection mask: ``labels`` 1 then means "infection" of unknown type (never 2 or 3)
+    has_types: bool = True
 
 
 #: A slice whose lung box (+3 % of the slice per side) covers less than this share of it is framed wider
@@ -142,8 +147,11 @@ class SegFolder:
             raise InputError(self.root, "no image with a matching mask found")
         self._images = images
         self._check_sizes()
+        values = set() if self.has_masks4 else self._mask_values()
+        #: masks/ holds binary infection masks (only 0 and 255): infection without its type
+        self.binary = bool(values) and values <= {0, 255} and 255 in values
         # Effusion is labelled when masks4/ exists, or when masks/ itself uses label 3 (medseg-512).
-        self.has_effusion = self.has_masks4 or self._masks_use_label3()
+        self.has_effusion = self.has_masks4 or 3 in values
         self.groups = self._manifest_groups()
 
     def _manifest_groups(self) -> list[str]:
@@ -188,11 +196,18 @@ class SegFolder:
                 if mask.exists() and size(mask) != want:
                     raise InputError(mask, f"size {size(mask)} differs from its image {self._images[k].name} {want}")
 
-    def _masks_use_label3(self) -> bool:
+    def _mask_values(self) -> set[int]:
+        """Every value found in masks/ (read once, before any work)."""
+        values: set[int] = set()
         for k in self.ids:
-            if (load_label_map(self.root / "masks" / f"{k}.png") == 3).any():
-                return True
-        return False
+            values.update(int(v) for v in np.unique(load_label_map(self.root / "masks" / f"{k}.png")))
+        return values
+
+    def require_types(self, use: str) -> None:
+        """:class:`InputError` when the masks are binary (no GGO / consolidation) and ``use`` needs the types."""
+        if self.binary:
+            raise InputError(self.root / "masks", f"binary infection masks (0 / 255): {use} needs class-index masks "
+                                                  "(0 background, 1 GGO, 2 consolidation, 3 effusion)")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -201,6 +216,8 @@ class SegFolder:
         k = self.ids[index]
         image, _ = load_grey(self._images[k])
         labels = load_label_map(self.root / ("masks4" if self.has_masks4 else "masks") / f"{k}.png")
+        if self.binary:
+            labels = (labels > 0).astype(np.uint8)
         if labels.max() > 3:
             raise InputError(self.root / "masks" / f"{k}.png", f"label value {labels.max()} is not a class index (0..3)")
         if not self.has_effusion:
@@ -210,4 +227,4 @@ class SegFolder:
             lung = (load_label_map(self.root / "lung" / f"{k}.png") > 0).astype(np.uint8)
         if labels.shape != image.shape:
             raise InputError(self._images[k], f"mask size {labels.shape} differs from the image {image.shape}")
-        return SegSample(k, self._images[k], image, labels, lung, self.has_effusion)
+        return SegSample(k, self._images[k], image, labels, lung, self.has_effusion, has_types=not self.binary)

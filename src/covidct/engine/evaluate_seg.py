@@ -24,8 +24,9 @@ def score_sample(metrics: SegmentationMetrics, sample: SegSample, pred: SegPredi
     """Add one slice to ``metrics`` under the keys of :data:`SEG_KEYS` that it has labels for."""
     gt, pl = sample.labels, pred.labels
     metrics.update("infection", np.isin(pl, (1, 2)), np.isin(gt, (1, 2)), prob=pred.infection_prob, image_id=sample.id)
-    metrics.update("ggo", pl == 1, gt == 1, prob=pred.probs[1])
-    metrics.update("consolidation", pl == 2, gt == 2, prob=pred.probs[2])
+    if sample.has_types:   # a binary infection mask says nothing of GGO / consolidation
+        metrics.update("ggo", pl == 1, gt == 1, prob=pred.probs[1])
+        metrics.update("consolidation", pl == 2, gt == 2, prob=pred.probs[2])
     if sample.has_effusion and has_effusion_head:
         metrics.update("effusion", pl == 3, gt == 3, prob=pred.probs[3])
     if sample.lung is not None and pred.lung_prob is not None:
@@ -192,6 +193,8 @@ def evaluate_seg(model_spec: str | Path | None, data: str | Path, *, split: str 
     # slices found black outside their lungs and segmented by the model's lung-masked companion (None: it has none)
     result["lung_masked_images"] = routed.n if predictor.lung_masked is not None else None
     result["images_without_mask"] = folder.images_without_mask
+    # binary infection masks (0 / 255): GGO and consolidation are not scored (null)
+    result["binary_masks"] = folder.binary
     result["precision"] = predictor.precision
     result["data"] = str(data)
     return result

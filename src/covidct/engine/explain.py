@@ -154,9 +154,10 @@ def maskcls_evidence(model, image01: np.ndarray, *, temperature: float = 1.0,
     x = cls_eval_transform(model.config.input_size)(image=np.asarray(image01, np.float32))["image"]
     model.eval()
     with torch.inference_mode():
-        rois_t = model.roi_tensor([torch.from_numpy(np.ascontiguousarray(x))[None]])
-        probs = torch.softmax(model.classify(rois_t) / temperature, dim=1)[0].numpy()
-    rois = rois_t[0].numpy()
+        s_in = model.s_input([torch.from_numpy(np.ascontiguousarray(x))[None]])
+        probs = torch.softmax(model.classify(s_in) / temperature, dim=1)[0].numpy()
+    cfg = model.config
+    rois = s_in[0, : cfg.top_n * cfg.roi_width].reshape(cfg.top_n, cfg.roi_width).numpy()
     keep = rois[:, 4] >= min_score
     h, w = image01.shape[-2:]
     boxes = rois[keep, :4] * np.array([w, h, w, h], np.float32)

@@ -199,6 +199,8 @@ def evaluate_lesions(model_spec: str | Path | None, data: str | Path, *, split: 
 
     model, payload = load_lesion_model(model_spec)
     folder = SegFolder(data, split=split)
+    if model.config.mask_mode != "merge":   # binary masks hold lesions of one class: only a merge model fits them
+        folder.require_types(f"a lesion model of mask mode {model.config.mask_mode!r}")
     result = evaluate_instances(model, folder, progress=progress, on_prediction=on_prediction, precision=precision)
     result["model"] = Path(payload["path"]).name
     result["images_without_mask"] = folder.images_without_mask

@@ -86,7 +86,7 @@ class _Trainer:
                 if not ims:  # e.g. the validation images on ranks other than 0
                     continue
                 if train == "s":
-                    self.cache[split] = torch.cat([model.roi_tensor([_tensor(im)]) for im in
+                    self.cache[split] = torch.cat([model.s_input([_tensor(im)]) for im in
                                                    tqdm(ims, desc=f"RoIs {split}", unit="image", disable=not progress)])
                 elif train == "s+roi":
                     rows = [model.pooled_rois([_tensor(im)]) for im in

@@ -123,6 +123,8 @@ def split_seg_folders(data: list[str], *, val_fraction: float, seed: int, folds:
                       fold: int | str = 0) -> tuple[list[SegSample], list[SegSample]]:
     """(train, val) samples; see the module docstring for how validation is drawn."""
     folders = [SegFolder(d) for d in data]
+    for f in folders:
+        f.require_types("training")
     first = folders[0]
     indices = list(range(len(first)))
     if fold == "all":

@@ -6,9 +6,12 @@ image size, and the score; zero-padded to ``N``), which a small module **S** (an
 ``s_width``) turns into class logits, trained with per-class binary cross-entropy. Mask prediction is
 skipped at this stage.
 
-``roi_features`` adds columns after the five of each RoI (an ``N x (5 + extra)`` tensor):
-``label`` = the one-hot lesion class of the detection (GGO / consolidation for a ``both`` lesion model),
-which the published ``N x 5`` tensor drops.
+``roi_features`` adds to what S reads:
+``label`` = the one-hot lesion class of each detection (GGO / consolidation for a ``both`` lesion model),
+which the published ``N x 5`` tensor drops, as columns after its five (an ``N x (5 + classes)`` tensor);
+``embedding`` = the box head's features of the kept detections, pooled over them (their score-weighted mean
+and their maximum, ``2 x box_head_dim`` numbers) and appended to the flattened RoI tensor: what each region
+looks like, not only where it is and how sure the detector is.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from covidct.models.lesions import LesionModelConfig, LesionNet, build_lesion_mo
 
 TRAIN_CHOICES = ("s", "s+bn", "s+roi")
 #: Columns that may follow each RoI's box corners and score in S's input (``MaskClsConfig.roi_features``).
-ROI_FEATURES = ("label",)
+ROI_FEATURES = ("label", "embedding")
 
 
 @dataclass
@@ -51,6 +54,11 @@ class MaskClsConfig(SavedConfig):
         return LesionModelConfig.from_dict(self.lesion or {}).classes[1:]
 
     @property
+    def pooled_width(self) -> int:
+        """Numbers after the flattened RoI tensor: the pooled box-head features with ``embedding``."""
+        return 2 * LesionModelConfig.from_dict(self.lesion or {}).box_head_dim if "embedding" in self.roi_features else 0
+
+    @property
     def roi_width(self) -> int:
         """Columns per RoI: box corners (4), score, then the ``roi_features`` columns."""
         return 5 + (len(self.lesion_classes) if "label" in self.roi_features else 0)
@@ -62,7 +70,8 @@ class MaskClsNet(nn.Module):
         self.config = config
         self.lesion = lesion
         n = len(config.classes)
-        self.s = nn.Sequential(nn.Linear(config.top_n * config.roi_width, config.s_width), nn.ReLU(inplace=True),
+        self.s = nn.Sequential(nn.Linear(config.top_n * config.roi_width + config.pooled_width, config.s_width),
+                               nn.ReLU(inplace=True),
                                nn.Linear(config.s_width, config.s_width), nn.ReLU(inplace=True),
                                nn.Linear(config.s_width, n))
 
@@ -79,28 +88,42 @@ class MaskClsNet(nn.Module):
 
     def detections_tensor(self, pooled: list[torch.Tensor], proposals: list[torch.Tensor],
                           image_sizes: list[tuple[int, int]]) -> torch.Tensor:
-        """``(B, top_n, roi_width)`` from pooled RoI features: box head, box predictor and torchvision's
-        post-processing (score threshold, NMS); differentiable in the box head and predictor."""
+        """``(B, top_n * roi_width + pooled_width)`` from pooled RoI features: box head, box predictor and
+        torchvision's post-processing (score threshold, NMS), the RoI rows flattened (then, with ``embedding``,
+        the pooled box-head features of the kept detections); differentiable in the box head and predictor."""
         rh = self.lesion.net.roi_heads
-        logits, regression = rh.box_predictor(rh.box_head(torch.cat(pooled).float()))
+        features = rh.box_head(torch.cat(pooled).float())
+        logits, regression = rh.box_predictor(features)
         boxes, scores, labels = rh.postprocess_detections(logits, regression, proposals, image_sizes)
         n_lesion = len(self.config.lesion_classes)
+        embed = "embedding" in self.config.roi_features
+        if embed:  # which proposal each detection came from: its box is that proposal's decoded box, bit for bit
+            decoded = rh.box_coder.decode(regression, proposals).split([len(p) for p in proposals])
+            features = features.split([len(p) for p in proposals])
         rows = []
-        for b, s, lab, (h, w) in zip(boxes, scores, labels, image_sizes):
+        for i, (b, s, lab, (h, w)) in enumerate(zip(boxes, scores, labels, image_sizes)):
             order = torch.argsort(s, descending=True)[: self.config.top_n]
             columns = [b[order] / b.new_tensor([w, h, w, h]), s[order, None]]
             if "label" in self.config.roi_features:  # torchvision's labels count from 1 (0 = background)
                 columns.append(F.one_hot(lab[order] - 1, n_lesion).to(b.dtype))
-            rows_i = torch.cat(columns, dim=1)
-            rows.append(F.pad(rows_i, (0, 0, 0, self.config.top_n - len(order))))
+            row = F.pad(torch.cat(columns, dim=1), (0, 0, 0, self.config.top_n - len(order))).flatten()
+            if embed:
+                source = _source_proposals(decoded[i], b[order], lab[order], (h, w))
+                row = torch.cat([row, _pool_embeddings(features[i][source], s[order])])
+            rows.append(row)
         return torch.stack(rows)
 
     @torch.no_grad()
-    def roi_tensor(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """``(B, top_n, roi_width)``: top RoI boxes (normalised), scores (and ``roi_features``) of each
-        ``(1, H, W)`` image."""
+    def s_input(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """What S reads for each ``(1, H, W)`` image (:meth:`detections_tensor`), in inference mode."""
         self.lesion.net.eval()
         return self.detections_tensor(*self.pooled_rois(x))
+
+    def roi_tensor(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """``(B, top_n, roi_width)``: top RoI boxes (normalised), scores (and ``label`` columns) of each
+        ``(1, H, W)`` image."""
+        n = self.config.top_n * self.config.roi_width
+        return self.s_input(x)[:, :n].reshape(-1, self.config.top_n, self.config.roi_width)
 
     def stage2_parameters(self, train: str) -> list[nn.Parameter]:
         """The parameters stage 2 trains: ``s`` (S only), ``s+bn`` (S and the backbone's batch-norm
@@ -123,7 +146,28 @@ class MaskClsNet(nn.Module):
         return self.s(rois.flatten(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.roi_tensor(x))
+        return self.classify(self.s_input(x))
+
+
+def _source_proposals(decoded: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
+                      image_size: tuple[int, int]) -> torch.Tensor:
+    """The proposal index of each detection: the row of ``decoded`` ``(P, classes, 4)``, clipped to the image as
+    torchvision's post-processing clips it, whose box of the detection's class equals the detection's box."""
+    from torchvision.ops import boxes as box_ops
+
+    if not len(boxes):
+        return torch.zeros(0, dtype=torch.long)
+    clipped = box_ops.clip_boxes_to_image(decoded, image_size)             # (P, classes, 4)
+    candidates = clipped[:, labels, :].transpose(0, 1)                        # (D, P, 4)
+    return (candidates == boxes[:, None, :]).all(-1).float().argmax(1)
+
+
+def _pool_embeddings(features: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """The score-weighted mean and the maximum of the detections' box-head features (zeros without any)."""
+    if not len(features):
+        return features.new_zeros(2 * features.shape[1])
+    mean = (scores[:, None] * features).sum(0) / scores.sum().clamp_min(1e-6)
+    return torch.cat([mean, features.max(0).values])
 
 
 def build_maskcls_model(config: MaskClsConfig) -> MaskClsNet:

@@ -20,25 +20,6 @@ DEFAULTS: dict[str, str] = {"seg": "seg-effl0-unet", "cls": "cls-cv5-ucsd-tta", 
                             "triage": "triage-ct"}
 
 
-def model_reference(path: str | Path) -> dict[str, Any]:
-    """How a checkpoint names another model file it was made from, portable across machines (an absolute
-    path is not): ``{"name", "shipped", "sha256"}`` — the shipped model's name (what ``--model`` takes)
-    when the file is one of the package's, else the file's name — and the file's checksum."""
-    from covidct.models.checkpoint import file_sha256
-
-    path = Path(path)
-    try:
-        name, shipped = path.resolve().relative_to(WEIGHTS_DIR).with_suffix("").as_posix(), True
-    except ValueError:
-        name, shipped = path.name, False
-    return {"name": name, "shipped": shipped, "sha256": file_sha256(path)}
-
-
-def model_references(**files: str | Path | None) -> dict[str, dict[str, Any]]:
-    """:func:`model_reference` of each named start file that is given (``init=..., encoder_init=...``)."""
-    return {role: model_reference(f) for role, f in files.items() if f}
-
-
 def shipped_files() -> list[Path]:
     return sorted(WEIGHTS_DIR.glob("*.pt")) if WEIGHTS_DIR.is_dir() else []
 
@@ -169,6 +150,13 @@ def base_model_reference(path: Path) -> dict[str, str]:
     from covidct.models.checkpoint import file_sha256
 
     return {"name": model_name(path), "sha256": file_sha256(path)}
+
+
+def model_references(**files: str | Path | None) -> dict[str, dict[str, str]]:
+    """:func:`base_model_reference` of each named start file that is given (``init=..., encoder_init=...``): a
+    checkpoint's ``starts``, which name a shipped start the way ``--model`` takes it (a path of one machine
+    would not) and any start by its checksum."""
+    return {role: base_model_reference(Path(f)) for role, f in files.items() if f}
 
 
 def _full_state(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
