@@ -28,6 +28,20 @@ def write_nifti(path: Path, hu_kji: np.ndarray, spacing=(2.0, 0.8, 0.8)) -> np.n
     return affine
 
 
+def binary_mask_copy(folder: Path, root: Path) -> Path:
+    """A copy of a COVID-SemiSeg-layout folder whose masks/ are binary infection masks (0 / 255; no masks4/),
+    like Inf-Net's LungInfection ground truth."""
+    import shutil
+
+    from PIL import Image
+
+    shutil.copytree(folder, root)
+    shutil.rmtree(root / "masks4", ignore_errors=True)
+    for png in (root / "masks").glob("*.png"):
+        Image.fromarray(((np.asarray(Image.open(png)) > 0) * 255).astype(np.uint8)).save(png)
+    return root
+
+
 def make_seg_folder(root: Path, n: int = 6, size: int = 48, seed: int = 0, masks4: bool = True) -> Path:
     """A COVID-SemiSeg-layout folder with blob lesions that a tiny model can learn."""
     from PIL import Image

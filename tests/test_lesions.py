@@ -70,13 +70,9 @@ def test_train_and_evaluate_lesions(tmp_path, seg_folder, capsys):
     assert sorted(p.stem for p in pics.glob("*.png")) == sorted(p.stem for p in (seg_folder / "images").iterdir())
     assert "not for diagnosis" in Image.open(next(pics.glob("*.png"))).text["Disclaimer"]
     # binary infection masks (0 / 255) hold no lesion type: a GGO + consolidation model is refused in one line
-    import shutil
+    from conftest import binary_mask_copy
 
-    binary = tmp_path / "binary"
-    shutil.copytree(seg_folder, binary)
-    shutil.rmtree(binary / "masks4", ignore_errors=True)
-    for png in (binary / "masks").glob("*.png"):
-        Image.fromarray(((np.asarray(Image.open(png)) > 0) * 255).astype(np.uint8)).save(png)
+    binary = binary_mask_copy(seg_folder, tmp_path / "binary")
     capsys.readouterr()
     assert main(["evaluate", "lesions", "--model", str(tmp_path / "les.pt"), "--data", str(binary), "--json",
                  str(tmp_path / "b.json")]) == 2
@@ -239,6 +235,31 @@ def test_maskcls_trains_s_and_evaluates_through_evaluate_cls(tmp_path, seg_folde
     assert main(["evaluate", "cls", "--model", str(out), "--data", str(data), "--split", "test"]) == 2
     err = capsys.readouterr().err.strip()
     assert "base model" in err and "changed" in err and len(err.splitlines()) == 1
+
+
+def test_a_merge_model_scores_binary_infection_masks_as_their_class_index_masks(tmp_path, seg_folder):
+    """A one-class (``merge``) lesion model needs no lesion type: on binary 0 / 255 masks it gets exactly the AP of
+    the class-index masks they came from."""
+    from conftest import binary_mask_copy
+    from covidct.models import save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = LesionModelConfig.from_dict({**TINY, "mask_mode": "merge", "box_score_thresh": 0.0})
+    path = save_checkpoint(tmp_path / "merge.pt", task="lesions", config=cfg.to_dict(),
+                           state_dict=build_lesion_model(cfg).state_dict(), classes=list(cfg.classes),
+                           input_size=cfg.input_size,
+                           anchors={"sizes": list(cfg.anchor_sizes), "aspect_ratios": list(cfg.aspect_ratios)})
+    binary = binary_mask_copy(seg_folder, tmp_path / "binary")
+    outs = []
+    for data in (seg_folder, binary):
+        js = tmp_path / f"{data.name}.json"
+        assert main(["evaluate", "lesions", "--model", str(path), "--data", str(data), "--json", str(js),
+                     "--precision", "fp32"]) == 0
+        outs.append(json.loads(js.read_text()))
+    assert outs[0]["n_images"] == outs[1]["n_images"] == 6
+    keys = ("ap50", "ap75", "map", "per_class", "infection_dice")   # the region Dice scores the same truth union
+    assert {k: outs[0][k] for k in keys} == {k: outs[1][k] for k in keys}
+    assert outs[1]["infection_dice"] > 0
 
 
 def test_efficientnet_backbone_starts_from_our_segmentation_encoder(tmp_path):

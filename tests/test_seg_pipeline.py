@@ -993,16 +993,10 @@ def test_binary_infection_masks_are_scored_as_infection_only(tmp_path, seg_folde
     """A masks/ folder of 0 / 255 files (Inf-Net's binary LungInfection GT) is read as infection without a type:
     `evaluate seg` scores infection exactly as on the class-index masks it came from, GGO / consolidation are
     null and a note says why; training and a typed lesion model refuse it in one line, leaving no output."""
-    import shutil
-
+    from conftest import binary_mask_copy
     from covidct.data.segmentation import SegFolder
-    from covidct.io.image import load_label_map
 
-    binary = tmp_path / "binary"
-    shutil.copytree(seg_folder, binary)
-    shutil.rmtree(binary / "masks4", ignore_errors=True)
-    for png in (binary / "masks").glob("*.png"):
-        Image.fromarray(((load_label_map(png) > 0) * 255).astype(np.uint8)).save(png)
+    binary = binary_mask_copy(seg_folder, tmp_path / "binary")
     folder = SegFolder(binary)
     assert folder.binary and not SegFolder(seg_folder).binary
     sample = folder[0]
