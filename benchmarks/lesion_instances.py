@@ -43,6 +43,8 @@ def main() -> int:
     try:
         preds = []  # (labels, predicted label map, class probabilities) of every out-of-fold slice
         for model, _, folder in fold_validation_sets(args.models, args.data):
+            if modes != ["merge"]:   # binary infection masks hold no GGO / consolidation
+                folder.require_types(f"mask modes {', '.join(modes)}")
             predictor = SegPredictor(model, density_classes=not args.network_classes)
             for s in folder:
                 p = predictor.predict([to_model_input(s.image, is_hu=False)])[0]

@@ -212,7 +212,11 @@ def main() -> int:
 
         for label, *setting in settings:
             apply(*setting)
-            r = evaluate_instances(ours, folder, progress=False, precision=prec)
+            try:
+                r = evaluate_instances(ours, folder, progress=False, precision=prec)
+            except CovidctError as exc:   # e.g. binary infection masks for a GGO + consolidation model: no AP
+                print(f"no AP: {exc}")
+                break
             print(f"{label}, on {args.data}: AP50 {r['ap50']}, AP75 {r['ap75']}, mAP {r['map']}, "
                   f"lesion region Dice {r['infection_dice']}; per class {r['per_class']}")
             ap_rows.append({"setting": label, **{k: r[k] for k in ("ap50", "ap75", "map", "infection_dice")}})

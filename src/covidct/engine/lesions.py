@@ -76,6 +76,9 @@ def evaluate_instances(model: LesionNet, samples, *, progress: bool = True,
     ``on_prediction(sample, prediction, truth, class_names)`` is called for every slice (e.g. to draw it; not
     timed); ``precision`` as in :func:`predict_instances` (the one used is in the result)."""
     precision = resolve_precision(precision)
+    if model.config.mask_mode != "merge" and hasattr(samples, "require_types"):
+        # binary infection masks (a SegFolder's) hold lesions of one class: only a merge model fits them
+        samples.require_types(f"a lesion model of mask mode {model.config.mask_mode!r}")
     ap = InstanceAP(model.config.classes[1:])
     seconds, overlap, total = 0.0, 0, 0
     for i in tqdm(range(len(samples)), desc="evaluate lesions", unit="slice", disable=not progress):
@@ -199,8 +202,6 @@ def evaluate_lesions(model_spec: str | Path | None, data: str | Path, *, split: 
 
     model, payload = load_lesion_model(model_spec)
     folder = SegFolder(data, split=split)
-    if model.config.mask_mode != "merge":   # binary masks hold lesions of one class: only a merge model fits them
-        folder.require_types(f"a lesion model of mask mode {model.config.mask_mode!r}")
     result = evaluate_instances(model, folder, progress=progress, on_prediction=on_prediction, precision=precision)
     result["model"] = Path(payload["path"]).name
     result["images_without_mask"] = folder.images_without_mask
