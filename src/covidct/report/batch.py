@@ -19,7 +19,7 @@ from covidct import DISCLAIMER
 from covidct.errors import CovidctError
 from covidct.io.atomic import write_bytes_atomic
 from covidct.report.json_io import write_json
-from covidct.report.notes import report_notes
+from covidct.report.notes import effusion_assessable, report_notes
 from covidct.report.scan_report import ScanModels, analyze
 
 #: Columns of ``summary.csv`` (the same keys in ``summary.json``'s ``scans``).
@@ -99,8 +99,7 @@ def _row(job: ScanJob, report: dict[str, Any] | None, error: str | None, seconds
                lung_volume_ml=report["lung_volume_ml"], ggo_percent=les["ggo"]["percent_of_lung"],
                consolidation_percent=les["consolidation"]["percent_of_lung"],
                effusion_percent=les["effusion"]["percent_of_lung"],
-               # False: every lung slice is black outside the lungs, so 0 % effusion means "not measured"
-               effusion_assessable=les["effusion"].get("assessable", True),
+               effusion_assessable=effusion_assessable(report),   # False: its 0 % effusion was not measured
                total_percent=les["total"]["percent_of_lung"],
                severity_score=report["severity_score"], notes=report_notes(report),
                series_uid=job.series_uid or report["input"].get("series_uid"))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from covidct.errors import InputError
+from covidct.report.notes import effusion_assessable
 
 #: Lesion types of a report, in the order they are printed.
 LESION_TYPES = ("ggo", "consolidation", "effusion", "total")
@@ -90,8 +91,7 @@ def compare_reports(before: dict[str, Any], after: dict[str, Any]) -> dict[str, 
                          "another resolution (P001 at half its resolution: total burden 1.85 -> 1.71 %)")
     if before.get("lung_volume_ml") is None or after.get("lung_volume_ml") is None:
         notes.append("a report without lung volume (an image without HU): only shares of the lung compare")
-    unseen = [k for k, r in (("before", before), ("after", after))
-              if not ((r.get("lesions") or {}).get("effusion") or {}).get("assessable", True)]
+    unseen = [k for k, r in (("before", before), ("after", after)) if not effusion_assessable(r)]
     if unseen:
         notes.append(f"pleural effusion could not be assessed {' or '.join(unseen)} (lung-masked slices, black "
                      "outside the lungs): its change is not measured")

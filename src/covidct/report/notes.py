@@ -23,6 +23,13 @@ def colour_note(share: float | None) -> str | None:
             f"be a chest CT, and its lesion numbers are then meaningless")
 
 
+def effusion_assessable(report: dict) -> bool:
+    """Whether the report's pleural effusion was measured: ``lesions.effusion.assessable`` (false when every slice
+    holding lung is lung-masked, black outside the lungs, so its 0 means "not measured"); true for a report from
+    before the key existed."""
+    return bool(((report.get("lesions") or {}).get("effusion") or {}).get("assessable", True))
+
+
 def report_notes(report: dict) -> list[str]:
     """Everything a reader of ``report`` should know before using its numbers, one sentence each (printed as
     ``note: ...`` by the command line, rows of the HTML report, the ``notes`` column of a batch's summary): which
