@@ -255,7 +255,7 @@ def test_evaluate_cls_folder_per_class_and_covidx(trained_cls, tmp_path, capsys)
     assert np.array(res["confusion"]).sum(axis=1).tolist() == [2, 1]
 
 
-def test_init_from_segmentation_encoder(tmp_path):
+def test_init_from_segmentation_encoder(tmp_path, capsys):
     from covidct.models import SegModelConfig, build_seg_model, save_checkpoint
 
     seg = build_seg_model(SegModelConfig(encoder="resnet18", decoder_channels=(16, 16, 8, 8, 8), input_size=32))
@@ -279,6 +279,13 @@ def test_init_from_segmentation_encoder(tmp_path):
     assert main(["train", "cls", "--data", str(data), "--encoder", "resnet18", "--init", "random",
                  "--input-size", "32", "--epochs", "1", "--batch-size", "4", "-o", str(tmp_path / "r.pt")]) == 0
     assert read_checkpoint(tmp_path / "r.pt")["starts"] == {}
+    # an --init that is no segmentation model: one error line before any image is loaded, nothing written
+    capsys.readouterr()
+    assert main(["train", "cls", "--data", str(data), "--encoder", "resnet18", "--init", str(tmp_path / "r.pt"),
+                 "--input-size", "32", "--epochs", "1", "--batch-size", "4", "-o", str(tmp_path / "bad.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "r.pt" in err and "it is a 'cls' model" in err and "load" not in err
+    assert not (tmp_path / "bad.pt").exists() and not (tmp_path / "bad_run").exists()
 
 
 def test_temperature_and_offsets_undo_a_scale_and_a_shift():

@@ -163,14 +163,15 @@ def train_cls(cfg: ClsTrainConfig, output: str | Path, *, progress: bool = True)
     check_class_coverage(train, val, classes, cfg.data)
     if len(train) // dist.world_size < cfg.batch_size // dist.world_size:
         raise CovidctError(cfg.data, f"{len(train)} training images do not fill one batch (--batch-size {cfg.batch_size})")
+    # built before the images load, so that an --init file that does not fit is one error line at once
+    mcfg = ClsModelConfig(encoder=cfg.encoder, classes=classes, input_size=cfg.input_size)
+    # channels-last from the start: evaluation converts to it, and DDP needs the layout fixed before wrapping
+    model = build_cls_model(mcfg, init=cfg.init).to(memory_format=torch.channels_last)
     loader = RecordImages()
     images = [loader(r) for r in tqdm(train, desc="load", unit="image", disable=not progress)]
     labels = [classes.index(r.label) for r in train]
     counts = np.bincount(labels, minlength=len(classes)).astype(float)
     weights = torch.tensor(counts.sum() / (len(classes) * np.maximum(counts, 1)), dtype=torch.float32)
-    mcfg = ClsModelConfig(encoder=cfg.encoder, classes=classes, input_size=cfg.input_size)
-    # channels-last from the start: evaluation converts to it, and DDP needs the layout fixed before wrapping
-    model = build_cls_model(mcfg, init=cfg.init).to(memory_format=torch.channels_last)
     ds = _Images(images, labels, cls_train_transform(cfg.input_size, seed=cfg.seed + 1000 * dist.rank))
     sampler = dist.sampler(ds, seed=cfg.seed)
     dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size // dist.world_size, shuffle=sampler is None,
