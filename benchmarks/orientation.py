@@ -10,9 +10,14 @@ converter may write" and the orientation check).
 * ``--dicom SERIES``: also a copy of a DICOM series with every file's ImageOrientationPatient set to prone (a wrong
   header; pixel data untouched).
 * For every file (the variants, ``--scan``, ``--dicom`` and any FILE given): the spine votes of
-  :func:`covidct.analysis.lungs.spine_posterior_votes` at 250 / 400 / 600 HU, the verdict of
-  :func:`covidct.analysis.scan.orientation_check`, and two head-feet cues that were measured and not adopted
-  (central airway slices in the upper / lower half of the lungs; the lungs' solidity in their first / last sixth).
+  :func:`covidct.analysis.lungs.spine_posterior_votes` at 250 / 400 / 600 HU, the three verdicts of
+  :func:`covidct.analysis.scan.orientation_check` (anterior-posterior; head-feet with its mediastinum width ratio;
+  left-right with its liver-side ratio), and two head-feet cues that were measured and not adopted (central airway
+  slices in the upper / lower half of the lungs; the lungs' solidity in their first / last sixth).
+* ``--flips``: also each given file's volume (``--scan``, ``--dicom``, FILE; not the written variants) changed in memory, lungs segmented again: its slice, row and column axes
+  each reversed (each should flip one verdict and only that one) and five partial scans (the head-end and feet-end
+  halves and 65 %, the middle half: head-feet and left-right should be undetermined, never reversed), printing
+  one line of verdicts per variant.
 * ``--analyze``: also ``covidct analyze FILE`` on each (lung mL, opacity %, answer).
 """
 
@@ -152,10 +157,44 @@ def measure(path: Path) -> dict:
     row["spine_votes"] = {str(t): spine_posterior_votes(vol.array, lungs, bone_hu=t) for t in (250, 400, 600)}
     check = orientation_check(vol, lungs)
     row["verdict"] = check["anterior_posterior"] if check else None
+    if check:
+        row.update({key: check[key] for key in ("head_feet", "mediastinum_width_ratio", "left_right",
+                                                "liver_side_ratio")})
     if vol.n_slices >= 12:
         row["airway_upper_lower"] = airway_halves(vol, lungs)
         row["solidity_first_last"] = tuple(round(v, 3) for v in solidity_ends(lungs))
     return row
+
+
+#: In-memory variants of ``--flips``: name -> the (slices, rows, columns) array it makes.
+FLIPS = {
+    "slices reversed": lambda a: a[::-1],
+    "rows reversed": lambda a: a[:, ::-1],
+    "columns reversed": lambda a: a[:, :, ::-1],
+    "head-end half": lambda a: a[: len(a) // 2],
+    "head-end 65 %": lambda a: a[: int(0.65 * len(a))],
+    "feet-end half": lambda a: a[len(a) // 2:],
+    "feet-end 65 %": lambda a: a[int(0.35 * len(a)):],
+    "middle half": lambda a: a[len(a) // 4: 3 * len(a) // 4],
+}
+
+
+def flips(path: Path) -> list[dict]:
+    """The verdicts of :func:`covidct.analysis.scan.orientation_check` on each :data:`FLIPS` variant of ``path``."""
+    from covidct.analysis.lungs import segment_lungs_hu
+    from covidct.analysis.scan import orientation_check
+    from covidct.io import read
+
+    vol = read(path)
+    stored, rows = vol.array, []
+    for name, make in FLIPS.items():
+        vol.array = np.ascontiguousarray(make(stored))
+        check = orientation_check(vol, segment_lungs_hu(vol.array, spacing=vol.spacing, affine=vol.affine).labels)
+        rows.append({"file": str(path), "variant": name,
+                     **{key: check[key] for key in ("anterior_posterior", "head_feet", "mediastinum_width_ratio",
+                                                    "left_right", "liver_side_ratio")}})
+    vol.array = stored
+    return rows
 
 
 def analyze(path: Path) -> dict:
@@ -176,8 +215,11 @@ def main() -> int:
     ap.add_argument("--variants", type=Path, help="folder for the variants")
     ap.add_argument("--dicom", type=Path, help="a DICOM series: measured, and a prone-header copy of it")
     ap.add_argument("--analyze", action="store_true", help="also run covidct analyze on each file")
+    ap.add_argument("--flips", action="store_true",
+                    help="also each file's axes reversed and partial scans, in memory (verdicts per variant)")
     args = ap.parse_args()
     files = list(args.files)
+    originals = set(files) | {f for f in (args.scan, args.dicom) if f}
     if args.scan:
         from covidct.io.nifti import is_nifti
 
@@ -205,6 +247,9 @@ def main() -> int:
         if args.analyze:
             row.update(analyze(path))
         print(json.dumps(row))
+        if args.flips and row.get("is_hu") and path in originals:
+            for variant in flips(path):
+                print(json.dumps(variant))
     return 2 if failed else 0
 
 

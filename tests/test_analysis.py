@@ -765,10 +765,92 @@ def test_a_volume_upside_down_is_flagged_and_why(tmp_path, tiny_seg_model, capsy
     assert orientation_check(plain, lungs) is None
 
 
+def _phantom_with_anatomy(n_slices: int = 30, size: int = 96) -> np.ndarray:
+    """A whole chest in the working orientation (slice 0 at the head, anterior up, the patient's right at the low
+    columns): two lungs tapering to nothing at the apices and the bases, a mediastinum widening from the head
+    (2 x 5 % of the width) to the feet (2 x 19 %, the heart), a vertebra behind, and near the bases a liver under
+    the right lung three times the size of a spleen under the left; the body is fat (-100 HU)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    c = size / 2
+    body = ((yy - c) / (0.42 * size)) ** 2 + ((xx - c) / (0.46 * size)) ** 2 < 1
+    vertebra = np.hypot(yy - 0.8 * size, xx - c) < 0.06 * size
+    hu = np.full((n_slices, size, size), -1000.0, np.float32)
+    for k in range(n_slices):
+        t = k / (n_slices - 1)
+        taper = np.sin(np.pi * (k + 0.5) / n_slices)
+        medial, half_width = (0.05 + 0.14 * t) * size, 0.1 * size * taper
+        sl = np.where(body, -100.0, -1000.0)
+        for side in (-1, 1):   # half ellipses, their flat medial border at the mediastinum
+            lung = ((yy - c) / (0.28 * size * taper)) ** 2 + ((xx - c - side * medial) / (2 * half_width)) ** 2 < 1
+            sl[lung & (side * (xx - c) >= medial)] = -850.0
+        sl[vertebra] = 700.0
+        if t >= 0.7:
+            sl[np.hypot(yy - 0.45 * size, xx - 0.2 * size) < 0.12 * size] = 60.0   # liver (right)
+            sl[np.hypot(yy - 0.45 * size, xx - 0.8 * size) < 0.07 * size] = 60.0   # spleen (left)
+        hu[k] = sl + rng.normal(0, 10, (size, size))
+    return hu
+
+
+def test_head_feet_and_left_right_checks_flag_each_swapped_axis(tmp_path):
+    """The anatomical phantom as a NIfTI stated in the working orientation is as stored on all three axes; the same
+    voxels with the slice axis, or the column axis, stated the other way round in the header arrive with that axis
+    reversed, and only that check says so, with its own note (rows and columns both: one note for the half turn); a scan that stops mid-chest (the feet half alone, where
+    the mediastinum narrows towards the feet below the heart) is undetermined rather than called reversed."""
+    from covidct.analysis.scan import orientation_check
+
+    hu = _phantom_with_anatomy()
+    data = hu.transpose(2, 1, 0).astype(np.int16)
+    affines = {"as_stored": np.diag([-3.0, -3.0, -5.0, 1.0]),
+               "head_feet": np.diag([-3.0, -3.0, 5.0, 1.0]),   # slice index said to run towards the head
+               "left_right": np.diag([3.0, -3.0, -5.0, 1.0]),   # column index said to run towards the right
+               "half_turn": np.diag([3.0, 3.0, -5.0, 1.0])}     # rows and columns both: a prone scan read as supine
+    verdicts = {}
+    for name, affine in affines.items():
+        nib.save(nib.Nifti1Image(data, affine), tmp_path / f"{name}.nii.gz")
+        vol = read(tmp_path / f"{name}.nii.gz")
+        check = orientation_check(vol, segment_lungs_hu(vol.array, spacing=vol.spacing, affine=vol.affine).labels)
+        verdicts[name] = (check["anterior_posterior"], check["head_feet"], check["left_right"])
+        if name == "as_stored":
+            assert check["note"] is None
+            assert check["mediastinum_width_ratio"] > 1.3 and check["liver_side_ratio"] > 1.3
+        elif name == "head_feet":
+            assert "head and feet seem swapped" in check["note"] and "left and right" not in check["note"]
+            assert check["mediastinum_width_ratio"] < 1 / 1.3
+        elif name == "left_right":
+            assert "left and right seem swapped" in check["note"] and "head and feet" not in check["note"]
+            assert check["liver_side_ratio"] < 1 / 1.3
+        else:   # one sentence for the two in-plane axes
+            assert "turned by 180°" in check["note"] and "seem swapped" not in check["note"]
+    assert verdicts == {"as_stored": ("as stored", "as stored", "as stored"),
+                        "head_feet": ("as stored", "reversed", "as stored"),
+                        "left_right": ("as stored", "as stored", "reversed"),
+                        "half_turn": ("reversed", "as stored", "reversed")}
+    vol = read(tmp_path / "as_stored.nii.gz")
+    vol.array = np.ascontiguousarray(vol.array[15:])
+    check = orientation_check(vol, segment_lungs_hu(vol.array, spacing=vol.spacing, affine=vol.affine).labels)
+    assert (check["head_feet"], check["left_right"], check["mediastinum_width_ratio"]) == ("undetermined",) * 2 + (None,)
+
+
+def test_a_swapped_head_feet_axis_reaches_the_report_and_the_printed_summary(tmp_path, tiny_seg_model, capsys):
+    from covidct.analysis.scan import orientation_check
+
+    data = _phantom_with_anatomy().transpose(2, 1, 0).astype(np.int16)
+    path = tmp_path / "feet_first.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([-3.0, -3.0, 5.0, 1.0])), path)
+    out = tmp_path / "out"
+    assert main(["analyze", str(path), "-o", str(out), "--model", str(tiny_seg_model), "--classifier", "none"]) == 0
+    check = json.loads((out / "report.json").read_text())["input"]["orientation_check"]
+    assert check["head_feet"] == "reversed" and "probably wrong" in check["note"]
+    assert f"note: {check['note']}" in capsys.readouterr().out
+    assert "head and feet seem swapped" in (out / "report.html").read_text()
+
+
 @pytest.mark.realdata
 def test_real_scan_stored_the_right_way_up_and_upside_down():
     """cap001 as stored votes spine-posterior on nearly every slice (141 of 143 when written); the same voxels
-    with the row axis stated the other way round in the affine vote the other way."""
+    with the row axis stated the other way round in the affine vote the other way. Its head-feet and left-right
+    checks agree with the file, and each flips with its axis."""
     from covidct.analysis.scan import orientation_check
 
     path = need_data("covid-ct-md", "cap001.nii.gz")
@@ -777,6 +859,14 @@ def test_real_scan_stored_the_right_way_up_and_upside_down():
     check = orientation_check(vol, lungs)
     assert check["anterior_posterior"] == "as stored" and check["note"] is None
     assert check["spine_posterior_slices"] >= 0.9 * check["voting_slices"] > 100
+    # head-feet and left-right: as stored (ratios 1.83 and 2.51 when written); each axis reversed is called reversed
+    assert (check["head_feet"], check["left_right"]) == ("as stored", "as stored")
+    stored = vol.array
+    for axis, key in ((0, "head_feet"), (2, "left_right")):
+        vol.array = np.ascontiguousarray(np.flip(stored, axis=axis))
+        check = orientation_check(vol, segment_lungs_hu(vol.array, spacing=vol.spacing, affine=vol.affine).labels)
+        assert check[key] == "reversed" and check["anterior_posterior"] == "as stored", key
+    vol.array = stored
     flipped = vol.array[:, ::-1]
     vol.array = np.ascontiguousarray(flipped)
     check = orientation_check(vol, np.ascontiguousarray(lungs[:, ::-1]))

@@ -247,6 +247,56 @@ def spine_posterior_votes(hu: np.ndarray, labels: np.ndarray, *, bone_hu: float 
     return posterior, voting
 
 
+def mediastinum_widths(labels: np.ndarray) -> np.ndarray:
+    """Per slice, the widest gap in pixels between the two lungs on one row: from the right lung's medial edge
+    (its largest column) to the left lung's (its smallest), over the rows holding both; NaN on slices without
+    such a row. The gap is the mediastinum: narrow at the apices (trachea, great vessels), widest at the heart
+    above the diaphragm. Sides are positional (right lung at the low columns, as the working orientation and
+    :func:`segment_lungs_hu` have it). One slice at a time."""
+    widths = np.full(labels.shape[0], np.nan)
+    for k in range(labels.shape[0]):
+        right, left = labels[k] == RIGHT, labels[k] == LEFT
+        rows = right.any(axis=1) & left.any(axis=1)
+        if not rows.any():
+            continue
+        right, left = right[rows], left[rows]
+        right_edge = right.shape[1] - 1 - np.argmax(right[:, ::-1], axis=1)
+        left_edge = np.argmax(left, axis=1)
+        widths[k] = float((left_edge - right_edge).max())
+    return widths
+
+
+#: Soft tissue in HU for the liver-side cue (liver, spleen, muscle, blood; fat and lung fall outside).
+SOFT_TISSUE_HU = (30.0, 200.0)
+
+
+def soft_tissue_sides(hu: np.ndarray, labels: np.ndarray, slices: np.ndarray) -> tuple[int, int]:
+    """Soft-tissue pixels (:data:`SOFT_TISSUE_HU`, outside the lungs, within the rows the lungs span) on the
+    patient's right and left of the midline between the two lungs, summed over ``slices``. Near the lung bases the
+    liver, the largest solid organ, lies under the right lung, so the right count is the larger; the midline is
+    the column halfway between the two lungs' centres over those slices. ``(0, 0)`` when either lung is absent."""
+    columns = np.arange(labels.shape[2])
+    sums = np.zeros(2)
+    counts = np.zeros(2)
+    for k in slices:
+        for i, side in enumerate((RIGHT, LEFT)):
+            profile = (labels[k] == side).sum(axis=0)
+            sums[i] += float((profile * columns).sum())
+            counts[i] += float(profile.sum())
+    if not counts.all():
+        return 0, 0
+    midline = int(round((sums[0] / counts[0] + sums[1] / counts[1]) / 2))
+    right = left = 0
+    for k in slices:
+        rows = np.flatnonzero(labels[k].any(axis=1))
+        band = slice(int(rows[0]), int(rows[-1]) + 1) if rows.size else slice(0, 0)
+        values, lung = hu[k][band], labels[k][band]
+        soft = (values >= SOFT_TISSUE_HU[0]) & (values <= SOFT_TISSUE_HU[1]) & (lung == 0)
+        right += int(soft[:, :midline].sum())
+        left += int(soft[:, midline:].sum())
+    return right, left
+
+
 def zone_index(labels: np.ndarray) -> np.ndarray:
     """Upper / middle / lower zone (0, 1, 2) of each lung voxel: thirds of each lung's
     cranio-caudal extent (slice 0 = head); -1 outside."""

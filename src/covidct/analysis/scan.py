@@ -38,8 +38,8 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from covidct.analysis.lungs import (LEFT, RIGHT, SLICE_CHUNK, component_sizes, label_components, segment_lungs_hu,
-                                    spine_posterior_votes, zone_index)
+from covidct.analysis.lungs import (LEFT, RIGHT, SLICE_CHUNK, component_sizes, label_components, mediastinum_widths,
+                                    segment_lungs_hu, soft_tissue_sides, spine_posterior_votes, zone_index)
 from covidct.analysis.severity import lesion_burden
 from covidct.engine.infer import SegPredictor
 from covidct.errors import InputError
@@ -75,6 +75,22 @@ COVERAGE_EDGE_MM2 = 100.0
 SPINE_VOTE_SHARE = 0.7
 #: Fewer voting slices than this: the check says nothing.
 MIN_SPINE_VOTES = 5
+#: Head-feet check: the widest mediastinum (:func:`~covidct.analysis.lungs.mediastinum_widths`, the 90th percentile
+#: over the slices) of the feet-end half of the lung slices over that of the head-end half at or above this: as
+#: stored; at or below its inverse: reversed (benchmarks/RESULTS.md has the open scans' ratios).
+MEDIASTINUM_WIDTH_RATIO = 1.3
+MEDIASTINUM_WIDTH_PERCENTILE = 90
+#: Slices with both lungs that each half needs for the head-feet check.
+MIN_HALF_SLICES = 10
+#: Left-right check: soft tissue right / left of the midline (:func:`~covidct.analysis.lungs.soft_tissue_sides`)
+#: over the feet-end :data:`LIVER_SHARE` of the lung slices at or above this: as stored (the liver on the right);
+#: at or below its inverse: reversed.
+LIVER_SIDE_RATIO = 1.3
+LIVER_SHARE = 0.25
+#: The head-feet and left-right checks need the whole lungs in the scan: its first and last slices each hold less
+#: lung than this share of the largest lung slice (a scan that starts or stops mid-chest ends on a near-full lung
+#: slice, and its mediastinum widths and soft tissue no longer follow the rule).
+LUNG_END_SHARE = 0.25
 
 
 @dataclass
@@ -170,33 +186,105 @@ def lung_share_note(lungs: np.ndarray) -> str | None:
 
 
 def orientation_check(vol: Volume, lungs: np.ndarray) -> dict | None:
-    """Does the anatomy agree with the orientation the file states? In the working orientation the spine lies
-    below (posterior to) the lungs; a volume whose header is wrong or missing (a NIfTI with qform and sform codes 0
-    is read with ANALYZE's default axes) can arrive upside down, and then the models see every slice mirrored and
-    the zones and sides are mislabelled. Counts :func:`~covidct.analysis.lungs.spine_posterior_votes` over the
-    scan: ``{"spine_posterior_slices", "voting_slices", "anterior_posterior": "as stored" | "reversed" |
-    "undetermined", "orientation_in_header", "note"}``; ``note`` only when reversed. None for inputs without HU or
-    without a known orientation (images)."""
+    """Does the anatomy agree with the orientation the file states? A volume whose header is wrong or missing (a
+    NIfTI with qform and sform codes 0 is read with ANALYZE's default axes; slices stacked in the wrong order) can
+    arrive upside down, head first from the feet, or mirrored, and then zones, sides or the models' view of each
+    slice are wrong. Three anatomical checks in the working orientation, each ``"as stored" | "reversed" |
+    "undetermined"``:
+
+    - ``anterior_posterior``: the spine lies behind the lungs on most slices
+      (:func:`~covidct.analysis.lungs.spine_posterior_votes`, :data:`SPINE_VOTE_SHARE`);
+    - ``head_feet``: the mediastinum is wider at the feet end of the lungs (the heart) than at the head end
+      (trachea, great vessels): ``mediastinum_width_ratio``, feet half over head half (:data:`MEDIASTINUM_WIDTH_RATIO`,
+      the widest slices of each half: :data:`MEDIASTINUM_WIDTH_PERCENTILE`);
+    - ``left_right``: near the lung bases the liver puts more soft tissue on the patient's right than on the left:
+      ``liver_side_ratio``, right over left (:data:`LIVER_SIDE_RATIO`); only when head and feet are known.
+
+    The last two need the whole lungs in the scan (:data:`LUNG_END_SHARE`), else they are undetermined: on the lower
+    half of a chest alone the mediastinum narrows towards the feet below the heart.
+
+    Also ``spine_posterior_slices``, ``voting_slices``, ``orientation_in_header`` and ``note`` (one sentence per
+    reversed axis, else None). None for inputs without HU or without a known orientation (images)."""
     if not vol.is_hu or vol.kind not in ORIENTED_KINDS:
         return None
     posterior, voting = spine_posterior_votes(vol.array, lungs)
     share = posterior / voting if voting else None
-    verdict = "undetermined"
+    anterior_posterior = "undetermined"
     if voting >= MIN_SPINE_VOTES and share is not None:
-        if share >= SPINE_VOTE_SHARE:
-            verdict = "as stored"
-        elif share <= 1.0 - SPINE_VOTE_SHARE:
-            verdict = "reversed"
+        anterior_posterior = _verdict(share, SPINE_VOTE_SHARE, 1.0 - SPINE_VOTE_SHARE)
+    width_ratio = _mediastinum_width_ratio(lungs) if holds_whole_lungs(lungs) else None
+    head_feet = "undetermined" if width_ratio is None else _verdict(width_ratio, MEDIASTINUM_WIDTH_RATIO,
+                                                                    1.0 / MEDIASTINUM_WIDTH_RATIO)
+    liver_ratio = _liver_side_ratio(vol, lungs, head_feet)
+    left_right = "undetermined" if liver_ratio is None else _verdict(liver_ratio, LIVER_SIDE_RATIO, 1.0 / LIVER_SIDE_RATIO)
     in_header = vol.metadata.get("orientation_in_header", True)
-    note = None
-    if verdict == "reversed":
-        why = ("its NIfTI header gives no orientation (qform and sform codes 0), so the axes were read as ANALYZE's "
-               "default" if not in_header else "the orientation stored in the file is probably wrong")
-        note = (f"the spine lies in front of the lungs on {voting - posterior} of {voting} slices: the volume is "
-                f"upside down (anterior and posterior swapped); {why}. The models saw the slices mirrored and the "
-                f"zones or sides may be swapped too: fix the orientation in the file and run again")
-    return {"spine_posterior_slices": posterior, "voting_slices": voting, "anterior_posterior": verdict,
-            "orientation_in_header": bool(in_header), "note": note}
+    why = ("its NIfTI header gives no orientation (qform and sform codes 0), so the axes were read as ANALYZE's "
+           "default" if not in_header else "the orientation stored in the file is probably wrong")
+    notes = []
+    if anterior_posterior == "reversed" and left_right == "reversed":   # both in-plane axes: a half turn
+        notes.append(f"the spine lies in front of the lungs on {voting - posterior} of {voting} slices and near the "
+                     f"lung bases {1 / liver_ratio:.1f} times more soft tissue lies on the patient's left than on the "
+                     f"right, where the liver should be: the slices are upside down and turned by 180° (anterior and "
+                     f"posterior, left and right swapped, as a prone scan read as supine); {why}. The models saw the "
+                     f"slices turned and the right and left lung figures are swapped: fix the orientation in the file "
+                     f"and run again")
+    elif anterior_posterior == "reversed":
+        notes.append(f"the spine lies in front of the lungs on {voting - posterior} of {voting} slices: the volume is "
+                     f"upside down (anterior and posterior swapped); {why}. The models saw the slices mirrored and the "
+                     f"zones or sides may be swapped too: fix the orientation in the file and run again")
+    if head_feet == "reversed":
+        notes.append(f"the mediastinum is {1 / width_ratio:.1f} times wider at the head end of the lungs than at the "
+                     f"feet end, where the heart should make it widest: head and feet seem swapped; {why}. Upper and "
+                     f"lower zones are then swapped and the trachea may be counted as lung: fix the orientation in "
+                     f"the file and run again")
+    if left_right == "reversed" and anterior_posterior != "reversed":
+        notes.append(f"near the lung bases {1 / liver_ratio:.1f} times more soft tissue lies on the patient's left than "
+                     f"on the right, where the liver should be: left and right seem swapped (or the patient has situs "
+                     f"inversus); {why}. The models saw the slices mirrored and the right and left lung figures are "
+                     f"swapped: fix the orientation in the file and run again")
+    return {"spine_posterior_slices": posterior, "voting_slices": voting, "anterior_posterior": anterior_posterior,
+            "mediastinum_width_ratio": None if width_ratio is None else round(width_ratio, 3), "head_feet": head_feet,
+            "liver_side_ratio": None if liver_ratio is None else round(liver_ratio, 3), "left_right": left_right,
+            "orientation_in_header": bool(in_header), "note": " ".join(notes) or None}
+
+
+def _verdict(value: float, as_stored_at: float, reversed_at: float) -> str:
+    return "as stored" if value >= as_stored_at else "reversed" if value <= reversed_at else "undetermined"
+
+
+def holds_whole_lungs(lungs: np.ndarray) -> bool:
+    """Whether the first and last slices each hold less lung than :data:`LUNG_END_SHARE` of the largest lung slice."""
+    areas = np.array([np.count_nonzero(lungs[k]) for k in range(len(lungs))])
+    return bool(areas.size and areas.max() > 0 and max(areas[0], areas[-1]) < LUNG_END_SHARE * areas.max())
+
+
+def _mediastinum_width_ratio(lungs: np.ndarray) -> float | None:
+    """The widest mediastinum (:data:`MEDIASTINUM_WIDTH_PERCENTILE`) of the feet-end half of the lung slices over
+    that of the head-end half; None when either half has fewer than :data:`MIN_HALF_SLICES` slices with both lungs."""
+    present = np.flatnonzero(lungs.reshape(len(lungs), -1).any(axis=1))
+    if present.size < 2 * MIN_HALF_SLICES:
+        return None
+    widths = mediastinum_widths(lungs)
+    middle = (present[0] + present[-1]) / 2.0
+    index = np.arange(len(lungs))
+    head, feet = widths[(index < middle) & ~np.isnan(widths)], widths[(index >= middle) & ~np.isnan(widths)]
+    if min(head.size, feet.size) < MIN_HALF_SLICES:
+        return None
+    head_width, feet_width = (float(np.percentile(w, MEDIASTINUM_WIDTH_PERCENTILE)) for w in (head, feet))
+    return feet_width / head_width if head_width > 0 and feet_width > 0 else None
+
+
+def _liver_side_ratio(vol: Volume, lungs: np.ndarray, head_feet: str) -> float | None:
+    """Soft tissue right over left in the :data:`LIVER_SHARE` of the lung slices at the feet end (the head end of
+    the array when ``head_feet`` is reversed); None when head and feet are undetermined or a side has no soft
+    tissue."""
+    present = np.flatnonzero(lungs.reshape(len(lungs), -1).any(axis=1))
+    if head_feet == "undetermined":
+        return None
+    n = max(1, int(round(LIVER_SHARE * present.size)))
+    slices = present[-n:] if head_feet == "as stored" else present[:n]
+    right, left = soft_tissue_sides(vol.array, lungs, slices)
+    return float(right / left) if right and left else None
 
 
 def slice_infection_probability(area_mm2: np.ndarray) -> np.ndarray:
