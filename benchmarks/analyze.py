@@ -104,7 +104,7 @@ def _side_agreement(rows: list) -> dict:
 
 def main() -> int:
     from covidct.metrics import roc_auc
-    from covidct.report.notes import report_notes
+    from covidct.report.notes import report_notes, reversed_axes
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
@@ -183,8 +183,9 @@ def main() -> int:
             "severity": rep["severity_score"], "answer": rep["diagnosis"]["label"],
             "p_covid19": rep["diagnosis"]["probabilities"].get("COVID-19"), "inside_s": rep["seconds"],
             "slice_auc": _auc(y, pr),
-            # anatomy vs the file's orientation (covidct.analysis.scan.orientation_check); the report's notes
-            "orientation": (rep["input"].get("orientation_check") or {}).get("anterior_posterior"),
+            # anatomy vs the file's orientation (covidct.analysis.scan.orientation_check): the axes it calls
+            # reversed, "as stored" when none, None when not checked; the report's notes say more
+            "orientation": None if (axes := reversed_axes(rep)) is None else "+".join(axes) or "as stored",
             # the segmentation network's arithmetic (--precision; reports before it was recorded: fp32)
             "precision": next((m.get("precision", "fp32") for m in rep.get("models") or [] if m.get("task") == "seg"),
                               None),

@@ -497,6 +497,7 @@ def test_analyze_says_which_slices_went_to_the_lung_masked_network(tmp_path, cap
     assert [(r["name"], r["effusion_assessable"]) for r in rows] == [("017", "False"), (crop.stem, "True")]
     scans = json.loads((tmp_path / "both" / "summary.json").read_text())["scans"]
     assert [s["effusion_assessable"] for s in scans] == [False, True]
+    assert [s["orientation_reversed"] for s in scans] == [None, None]   # images: no orientation to check
 
 
 def test_colour_image_is_flagged(tmp_path, tiny_seg_model, capsys):
@@ -832,18 +833,26 @@ def test_head_feet_and_left_right_checks_flag_each_swapped_axis(tmp_path):
     assert (check["head_feet"], check["left_right"], check["mediastinum_width_ratio"]) == ("undetermined",) * 2 + (None,)
 
 
-def test_a_swapped_head_feet_axis_reaches_the_report_and_the_printed_summary(tmp_path, tiny_seg_model, capsys):
-    from covidct.analysis.scan import orientation_check
-
+def test_a_swapped_head_feet_axis_reaches_the_report_and_the_batch_summary(tmp_path, tiny_seg_model, capsys):
+    """Two scans in one command, the phantom stated rightly and with its slice axis stated feet first: only the second
+    gets the note (report.json, report.html, printed under its line) and ``head_feet`` in ``orientation_reversed``."""
     data = _phantom_with_anatomy().transpose(2, 1, 0).astype(np.int16)
-    path = tmp_path / "feet_first.nii.gz"
-    nib.save(nib.Nifti1Image(data, np.diag([-3.0, -3.0, 5.0, 1.0])), path)
+    for name, affine in (("right", np.diag([-3.0, -3.0, -5.0, 1.0])), ("feet_first", np.diag([-3.0, -3.0, 5.0, 1.0]))):
+        nib.save(nib.Nifti1Image(data, affine), tmp_path / f"{name}.nii.gz")
     out = tmp_path / "out"
-    assert main(["analyze", str(path), "-o", str(out), "--model", str(tiny_seg_model), "--classifier", "none"]) == 0
-    check = json.loads((out / "report.json").read_text())["input"]["orientation_check"]
+    assert main(["analyze", str(tmp_path / "right.nii.gz"), str(tmp_path / "feet_first.nii.gz"), "-o", str(out),
+                 "--model", str(tiny_seg_model), "--classifier", "none", "--no-viewer"]) == 0
+    printed = capsys.readouterr().out
+    check = json.loads((out / "feet_first" / "report.json").read_text())["input"]["orientation_check"]
     assert check["head_feet"] == "reversed" and "probably wrong" in check["note"]
-    assert f"note: {check['note']}" in capsys.readouterr().out
-    assert "head and feet seem swapped" in (out / "report.html").read_text()
+    assert check["note"] in printed and printed.count("head and feet seem swapped") == 1
+    assert "head and feet seem swapped" in (out / "feet_first" / "report.html").read_text()
+    assert "seem swapped" not in (out / "right" / "report.html").read_text()
+    with open(out / "summary.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["name"], r["orientation_reversed"]) for r in rows] == [("right", "none"), ("feet_first", "head_feet")]
+    scans = json.loads((out / "summary.json").read_text())["scans"]
+    assert [s["orientation_reversed"] for s in scans] == ["none", "head_feet"]
 
 
 @pytest.mark.realdata

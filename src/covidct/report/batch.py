@@ -19,13 +19,13 @@ from covidct import DISCLAIMER
 from covidct.errors import CovidctError
 from covidct.io.atomic import write_bytes_atomic
 from covidct.report.json_io import write_json
-from covidct.report.notes import effusion_assessable, report_notes
+from covidct.report.notes import effusion_assessable, report_notes, reversed_axes
 from covidct.report.scan_report import ScanModels, analyze
 
 #: Columns of ``summary.csv`` (the same keys in ``summary.json``'s ``scans``).
 SUMMARY_COLUMNS = ("name", "input", "series_uid", "status", "answer", "p_covid19", "lung_volume_ml", "ggo_percent",
                    "consolidation_percent", "effusion_percent", "effusion_assessable", "total_percent", "severity_score",
-                   "seconds", "error", "notes")
+                   "orientation_reversed", "seconds", "error", "notes")
 #: How ``summary.csv`` joins a scan's notes (``summary.json`` keeps them as a list).
 NOTES_SEPARATOR = " | "
 
@@ -102,6 +102,8 @@ def _row(job: ScanJob, report: dict[str, Any] | None, error: str | None, seconds
                effusion_assessable=effusion_assessable(report),   # False: its 0 % effusion was not measured
                total_percent=les["total"]["percent_of_lung"],
                severity_score=report["severity_score"], notes=report_notes(report),
+               # the axes the anatomy says the file states the wrong way round, joined by "+"; "none"; None: not checked
+               orientation_reversed=None if (axes := reversed_axes(report)) is None else "+".join(axes) or "none",
                series_uid=job.series_uid or report["input"].get("series_uid"))
     return row
 

@@ -30,6 +30,19 @@ def effusion_assessable(report: dict) -> bool:
     return bool(((report.get("lesions") or {}).get("effusion") or {}).get("assessable", True))
 
 
+#: The axes the orientation check tests (``input.orientation_check``: ``covidct.analysis.scan.orientation_check``).
+ORIENTATION_AXES = ("anterior_posterior", "head_feet", "left_right")
+
+
+def reversed_axes(report: dict) -> list[str] | None:
+    """The axes of :data:`ORIENTATION_AXES` the report's orientation check calls reversed (``[]``: none); None when
+    the input was not checked (no HU or no known orientation). A report from before an axis was checked lacks it."""
+    check = (report.get("input") or {}).get("orientation_check")
+    if not check:
+        return None
+    return [axis for axis in ORIENTATION_AXES if check.get(axis) == "reversed"]
+
+
 def report_notes(report: dict) -> list[str]:
     """Everything a reader of ``report`` should know before using its numbers, one sentence each (printed as
     ``note: ...`` by the command line, rows of the HTML report, the ``notes`` column of a batch's summary): which
