@@ -855,6 +855,38 @@ def test_a_swapped_head_feet_axis_reaches_the_report_and_the_batch_summary(tmp_p
     assert [s["orientation_reversed"] for s in scans] == ["none", "head_feet"]
 
 
+def test_reorient_anatomy_turns_a_mirrored_scan_back_and_writes_on_its_grid(tmp_path, tiny_seg_model, capsys):
+    """The phantom, and the same voxels with the column axis stated the other way round (a mirrored header): with
+    ``--reorient anatomy`` the second is analysed turned back, so its label maps (on its own grid, the same voxels)
+    equal the first's value for value, its report names the axis and says so; without it the right and left lungs
+    come out swapped."""
+    data = _phantom_with_anatomy().transpose(2, 1, 0).astype(np.int16)
+    for name, affine in (("right", np.diag([-3.0, -3.0, -5.0, 1.0])), ("mirrored", np.diag([3.0, -3.0, -5.0, 1.0]))):
+        nib.save(nib.Nifti1Image(data, affine), tmp_path / f"{name}.nii.gz")
+    common = ["--model", str(tiny_seg_model), "--classifier", "none", "--triage", "none", "--no-viewer"]
+    out = tmp_path / "turned"
+    assert main(["analyze", str(tmp_path / "right.nii.gz"), str(tmp_path / "mirrored.nii.gz"), "-o", str(out),
+                 "--reorient", "anatomy", *common]) == 0
+    assert "left-right turned back" in capsys.readouterr().out
+    reports = {name: json.loads((out / name / "report.json").read_text()) for name in ("right", "mirrored")}
+    assert reports["right"]["input"]["reoriented"] == [] and reports["mirrored"]["input"]["reoriented"] == ["left_right"]
+    assert reports["mirrored"]["input"]["orientation_check"]["left_right"] == "reversed"   # the file as stored
+
+    def labels(folder, name):
+        return np.asarray(nib.load(folder / f"{name}.nii.gz").dataobj)
+
+    for name in ("lesions", "lungs"):
+        assert np.array_equal(labels(out / "right", name), labels(out / "mirrored", name)), name
+    right_lungs = labels(out / "right", "lungs")
+    assert set(np.unique(right_lungs)) == {0, 1, 2}
+    assert reports["mirrored"]["lesions"] == reports["right"]["lesions"]
+    # without --reorient: the same voxels, the lungs' sides swapped
+    assert main(["analyze", str(tmp_path / "mirrored.nii.gz"), "-o", str(tmp_path / "plain"), *common]) == 0
+    plain = json.loads((tmp_path / "plain" / "report.json").read_text())
+    assert plain["input"]["reoriented"] == [] and "turned back" not in capsys.readouterr().out
+    assert np.array_equal(labels(tmp_path / "plain", "lungs"), np.where(right_lungs > 0, 3 - right_lungs, 0))
+
+
 @pytest.mark.realdata
 def test_real_scan_stored_the_right_way_up_and_upside_down():
     """cap001 as stored votes spine-posterior on nearly every slice (141 of 143 when written); the same voxels
@@ -880,6 +912,25 @@ def test_real_scan_stored_the_right_way_up_and_upside_down():
     vol.array = np.ascontiguousarray(flipped)
     check = orientation_check(vol, np.ascontiguousarray(lungs[:, ::-1]))
     assert check["anterior_posterior"] == "reversed" and check["spine_posterior_slices"] <= 0.1 * check["voting_slices"]
+
+
+@pytest.mark.realdata
+def test_real_scan_without_orientation_turned_back_equals_the_original(tmp_path, capsys):
+    """cap001 written without orientation (read with ANALYZE's default axes: upside down and feet first) and analysed
+    with --reorient anatomy: both axes turned back, and its lesion and lung maps equal cap001's voxel for voxel."""
+    src = nib.load(need_data("covid-ct-md", "cap001.nii.gz"))
+    bare = nib.Nifti1Image(np.asarray(src.dataobj), None)
+    bare.header.set_zooms(tuple(float(z) for z in src.header.get_zooms()[:3]))
+    nib.save(bare, tmp_path / "bare.nii.gz")
+    out = tmp_path / "out"
+    assert main(["analyze", str(need_data("covid-ct-md", "cap001.nii.gz")), str(tmp_path / "bare.nii.gz"), "-o",
+                 str(out), "--reorient", "anatomy", "--classifier", "none", "--triage", "none", "--no-viewer"]) == 0
+    report = json.loads((out / "bare" / "report.json").read_text())
+    assert sorted(report["input"]["reoriented"]) == ["anterior_posterior", "head_feet"]
+    assert json.loads((out / "cap001" / "report.json").read_text())["input"]["reoriented"] == []
+    for name in ("lesions", "lungs"):
+        original, turned = (np.asarray(nib.load(out / d / f"{name}.nii.gz").dataobj) for d in ("cap001", "bare"))
+        assert original.any() and np.array_equal(original, turned), name
 
 
 def test_analyze_folder_with_two_series_takes_the_largest(tmp_path, tiny_seg_model, capsys):

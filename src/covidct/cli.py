@@ -577,7 +577,8 @@ def _analyze_batch(args: argparse.Namespace, specs: dict) -> int:
                 print(f"    note: {note}")
 
     rows = analyze_many(jobs, args.output, models=models, on_scan=said, window=args.window,
-                        viewer=not args.no_viewer, dicom_seg=args.dicom_seg, slice_orientation=args.slice_orientation)
+                        viewer=not args.no_viewer, dicom_seg=args.dicom_seg, slice_orientation=args.slice_orientation,
+                        reorient=args.reorient == "anatomy")
     failed = sum(r["status"] != "ok" for r in rows)
     if args.json:
         print(to_json({"scans": rows}))
@@ -621,7 +622,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             return _analyze_batch(args, specs)
         report = analyze(args.path[0], args.output, series_uid=args.series, window=args.window,
                          viewer=not args.no_viewer, dicom_seg=args.dicom_seg,
-                         slice_orientation=args.slice_orientation, reader=pending.result, **specs)
+                         slice_orientation=args.slice_orientation, reader=pending.result,
+                         reorient=args.reorient == "anatomy", **specs)
     from covidct.report.json_io import to_json
 
     if args.json:
@@ -915,6 +917,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DICOM / NIfTI slices into the segmentation model: 'training' turns each a quarter into the "
                    "orientation of the training slices (anterior at the left) and the labels back; 'working': as "
                    "read, anterior up")
+    s.add_argument("--reorient", choices=("none", "anatomy"), default="none",
+                   help="HU volumes: 'anatomy' turns back the axes the orientation check calls reversed (spine, "
+                   "mediastinum, liver) before the analysis; label maps stay on the file's grid (default: none, "
+                   "the check only reports)")
     s.add_argument("--json", action="store_true", help="print report.json to stdout")
     s.set_defaults(func=_cmd_analyze)
 

@@ -91,6 +91,8 @@ LIVER_SHARE = 0.25
 #: lung than this share of the largest lung slice (a scan that starts or stops mid-chest ends on a near-full lung
 #: slice, and its mediastinum widths and soft tissue no longer follow the rule).
 LUNG_END_SHARE = 0.25
+#: The array axis (slices, rows, columns) of each axis the orientation check tests.
+ARRAY_AXIS = {"head_feet": 0, "anterior_posterior": 1, "left_right": 2}
 
 
 @dataclass
@@ -109,6 +111,16 @@ class ScanResult:
     # slices whose lesions the lung-masked companion segmented (found black outside the lungs: the whole slice
     # for non-HU inputs, the lung box for HU ones, where this never happens on a windowed CT slice)
     lung_masked_slices: list[int] = field(default_factory=list)
+    # axes turned back before the analysis because the anatomy called them reversed (``reorient``; names of
+    # :data:`ARRAY_AXIS`): ``lesions``, ``lungs`` and ``slices`` are of the turned volume, :meth:`as_stored` maps back
+    reoriented: list[str] = field(default_factory=list)
+
+    def as_stored(self, array: np.ndarray) -> np.ndarray:
+        """A ``(slices, rows, columns)`` array of the analysis (``lesions``, ``lungs``) on the volume's grid as read,
+        before :attr:`reoriented` turned it (unchanged when nothing was)."""
+        if not self.reoriented:
+            return array
+        return np.ascontiguousarray(np.flip(array, axis=tuple(ARRAY_AXIS[name] for name in self.reoriented)))
 
     def effusion_assessable(self) -> bool:
         """Whether pleural effusion could be seen: not when every slice holding lung is a lung-masked rendering,
@@ -245,7 +257,8 @@ def orientation_check(vol: Volume, lungs: np.ndarray) -> dict | None:
     return {"spine_posterior_slices": posterior, "voting_slices": voting, "anterior_posterior": anterior_posterior,
             "mediastinum_width_ratio": None if width_ratio is None else round(width_ratio, 3), "head_feet": head_feet,
             "liver_side_ratio": None if liver_ratio is None else round(liver_ratio, 3), "left_right": left_right,
-            "orientation_in_header": bool(in_header), "note": " ".join(notes) or None}
+            "orientation_in_header": bool(in_header),
+            "note": ". ".join(n if i == 0 else n[0].upper() + n[1:] for i, n in enumerate(notes)) or None}
 
 
 def _verdict(value: float, as_stored_at: float, reversed_at: float) -> str:
@@ -306,12 +319,16 @@ def _slice_pixel_mm2(vol: Volume) -> float:
 
 def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = True, batch_size: int = 8,
                    window: str | Window = "model", slice_orientation: str = "training",
-                   require_lungs: bool = True) -> ScanResult:
+                   require_lungs: bool = True, reorient: bool = False) -> ScanResult:
     """Run the whole scan-level analysis on one volume; HU slices reach the model through ``window``.
     ``slice_orientation``: ``"training"`` turns the slices of an oriented volume into the orientation of the
     segmentation model's training slices (module docstring), ``"working"`` gives them as read (anterior up).
     ``require_lungs``: a volume in which no lungs are found is an :class:`InputError` (a scan-level answer
-    would be "Control" for lungs never seen); ``False`` for per-slice outputs (``covidct predict``)."""
+    would be "Control" for lungs never seen); ``False`` for per-slice outputs (``covidct predict``).
+    ``reorient``: the axes :func:`orientation_check` calls reversed are turned back in ``vol.array`` itself (the
+    caller's volume changes; its affine, files and metadata stay those of the file) and the lungs found again, so
+    that the models, zones, sides and slice indices see the anatomy the right way round; the result's
+    :attr:`ScanResult.reoriented` names them and :meth:`ScanResult.as_stored` maps its arrays back."""
     turns = model_turns(vol, predictor, slice_orientation)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -335,6 +352,12 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
                 if vol.is_hu and lowest > -900 else "")
         raise InputError(vol.source, f"no lungs found in it (is it a chest CT?){hint}, so there is nothing to analyse")
     orientation = orientation_check(vol, lungs)
+    reoriented = [axis for axis in ARRAY_AXIS if orientation and orientation[axis] == "reversed"] if reorient else []
+    if reoriented:   # the trachea is removed from the head end and the sides split by column: find the lungs again
+        t1 = time.perf_counter()
+        vol.array = np.ascontiguousarray(np.flip(vol.array, axis=tuple(ARRAY_AXIS[axis] for axis in reoriented)))
+        lungs = segment_lungs_hu(vol.array, spacing=vol.spacing, affine=vol.affine, progress=progress).labels
+        timings["lungs_s"] = round(timings["lungs_s"] + time.perf_counter() - t1, 2)
 
     t0 = time.perf_counter()
     eff_margin = max(1, int(round(15.0 / np.sqrt(px_mm)))) if vol.spacing else 15
@@ -391,7 +414,8 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     coverage = lung_coverage(lungs, px_mm) if vol.kind in ORIENTED_KINDS and vol.spacing and n > 1 and lungs.any() \
         else None
     return ScanResult(lesions, lungs, burden, slices, diagnosis, lung_method, timings, coverage,
-                      lung_volume_note(burden["lung_volume_ml"]), orientation, lung_share_note(lungs), routed)
+                      lung_volume_note(burden["lung_volume_ml"]), orientation, lung_share_note(lungs), routed,
+                      reoriented)
 
 
 def _per_slice_counts(lesions: np.ndarray, lungs: np.ndarray, chunk: int = SLICE_CHUNK) -> tuple[np.ndarray, ...]:

@@ -76,7 +76,10 @@ def build_report(vol: Volume, result: ScanResult, models: list[dict], seconds: f
                   "stored_value_offset": vol.metadata.get("stored_value_offset"),
                   # does the anatomy agree with the stated orientation (the spine posterior to the lungs)?
                   # analysis.scan.orientation_check; None for inputs without HU or orientation
-                  "orientation_check": result.orientation_check},
+                  "orientation_check": result.orientation_check,
+                  # axes turned back before the analysis (analyze --reorient anatomy): slices, zones, sides and
+                  # overlays are of the turned volume; lesions.nii.gz / lungs.nii.gz stay on the file's own grid
+                  "reoriented": result.reoriented},
         "lung_volume_ml": b["lung_volume_ml"],
         "lung_method": result.lung_method,
         # slices holding lung; cut_at_head / cut_at_feet: the lungs run off the scan (volumes
@@ -301,8 +304,8 @@ def _write_dicom_seg(result: ScanResult, vol: Volume, outdir: Path) -> dict[str,
     # keeps it, covidct.runtime), so that the two do not add up
     release_freed_memory()
     series = hd.UID()
-    lesions = write_dicom_seg(result.lesions, vol, outdir / "lesions.seg.dcm", series_uid=series)
-    lungs = write_dicom_seg(result.lungs, vol, outdir / "lungs.seg.dcm", segments=LUNG_SEGMENTS, organ=True,
+    lesions = write_dicom_seg(result.as_stored(result.lesions), vol, outdir / "lesions.seg.dcm", series_uid=series)
+    lungs = write_dicom_seg(result.as_stored(result.lungs), vol, outdir / "lungs.seg.dcm", segments=LUNG_SEGMENTS, organ=True,
                             description="covidct lungs (research software, not for diagnosis)", series_uid=series,
                             instance_number=2)
     result.timings["dicom_seg_s"] = round(time.perf_counter() - t0, 2)
@@ -320,7 +323,8 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
             classifier_spec: str | Path | None = "auto", viewer: bool = True,
             triage_spec: str | Path | None = DEFAULTS["triage"], models: ScanModels | None = None,
             dicom_seg: bool = False, slice_orientation: str = "training",
-            reader: Callable[[], Volume] | None = None, precision: str = "auto") -> dict[str, Any]:
+            reader: Callable[[], Volume] | None = None, precision: str = "auto",
+            reorient: bool = False) -> dict[str, Any]:
     """Analyse one scan and write every output into ``outdir``; returns the report dict. HU slices
     reach the model through ``window`` (a preset of :mod:`covidct.io.window` or ``"L,W"``).
     ``triage_spec`` (``None``: none) gives the 3-class patient answer and every slice's 3-class
@@ -338,7 +342,8 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
     :class:`covidct.io.read_ahead.ReadAhead` started earlier; the segmentation model is loaded before it is
     called, so that the two overlap. ``precision``: of the segmentation model, ``"auto"`` (bfloat16 where the
     processor computes it natively), ``"fp32"`` or ``"bf16"`` (:mod:`covidct.engine.precision`; recorded in
-    the report's ``models`` entry)."""
+    the report's ``models`` entry). ``reorient``: turn back the axes the anatomy calls reversed before the
+    analysis (:func:`covidct.analysis.scan.analyze_volume`); the label maps are written on the file's grid."""
     if models is None:
         models = ScanModels(model_spec, device=device, classifier_spec=classifier_spec, triage_spec=triage_spec,
                             precision=precision)
@@ -354,7 +359,7 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
     if "series_available" in vol.metadata and series_uid is None:
         series_note = {"series_chosen": vol.metadata["series_uid"], "series_available": vol.metadata["series_available"]}
     result = analyze_volume(vol, models.predictor, progress=progress, window=hu_window,
-                            slice_orientation=slice_orientation)
+                            slice_orientation=slice_orientation, reorient=reorient)
     used = [models.seg_entry]
     triage_runs = bool(models.triage_spec) and vol.spacing is not None
     classifier_spec = models.classifier_spec
@@ -379,8 +384,8 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
     order = [int(k) for k in order if result.slices[k]["lesion_percent"] > 0] or [vol.n_slices // 2]
     n_files = 2 + (1 if dicom_seg else 0) + len(order) + (1 if viewer else 0) + 2
     with tqdm(total=n_files, desc="writing", unit="file", disable=not progress) as bar:
-        write_nifti(result.lesions, vol, outdir / "lesions.nii.gz")
-        write_nifti(result.lungs, vol, outdir / "lungs.nii.gz")
+        write_nifti(result.as_stored(result.lesions), vol, outdir / "lesions.nii.gz")
+        write_nifti(result.as_stored(result.lungs), vol, outdir / "lungs.nii.gz")
         bar.update(2)
         if dicom_seg:
             report["dicom_seg"] = _write_dicom_seg(result, vol, outdir)
