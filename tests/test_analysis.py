@@ -870,7 +870,9 @@ def test_reorient_anatomy_turns_a_mirrored_scan_back_and_writes_on_its_grid(tmp_
     assert "left-right turned back" in capsys.readouterr().out
     reports = {name: json.loads((out / name / "report.json").read_text()) for name in ("right", "mirrored")}
     assert reports["right"]["input"]["reoriented"] == [] and reports["mirrored"]["input"]["reoriented"] == ["left_right"]
-    assert reports["mirrored"]["input"]["orientation_check"]["left_right"] == "reversed"   # the file as stored
+    check = reports["mirrored"]["input"]["orientation_check"]
+    assert check["left_right"] == "reversed"   # the file as stored; its note says what was done, not what went wrong
+    assert check["note"].endswith("the analysis turned it back (--reorient anatomy)") and "run again" not in check["note"]
 
     def labels(folder, name):
         return np.asarray(nib.load(folder / f"{name}.nii.gz").dataobj)
@@ -884,6 +886,8 @@ def test_reorient_anatomy_turns_a_mirrored_scan_back_and_writes_on_its_grid(tmp_
     assert main(["analyze", str(tmp_path / "mirrored.nii.gz"), "-o", str(tmp_path / "plain"), *common]) == 0
     plain = json.loads((tmp_path / "plain" / "report.json").read_text())
     assert plain["input"]["reoriented"] == [] and "turned back" not in capsys.readouterr().out
+    assert "left and right seem swapped" in plain["input"]["orientation_check"]["note"]
+    assert plain["input"]["orientation_check"]["note"].endswith("fix the orientation in the file and run again")
     assert np.array_equal(labels(tmp_path / "plain", "lungs"), np.where(right_lungs > 0, 3 - right_lungs, 0))
 
 

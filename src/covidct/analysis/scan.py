@@ -230,35 +230,49 @@ def orientation_check(vol: Volume, lungs: np.ndarray) -> dict | None:
     liver_ratio = _liver_side_ratio(vol, lungs, head_feet)
     left_right = "undetermined" if liver_ratio is None else _verdict(liver_ratio, LIVER_SIDE_RATIO, 1.0 / LIVER_SIDE_RATIO)
     in_header = vol.metadata.get("orientation_in_header", True)
+    check = {"spine_posterior_slices": posterior, "voting_slices": voting, "anterior_posterior": anterior_posterior,
+             "mediastinum_width_ratio": None if width_ratio is None else round(width_ratio, 3), "head_feet": head_feet,
+             "liver_side_ratio": None if liver_ratio is None else round(liver_ratio, 3), "left_right": left_right,
+             "orientation_in_header": bool(in_header)}
+    return {**check, "note": orientation_note(check)}
+
+
+def orientation_note(check: dict, *, turned_back: bool = False) -> str | None:
+    """The note of an :func:`orientation_check` result: a sentence per reversed axis (one for both in-plane axes: a
+    half turn), each with its likely cause and what it did to the analysis; ``turned_back``: the analysis turned
+    them back (``analyze_volume(reorient=True)``), so the consequences are replaced by that. None when no axis is
+    reversed."""
+    ap, hf, lr = (check[axis] == "reversed" for axis in ("anterior_posterior", "head_feet", "left_right"))
+    posterior, voting = check["spine_posterior_slices"], check["voting_slices"]
     why = ("its NIfTI header gives no orientation (qform and sform codes 0), so the axes were read as ANALYZE's "
-           "default" if not in_header else "the orientation stored in the file is probably wrong")
+           "default" if not check["orientation_in_header"] else "the orientation stored in the file is probably wrong")
+    fixed = "; the analysis turned it back (--reorient anatomy)"
     notes = []
-    if anterior_posterior == "reversed" and left_right == "reversed":   # both in-plane axes: a half turn
+    if ap and lr:   # both in-plane axes: a half turn
         notes.append(f"the spine lies in front of the lungs on {voting - posterior} of {voting} slices and near the "
-                     f"lung bases {1 / liver_ratio:.1f} times more soft tissue lies on the patient's left than on the "
-                     f"right, where the liver should be: the slices are upside down and turned by 180° (anterior and "
-                     f"posterior, left and right swapped, as a prone scan read as supine); {why}. The models saw the "
-                     f"slices turned and the right and left lung figures are swapped: fix the orientation in the file "
-                     f"and run again")
-    elif anterior_posterior == "reversed":
+                     f"lung bases {1 / check['liver_side_ratio']:.1f} times more soft tissue lies on the patient's left "
+                     f"than on the right, where the liver should be: the slices are upside down and turned by 180° "
+                     f"(anterior and posterior, left and right swapped, as a prone scan read as supine); {why}" +
+                     (fixed if turned_back else ". The models saw the slices turned and the right and left lung "
+                      "figures are swapped: fix the orientation in the file and run again"))
+    elif ap:
         notes.append(f"the spine lies in front of the lungs on {voting - posterior} of {voting} slices: the volume is "
-                     f"upside down (anterior and posterior swapped); {why}. The models saw the slices mirrored and the "
-                     f"zones or sides may be swapped too: fix the orientation in the file and run again")
-    if head_feet == "reversed":
-        notes.append(f"the mediastinum is {1 / width_ratio:.1f} times wider at the head end of the lungs than at the "
-                     f"feet end, where the heart should make it widest: head and feet seem swapped; {why}. Upper and "
-                     f"lower zones are then swapped and the trachea may be counted as lung: fix the orientation in "
-                     f"the file and run again")
-    if left_right == "reversed" and anterior_posterior != "reversed":
-        notes.append(f"near the lung bases {1 / liver_ratio:.1f} times more soft tissue lies on the patient's left than "
-                     f"on the right, where the liver should be: left and right seem swapped (or the patient has situs "
-                     f"inversus); {why}. The models saw the slices mirrored and the right and left lung figures are "
-                     f"swapped: fix the orientation in the file and run again")
-    return {"spine_posterior_slices": posterior, "voting_slices": voting, "anterior_posterior": anterior_posterior,
-            "mediastinum_width_ratio": None if width_ratio is None else round(width_ratio, 3), "head_feet": head_feet,
-            "liver_side_ratio": None if liver_ratio is None else round(liver_ratio, 3), "left_right": left_right,
-            "orientation_in_header": bool(in_header),
-            "note": ". ".join(n if i == 0 else n[0].upper() + n[1:] for i, n in enumerate(notes)) or None}
+                     f"upside down (anterior and posterior swapped); {why}" +
+                     (fixed if turned_back else ". The models saw the slices mirrored and the zones or sides may be "
+                      "swapped too: fix the orientation in the file and run again"))
+    if hf:
+        notes.append(f"the mediastinum is {1 / check['mediastinum_width_ratio']:.1f} times wider at the head end of "
+                     f"the lungs than at the feet end, where the heart should make it widest: head and feet seem "
+                     f"swapped; {why}" +
+                     (fixed if turned_back else ". Upper and lower zones are then swapped and the trachea may be "
+                      "counted as lung: fix the orientation in the file and run again"))
+    if lr and not ap:
+        notes.append(f"near the lung bases {1 / check['liver_side_ratio']:.1f} times more soft tissue lies on the "
+                     f"patient's left than on the right, where the liver should be: left and right seem swapped (or "
+                     f"the patient has situs inversus); {why}" +
+                     (fixed if turned_back else ". The models saw the slices mirrored and the right and left lung "
+                      "figures are swapped: fix the orientation in the file and run again"))
+    return ". ".join(n if i == 0 else n[0].upper() + n[1:] for i, n in enumerate(notes)) or None
 
 
 def _verdict(value: float, as_stored_at: float, reversed_at: float) -> str:
@@ -354,6 +368,7 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     orientation = orientation_check(vol, lungs)
     reoriented = [axis for axis in ARRAY_AXIS if orientation and orientation[axis] == "reversed"] if reorient else []
     if reoriented:   # the trachea is removed from the head end and the sides split by column: find the lungs again
+        orientation = {**orientation, "note": orientation_note(orientation, turned_back=True)}
         t1 = time.perf_counter()
         vol.array = np.ascontiguousarray(np.flip(vol.array, axis=tuple(ARRAY_AXIS[axis] for axis in reoriented)))
         lungs = segment_lungs_hu(vol.array, spacing=vol.spacing, affine=vol.affine, progress=progress).labels

@@ -47,8 +47,9 @@ def report_notes(report: dict) -> list[str]:
     """Everything a reader of ``report`` should know before using its numbers, one sentence each (printed as
     ``note: ...`` by the command line, rows of the HTML report, the ``notes`` column of a batch's summary): which
     series was taken, uneven slice gaps, slices without positions, a colour image, CT numbers without their
-    intercept, NaN voxels, an axis stated the wrong way round (and turned back), lungs that run off the scan, a lung mask implausibly large (in
-    volume, or in its share of a slice), slices segmented by the network for lung-masked slices."""
+    intercept, NaN voxels, an axis stated the wrong way round (and turned back), lungs that run off the scan, a lung
+    mask implausibly large (in volume, or in its share of a slice), slices segmented by the network for lung-masked
+    slices."""
     inp = report["input"]
     notes = []
     if inp.get("series_chosen"):
@@ -72,7 +73,8 @@ def report_notes(report: dict) -> list[str]:
     if inp.get("reoriented"):
         notes.append(f"analysed with {' and '.join(a.replace('_', '-') for a in inp['reoriented'])} turned back as "
                      f"the anatomy says (--reorient anatomy): slice indices, zones, sides, overlays and the viewer are "
-                     f"of the turned volume; lesions.nii.gz and lungs.nii.gz are on the file's own grid")
+                     f"of the turned volume; lesions.nii.gz and lungs.nii.gz are on the file's own grid. The file "
+                     f"itself is unchanged: fix its orientation for other tools")
     if (report.get("lung_coverage") or {}).get("note"):
         notes.append(report["lung_coverage"]["note"])
     if report.get("lung_volume_note"):
