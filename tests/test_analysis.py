@@ -847,7 +847,13 @@ def test_a_swapped_head_feet_axis_reaches_the_report_and_the_batch_summary(tmp_p
     assert check["head_feet"] == "reversed" and "probably wrong" in check["note"]
     assert check["note"] in printed and printed.count("head and feet seem swapped") == 1
     assert "head and feet seem swapped" in (out / "feet_first" / "report.html").read_text()
-    assert "seem swapped" not in (out / "right" / "report.html").read_text()
+    right_page = (out / "right" / "report.html").read_text()
+    assert "seem swapped" not in right_page
+    # every axis's verdict and measure in the report's orientation row
+    row = re.search(r"<td>orientation check</td><td>([^<]*)</td>", right_page).group(1)
+    assert ("anterior–posterior as stored" in row and "head–feet as stored (mediastinum" in row
+            and "left–right as stored (soft tissue" in row), row
+    assert "head–feet reversed (mediastinum" in (out / "feet_first" / "report.html").read_text()
     with open(out / "summary.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [(r["name"], r["orientation_reversed"]) for r in rows] == [("right", "none"), ("feet_first", "head_feet")]

@@ -43,6 +43,24 @@ def reversed_axes(report: dict) -> list[str] | None:
     return [axis for axis in ORIENTATION_AXES if check.get(axis) == "reversed"]
 
 
+def orientation_summary(report: dict) -> str | None:
+    """One line on the report's orientation check, every axis with its verdict and measure (the HTML report's
+    "orientation check" row); None when the input was not checked."""
+    check = (report.get("input") or {}).get("orientation_check")
+    if not check:
+        return None
+    votes = f"spine behind the lungs on {check['spine_posterior_slices']} of {check['voting_slices']} voting slices"
+    parts = [f"anterior–posterior {check['anterior_posterior']} ({votes})"]
+    if "head_feet" in check:   # reports from before session 35 checked anterior-posterior only
+        width, liver = check["mediastinum_width_ratio"], check["liver_side_ratio"]
+        parts.append(f"head–feet {check['head_feet']}" + ("" if width is None else
+                     f" (mediastinum {width:.2f} × as wide in the feet half as in the head half)"))
+        parts.append(f"left–right {check['left_right']}" + ("" if liver is None else
+                     f" (soft tissue near the lung bases right / left {liver:.2f})"))
+    turned = (report.get("input") or {}).get("reoriented")
+    return "; ".join(parts) + (f"; turned back: {', '.join(a.replace('_', '–') for a in turned)}" if turned else "")
+
+
 def report_notes(report: dict) -> list[str]:
     """Everything a reader of ``report`` should know before using its numbers, one sentence each (printed as
     ``note: ...`` by the command line, rows of the HTML report, the ``notes`` column of a batch's summary): which

@@ -20,7 +20,7 @@ from covidct.io import Volume, get_window, read, to_model_input, write_nifti
 from covidct.models.registry import DEFAULTS
 from covidct.io.atomic import write_bytes_atomic
 from covidct.report.json_io import write_json
-from covidct.report.notes import report_notes
+from covidct.report.notes import orientation_summary, report_notes
 from covidct.report.overlay import overlay_rgb, save_png, with_legend
 from covidct.report.viewer import write_viewer
 
@@ -129,6 +129,7 @@ def _html(report: dict, overlays: list[tuple[int, bytes]], chart: bytes, *, view
     zones = "".join(f"<tr><td>{html.escape(z)}</td><td>{v['percent_involved']:.2f}</td><td>{v['score']}</td></tr>"
                     for z, v in report["zones"].items())
     inp = report["input"]
+    orientation = orientation_summary(report)
     figs = "".join(f"<figure>{img(data, f'slice {k}')}<figcaption>slice {k}</figcaption></figure>" for k, data in overlays)
     lung_ml = report["lung_volume_ml"]
     return f"""<!doctype html>
@@ -142,6 +143,7 @@ figure{{display:inline-block;margin:.3em}} figure img{{max-width:340px}} .kv td{
 <h1>covidct scan report</h1>
 <table class="kv">
 <tr><td>input</td><td>{html.escape(inp['path'])} ({html.escape(inp['kind'])}, {inp['shape']}, spacing {inp['spacing_mm']} mm)</td></tr>
+{"" if orientation is None else f'<tr><td>orientation check</td><td>{html.escape(orientation)}</td></tr>'}
 {"".join(f'<tr><td>note</td><td class="note">{html.escape(r)}</td></tr>' for r in report_notes(report))}
 <tr><td>lung volume</td><td>{'n/a' if lung_ml is None else f'{lung_ml:.0f} mL'} ({html.escape(report['lung_method'])})</td></tr>
 <tr><td>percentage of opacity</td><td>{report['percent_opacity']:.2f} %</td></tr>
