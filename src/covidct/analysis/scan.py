@@ -118,9 +118,7 @@ class ScanResult:
     def as_stored(self, array: np.ndarray) -> np.ndarray:
         """A ``(slices, rows, columns)`` array of the analysis (``lesions``, ``lungs``) on the volume's grid as read,
         before :attr:`reoriented` turned it (unchanged when nothing was)."""
-        if not self.reoriented:
-            return array
-        return np.ascontiguousarray(np.flip(array, axis=tuple(ARRAY_AXIS[name] for name in self.reoriented)))
+        return turned(array, self.reoriented)
 
     def effusion_assessable(self) -> bool:
         """Whether pleural effusion could be seen: not when every slice holding lung is a lung-masked rendering,
@@ -224,10 +222,11 @@ def orientation_check(vol: Volume, lungs: np.ndarray) -> dict | None:
     anterior_posterior = "undetermined"
     if voting >= MIN_SPINE_VOTES and share is not None:
         anterior_posterior = _verdict(share, SPINE_VOTE_SHARE, 1.0 - SPINE_VOTE_SHARE)
-    width_ratio = _mediastinum_width_ratio(lungs) if holds_whole_lungs(lungs) else None
+    areas = np.array([np.count_nonzero(lungs[k]) for k in range(len(lungs))])   # lung pixels per slice
+    width_ratio = _mediastinum_width_ratio(lungs, areas) if holds_whole_lungs(areas) else None
     head_feet = "undetermined" if width_ratio is None else _verdict(width_ratio, MEDIASTINUM_WIDTH_RATIO,
                                                                     1.0 / MEDIASTINUM_WIDTH_RATIO)
-    liver_ratio = _liver_side_ratio(vol, lungs, head_feet)
+    liver_ratio = _liver_side_ratio(vol, lungs, areas, head_feet)
     left_right = "undetermined" if liver_ratio is None else _verdict(liver_ratio, LIVER_SIDE_RATIO, 1.0 / LIVER_SIDE_RATIO)
     in_header = vol.metadata.get("orientation_in_header", True)
     check = {"spine_posterior_slices": posterior, "voting_slices": voting, "anterior_posterior": anterior_posterior,
@@ -275,20 +274,29 @@ def orientation_note(check: dict, *, turned_back: bool = False) -> str | None:
     return ". ".join(n if i == 0 else n[0].upper() + n[1:] for i, n in enumerate(notes)) or None
 
 
+def turned(array: np.ndarray, axes: list[str]) -> np.ndarray:
+    """A ``(slices, rows, columns)`` array with the named axes (:data:`ARRAY_AXIS`) reversed; its own inverse.
+    The array itself when ``axes`` is empty."""
+    if not axes:
+        return array
+    return np.ascontiguousarray(np.flip(array, axis=tuple(ARRAY_AXIS[name] for name in axes)))
+
+
 def _verdict(value: float, as_stored_at: float, reversed_at: float) -> str:
     return "as stored" if value >= as_stored_at else "reversed" if value <= reversed_at else "undetermined"
 
 
-def holds_whole_lungs(lungs: np.ndarray) -> bool:
-    """Whether the first and last slices each hold less lung than :data:`LUNG_END_SHARE` of the largest lung slice."""
-    areas = np.array([np.count_nonzero(lungs[k]) for k in range(len(lungs))])
+def holds_whole_lungs(areas: np.ndarray) -> bool:
+    """Whether, by the lung pixels of each slice (``areas``), the first and last slices each hold less lung than
+    :data:`LUNG_END_SHARE` of the largest lung slice."""
     return bool(areas.size and areas.max() > 0 and max(areas[0], areas[-1]) < LUNG_END_SHARE * areas.max())
 
 
-def _mediastinum_width_ratio(lungs: np.ndarray) -> float | None:
+def _mediastinum_width_ratio(lungs: np.ndarray, areas: np.ndarray) -> float | None:
     """The widest mediastinum (:data:`MEDIASTINUM_WIDTH_PERCENTILE`) of the feet-end half of the lung slices over
-    that of the head-end half; None when either half has fewer than :data:`MIN_HALF_SLICES` slices with both lungs."""
-    present = np.flatnonzero(lungs.reshape(len(lungs), -1).any(axis=1))
+    that of the head-end half; None when either half has fewer than :data:`MIN_HALF_SLICES` slices with both lungs.
+    ``areas``: lung pixels per slice."""
+    present = np.flatnonzero(areas)
     if present.size < 2 * MIN_HALF_SLICES:
         return None
     widths = mediastinum_widths(lungs)
@@ -301,13 +309,13 @@ def _mediastinum_width_ratio(lungs: np.ndarray) -> float | None:
     return feet_width / head_width if head_width > 0 and feet_width > 0 else None
 
 
-def _liver_side_ratio(vol: Volume, lungs: np.ndarray, head_feet: str) -> float | None:
+def _liver_side_ratio(vol: Volume, lungs: np.ndarray, areas: np.ndarray, head_feet: str) -> float | None:
     """Soft tissue right over left in the :data:`LIVER_SHARE` of the lung slices at the feet end (the head end of
     the array when ``head_feet`` is reversed); None when head and feet are undetermined or a side has no soft
-    tissue."""
-    present = np.flatnonzero(lungs.reshape(len(lungs), -1).any(axis=1))
+    tissue. ``areas``: lung pixels per slice."""
     if head_feet == "undetermined":
         return None
+    present = np.flatnonzero(areas)
     n = max(1, int(round(LIVER_SHARE * present.size)))
     slices = present[-n:] if head_feet == "as stored" else present[:n]
     right, left = soft_tissue_sides(vol.array, lungs, slices)
@@ -370,7 +378,7 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     if reoriented:   # the trachea is removed from the head end and the sides split by column: find the lungs again
         orientation = {**orientation, "note": orientation_note(orientation, turned_back=True)}
         t1 = time.perf_counter()
-        vol.array = np.ascontiguousarray(np.flip(vol.array, axis=tuple(ARRAY_AXIS[axis] for axis in reoriented)))
+        vol.array = turned(vol.array, reoriented)
         lungs = segment_lungs_hu(vol.array, spacing=vol.spacing, affine=vol.affine, progress=progress).labels
         timings["lungs_s"] = round(timings["lungs_s"] + time.perf_counter() - t1, 2)
 
