@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -142,12 +143,12 @@ def solidity_ends(lungs: np.ndarray) -> tuple[float, float]:
     return float(np.nanmean(values[ks[:q]])), float(np.nanmean(values[ks[-q:]]))
 
 
-def measure(path: Path) -> dict:
+def measure(path: Path, vol) -> dict:
+    """The spine votes, the orientation check's verdicts and its time, and the two dropped head-feet cues of ``vol``
+    (read from ``path``)."""
     from covidct.analysis.lungs import segment_lungs_hu, spine_posterior_votes
     from covidct.analysis.scan import orientation_check
-    from covidct.io import read
 
-    vol = read(path)
     row: dict = {"file": str(path), "dtype": str(vol.array.dtype), "is_hu": vol.is_hu}
     if not vol.is_hu:
         return row
@@ -155,7 +156,9 @@ def measure(path: Path) -> dict:
     if not lungs.any():
         return row
     row["spine_votes"] = {str(t): spine_posterior_votes(vol.array, lungs, bone_hu=t) for t in (250, 400, 600)}
+    t0 = time.perf_counter()
     check = orientation_check(vol, lungs)
+    row["orientation_check_s"] = round(time.perf_counter() - t0, 3)   # the whole check, its spine votes included
     row["verdict"] = check["anterior_posterior"] if check else None
     if check:
         row.update({key: check[key] for key in ("head_feet", "mediastinum_width_ratio", "left_right",
@@ -179,15 +182,16 @@ FLIPS = {
 }
 
 
-def flips(path: Path) -> list[dict]:
-    """The verdicts of :func:`covidct.analysis.scan.orientation_check` on each :data:`FLIPS` variant of ``path``."""
+def flips(path: Path, vol) -> list[dict]:
+    """The verdicts of :func:`covidct.analysis.scan.orientation_check` on each :data:`FLIPS` variant of ``vol`` (read
+    from ``path``); variants of fewer than 2 slices are left out."""
     from covidct.analysis.lungs import segment_lungs_hu
     from covidct.analysis.scan import orientation_check
-    from covidct.io import read
 
-    vol = read(path)
     stored, rows = vol.array, []
     for name, make in FLIPS.items():
+        if len(make(stored)) < 2:
+            continue
         vol.array = np.ascontiguousarray(make(stored))
         check = orientation_check(vol, segment_lungs_hu(vol.array, spacing=vol.spacing, affine=vol.affine).labels)
         rows.append({"file": str(path), "variant": name,
@@ -235,11 +239,13 @@ def main() -> int:
     if not files:
         ap.error("give --scan, --dicom or files")
     from covidct.errors import CovidctError
+    from covidct.io import read
 
     failed = 0
     for path in files:
         try:
-            row = measure(path)
+            vol = read(path)
+            row = measure(path, vol)
         except CovidctError as exc:   # one line per unreadable file; the others go on
             print(f"{os.path.basename(sys.argv[0])}: error: {exc}", file=sys.stderr)
             failed += 1
@@ -248,7 +254,7 @@ def main() -> int:
             row.update(analyze(path))
         print(json.dumps(row))
         if args.flips and row.get("is_hu") and path in originals:
-            for variant in flips(path):
+            for variant in flips(path, vol):
                 print(json.dumps(variant))
     return 2 if failed else 0
 
