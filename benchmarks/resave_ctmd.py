@@ -9,6 +9,15 @@ commands do not depend on the layout, resolution or axis order of the open data.
 
 ``--pool ID=F`` makes a scan the way the data README says cap001 was made: in-plane F×F mean pooling
 (512² -> 256² for F = 2), rounded to int16, the affine shifted by the pooling's half voxel.
+
+Reconstructions unlike the open scans' (a medium-smooth kernel, Siemens D40s, 2 mm), for checking what noise and
+edge enhancement do to the burden (benchmarks/RESULTS.md, "Sharp kernels and noise"); ``ID`` may be ``all``:
+* ``--sharpen ID=A``: a sharper kernel simulated in the image domain, ``x + A (x - G(x))`` with G an in-plane
+  Gaussian of ``--sharpen-sigma-mm`` (default 0.75 mm): edges and the scan's own noise raised, as a lung kernel
+  (e.g. B70f) does to the same raw data.
+* ``--noise ID=S``: Gaussian noise of S HU standard deviation, correlated over about a pixel (white noise through
+  a 0.7-pixel Gaussian, scaled back to S), as a lower dose adds; seeded (``--seed``).
+    python benchmarks/resave_ctmd.py --data $COVIDCT_DATA/covid-ct-md -o SHARP --sharpen all=2
     covidct evaluate cls --data SIM;  python benchmarks/analyze.py --data SIM
 
 (The RESULTS entry "Other layouts and resolutions" used exactly these options, with the patients renamed
@@ -31,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def main() -> int:
     import nibabel as nib
-    from scipy.ndimage import zoom
+    from scipy.ndimage import gaussian_filter, zoom
 
     from covidct.errors import CovidctError
     from covidct.io import read
@@ -44,6 +53,12 @@ def main() -> int:
     ap.add_argument("--pool", action="append", default=[], metavar="ID=F",
                     help="mean-pool this patient's slices F×F in-plane (cap001's making; data README)")
     ap.add_argument("--ras", action="append", default=[], metavar="ID", help="store this patient's volume in RAS order")
+    ap.add_argument("--sharpen", action="append", default=[], metavar="ID=A",
+                    help="high-boost filter x + A (x - G(x)): a sharper reconstruction kernel (ID may be 'all')")
+    ap.add_argument("--sharpen-sigma-mm", type=float, default=0.75, help="width of G (default 0.75 mm)")
+    ap.add_argument("--noise", action="append", default=[], metavar="ID=S",
+                    help="add correlated Gaussian noise of S HU standard deviation (ID may be 'all')")
+    ap.add_argument("--seed", type=int, default=0, help="noise seed")
     args = ap.parse_args()
     if args.output.exists():
         print(f"{os.path.basename(sys.argv[0])}: error: {args.output} exists", file=sys.stderr)
@@ -51,9 +66,12 @@ def main() -> int:
     try:
         sizes = {k: int(v) for k, v in (s.split("=", 1) for s in args.size)}
         pools = {k: int(v) for k, v in (s.split("=", 1) for s in args.pool)}
+        sharpen = {k: float(v) for k, v in (s.split("=", 1) for s in args.sharpen)}
+        noise = {k: float(v) for k, v in (s.split("=", 1) for s in args.noise)}
     except ValueError:
-        print(f"{os.path.basename(sys.argv[0])}: error: --size and --pool take ID=N (e.g. P001=384, P001=2), "
-              f"not {args.size + args.pool}", file=sys.stderr)
+        print(f"{os.path.basename(sys.argv[0])}: error: --size, --pool, --sharpen and --noise take ID=N (e.g. "
+              f"P001=384, P001=2, all=2, all=40), not {args.size + args.pool + args.sharpen + args.noise}",
+              file=sys.stderr)
         return 2
     with open(args.data / "patients.csv", newline="") as fh:
         patients = list(csv.DictReader(fh))
@@ -84,7 +102,16 @@ def main() -> int:
             array = block_reduce(array, (1, f, f), np.mean)
             affine[:3, 3] += (f - 1) / 2 * (affine[:3, 0] + affine[:3, 1])   # centre of the pooled block
             affine[:3, :2] *= f
-        img = nib.Nifti1Image(np.round(array).astype(np.int16).transpose(2, 1, 0), affine)  # i, j, k = L, P, I
+        pixel_mm = np.linalg.norm(affine[:3, :2], axis=0)          # column, row spacing
+        amount = sharpen.get(pid, sharpen.get("all"))
+        if amount:
+            array = array + amount * (array - gaussian_filter(array, (0, *(args.sharpen_sigma_mm / pixel_mm[::-1]))))
+        sd = noise.get(pid, noise.get("all"))
+        if sd:
+            rng = np.random.default_rng([args.seed, sum(map(ord, pid))])
+            grain = gaussian_filter(rng.standard_normal(array.shape, np.float32), (0, 0.7, 0.7))
+            array = array + grain * (sd / grain.std())
+        img = nib.Nifti1Image(np.round(array).clip(-32768, 32767).astype(np.int16).transpose(2, 1, 0), affine)  # i, j, k = L, P, I
         if pid in args.ras:
             img = nib.as_closest_canonical(img)
         img.set_qform(img.affine, code=1)

@@ -86,12 +86,18 @@ def test_score_volume_classifies_the_top_slices_only(monkeypatch):
     calls = []
     cfg = TriageConfig(classifier="c", classifier_sha256="", seg_model="s", seg_model_sha256="", covid_logit_shift=0.0,
                        top_k=2)
-    triage = SimpleNamespace(config=cfg, covid_probability=lambda vol, ks, window, progress=False: calls.append(list(ks))
-                             or np.full(len(ks), 0.7))
+    sigmas = []
+    triage = SimpleNamespace(config=cfg, covid_probability=lambda vol, ks, window, progress=False, sigma_px=0.0:
+                             sigmas.append(sigma_px) or calls.append(list(ks)) or np.full(len(ks), 0.7))
     vol = SimpleNamespace(spacing=(1.0, 1.0), source="v.nii.gz", n_slices=5)
-    result = SimpleNamespace(slices=_slices([0, 50, 400, 900, 10]), burden={"percent_opacity": 2.0})
+    result = SimpleNamespace(slices=_slices([0, 50, 400, 900, 10]), burden={"percent_opacity": 2.0},
+                             smoothing_sigma_px=0.0)
     top = score_volume(triage, vol, result=result)
     assert calls == [[2, 3]] and top.p == {2: 0.7, 3: 0.7} and top.top == [2, 3]
+    result.smoothing_sigma_px = 1.3                                    # a noisy scan: its slices smoothed alike
+    score_volume(triage, vol, result=result)
+    assert sigmas == [0.0, 1.3]
+    result.smoothing_sigma_px = 0.0
     assert sorted(score_volume(triage, vol, result=result, classify="lesions").p) == [1, 2, 3, 4]
     result.burden["percent_opacity"] = 0.2                             # under 1 %: the top slices still get a q
     assert score_volume(triage, vol, result=result).p == {2: 0.7, 3: 0.7} and calls[-1] == [2, 3]
@@ -132,7 +138,8 @@ def _labelled_lesions(monkeypatch) -> None:
     def fake_analyze(vol, predictor, *, progress=True, batch_size=8, window="model"):
         sick = not Path(str(vol.source)).name.startswith("N1")
         areas = [400.0 if sick and k in (2, 3, 4) else 0.0 for k in range(vol.n_slices)]
-        return SimpleNamespace(slices=_slices(areas), burden={"percent_opacity": 3.0 if sick else 0.0})
+        return SimpleNamespace(slices=_slices(areas), burden={"percent_opacity": 3.0 if sick else 0.0},
+                               smoothing_sigma_px=0.0)
 
     monkeypatch.setattr(triage_mod, "analyze_volume", fake_analyze)
 

@@ -578,7 +578,7 @@ def _analyze_batch(args: argparse.Namespace, specs: dict) -> int:
 
     rows = analyze_many(jobs, args.output, models=models, on_scan=said, window=args.window,
                         viewer=not args.no_viewer, dicom_seg=args.dicom_seg, slice_orientation=args.slice_orientation,
-                        reorient=args.reorient == "anatomy")
+                        reorient=args.reorient == "anatomy", denoise=args.denoise == "auto")
     failed = sum(r["status"] != "ok" for r in rows)
     if args.json:
         print(to_json({"scans": rows}))
@@ -623,7 +623,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         report = analyze(args.path[0], args.output, series_uid=args.series, window=args.window,
                          viewer=not args.no_viewer, dicom_seg=args.dicom_seg,
                          slice_orientation=args.slice_orientation, reader=pending.result,
-                         reorient=args.reorient == "anatomy", **specs)
+                         reorient=args.reorient == "anatomy", denoise=args.denoise == "auto", **specs)
     from covidct.report.json_io import to_json
 
     if args.json:
@@ -921,6 +921,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HU volumes: 'anatomy' turns back the axes the orientation check calls reversed (spine, "
                    "mediastinum, liver) before the analysis; label maps stay on the file's grid (default: none, "
                    "the check only reports)")
+    s.add_argument("--denoise", choices=("auto", "none"), default="auto",
+                   help="HU volumes: 'auto' smooths the slices of a scan much noisier than those the models were "
+                   "checked on (soft-tissue noise index above 50 HU, e.g. a sharp lung kernel; brought to 25 HU) "
+                   "before the analysis; 'none' only measures (input.noise of report.json)")
     s.add_argument("--json", action="store_true", help="print report.json to stdout")
     s.set_defaults(func=_cmd_analyze)
 

@@ -45,6 +45,7 @@ from covidct.engine.infer import SegPredictor
 from covidct.errors import InputError
 from covidct.io.volume import Volume
 from covidct.io.body import classifier_input, mask_box
+from covidct.io.noise import noise_plan, smoothed, smoothed_box
 from covidct.io.window import Window, to_model_input
 from covidct.models.base import turns_from_anterior_up
 
@@ -114,6 +115,13 @@ class ScanResult:
     # axes turned back before the analysis because the anatomy called them reversed (``reorient``; names of
     # :data:`ARRAY_AXIS`): ``lesions``, ``lungs`` and ``slices`` are of the turned volume, :meth:`as_stored` maps back
     reoriented: list[str] = field(default_factory=list)
+    # HU volumes: the noise index, and the in-plane smoothing of the slices the models see (:func:`noise_plan`)
+    noise: dict | None = None
+
+    @property
+    def smoothing_sigma_px(self) -> float:
+        """The Gaussian (pixels) a noisy scan's slices pass on their way into any model; 0 for none."""
+        return float((self.noise or {}).get("sigma_px") or 0.0)
 
     def as_stored(self, array: np.ndarray) -> np.ndarray:
         """A ``(slices, rows, columns)`` array of the analysis (``lesions``, ``lungs``) on the volume's grid as read,
@@ -329,10 +337,12 @@ def slice_infection_probability(area_mm2: np.ndarray) -> np.ndarray:
 
 
 def lung_crop_input(vol: Volume, k: int, box: tuple[slice, slice], *, turns: int,
-                    window: str | Window = "model") -> np.ndarray:
+                    window: str | Window = "model", sigma_px: float = 0.0) -> np.ndarray:
     """What the segmentation model sees of slice ``k``: its lung box, windowed into ``[0, 1]`` and turned
-    ``turns`` quarters into the model's training orientation (:func:`model_turns`)."""
-    return np.ascontiguousarray(np.rot90(to_model_input(vol.array[k][box], is_hu=vol.is_hu, window=window), turns))
+    ``turns`` quarters into the model's training orientation (:func:`model_turns`); a noisy scan's slice first
+    through the Gaussian of its noise plan (``sigma_px``, :func:`covidct.io.noise.smoothed_box`)."""
+    hu = smoothed_box(vol.array[k], box, sigma_px) if sigma_px else vol.array[k][box]
+    return np.ascontiguousarray(np.rot90(to_model_input(hu, is_hu=vol.is_hu, window=window), turns))
 
 
 def _slice_pixel_mm2(vol: Volume) -> float:
@@ -341,7 +351,7 @@ def _slice_pixel_mm2(vol: Volume) -> float:
 
 def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = True, batch_size: int = 8,
                    window: str | Window = "model", slice_orientation: str = "training",
-                   require_lungs: bool = True, reorient: bool = False) -> ScanResult:
+                   require_lungs: bool = True, reorient: bool = False, denoise: bool = True) -> ScanResult:
     """Run the whole scan-level analysis on one volume; HU slices reach the model through ``window``.
     ``slice_orientation``: ``"training"`` turns the slices of an oriented volume into the orientation of the
     segmentation model's training slices (module docstring), ``"working"`` gives them as read (anterior up).
@@ -350,7 +360,10 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     ``reorient``: the axes :func:`orientation_check` calls reversed are turned back in ``vol.array`` itself (the
     caller's volume changes; its affine, files and metadata stay those of the file) and the lungs found again, so
     that the models, zones, sides and slice indices see the anatomy the right way round; the result's
-    :attr:`ScanResult.reoriented` names them and :meth:`ScanResult.as_stored` maps its arrays back."""
+    :attr:`ScanResult.reoriented` names them and :meth:`ScanResult.as_stored` maps its arrays back.
+    ``denoise``: the slices of a HU volume much noisier than the scans the pipeline was checked on (a sharp kernel,
+    a low dose) reach the segmentation model smoothed in-plane (:func:`covidct.io.noise.noise_plan`; the index is
+    measured either way, :attr:`ScanResult.noise`); ``vol.array`` and the lungs are not smoothed."""
     turns = model_turns(vol, predictor, slice_orientation)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -358,6 +371,11 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     px_mm = _slice_pixel_mm2(vol)
     pixel_mm = float(np.sqrt(px_mm)) if vol.spacing else None   # the density split smooths in mm
     routed: list[int] = []   # slices whose lesions the lung-masked companion segmented (engine.infer)
+    noise = noise_plan(vol.array, pixel_mm=pixel_mm, smooth=denoise) if vol.is_hu else None
+    sigma = float(noise["sigma_px"]) if noise else 0.0
+    if noise is not None:
+        timings["noise_s"] = round(time.perf_counter() - t0, 2)
+        t0 = time.perf_counter()
     if vol.is_hu:
         lung_res = segment_lungs_hu(vol.array, spacing=vol.spacing, affine=vol.affine, progress=progress)
         lungs = lung_res.labels
@@ -391,7 +409,7 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
         for start in range(0, len(todo), batch_size):
             ks = todo[start:start + batch_size]
             boxes = [mask_box(lungs[k] > 0) for k in ks]
-            crops = [lung_crop_input(vol, k, b, turns=turns, window=window) for k, b in zip(ks, boxes)]
+            crops = [lung_crop_input(vol, k, b, turns=turns, window=window, sigma_px=sigma) for k, b in zip(ks, boxes)]
             for k, b, pred in zip(ks, boxes, predictor.predict(crops, pixel_mm=pixel_mm)):
                 if pred.network == "lung_masked":
                     routed.append(k)
@@ -438,7 +456,7 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
         else None
     return ScanResult(lesions, lungs, burden, slices, diagnosis, lung_method, timings, coverage,
                       lung_volume_note(burden["lung_volume_ml"]), orientation, lung_share_note(lungs), routed,
-                      reoriented)
+                      reoriented, noise)
 
 
 def _per_slice_counts(lesions: np.ndarray, lungs: np.ndarray, chunk: int = SLICE_CHUNK) -> tuple[np.ndarray, ...]:
@@ -478,10 +496,11 @@ def model_turns(vol: Volume, model, slice_orientation: str = "training") -> int:
 
 
 def classify_slices(vol: Volume, model, *, temperature: float = 1.0, indices: Sequence[int] | None = None,
-                    window: str | Window = "model", batch_size: int = 16,
-                    progress: bool = True) -> dict[int, dict[str, float]]:
+                    window: str | Window = "model", batch_size: int = 16, progress: bool = True,
+                    sigma_px: float = 0.0) -> dict[int, dict[str, float]]:
     """Per-slice class probabilities of a slice classifier (each slice cropped to the body and windowed,
-    :func:`~covidct.io.body.classifier_input`) for slices ``indices`` (all when None)."""
+    :func:`~covidct.io.body.classifier_input`; through the Gaussian of a noisy scan's plan, ``sigma_px``) for
+    slices ``indices`` (all when None)."""
     from covidct.engine.evaluate_cls import predict_probabilities
 
     ks = list(range(vol.n_slices)) if indices is None else [int(k) for k in indices]
@@ -489,7 +508,8 @@ def classify_slices(vol: Volume, model, *, temperature: float = 1.0, indices: Se
     out: dict[int, dict[str, float]] = {}
     for start in tqdm(range(0, len(ks), batch_size), desc="classifier", unit="batch", disable=not progress):
         chunk = ks[start:start + batch_size]
-        probs = predict_probabilities(model, [classifier_input(vol.array[k], is_hu=vol.is_hu, window=window)
+        probs = predict_probabilities(model, [classifier_input(smoothed(vol.array[k], sigma_px), is_hu=vol.is_hu,
+                                                               window=window)
                                               for k in chunk], temperature=temperature, batch_size=batch_size)
         for k, p in zip(chunk, probs):
             out[k] = {c: round(float(v), 6) for c, v in zip(names, p)}

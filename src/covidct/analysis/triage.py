@@ -41,6 +41,7 @@ from covidct.analysis.scan import MIN_BURDEN_PERCENT, ScanResult, analyze_volume
 from covidct.data.classification import THREE_CLASSES, ClsRecord, load_records
 from covidct.errors import CovidctError, InputError
 from covidct.io import classifier_input, read
+from covidct.io.noise import smoothed
 from covidct.io.nifti import working_slice
 from covidct.io.window import Window
 from covidct.models.base import SavedConfig
@@ -177,15 +178,16 @@ class Triage:
         return self._predictor
 
     def covid_probability(self, vol, indices: Sequence[int], *, window: str | Window = "model",
-                          progress: bool = False) -> np.ndarray:
-        """The classifier's own COVID probability (before the shift) of slices ``indices`` of ``vol``;
+                          progress: bool = False, sigma_px: float = 0.0) -> np.ndarray:
+        """The classifier's own COVID probability (before the shift) of slices ``indices`` of ``vol`` (a noisy
+        scan's slices through the Gaussian of its noise plan, ``sigma_px``: :mod:`covidct.io.noise`);
         ``progress``: a streamed ensemble shows a bar over its members."""
         from covidct.engine.evaluate_cls import predict_probabilities
 
         if not indices:
             return np.zeros(0)
         model = self.classifier
-        images = [classifier_input(vol.array[k], is_hu=vol.is_hu, window=window) for k in indices]
+        images = [classifier_input(smoothed(vol.array[k], sigma_px), is_hu=vol.is_hu, window=window) for k in indices]
         shows_members = hasattr(model, "progress")
         if shows_members:
             model.progress, model.desc = progress, "triage"
@@ -289,7 +291,8 @@ def score_volume(triage: Triage, vol, *, classify: str = "top", window: str | Wi
         run = top
     else:
         raise ValueError(f"classify must be 'top' or 'lesions', not {classify!r}")
-    p = triage.covid_probability(vol, run, window=triage.config.window, progress=progress)
+    p = triage.covid_probability(vol, run, window=triage.config.window, progress=progress,
+                                 sigma_px=result.smoothing_sigma_px)
     return VolumeScores(g=g, p=dict(zip(run, p.tolist())), top=top, percent_opacity=burden)
 
 

@@ -31,13 +31,13 @@ def phantom_hu(n_slices: int = 6, size: int = 64, seed: int = 0) -> np.ndarray:
 def write_ct_series(folder: Path, hu: np.ndarray, *, spacing=(2.0, 0.7, 0.7), series_uid: str | None = None,
                     modality: str = "CT", shuffle_names: bool = True, compress: bool | str = False,
                     slope: float = 1.0, intercept: float = -1024.0, prone: bool = False,
-                    coronal: bool = False) -> list[Path]:
+                    coronal: bool = False, kernel: str | None = None) -> list[Path]:
     """Write ``hu`` (slices, rows, cols; slice 0 = head) as one DICOM file per slice; ``compress``: True
     for RLE Lossless, or a transfer syntax UID pydicom can encode (e.g. JPEG 2000 Lossless).
     ``prone``: stored as a prone scan shows it (``ImageOrientationPatient`` [-1, 0, 0, 0, -1, 0]: rows and
     columns reversed), the same voxels in the same places in millimetres. ``coronal``: the same voxels
     stored as coronal images (one per row of ``hu``, front to back; ``ImageOrientationPatient``
-    [1, 0, 0, 0, 0, -1])."""
+    [1, 0, 0, 0, 0, -1]). ``kernel``: a ``ConvolutionKernel`` to state."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
@@ -65,6 +65,8 @@ def write_ct_series(folder: Path, hu: np.ndarray, *, spacing=(2.0, 0.7, 0.7), se
         ds.SeriesInstanceUID = series_uid
         ds.PatientID = "PHANTOM"
         ds.InstanceNumber = k + 1
+        if kernel is not None:
+            ds.ConvolutionKernel = kernel
         if coronal:  # pixel (r, c) of image k lies at (-100 + c dx, -120 + k dy, -r dz) like hu[r, k, c]
             ds.ImagePositionPatient = [-100.0, -120.0 + float(k) * spacing[1], 0.0]
             ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]

@@ -204,7 +204,20 @@ def _metadata(ds: Any) -> dict[str, Any]:
         "series_description": str(getattr(ds, "SeriesDescription", "") or "") or None,
         "transfer_syntax": getattr(syntax, "name", None) if syntax else None,
         "manufacturer": str(getattr(ds, "Manufacturer", "") or "") or None,
+        # the reconstruction kernel (e.g. Siemens "D40s" / "B70f", GE "STANDARD" / "LUNG"): sharp ones are noisy
+        "convolution_kernel": _text(getattr(ds, "ConvolutionKernel", None)),
     }
+
+
+def _text(value: Any) -> str | None:
+    """A DICOM text value, a multi-valued one joined with backslashes as stored; None when absent or empty."""
+    from pydicom.multival import MultiValue
+
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple, MultiValue)):
+        value = "\\".join(str(v) for v in value)
+    return str(value).strip() or None
 
 
 def uneven_gaps(gaps: np.ndarray, tolerance: float = 0.1) -> dict[str, Any] | None:

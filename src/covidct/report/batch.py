@@ -25,7 +25,7 @@ from covidct.report.scan_report import ScanModels, analyze
 #: Columns of ``summary.csv`` (the same keys in ``summary.json``'s ``scans``).
 SUMMARY_COLUMNS = ("name", "input", "series_uid", "status", "answer", "p_covid19", "lung_volume_ml", "ggo_percent",
                    "consolidation_percent", "effusion_percent", "effusion_assessable", "total_percent", "severity_score",
-                   "orientation_reversed", "seconds", "error", "notes")
+                   "orientation_reversed", "noise_index_hu", "noise_smoothing_sigma_mm", "seconds", "error", "notes")
 #: How ``summary.csv`` joins a scan's notes (``summary.json`` keeps them as a list).
 NOTES_SEPARATOR = " | "
 
@@ -105,6 +105,11 @@ def _row(job: ScanJob, report: dict[str, Any] | None, error: str | None, seconds
                # the axes the anatomy says the file states the wrong way round, joined by "+"; "none"; None: not checked
                orientation_reversed=None if (axes := reversed_axes(report)) is None else "+".join(axes) or "none",
                series_uid=job.series_uid or report["input"].get("series_uid"))
+    # HU inputs: the soft-tissue noise index and the Gaussian the models' slices got (0: none); None for images
+    noise = report["input"].get("noise")
+    if noise:
+        row.update(noise_index_hu=noise["soft_tissue_sd_hu"],
+                   noise_smoothing_sigma_mm=noise["sigma_mm"] if noise["smoothed"] else 0.0)
     return row
 
 

@@ -23,6 +23,23 @@ def colour_note(share: float | None) -> str | None:
             f"be a chest CT, and its lesion numbers are then meaningless")
 
 
+def noise_note(info: dict | None) -> str | None:
+    """What a reader must know about the noise (``input.noise`` of a report, :func:`covidct.io.noise.noise_plan`):
+    a scan smoothed, or one noisier than the bound left as it is (``--denoise none``); None otherwise."""
+    if not info or info.get("soft_tissue_sd_hu") is None or info["soft_tissue_sd_hu"] <= info["smooth_above_sd_hu"]:
+        return None
+    head = (f"the scan is much noisier than those the models were checked on (soft-tissue noise index "
+            f"{info['soft_tissue_sd_hu']:.0f} HU, they {info['reference_sd_hu']:.0f} HU or less: a sharp (lung) "
+            f"reconstruction kernel or a low dose?)")
+    if info["smoothed"]:
+        mm = f", {info['sigma_mm']:g} mm" if info.get("sigma_mm") else ""
+        return (f"{head}: its slices reached the models smoothed in-plane (Gaussian sigma {info['sigma_px']:g} "
+                f"px{mm}; index {info['soft_tissue_sd_after_hu']:.0f} HU after; the lungs, overlays and viewer use the "
+                f"slices as read). A soft-tissue kernel series of the same scan, if there is one, is the better input "
+                f"(--denoise none turns the smoothing off)")
+    return f"{head}: not smoothed (--denoise none), so ground glass is likely overstated"
+
+
 def effusion_assessable(report: dict) -> bool:
     """Whether the report's pleural effusion was measured: ``lesions.effusion.assessable`` (false when every slice
     holding lung is lung-masked, black outside the lungs, so its 0 means "not measured"); true for a report from
@@ -65,9 +82,9 @@ def report_notes(report: dict) -> list[str]:
     """Everything a reader of ``report`` should know before using its numbers, one sentence each (printed as
     ``note: ...`` by the command line, rows of the HTML report, the ``notes`` column of a batch's summary): which
     series was taken, uneven slice gaps, slices without positions, a colour image, CT numbers without their
-    intercept, NaN voxels, an axis stated the wrong way round (and turned back), lungs that run off the scan, a lung
-    mask implausibly large (in volume, or in its share of a slice), slices segmented by the network for lung-masked
-    slices."""
+    intercept, NaN voxels, an axis stated the wrong way round (and turned back), a noisy scan (smoothed or not),
+    lungs that run off the scan, a lung mask implausibly large (in volume, or in its share of a slice), slices
+    segmented by the network for lung-masked slices."""
     inp = report["input"]
     notes = []
     if inp.get("series_chosen"):
@@ -93,6 +110,8 @@ def report_notes(report: dict) -> list[str]:
                      f"the anatomy says (--reorient anatomy): slice indices, zones, sides, overlays and the viewer are "
                      f"of the turned volume; lesions.nii.gz and lungs.nii.gz are on the file's own grid. The file "
                      f"itself is unchanged: fix its orientation for other tools")
+    if noise := noise_note(inp.get("noise")):
+        notes.append(noise)
     if (report.get("lung_coverage") or {}).get("note"):
         notes.append(report["lung_coverage"]["note"])
     if report.get("lung_volume_note"):

@@ -79,7 +79,12 @@ def build_report(vol: Volume, result: ScanResult, models: list[dict], seconds: f
                   "orientation_check": result.orientation_check,
                   # axes turned back before the analysis (analyze --reorient anatomy): slices, zones, sides and
                   # overlays are of the turned volume; lesions.nii.gz / lungs.nii.gz stay on the file's own grid
-                  "reoriented": result.reoriented},
+                  "reoriented": result.reoriented,
+                  # HU inputs: noise index (soft-tissue local SD) before / after, and any in-plane smoothing that
+                  # brought a sharp-kernel or low-dose scan to the noise the models were checked on (io.noise)
+                  "noise": result.noise,
+                  # DICOM ConvolutionKernel (None for other inputs or when the header has none)
+                  "convolution_kernel": vol.metadata.get("convolution_kernel")},
         "lung_volume_ml": b["lung_volume_ml"],
         "lung_method": result.lung_method,
         # slices holding lung; cut_at_head / cut_at_feet: the lungs run off the scan (volumes
@@ -248,7 +253,7 @@ def _add_classifier(result: ScanResult, vol: Volume, loaded: tuple[Any, dict, di
     t0 = time.perf_counter()
     with_lesions = [s["index"] for s in result.slices if s["lesion_area_mm2"] > 0]
     per_slice = classify_slices(vol, model, temperature=float(payload.get("temperature", 1.0)), indices=with_lesions,
-                                window=window, progress=progress)
+                                window=window, progress=progress, sigma_px=result.smoothing_sigma_px)
     result.timings["classifier_s"] = round(time.perf_counter() - t0, 2)
     for k, probs in per_slice.items():
         result.slices[k]["class_probabilities"] = probs
@@ -326,7 +331,7 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
             triage_spec: str | Path | None = DEFAULTS["triage"], models: ScanModels | None = None,
             dicom_seg: bool = False, slice_orientation: str = "training",
             reader: Callable[[], Volume] | None = None, precision: str = "auto",
-            reorient: bool = False) -> dict[str, Any]:
+            reorient: bool = False, denoise: bool = True) -> dict[str, Any]:
     """Analyse one scan and write every output into ``outdir``; returns the report dict. HU slices
     reach the model through ``window`` (a preset of :mod:`covidct.io.window` or ``"L,W"``).
     ``triage_spec`` (``None``: none) gives the 3-class patient answer and every slice's 3-class
@@ -345,7 +350,9 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
     called, so that the two overlap. ``precision``: of the segmentation model, ``"auto"`` (bfloat16 where the
     processor computes it natively), ``"fp32"`` or ``"bf16"`` (:mod:`covidct.engine.precision`; recorded in
     the report's ``models`` entry). ``reorient``: turn back the axes the anatomy calls reversed before the
-    analysis (:func:`covidct.analysis.scan.analyze_volume`); the label maps are written on the file's grid."""
+    analysis (:func:`covidct.analysis.scan.analyze_volume`); the label maps are written on the file's grid.
+    ``denoise``: smooth a HU scan much noisier than those the pipeline was checked on (:mod:`covidct.io.noise`;
+    ``input.noise`` of the report says what was measured and done)."""
     if models is None:
         models = ScanModels(model_spec, device=device, classifier_spec=classifier_spec, triage_spec=triage_spec,
                             precision=precision)
@@ -361,7 +368,7 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
     if "series_available" in vol.metadata and series_uid is None:
         series_note = {"series_chosen": vol.metadata["series_uid"], "series_available": vol.metadata["series_available"]}
     result = analyze_volume(vol, models.predictor, progress=progress, window=hu_window,
-                            slice_orientation=slice_orientation, reorient=reorient)
+                            slice_orientation=slice_orientation, reorient=reorient, denoise=denoise)
     used = [models.seg_entry]
     triage_runs = bool(models.triage_spec) and vol.spacing is not None
     classifier_spec = models.classifier_spec

@@ -1,0 +1,173 @@
+"""The noise index of HU volumes and the smoothing a noisy scan's slices get on their way into the models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import need_data, phantom_hu, write_ct_series, write_nifti
+from covidct.cli import main
+from covidct.io import read
+from covidct.io.noise import (MAX_SIGMA_MM, REFERENCE_HU, SMOOTH_ABOVE_HU, noise_plan, sample_slices, smoothed,
+                              smoothed_box, soft_tissue_sd)
+
+
+def _tissue_slices(sd: float, n: int = 4, size: int = 128, seed: int = 0) -> np.ndarray:
+    """Slices of 40 HU soft tissue in air with white noise of ``sd`` HU."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    body = np.hypot(yy - size / 2, xx - size / 2) < 0.45 * size
+    base = np.where(body, 40.0, -1000.0).astype(np.float32)
+    return np.stack([base + rng.normal(0, sd, base.shape).astype(np.float32) for _ in range(n)])
+
+
+@pytest.mark.parametrize("sd", [10.0, 40.0, 90.0])
+def test_soft_tissue_index_reads_the_noise_of_white_noise(sd):
+    index = soft_tissue_sd(list(_tissue_slices(sd)))
+    assert index == pytest.approx(sd, rel=0.1)
+    # a Gaussian lowers it; wider lowers it more
+    assert soft_tissue_sd(list(_tissue_slices(sd)), 1.0) < 0.5 * index
+    assert soft_tissue_sd(list(_tissue_slices(sd)), 2.0) < soft_tissue_sd(list(_tissue_slices(sd)), 1.0)
+
+
+def test_no_soft_tissue_no_index():
+    air = np.full((3, 64, 64), -1000.0, np.float32)
+    assert soft_tissue_sd(list(air)) is None
+    plan = noise_plan(air, pixel_mm=0.7)
+    assert plan["soft_tissue_sd_hu"] is None and not plan["smoothed"] and plan["sigma_px"] == 0
+
+
+def test_sample_slices_spread_over_the_middle_half():
+    assert sample_slices(148) == sorted(set(sample_slices(148)))
+    assert len(sample_slices(148)) == 12 and min(sample_slices(148)) == 37 and max(sample_slices(148)) == 110
+    assert sample_slices(5) == [0, 1, 2, 3, 4] and sample_slices(1) == [0]
+
+
+def test_a_quiet_scan_is_measured_and_left_alone():
+    vol = _tissue_slices(15.0)
+    before = vol.copy()
+    plan = noise_plan(vol, pixel_mm=0.7)
+    assert plan["soft_tissue_sd_hu"] == pytest.approx(15.0, rel=0.1) and plan["soft_tissue_sd_hu"] < SMOOTH_ABOVE_HU
+    assert not plan["smoothed"] and plan["sigma_px"] == 0 and plan["sigma_mm"] is None
+    assert np.array_equal(vol, before)
+
+
+def test_a_noisy_scan_gets_the_narrowest_gaussian_that_reaches_the_reference():
+    vol = _tissue_slices(90.0).astype(np.int16)
+    before = vol.copy()
+    plan = noise_plan(vol, pixel_mm=0.5)
+    assert plan["smoothed"] and plan["soft_tissue_sd_hu"] > SMOOTH_ABOVE_HU
+    assert plan["soft_tissue_sd_after_hu"] <= REFERENCE_HU
+    narrower = round(plan["sigma_px"] - 0.1, 1)
+    assert soft_tissue_sd(list(vol[sample_slices(len(vol))]), narrower) > REFERENCE_HU   # the narrowest one
+    assert plan["sigma_mm"] == pytest.approx(plan["sigma_px"] * 0.5, abs=1e-3)
+    assert np.array_equal(vol, before)            # the plan does not touch the volume
+    # without smoothing: measured, not planned
+    off = noise_plan(vol, pixel_mm=0.5, smooth=False)
+    assert not off["smoothed"] and off["soft_tissue_sd_hu"] == plan["soft_tissue_sd_hu"]
+
+
+def test_the_gaussian_is_capped_in_millimetres():
+    vol = _tissue_slices(200.0)
+    plan = noise_plan(vol, pixel_mm=2.0)          # the cap: 1.5 mm = 0.75 px
+    assert plan["smoothed"] and plan["sigma_px"] <= MAX_SIGMA_MM / 2.0
+    assert plan["soft_tissue_sd_after_hu"] > REFERENCE_HU   # not reached: said as it is
+
+
+def test_smoothed_box_equals_the_box_of_the_smoothed_slice():
+    hu = np.random.default_rng(3).normal(0, 60, (90, 70)).astype(np.int16)
+    for box in [(slice(0, 90), slice(0, 70)), (slice(5, 30), slice(40, 70)), (slice(60, 89), slice(1, 9))]:
+        for sigma in (0.4, 1.3, 2.9):
+            assert np.array_equal(smoothed_box(hu, box, sigma), smoothed(hu, sigma)[box])
+    assert smoothed(hu, 0.0) is hu
+
+
+def _noisy_phantom(extra_sd: float) -> np.ndarray:
+    hu = phantom_hu(6, 96)
+    return hu + np.random.default_rng(5).normal(0, extra_sd, hu.shape).astype(np.float32)
+
+
+class _RecordingPredictor:
+    """Stands in for the segmentation predictor: records what it is given, finds nothing."""
+
+    has_lung = True
+
+    def __init__(self) -> None:
+        self.images: list[np.ndarray] = []
+
+    def predict(self, images, *, pixel_mm=None):
+        from covidct.engine.infer import SegPrediction
+
+        self.images += [np.array(im) for im in images]
+        return [SegPrediction(labels=np.zeros(im.shape, np.uint8), probs=np.zeros((4, *im.shape), np.float32),
+                              lung_prob=np.ones(im.shape, np.float32)) for im in images]
+
+
+def test_the_models_see_a_noisy_scan_smoothed_and_the_scan_stays_as_read(tmp_path):
+    from covidct.analysis.scan import analyze_volume
+
+    write_nifti(tmp_path / "v.nii.gz", _noisy_phantom(90.0), spacing=(5.0, 0.7, 0.7))
+    runs = {}
+    for denoise in (True, False):
+        vol = read(tmp_path / "v.nii.gz")
+        as_read = np.array(vol.array)
+        predictor = _RecordingPredictor()
+        result = analyze_volume(vol, predictor, progress=False, denoise=denoise, require_lungs=False)
+        assert np.array_equal(vol.array, as_read)           # lungs, viewer and overlays use the slices as read
+        runs[denoise] = (result, predictor.images)
+    on, off = runs[True][0], runs[False][0]
+    assert on.noise["smoothed"] and on.smoothing_sigma_px > 0 and not off.noise["smoothed"]
+    assert on.noise["soft_tissue_sd_hu"] == off.noise["soft_tissue_sd_hu"] > SMOOTH_ABOVE_HU
+    assert np.array_equal(on.lungs, off.lungs)              # the lungs come from the slices as read
+    # the same crops, smoother: neighbouring pixels differ less
+    rough = [float(np.abs(np.diff(im, axis=1)).mean()) for im in runs[False][1]]
+    smooth = [float(np.abs(np.diff(im, axis=1)).mean()) for im in runs[True][1]]
+    assert len(rough) == len(smooth) > 0 and all(s < 0.6 * r for s, r in zip(smooth, rough))
+
+
+def test_analyze_reports_the_noise_the_kernel_and_what_was_done(tmp_path, tiny_seg_model, capsys):
+    write_ct_series(tmp_path / "sharp", _noisy_phantom(90.0), spacing=(5.0, 3.0, 3.0), kernel="B70f")
+    write_ct_series(tmp_path / "soft", phantom_hu(6, 96), spacing=(5.0, 3.0, 3.0), kernel="B30f")
+    reports, printed = {}, {}
+    for name, series, extra in (("auto", "sharp", []), ("none", "sharp", ["--denoise", "none"]), ("soft", "soft", [])):
+        out = tmp_path / name
+        assert main(["analyze", str(tmp_path / series), "-o", str(out), "--model", str(tiny_seg_model), "--triage",
+                     "none", "--classifier", "none", "--no-viewer", *extra]) == 0
+        reports[name] = json.loads((out / "report.json").read_text())
+        printed[name] = capsys.readouterr().out
+    auto, none, soft = (reports[k]["input"] for k in ("auto", "none", "soft"))
+    assert auto["convolution_kernel"] == "B70f" and soft["convolution_kernel"] == "B30f"
+    assert auto["noise"]["smoothed"] and auto["noise"]["sigma_mm"] == pytest.approx(3.0 * auto["noise"]["sigma_px"])
+    assert not none["noise"]["smoothed"] and none["noise"]["soft_tissue_sd_hu"] == auto["noise"]["soft_tissue_sd_hu"]
+    assert not soft["noise"]["smoothed"] and soft["noise"]["soft_tissue_sd_hu"] < SMOOTH_ABOVE_HU
+    assert "reached the models smoothed in-plane" in printed["auto"]
+    assert "not smoothed (--denoise none), so ground glass is likely overstated" in printed["none"]
+    assert "noisier" not in printed["soft"]
+    assert "reached the models smoothed" in (tmp_path / "auto" / "report.html").read_text()
+    # a batch's summary: each scan's index and the Gaussian its slices got
+    assert main(["analyze", str(tmp_path / "sharp"), str(tmp_path / "soft"), "-o", str(tmp_path / "batch"), "--model",
+                 str(tiny_seg_model), "--triage", "none", "--classifier", "none", "--no-viewer"]) == 0
+    rows = {r["name"]: r for r in json.loads((tmp_path / "batch" / "summary.json").read_text())["scans"]}
+    assert rows["sharp"]["noise_index_hu"] == auto["noise"]["soft_tissue_sd_hu"]
+    assert rows["sharp"]["noise_smoothing_sigma_mm"] == auto["noise"]["sigma_mm"] > 0
+    assert rows["soft"]["noise_index_hu"] == soft["noise"]["soft_tissue_sd_hu"]
+    assert rows["soft"]["noise_smoothing_sigma_mm"] == 0.0
+    assert "noise_index_hu" in (tmp_path / "batch" / "summary.csv").read_text().splitlines()[0]
+
+
+def test_real_scan_is_left_alone_and_its_sharpened_copy_is_smoothed():
+    """cap001 as stored (a medium kernel) is under the bound; the same scan through a lung-kernel-like high-boost
+    filter (benchmarks/resave_ctmd.py --sharpen all=3) is over it and gets a Gaussian within the cap."""
+    from scipy.ndimage import gaussian_filter
+
+    vol = read(need_data("covid-ct-md", "cap001.nii.gz"))
+    pixel_mm = vol.spacing[1]
+    plan = noise_plan(vol.array, pixel_mm=pixel_mm)
+    assert plan["soft_tissue_sd_hu"] < SMOOTH_ABOVE_HU / 2 and not plan["smoothed"]
+    hu = np.asarray(vol.array, np.float32)
+    sharp = hu + 3.0 * (hu - gaussian_filter(hu, (0, 0.75 / pixel_mm, 0.75 / pixel_mm)))
+    plan = noise_plan(sharp, pixel_mm=pixel_mm)
+    assert plan["smoothed"] and plan["soft_tissue_sd_hu"] > SMOOTH_ABOVE_HU
+    assert 0 < plan["sigma_mm"] <= MAX_SIGMA_MM and plan["soft_tissue_sd_after_hu"] <= REFERENCE_HU
