@@ -171,3 +171,27 @@ def test_real_scan_is_left_alone_and_its_sharpened_copy_is_smoothed():
     plan = noise_plan(sharp, pixel_mm=pixel_mm)
     assert plan["smoothed"] and plan["soft_tissue_sd_hu"] > SMOOTH_ABOVE_HU
     assert 0 < plan["sigma_mm"] <= MAX_SIGMA_MM and plan["soft_tissue_sd_after_hu"] <= REFERENCE_HU
+
+
+def test_predict_on_a_noisy_volume_says_so_and_smooths_the_lesion_models_input(tmp_path, tiny_seg_model, capsys,
+                                                                                 monkeypatch):
+    from types import SimpleNamespace
+
+    import covidct.models.registry as registry
+    import covidct.report.slices as slices
+
+    seen = []
+    monkeypatch.setattr(registry, "load_lesion_model", lambda spec: (SimpleNamespace(config=SimpleNamespace()),
+                                                                     {"path": "stub.pt"}))
+    monkeypatch.setattr(slices, "_instances", lambda model, grey, path, *a, shown=None, **k:
+                        seen.append((grey, grey if shown is None else shown)) or [])
+    write_nifti(tmp_path / "v.nii.gz", _noisy_phantom(90.0), spacing=(5.0, 0.7, 0.7))
+    assert main(["predict", str(tmp_path / "v.nii.gz"), "-o", str(tmp_path / "out"), "--model", str(tiny_seg_model),
+                 "--lesion-model", "stub"]) == 0
+    assert "reached the models smoothed in-plane" in capsys.readouterr().out
+    noise = json.loads((tmp_path / "out" / "predictions.json").read_text())["inputs"][0]["noise"]
+    assert noise["smoothed"] and noise["soft_tissue_sd_hu"] > SMOOTH_ABOVE_HU
+    # the Mask R-CNN got each slice smoothed; its picture is drawn on the slice as read
+    assert len(seen) == 6
+    for model_input, picture in seen:
+        assert np.abs(np.diff(model_input, axis=1)).mean() < 0.6 * np.abs(np.diff(picture, axis=1)).mean()

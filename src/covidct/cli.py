@@ -512,9 +512,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise CovidctError(None, f"--lesion-score must be in [0, 1], got {args.lesion_score}")
     summary = predict_to_folder(args.paths, args.output, model_spec=args.model, lesion_model_spec=args.lesion_model,
                                 lesion_score=args.lesion_score, precision=args.precision)
+    from covidct.report.notes import noise_note
+
     for item in summary["inputs"]:
         if (item["orientation_check"] or {}).get("note"):
             print(f"note: {item['input']}: {item['orientation_check']['note']}")
+        if note := noise_note(item.get("noise")):
+            print(f"note: {item['input']}: {note}")
     _print_input_notes(summary["notes"])
     per_slice = 3 + (1 if args.lesion_model else 0)
     print(f"wrote {per_slice * len(summary['slices'])} files for {len(summary['slices'])} slices to {args.output}")

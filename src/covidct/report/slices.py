@@ -12,6 +12,7 @@ from covidct.engine.infer import SegPredictor
 from covidct.engine.lesions import INSTANCE_SCORE
 from covidct.errors import InputError
 from covidct.io import classifier_input, read, to_model_input
+from covidct.io.noise import smoothed
 from covidct.report.json_io import write_json
 from covidct.report.overlay import instances_rgb, overlay_rgb, save_png, with_legend
 
@@ -22,7 +23,8 @@ def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec
     """For every slice of every input write ``<name>_labels.png`` (value = class index: 0 background,
     1 GGO, 2 consolidation, 3 effusion), ``<name>_lung.png`` (0/1) and ``<name>_overlay.png``; plus
     ``predictions.json`` with per-slice lesion pixel counts and, per input, the orientation check of HU volumes
-    (:func:`~covidct.analysis.scan.orientation_check`). With ``lesion_model_spec`` the Mask R-CNN
+    (:func:`~covidct.analysis.scan.orientation_check`) and their noise (:func:`covidct.io.noise.noise_plan`: a noisy
+    scan's slices reach the models smoothed, as in ``analyze``). With ``lesion_model_spec`` the Mask R-CNN
     lesion model also runs: ``<name>_instances.png`` (masks and boxes with scores, GGO red,
     consolidation blue) and ``instances`` (class, score, box, area) per slice in the JSON, for the
     detections scoring at least ``lesion_score``. All inputs are read before anything is written, so a
@@ -50,7 +52,10 @@ def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec
         # (a slice above or below the lungs is a valid input here: it gets empty maps, not an error)
         scan = analyze_volume(vol, framed, progress=False, require_lungs=False) if vol.is_hu else None
         inputs.append({"input": str(vol.source), "kind": vol.kind, "n_slices": vol.n_slices,
-                       "orientation_check": None if scan is None else scan.orientation_check})
+                       "orientation_check": None if scan is None else scan.orientation_check,
+                       # HU volumes: the noise index and the smoothing of a noisy scan's model inputs (io.noise)
+                       "noise": None if scan is None else scan.noise})
+        sigma = 0.0 if scan is None else scan.smoothing_sigma_px
         # the lesion model sees the slices in its training orientation, as the segmentation model does
         lesion_turns = model_turns(vol, lesion_model) if lesion_model is not None else 0
         for k in range(vol.n_slices):
@@ -73,8 +78,9 @@ def predict_to_folder(paths: list[str | Path], outdir: str | Path, *, model_spec
                    # their lungs); HU slices go through the scan analysis
                    "network": "main" if scan is not None else pred.network}
             if lesion_model is not None:
-                row["instances"] = _instances(lesion_model, grey, outdir / f"{name}_instances.png", lesion_score, name,
-                                              lesion_turns, predictor.precision)
+                seen = to_model_input(smoothed(vol.array[k], sigma), is_hu=True) if sigma else grey   # as analyze's
+                row["instances"] = _instances(lesion_model, seen, outdir / f"{name}_instances.png", lesion_score, name,
+                                              lesion_turns, predictor.precision, shown=grey)
             rows.append(row)
             bar.update(1)
     bar.close()
@@ -100,9 +106,10 @@ def turn_boxes_back(boxes: np.ndarray, turns: int, shape: tuple[int, int]) -> np
 
 
 def _instances(model, grey: np.ndarray, path: Path, min_score: float, title: str,
-               turns: int = 0, precision: str = "fp32") -> list[dict[str, Any]]:
+               turns: int = 0, precision: str = "fp32", shown: np.ndarray | None = None) -> list[dict[str, Any]]:
     """Run the lesion Mask R-CNN on one slice (turned ``turns`` quarters on the way in, its masks and boxes
-    turned back), draw its instances, return them for the JSON."""
+    turned back), draw its instances (on ``shown``, the slice as read, when the model saw it smoothed; else on
+    ``grey``), return them for the JSON."""
     from covidct.engine.lesions import predict_instances
 
     out = predict_instances(model, [np.ascontiguousarray(np.rot90(grey, turns))], precision=precision)[0]
@@ -111,7 +118,8 @@ def _instances(model, grey: np.ndarray, path: Path, min_score: float, title: str
     names = [model.config.classes[int(c)] for c in out["labels"][keep]]
     scores = [float(s) for s in out["scores"][keep]]
     boxes = turn_boxes_back(out["boxes"][keep].numpy(), turns, grey.shape)
-    save_png(with_legend(np.asarray(instances_rgb(grey, masks, names, scores, boxes)), names=("ggo", "consolidation"),
+    picture = instances_rgb(grey if shown is None else shown, masks, names, scores, boxes)
+    save_png(with_legend(np.asarray(picture), names=("ggo", "consolidation"),
                          title=f"{title}: {len(names)} lesion instances, score >= {min_score:g}"), path)
     return [{"class": n, "score": round(s, 4), "box": [round(float(v), 1) for v in b], "area_px": int(m.sum())}
             for n, s, b, m in zip(names, scores, boxes, masks)]
