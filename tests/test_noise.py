@@ -195,3 +195,30 @@ def test_predict_on_a_noisy_volume_says_so_and_smooths_the_lesion_models_input(t
     assert len(seen) == 6
     for model_input, picture in seen:
         assert np.abs(np.diff(model_input, axis=1)).mean() < 0.6 * np.abs(np.diff(picture, axis=1)).mean()
+
+
+@pytest.mark.parametrize("noisy_first", [True, False])
+def test_of_two_reconstructions_of_one_scan_the_smoother_is_taken(tmp_path, tiny_seg_model, capsys, noisy_first):
+    """A study folder with the same scan in a lung kernel and a soft-tissue kernel (as many images each): the
+    least noisy series is analysed, whichever comes first, and the note says why."""
+    quiet, noisy = phantom_hu(6, 96), _noisy_phantom(90.0)
+    pairs = [("1.2.826.0.1.3680043.8.498.1", noisy, "B70f"), ("1.2.826.0.1.3680043.8.498.2", quiet, "B30f")]
+    for i, (uid, hu, kernel) in enumerate(pairs if noisy_first else pairs[::-1]):   # folders read in name order
+        write_ct_series(tmp_path / "study" / f"{i}_{kernel}", hu, spacing=(5.0, 0.7, 0.7), series_uid=uid,
+                        kernel=kernel)
+    vol = read(tmp_path / "study", largest_series=True)
+    assert vol.metadata["series_uid"] == pairs[1][0] and vol.metadata["convolution_kernel"] == "B30f"
+    index = vol.metadata["series_choice"]["noise_index_hu"]
+    assert index[pairs[0][0]] > SMOOTH_ABOVE_HU > REFERENCE_HU > index[pairs[1][0]]
+    assert {r["kernel"] for r in vol.metadata["series_available"]} == {"B70f", "B30f"}
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "study"), "-o", str(out), "--model", str(tiny_seg_model), "--triage", "none",
+                 "--classifier", "none", "--no-viewer"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["input"]["series_chosen"] == pairs[1][0] and not report["input"]["noise"]["smoothed"]
+    assert "lowest soft-tissue noise index was taken" in capsys.readouterr().out
+    # a series of another size is no twin: the largest is taken as before, without a comparison
+    write_ct_series(tmp_path / "study" / "thin2", np.concatenate([_noisy_phantom(90.0)] * 2), spacing=(2.5, 0.7, 0.7),
+                    series_uid="1.2.826.0.1.3680043.8.498.3", kernel="B70f")
+    vol = read(tmp_path / "study", largest_series=True)
+    assert vol.metadata["series_uid"] == "1.2.826.0.1.3680043.8.498.3" and "series_choice" not in vol.metadata

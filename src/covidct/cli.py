@@ -28,10 +28,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     info = describe(args.path, series_uid=args.series or None)
     if info["kind"] == "dicom-study" and not args.json:
-        print(f"{args.path}: {len(info['series'])} DICOM series (analyze takes the first; choose with --series UID)")
+        print(f"{args.path}: {len(info['series'])} DICOM series (analyze takes the first, or of several with as many "
+              f"images the least noisy; choose with --series UID)")
         for row in info["series"]:
             print(f"  {row['series_uid']}  {row.get('modality') or '?':<8} {row['n_images']:>5} images in "
-                  f"{row['n_files']:>4} files  {row['plane']:<8}  {row['description']}")
+                  f"{row['n_files']:>4} files  {row['plane']:<8}  {row['description']}"
+                  + (f"  (kernel {row['kernel']})" if row.get("kernel") else ""))
         return 0
     if args.json:
         print(to_json(info))

@@ -429,9 +429,42 @@ def _series_list(groups: dict[str, list[tuple[Path, Any]]]) -> list[dict[str, An
     rows = [{"series_uid": uid, "n_files": len(items), "n_images": sum(_n_frames(ds) for _, ds in items),
              "description": str(getattr(items[0][1], "SeriesDescription", "") or ""),
              "plane": image_plane(items[0][1]),
-             "modality": str(getattr(items[0][1], "Modality", "") or "") or None} for uid, items in groups.items()]
+             "modality": str(getattr(items[0][1], "Modality", "") or "") or None,
+             "kernel": _text(getattr(items[0][1], "ConvolutionKernel", None))} for uid, items in groups.items()]
     return sorted(rows, key=lambda r: (r["modality"] not in ("CT", None), r["plane"] not in ("axial", "unknown"),
                                        -r["n_images"]))
+
+
+#: Middle slices of each twin series decoded to compare their noise (:func:`_least_noisy_twin`).
+TWIN_SLICES = 3
+
+
+def _least_noisy_twin(groups: dict[str, list[tuple[Path, Any]]],
+                      available: list[dict[str, Any]]) -> tuple[str, dict[str, Any] | None]:
+    """The series ``largest_series`` takes: the first of ``available``, unless other series of the same modality
+    and plane have as many images (single-frame files): one scan reconstructed with several kernels, say a
+    soft-tissue and a lung kernel. Then the one with the lowest noise index (:func:`covidct.io.noise.soft_tissue_sd`
+    on :data:`TWIN_SLICES` middle slices of each): the smoother reconstruction, the input the models were checked
+    on. Returns its UID and what was compared (None without twins)."""
+    from covidct.io.noise import soft_tissue_sd
+
+    top = available[0]
+    twins = [r for r in available if (r["n_images"], r["plane"], r["modality"]) ==
+             (top["n_images"], top["plane"], top["modality"]) and r["n_files"] == r["n_images"]]
+    if len(twins) < 2 or top["modality"] not in ("CT", None):
+        return top["series_uid"], None
+    index: dict[str, float | None] = {}
+    for row in twins:
+        items = sorted((it for it in groups[row["series_uid"]] if not _is_localizer(it[1])),
+                       key=lambda it: float(getattr(it[1], "InstanceNumber", 0) or 0))
+        middle = items[max(0, len(items) // 2 - TWIN_SLICES // 2):][:TWIN_SLICES]
+        # each file read afresh: the headers in ``groups`` keep their pixel data for the series' own reading
+        index[row["series_uid"]] = soft_tissue_sd([_pixels_hu(path)[0] for path, _ in middle])
+    measured = {uid: v for uid, v in index.items() if v is not None}
+    chosen = min(measured, key=measured.get) if measured else top["series_uid"]
+    return chosen, {"rule": f"{len(twins)} series have {top['n_images']} images (one scan, several "
+                            f"reconstructions?): the one with the lowest soft-tissue noise index was taken",
+                    "noise_index_hu": index}
 
 
 def list_series(folder: str | Path) -> list[dict[str, Any]]:
@@ -478,8 +511,9 @@ def read_dicom_series(
     if not groups:
         raise InputError(folder, "no DICOM files found")
     available = _series_list(groups)
+    twin_choice = None
     if series_uid is None and largest_series:
-        series_uid = available[0]["series_uid"]
+        series_uid, twin_choice = _least_noisy_twin(groups, available)
     if series_uid is None:
         if len(groups) > 1:
             sizes = ", ".join(f"{r['series_uid']} ({r['n_files']} files, {r['plane']})" for r in available)
@@ -578,6 +612,8 @@ def read_dicom_series(
         slice_spacing = _slice_thickness(first) or 1.0
     if len(groups) > 1:
         meta["series_available"] = available
+    if twin_choice:
+        meta["series_choice"] = twin_choice
     affine = _affine(first, positions, spacing_rc, step=slice_spacing if "uneven_slice_gaps" in meta else None)
     return _working_volume(volume, affine, (slice_spacing, *spacing_rc), [str(p) for p, _ in items], meta,
                            kind="dicom-series", source=folder, n_skipped=skipped)

@@ -88,8 +88,11 @@ def report_notes(report: dict) -> list[str]:
     inp = report["input"]
     notes = []
     if inp.get("series_chosen"):
+        choice = inp.get("series_choice")
+        why = "" if not choice else (
+            f"; {choice['rule']} ({', '.join(f'{uid}: {v} HU' for uid, v in choice['noise_index_hu'].items())})")
         notes.append(f"folder holds {len(inp['series_available'])} series: analysed the largest axial CT one, "
-                     f"{inp['series_chosen']} (choose with --series)")
+                     f"{inp['series_chosen']}{why} (choose with --series)")
     gaps = inp.get("uneven_slice_gaps")
     if gaps:
         notes.append(f"uneven slice gaps ({gaps['min_mm']}-{gaps['max_mm']} mm, after slices {gaps['after_slices']}; "

@@ -366,7 +366,9 @@ def analyze(path: str | Path, outdir: str | Path, *, model_spec: str | Path | No
         vol = read(path, series_uid=series_uid, largest_series=True, progress=progress)
     series_note = None
     if "series_available" in vol.metadata and series_uid is None:
-        series_note = {"series_chosen": vol.metadata["series_uid"], "series_available": vol.metadata["series_available"]}
+        series_note = {"series_chosen": vol.metadata["series_uid"], "series_available": vol.metadata["series_available"],
+                       # several series of the largest size: which noise indices decided (io.dicom)
+                       "series_choice": vol.metadata.get("series_choice")}
     result = analyze_volume(vol, models.predictor, progress=progress, window=hu_window,
                             slice_orientation=slice_orientation, reorient=reorient, denoise=denoise)
     used = [models.seg_entry]
