@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,3 +223,25 @@ def test_of_two_reconstructions_of_one_scan_the_smoother_is_taken(tmp_path, tiny
                     series_uid="1.2.826.0.1.3680043.8.498.3", kernel="B70f")
     vol = read(tmp_path / "study", largest_series=True)
     assert vol.metadata["series_uid"] == "1.2.826.0.1.3680043.8.498.3" and "series_choice" not in vol.metadata
+
+
+def test_a_twin_series_with_a_broken_slice_is_not_taken_and_not_an_error(tmp_path, monkeypatch):
+    """A twin whose middle slices cannot be decoded is not measured and not taken; the other is read."""
+    import covidct.io.dicom as dicom
+    from covidct.errors import InputError
+
+    write_ct_series(tmp_path / "study" / "0_sharp", _noisy_phantom(90.0), spacing=(5.0, 0.7, 0.7),
+                    series_uid="1.2.826.0.1.3680043.8.498.1")
+    soft = write_ct_series(tmp_path / "study" / "1_soft", phantom_hu(6, 96), spacing=(5.0, 0.7, 0.7),
+                           series_uid="1.2.826.0.1.3680043.8.498.2")
+    decode = dicom._pixels_hu
+
+    def failing(path, ds=None):
+        if ds is None and Path(path) in soft:   # the twins' measurement reads files afresh
+            raise InputError(path, "cannot decode pixel data")
+        return decode(path, ds)
+
+    monkeypatch.setattr(dicom, "_pixels_hu", failing)
+    vol = read(tmp_path / "study", largest_series=True)
+    assert vol.metadata["series_uid"] == "1.2.826.0.1.3680043.8.498.1"
+    assert vol.metadata["series_choice"]["noise_index_hu"]["1.2.826.0.1.3680043.8.498.2"] is None

@@ -458,8 +458,12 @@ def _least_noisy_twin(groups: dict[str, list[tuple[Path, Any]]],
         items = sorted((it for it in groups[row["series_uid"]] if not _is_localizer(it[1])),
                        key=lambda it: float(getattr(it[1], "InstanceNumber", 0) or 0))
         middle = items[max(0, len(items) // 2 - TWIN_SLICES // 2):][:TWIN_SLICES]
-        # each file read afresh: the headers in ``groups`` keep their pixel data for the series' own reading
-        index[row["series_uid"]] = soft_tissue_sd([_pixels_hu(path)[0] for path, _ in middle])
+        # each file read afresh: the headers in ``groups`` keep their pixel data for the series' own reading; a
+        # twin whose slices cannot be decoded is not measured (and not taken unless no twin is)
+        try:
+            index[row["series_uid"]] = soft_tissue_sd([_pixels_hu(path)[0] for path, _ in middle])
+        except InputError:
+            index[row["series_uid"]] = None
     measured = {uid: v for uid, v in index.items() if v is not None}
     chosen = min(measured, key=measured.get) if measured else top["series_uid"]
     return chosen, {"rule": f"{len(twins)} series have {top['n_images']} images (one scan, several "
