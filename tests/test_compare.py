@@ -55,11 +55,23 @@ def test_notes_say_when_the_numbers_compare_less_well():
     masked = _report(uid="9")
     masked["lesions"]["effusion"]["assessable"] = False
     cases["pleural effusion could not be assessed after"] = masked
+    sharp = _report(uid="9")
+    sharp["input"].update(convolution_kernel="B70f", noise={"soft_tissue_sd_hu": 80.0, "smoothed": True})
+    cases["reconstructed differently (kernels B30f vs B70f; noise index 22 vs 80 HU; the slices after reached the "
+          "models smoothed)"] = sharp
+    other_kernel = _report(uid="9")
+    other_kernel["input"].update(convolution_kernel="B31f", noise={"soft_tissue_sd_hu": 22.0, "smoothed": False})
+    cases["reconstructed differently (kernels B30f vs B31f; noise index 22 vs 22 HU)"] = other_kernel
+    base["input"].update(convolution_kernel="B30f", noise={"soft_tissue_sd_hu": 22.0, "smoothed": False})
     for words, later in cases.items():
+        if "convolution_kernel" not in later["input"]:   # a report without them (images, older reports): no note
+            later["input"].update(convolution_kernel="B30f", noise={"soft_tissue_sd_hu": 22.0, "smoothed": False})
         notes = compare_reports(base, later)["notes"]
         assert len(notes) == 1 and words in notes[0], (words, notes)
     # a report from before precisions were recorded ran in float32: no note against an fp32 one
     assert compare_reports(base, _report(uid="9", precision="fp32"))["notes"] == []
+    # nothing known of one scan's reconstruction (an older report, an image): no note
+    assert compare_reports(base, _report(uid="9"))["notes"] == []
 
 
 def test_compare_cli_prints_the_table_and_writes_json(tmp_path, capsys):

@@ -25,6 +25,9 @@ LESION_TYPES = ("ggo", "consolidation", "effusion", "total")
 LUNG_VOLUME_TOLERANCE = 0.2
 #: Slice gaps or pixel sizes differing by more than this share are flagged (partial-volume effects differ).
 SPACING_TOLERANCE = 0.25
+#: Noise indices (``input.noise``, covidct.io.noise) differing by more than this factor are flagged: another
+#: reconstruction kernel or dose (the open scans read 20-25 HU; sharpened like a lung kernel, 52-122 HU).
+NOISE_RATIO = 1.5
 
 
 def load_report(path: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -89,6 +92,8 @@ def compare_reports(before: dict[str, Any], after: dict[str, Any]) -> dict[str, 
         if size_b and size_a and abs(size_a - size_b) > SPACING_TOLERANCE * max(size_a, size_b):
             notes.append(f"{what} differ ({size_b:.2f} vs {size_a:.2f} mm): lesions are measured differently at "
                          "another resolution (P001 at half its resolution: total burden 1.85 -> 1.71 %)")
+    if note := _reconstruction_note(before["input"], after["input"]):
+        notes.append(note)
     if before.get("lung_volume_ml") is None or after.get("lung_volume_ml") is None:
         notes.append("a report without lung volume (an image without HU): only shares of the lung compare")
     unseen = [k for k, r in (("before", before), ("after", after)) if not effusion_assessable(r)]
@@ -99,6 +104,27 @@ def compare_reports(before: dict[str, Any], after: dict[str, Any]) -> dict[str, 
     return {"measures": measures, "zones": zones, "answer": label,
             "severity_score_max": after.get("severity_score_max") or before.get("severity_score_max"),
             "notes": notes}
+
+
+def _reconstruction_note(before: dict[str, Any], after: dict[str, Any]) -> str | None:
+    """A note when the two inputs (``report["input"]``) were reconstructed differently: other kernels in their DICOM
+    headers, or noise indices more than :data:`NOISE_RATIO` apart; None when they agree or nothing says."""
+    kernels = [i.get("convolution_kernel") for i in (before, after)]
+    noise = [i.get("noise") or {} for i in (before, after)]
+    index = [n.get("soft_tissue_sd_hu") for n in noise]
+    other_kernel = all(kernels) and kernels[0] != kernels[1]
+    noisier = all(index) and max(index) > NOISE_RATIO * min(index)
+    if not (other_kernel or noisier):
+        return None
+    said = [f"kernels {kernels[0]} vs {kernels[1]}"] if other_kernel else []
+    if all(index):
+        said.append(f"noise index {index[0]:.0f} vs {index[1]:.0f} HU")
+    smoothed = [w for w, n in zip(("before", "after"), noise) if n.get("smoothed")]
+    if smoothed:
+        said.append(f"the slices {' and '.join(smoothed)} reached the models smoothed")
+    return (f"the scans were reconstructed differently ({'; '.join(said)}): ground glass reads differently through "
+            f"another kernel or dose (the open scans sharpened like a lung kernel: burdens within 0.21 percentage "
+            f"points once smoothed, up to 7.4 higher unsmoothed; benchmarks/RESULTS.md, session 36)")
 
 
 def compare(before: str | Path, after: str | Path) -> dict[str, Any]:
