@@ -18,6 +18,9 @@ edge enhancement do to the burden (benchmarks/RESULTS.md, "Sharp kernels and noi
 * ``--noise ID=S``: Gaussian noise of S HU standard deviation, correlated over about a pixel (white noise through
   a 0.7-pixel Gaussian, scaled back to S), as a lower dose adds; seeded (``--seed``).
     python benchmarks/resave_ctmd.py --data $COVIDCT_DATA/covid-ct-md -o SHARP --sharpen all=2
+* ``--slab ID=N``: a thicker reconstruction, each N neighbouring slices averaged into one (N x the gap; slices left
+  over at the feet end dropped); a slab is labelled infected (and each lobe) when any of its slices is.
+    python benchmarks/resave_ctmd.py --data $COVIDCT_DATA/covid-ct-md -o SLAB3 --slab all=3
     covidct evaluate cls --data SIM;  python benchmarks/analyze.py --data SIM
 
 (The RESULTS entry "Other layouts and resolutions" used exactly these options, with the patients renamed
@@ -59,6 +62,8 @@ def main() -> int:
     ap.add_argument("--noise", action="append", default=[], metavar="ID=S",
                     help="add correlated Gaussian noise of S HU standard deviation (ID may be 'all')")
     ap.add_argument("--seed", type=int, default=0, help="noise seed")
+    ap.add_argument("--slab", action="append", default=[], metavar="ID=N",
+                    help="average each N neighbouring slices into one: a thicker reconstruction (ID may be 'all')")
     args = ap.parse_args()
     if args.output.exists():
         print(f"{os.path.basename(sys.argv[0])}: error: {args.output} exists", file=sys.stderr)
@@ -68,9 +73,10 @@ def main() -> int:
         pools = {k: int(v) for k, v in (s.split("=", 1) for s in args.pool)}
         sharpen = {k: float(v) for k, v in (s.split("=", 1) for s in args.sharpen)}
         noise = {k: float(v) for k, v in (s.split("=", 1) for s in args.noise)}
+        slabs = {k: int(v) for k, v in (s.split("=", 1) for s in args.slab)}
     except ValueError:
         print(f"{os.path.basename(sys.argv[0])}: error: --size, --pool, --sharpen and --noise take ID=N (e.g. "
-              f"P001=384, P001=2, all=2, all=40), not {args.size + args.pool + args.sharpen + args.noise}",
+              f"P001=384, P001=2, all=2, all=40), not {args.size + args.pool + args.sharpen + args.noise + args.slab}",
               file=sys.stderr)
         return 2
     with open(args.data / "patients.csv", newline="") as fh:
@@ -80,7 +86,7 @@ def main() -> int:
     final, args.output = args.output, args.output.with_name(args.output.name + ".partial")
     shutil.rmtree(args.output, ignore_errors=True)
     args.output.mkdir(parents=True)   # written here, renamed to the real name when complete
-    new_index: dict[tuple[str, int], int] = {}
+    new_index: dict[tuple[str, int], int | None] = {}
     for p in patients:
         pid = p["patient_id"]
         try:
@@ -102,6 +108,12 @@ def main() -> int:
             array = block_reduce(array, (1, f, f), np.mean)
             affine[:3, 3] += (f - 1) / 2 * (affine[:3, 0] + affine[:3, 1])   # centre of the pooled block
             affine[:3, :2] *= f
+        slab = slabs.get(pid, slabs.get("all", 1))
+        if slab > 1:
+            kept = array.shape[0] // slab
+            array = array[:kept * slab].reshape(kept, slab, *array.shape[1:]).mean(axis=1)
+            affine[:3, 3] += (slab - 1) / 2 * affine[:3, 2]                 # the centre of the first slab
+            affine[:3, 2] *= slab
         pixel_mm = np.linalg.norm(affine[:3, :2], axis=0)          # column, row spacing
         amount = sharpen.get(pid, sharpen.get("all"))
         if amount:
@@ -122,8 +134,8 @@ def main() -> int:
         flipped = working_slice_of_file(img.affine, n, 0) != 0
         for r in labels:
             if r["patient_id"] == pid:
-                w = working_slice(vol, int(r["slice_index"]))           # the labelled slice, head = 0
-                new_index[(pid, int(r["slice_index"]))] = n - 1 - w if flipped else w
+                w = working_slice(vol, int(r["slice_index"])) // slab   # the labelled slice (its slab), head = 0
+                new_index[(pid, int(r["slice_index"]))] = None if w >= n else n - 1 - w if flipped else w
         p.update({"path": name, "format": "nifti"})
         print(f"{pid}: {nib.aff2axcodes(img.affine)} {img.shape}")
     with open(args.output / "patients.csv", "w", newline="") as fh:
@@ -133,12 +145,18 @@ def main() -> int:
     with open(args.output / "slice_labels.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(labels[0]))
         w.writeheader()
+        merged: dict[tuple[str, int], dict[str, str]] = {}   # the labelled slices of one slab are one row
         for r in labels:
-            r = dict(r)
-            r["slice_index"] = str(new_index[(r["patient_id"], int(r["slice_index"]))])
-            if "file" in r:
-                r["file"] = f"{r['patient_id']}.nii.gz"
-            w.writerow(r)
+            k = new_index[(r["patient_id"], int(r["slice_index"]))]
+            if k is None:   # a slice left over at the feet end of a slab reconstruction
+                continue
+            row = merged.setdefault((r["patient_id"], k), {**r, "slice_index": str(k)})
+            for column in ("infection", "infection_v0", *(c for c in r if c.startswith("lobe_"))):
+                if column in r and r[column] not in ("", None):
+                    row[column] = str(max(int(row[column]), int(r[column])))
+            if "file" in row:
+                row["file"] = f"{r['patient_id']}.nii.gz"
+        w.writerows(merged.values())
     args.output.rename(final)
     return 0
 

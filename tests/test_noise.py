@@ -1,4 +1,5 @@
-"""The noise index of HU volumes and the smoothing a noisy scan's slices get on their way into the models."""
+"""Reconstructions unlike the open scans': the noise index of HU volumes, the smoothing a noisy scan's slices get on
+their way into the models, the choice among reconstructions of one scan, and thick slices."""
 
 from __future__ import annotations
 
@@ -245,3 +246,19 @@ def test_a_twin_series_with_a_broken_slice_is_not_taken_and_not_an_error(tmp_pat
     vol = read(tmp_path / "study", largest_series=True)
     assert vol.metadata["series_uid"] == "1.2.826.0.1.3680043.8.498.1"
     assert vol.metadata["series_choice"]["noise_index_hu"]["1.2.826.0.1.3680043.8.498.2"] is None
+
+
+def test_thick_slices_get_a_note(tmp_path, tiny_seg_model, capsys):
+    from covidct.report.notes import THICK_SLICE_MM, report_notes
+
+    def notes(kind: str, gap: float) -> list[str]:
+        return report_notes({"input": {"kind": kind, "spacing_mm": [gap, 0.7, 0.7]}})
+
+    assert any("10 mm apart" in n for n in notes("nifti", 10.0))
+    assert any("mm apart" in n for n in notes("dicom-series", THICK_SLICE_MM + 0.5))
+    assert not any("mm apart" in n for n in notes("nifti", THICK_SLICE_MM) + notes("dicom-series", 2.0))
+    assert not any("mm apart" in n for n in report_notes({"input": {"kind": "image", "spacing_mm": None}}))
+    write_nifti(tmp_path / "thick.nii.gz", phantom_hu(6, 96), spacing=(10.0, 3.0, 3.0))
+    assert main(["analyze", str(tmp_path / "thick.nii.gz"), "-o", str(tmp_path / "out"), "--model", str(tiny_seg_model),
+                 "--triage", "none", "--classifier", "none", "--no-viewer"]) == 0
+    assert "note: the slices are 10 mm apart" in capsys.readouterr().out
