@@ -928,9 +928,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "mediastinum, liver) before the analysis; label maps stay on the file's grid (default: none, "
                    "the check only reports)")
     s.add_argument("--denoise", choices=("auto", "none"), default="auto",
-                   help="HU volumes: 'auto' smooths the slices of a scan much noisier than those the models were "
-                   "checked on (soft-tissue noise index above 50 HU, e.g. a sharp lung kernel; brought to 25 HU) "
-                   "before the analysis; 'none' only measures (input.noise of report.json)")
+                   help="HU volumes: 'auto' smooths the slices the models see of a scan much noisier than those "
+                   "they were checked on (soft-tissue noise index above 50 HU, e.g. a sharp lung kernel; brought to "
+                   "20 HU by a Gaussian of at most 1.5 mm; lungs, viewer and overlays use the slices as read); 'none' "
+                   "only measures (input.noise of report.json)")
     s.add_argument("--json", action="store_true", help="print report.json to stdout")
     s.set_defaults(func=_cmd_analyze)
 
