@@ -112,7 +112,7 @@ def smoothed_box(hu: np.ndarray, box: tuple[slice, slice], sigma_px: float) -> n
     """``smoothed(hu, sigma_px)[box]`` computed on the box and the Gaussian's reach around it only (the same values:
     scipy truncates the kernel at 4 sigma)."""
     reach = int(np.ceil(4 * sigma_px)) + 1
-    rows, cols = box
+    rows, cols = (slice(*part.indices(size)[:2]) for part, size in zip(box, hu.shape))   # open ends made explicit
     r0, c0 = max(rows.start - reach, 0), max(cols.start - reach, 0)
     part = smoothed(hu[r0:rows.stop + reach, c0:cols.stop + reach], sigma_px)
     return part[rows.start - r0:rows.stop - r0, cols.start - c0:cols.stop - c0]
