@@ -263,3 +263,50 @@ def test_thick_slices_get_a_note(tmp_path, tiny_seg_model, capsys):
     assert main(["analyze", str(tmp_path / "thick.nii.gz"), "-o", str(tmp_path / "out"), "--model", str(tiny_seg_model),
                  "--triage", "none", "--classifier", "none", "--no-viewer"]) == 0
     assert "note: the slices are 10 mm apart" in capsys.readouterr().out
+
+
+def test_classify_smooths_a_noisy_volume_for_the_classifier_and_says_so(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import covidct.report.slices as slices
+    from covidct.models import save_checkpoint
+    from covidct.models.classification import ClsModelConfig, build_cls_model
+
+    torch.manual_seed(0)
+    cfg = ClsModelConfig(encoder="resnet18", input_size=32)
+    model = save_checkpoint(tmp_path / "cls.pt", task="cls", config=cfg.to_dict(),
+                            state_dict=build_cls_model(cfg).state_dict(), classes=list(cfg.classes), input_size=32,
+                            temperature=1.0)
+    given, real = [], slices.classifier_input
+    monkeypatch.setattr(slices, "classifier_input", lambda hu, **k: given.append(np.array(hu)) or real(hu, **k))
+    write_nifti(tmp_path / "noisy.nii.gz", _noisy_phantom(90.0), spacing=(5.0, 0.7, 0.7))
+    write_nifti(tmp_path / "quiet.nii.gz", phantom_hu(6, 96), spacing=(5.0, 0.7, 0.7))
+    out = tmp_path / "c.json"
+    assert main(["classify", str(tmp_path / "noisy.nii.gz"), str(tmp_path / "quiet.nii.gz"), "--model", str(model),
+                 "--json", str(out)]) == 0
+    notes = json.loads(out.read_text())["notes"]
+    assert [n["input"] for n in notes] == [str(tmp_path / "noisy.nii.gz")]
+    assert "reached the models smoothed" in notes[0]["note"] and "reached the models smoothed" in capsys.readouterr().out
+    noisy, quiet = given[:6], given[6:]
+    as_read = read(tmp_path / "noisy.nii.gz").array
+    assert all(np.abs(np.diff(g, axis=1)).mean() < 0.6 * np.abs(np.diff(a, axis=1)).mean() for g, a in zip(noisy, as_read))
+    assert all(np.array_equal(g, a) for g, a in zip(quiet, read(tmp_path / "quiet.nii.gz").array))
+
+
+def test_evaluation_records_of_a_noisy_volume_come_smoothed(tmp_path):
+    """``evaluate cls`` with a slice classifier on CT volumes reads their slices as analyze's models see them."""
+    from covidct.data.classification import ClsRecord, RecordImages
+    from covidct.io import classifier_input
+
+    write_nifti(tmp_path / "noisy.nii.gz", _noisy_phantom(90.0), spacing=(5.0, 0.7, 0.7))
+    write_nifti(tmp_path / "quiet.nii.gz", phantom_hu(6, 96), spacing=(5.0, 0.7, 0.7))
+    images = RecordImages()
+    for name, smoother in (("noisy", True), ("quiet", False)):
+        vol = read(tmp_path / f"{name}.nii.gz")
+        for k in range(vol.n_slices):
+            got = images(ClsRecord(tmp_path / f"{name}.nii.gz", "COVID", slice_index=k))
+            raw = classifier_input(vol.array[k], is_hu=True)
+            if smoother:
+                assert np.abs(np.diff(got, axis=1)).mean() < 0.6 * np.abs(np.diff(raw, axis=1)).mean()
+            else:
+                assert np.array_equal(got, raw)

@@ -236,7 +236,8 @@ def load_records(root: str | Path, *, split: str | None = None, classes: tuple[s
 
 
 class RecordImages:
-    """Loads the grey ``[0, 1]`` image of a :class:`ClsRecord`; volumes are read once and cached."""
+    """Loads the grey ``[0, 1]`` image of a :class:`ClsRecord`; volumes are read once and cached, and a noisy HU
+    volume's slices come smoothed as ``analyze`` gives them to its models (:func:`covidct.io.noise.noise_plan`)."""
 
     def __init__(self, max_volumes: int = 2) -> None:
         self._volumes: dict[Path, object] = {}
@@ -246,15 +247,20 @@ class RecordImages:
         from covidct.io import classifier_input, read, to_model_input
         from covidct.io.image import load_grey
         from covidct.io.nifti import working_slice
+        from covidct.io.noise import noise_plan, smoothed
 
         if record.slice_index is None:
             arr, _ = load_grey(record.path)
             return to_model_input(arr, is_hu=False)
-        vol = self._volumes.get(record.path)
-        if vol is None:
+        cached = self._volumes.get(record.path)
+        if cached is None:
             if len(self._volumes) >= self.max_volumes:
                 self._volumes.pop(next(iter(self._volumes)))
-            vol = self._volumes[record.path] = read(record.path)
+            vol = read(record.path)
+            sigma = noise_plan(vol.array, pixel_mm=vol.spacing[1] if vol.spacing else None)["sigma_px"] \
+                if vol.is_hu else 0.0
+            cached = self._volumes[record.path] = (vol, sigma)
+        vol, sigma = cached
         if not 0 <= record.slice_index < vol.n_slices:
             raise InputError(record.path, f"slice {record.slice_index} outside the volume's {vol.n_slices} slices")
-        return classifier_input(vol.array[working_slice(vol, record.slice_index)], is_hu=vol.is_hu)
+        return classifier_input(smoothed(vol.array[working_slice(vol, record.slice_index)], sigma), is_hu=vol.is_hu)

@@ -12,8 +12,9 @@ from covidct.engine.infer import SegPredictor
 from covidct.engine.lesions import INSTANCE_SCORE
 from covidct.errors import InputError
 from covidct.io import classifier_input, read, to_model_input
-from covidct.io.noise import smoothed
+from covidct.io.noise import noise_plan, smoothed
 from covidct.report.json_io import write_json
+from covidct.report.notes import noise_note
 from covidct.report.overlay import instances_rgb, overlay_rgb, save_png, with_legend
 
 
@@ -129,7 +130,8 @@ def classify_paths(paths: list[str | Path], *, model_spec: str | Path | None = N
                    progress: bool = True, precision: str = "auto") -> dict[str, Any]:
     """Class probabilities (calibrated) of every slice of every input with a slice classifier (a CNN,
     a Mask-Net classifier or an ensemble; default: the shipped default). All inputs are read first.
-    ``precision``: of a triage model's lesion segmentation (classifiers run in float32)."""
+    ``precision``: of a triage model's lesion segmentation (classifiers run in float32). A noisy HU scan's slices
+    reach the classifier smoothed, with a note (:mod:`covidct.io.noise`, as in ``analyze``)."""
     from covidct.analysis.triage import is_triage_model
     from covidct.engine.evaluate_cls import predict_probabilities
     from covidct.models.registry import load_cls_model
@@ -140,20 +142,25 @@ def classify_paths(paths: list[str | Path], *, model_spec: str | Path | None = N
     model, payload = load_cls_model(model_spec, fold_bn=True)
     classes = list(model.config.classes)
     temperature = float(payload.get("temperature", 1.0))
-    rows = []
+    rows, notes = [], input_notes(volumes)
     bar = tqdm(total=sum(v.n_slices for v in volumes), desc="classify", unit="slice", disable=not progress)
     batch = 16
     for vol in volumes:
+        # a noisy HU scan's slices reach the classifier smoothed, as in analyze (covidct.io.noise)
+        plan = noise_plan(vol.array, pixel_mm=vol.spacing[1] if vol.spacing else None) if vol.is_hu else None
+        if note := noise_note(plan):
+            notes.append({"input": str(vol.source), "note": note})
+        sigma = plan["sigma_px"] if plan else 0.0
         for start in range(0, vol.n_slices, batch):
             ks = range(start, min(vol.n_slices, start + batch))
-            probs = predict_probabilities(model, [classifier_input(vol.array[k], is_hu=vol.is_hu) for k in ks],
-                                          temperature=temperature, batch_size=batch)
+            probs = predict_probabilities(model, [classifier_input(smoothed(vol.array[k], sigma), is_hu=vol.is_hu)
+                                                  for k in ks], temperature=temperature, batch_size=batch)
             for k, p in zip(ks, probs):
                 rows.append({"input": str(vol.source), "slice": k, "label": classes[int(np.argmax(p))],
                              "probabilities": {c: round(float(v), 6) for c, v in zip(classes, p)}})
             bar.update(len(ks))
     bar.close()
-    return {"model": Path(payload["path"]).name, "classes": classes, "slices": rows, "notes": input_notes(volumes)}
+    return {"model": Path(payload["path"]).name, "classes": classes, "slices": rows, "notes": notes}
 
 
 def input_notes(volumes: list) -> list[dict[str, str]]:
