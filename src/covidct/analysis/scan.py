@@ -45,7 +45,7 @@ from covidct.engine.infer import SegPredictor
 from covidct.errors import InputError
 from covidct.io.volume import Volume
 from covidct.io.body import classifier_input, mask_box
-from covidct.io.noise import noise_plan, smoothed, smoothed_box
+from covidct.io.noise import smoothed, smoothed_box, volume_noise_plan
 from covidct.io.window import Window, to_model_input
 from covidct.models.base import turns_from_anterior_up
 
@@ -115,7 +115,7 @@ class ScanResult:
     # axes turned back before the analysis because the anatomy called them reversed (``reorient``; names of
     # :data:`ARRAY_AXIS`): ``lesions``, ``lungs`` and ``slices`` are of the turned volume, :meth:`as_stored` maps back
     reoriented: list[str] = field(default_factory=list)
-    # HU volumes: the noise index, and the in-plane smoothing of the slices the models see (:func:`noise_plan`)
+    # HU volumes: the noise index, and the in-plane smoothing of the slices the models see (:func:`volume_noise_plan`)
     noise: dict | None = None
 
     @property
@@ -371,7 +371,7 @@ def analyze_volume(vol: Volume, predictor: SegPredictor, *, progress: bool = Tru
     px_mm = _slice_pixel_mm2(vol)
     pixel_mm = float(np.sqrt(px_mm)) if vol.spacing else None   # the density split smooths in mm
     routed: list[int] = []   # slices whose lesions the lung-masked companion segmented (engine.infer)
-    noise = noise_plan(vol.array, pixel_mm=pixel_mm, smooth=denoise) if vol.is_hu else None
+    noise = volume_noise_plan(vol, smooth=denoise)
     sigma = float(noise["sigma_px"]) if noise else 0.0
     if noise is not None:
         timings["noise_s"] = round(time.perf_counter() - t0, 2)

@@ -247,7 +247,7 @@ class RecordImages:
         from covidct.io import classifier_input, read, to_model_input
         from covidct.io.image import load_grey
         from covidct.io.nifti import working_slice
-        from covidct.io.noise import noise_plan, smoothed
+        from covidct.io.noise import smoothed, volume_noise_plan
 
         if record.slice_index is None:
             arr, _ = load_grey(record.path)
@@ -257,8 +257,7 @@ class RecordImages:
             if len(self._volumes) >= self.max_volumes:
                 self._volumes.pop(next(iter(self._volumes)))
             vol = read(record.path)
-            sigma = noise_plan(vol.array, pixel_mm=vol.spacing[1] if vol.spacing else None)["sigma_px"] \
-                if vol.is_hu else 0.0
+            sigma = (volume_noise_plan(vol) or {}).get("sigma_px", 0.0)
             cached = self._volumes[record.path] = (vol, sigma)
         vol, sigma = cached
         if not 0 <= record.slice_index < vol.n_slices:

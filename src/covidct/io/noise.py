@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from covidct.io.volume import Volume
+
 #: Noise index the slices of a noisy scan are brought to: cap001's (P001 22.8, normal001 25.3). 25 HU was measured
 #: too and restored the sharpened scans less (benchmarks/RESULTS.md).
 REFERENCE_HU = 20.0
@@ -101,6 +103,15 @@ def noise_plan(array: np.ndarray, *, pixel_mm: float | None = None, smooth: bool
     plan.update(smoothed=True, sigma_px=sigma, soft_tissue_sd_after_hu=after,
                 sigma_mm=round(sigma * pixel_mm, 3) if pixel_mm else None)
     return plan
+
+
+def volume_noise_plan(vol: Volume, *, smooth: bool = True) -> dict[str, Any] | None:
+    """:func:`noise_plan` of a volume (its in-plane pixel size, the geometric mean of row and column spacing, for the
+    cap); None for inputs without HU. The one place every command that gives CT volumes to a model plans from."""
+    if not vol.is_hu:
+        return None
+    pixel_mm = float(np.sqrt(vol.spacing[1] * vol.spacing[2])) if vol.spacing else None
+    return noise_plan(vol.array, pixel_mm=pixel_mm, smooth=smooth)
 
 
 def smoothed(hu: np.ndarray, sigma_px: float) -> np.ndarray:

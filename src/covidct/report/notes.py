@@ -130,7 +130,7 @@ def report_notes(report: dict) -> list[str]:
                      f"itself is unchanged: fix its orientation for other tools")
     if noise := noise_note(inp.get("noise")):
         notes.append(noise)
-    if inp.get("kind") in ("dicom-series", "dicom", "nifti") and (thick := thick_slice_note(inp.get("spacing_mm"))):
+    if thick := thick_slice_note(inp.get("spacing_mm")):   # images have no spacing
         notes.append(thick)
     if (report.get("lung_coverage") or {}).get("note"):
         notes.append(report["lung_coverage"]["note"])

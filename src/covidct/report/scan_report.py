@@ -312,8 +312,8 @@ def _write_dicom_seg(result: ScanResult, vol: Volume, outdir: Path) -> dict[str,
     release_freed_memory()
     series = hd.UID()
     lesions = write_dicom_seg(result.as_stored(result.lesions), vol, outdir / "lesions.seg.dcm", series_uid=series)
-    lungs = write_dicom_seg(result.as_stored(result.lungs), vol, outdir / "lungs.seg.dcm", segments=LUNG_SEGMENTS, organ=True,
-                            description="covidct lungs (research software, not for diagnosis)", series_uid=series,
+    lungs = write_dicom_seg(result.as_stored(result.lungs), vol, outdir / "lungs.seg.dcm", segments=LUNG_SEGMENTS,
+                            organ=True, description="covidct lungs (research software, not for diagnosis)", series_uid=series,
                             instance_number=2)
     result.timings["dicom_seg_s"] = round(time.perf_counter() - t0, 2)
     out: dict[str, Any] = {"file": lesions.name if lesions else None, "lungs_file": lungs.name if lungs else None,

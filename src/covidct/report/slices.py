@@ -12,7 +12,7 @@ from covidct.engine.infer import SegPredictor
 from covidct.engine.lesions import INSTANCE_SCORE
 from covidct.errors import InputError
 from covidct.io import classifier_input, read, to_model_input
-from covidct.io.noise import noise_plan, smoothed
+from covidct.io.noise import smoothed, volume_noise_plan
 from covidct.report.json_io import write_json
 from covidct.report.notes import noise_note
 from covidct.report.overlay import instances_rgb, overlay_rgb, save_png, with_legend
@@ -147,7 +147,7 @@ def classify_paths(paths: list[str | Path], *, model_spec: str | Path | None = N
     batch = 16
     for vol in volumes:
         # a noisy HU scan's slices reach the classifier smoothed, as in analyze (covidct.io.noise)
-        plan = noise_plan(vol.array, pixel_mm=vol.spacing[1] if vol.spacing else None) if vol.is_hu else None
+        plan = volume_noise_plan(vol)
         if note := noise_note(plan):
             notes.append({"input": str(vol.source), "note": note})
         sigma = plan["sigma_px"] if plan else 0.0
