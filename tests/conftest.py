@@ -104,3 +104,18 @@ def tiny_seg_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny.pt"
     return save_checkpoint(path, task="seg", config=cfg.to_dict(), state_dict=net.state_dict(),
                            classes=[*cfg.lesion_classes, "lung"], input_size=64)
+
+
+@pytest.fixture
+def tiny_cls_model(tmp_path) -> Path:
+    """An untrained tiny slice classifier file (ResNet-18 at 32², temperature 1), written afresh for each test."""
+    import torch
+
+    from covidct.models import save_checkpoint
+    from covidct.models.classification import ClsModelConfig, build_cls_model
+
+    torch.manual_seed(0)
+    cfg = ClsModelConfig(encoder="resnet18", input_size=32)
+    net = build_cls_model(cfg)
+    return save_checkpoint(tmp_path / "tiny_cls.pt", task="cls", config=cfg.to_dict(), state_dict=net.state_dict(),
+                           classes=list(cfg.classes), input_size=32, temperature=1.0)

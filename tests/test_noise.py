@@ -265,18 +265,11 @@ def test_thick_slices_get_a_note(tmp_path, tiny_seg_model, capsys):
     assert "note: the slices are 10 mm apart" in capsys.readouterr().out
 
 
-def test_classify_smooths_a_noisy_volume_for_the_classifier_and_says_so(tmp_path, capsys, monkeypatch):
-    import torch
-
+def test_classify_smooths_a_noisy_volume_for_the_classifier_and_says_so(tmp_path, tiny_cls_model, capsys,
+                                                                        monkeypatch):
     import covidct.report.slices as slices
-    from covidct.models import save_checkpoint
-    from covidct.models.classification import ClsModelConfig, build_cls_model
 
-    torch.manual_seed(0)
-    cfg = ClsModelConfig(encoder="resnet18", input_size=32)
-    model = save_checkpoint(tmp_path / "cls.pt", task="cls", config=cfg.to_dict(),
-                            state_dict=build_cls_model(cfg).state_dict(), classes=list(cfg.classes), input_size=32,
-                            temperature=1.0)
+    model = tiny_cls_model
     given, real = [], slices.classifier_input
     monkeypatch.setattr(slices, "classifier_input", lambda hu, **k: given.append(np.array(hu)) or real(hu, **k))
     write_nifti(tmp_path / "noisy.nii.gz", _noisy_phantom(90.0), spacing=(5.0, 0.7, 0.7))

@@ -120,18 +120,6 @@ def _ct_md_folder(root: Path) -> Path:
     return root
 
 
-@pytest.fixture
-def tiny_cls_model(tmp_path) -> Path:
-    from covidct.models import save_checkpoint
-    from covidct.models.classification import ClsModelConfig, build_cls_model
-
-    torch.manual_seed(0)
-    cfg = ClsModelConfig(encoder="resnet18", input_size=32)
-    net = build_cls_model(cfg)
-    return save_checkpoint(tmp_path / "tiny_cls.pt", task="cls", config=cfg.to_dict(), state_dict=net.state_dict(),
-                           classes=list(cfg.classes), input_size=32, temperature=1.0)
-
-
 def _labelled_lesions(monkeypatch) -> None:
     """Stand-in lesion stage: a 4 cm² lesion on slices 2-4 of the pneumonia patients (their labelled
     slices), none elsewhere, so the test controls which slices pass the gate."""
