@@ -186,6 +186,11 @@ def main() -> int:
             # anatomy vs the file's orientation (covidct.analysis.scan.orientation_check): the axes it calls
             # reversed, "as stored" when none, None when not checked; the report's notes say more
             "orientation": None if (axes := reversed_axes(rep)) is None else "+".join(axes) or "as stored",
+            # the soft-tissue noise index (covidct.io.noise), the Gaussian the models' slices got (px; 0: none) and
+            # the seconds the measurement took; None for reports from before session 36
+            "noise_hu": (rep["input"].get("noise") or {}).get("soft_tissue_sd_hu"),
+            "smoothing_px": (rep["input"].get("noise") or {}).get("sigma_px"),
+            "noise_s": (rep.get("timings") or {}).get("noise_s"),
             # the segmentation network's arithmetic (--precision; reports before it was recorded: fp32)
             "precision": next((m.get("precision", "fp32") for m in rep.get("models") or [] if m.get("task") == "seg"),
                               None),

@@ -75,7 +75,7 @@ def main() -> int:
         noise = {k: float(v) for k, v in (s.split("=", 1) for s in args.noise)}
         slabs = {k: int(v) for k, v in (s.split("=", 1) for s in args.slab)}
     except ValueError:
-        print(f"{os.path.basename(sys.argv[0])}: error: --size, --pool, --sharpen and --noise take ID=N (e.g. "
+        print(f"{os.path.basename(sys.argv[0])}: error: --size, --pool, --sharpen, --noise and --slab take ID=N (e.g. "
               f"P001=384, P001=2, all=2, all=40), not {args.size + args.pool + args.sharpen + args.noise + args.slab}",
               file=sys.stderr)
         return 2
@@ -123,7 +123,8 @@ def main() -> int:
             rng = np.random.default_rng([args.seed, sum(map(ord, pid))])
             grain = gaussian_filter(rng.standard_normal(array.shape, np.float32), (0, 0.7, 0.7))
             array = array + grain * (sd / grain.std())
-        img = nib.Nifti1Image(np.round(array).clip(-32768, 32767).astype(np.int16).transpose(2, 1, 0), affine)  # i, j, k = L, P, I
+        stored = np.round(array).clip(-32768, 32767).astype(np.int16)   # sharpening can overshoot int16
+        img = nib.Nifti1Image(stored.transpose(2, 1, 0), affine)  # i, j, k = L, P, I
         if pid in args.ras:
             img = nib.as_closest_canonical(img)
         img.set_qform(img.affine, code=1)
